@@ -1,0 +1,3 @@
+from hwkd.cli import app
+
+app(prog_name="hwkd")

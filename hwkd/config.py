@@ -1,0 +1,174 @@
+"""Frozen stage and pipeline configs. Unknown keys and wrong types are errors that name the key.
+
+Precedence (lowest first): built-in defaults < recipe file (--config) < profile < CLI flags.
+``PipelineConfig.from_dict`` takes the merged mapping; ``asdict`` goes into manifest.json so a run can
+be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from hwkd.errors import ConfigError
+
+STAGE_ORDER = ("distill", "prune", "qat", "export", "bench")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Shared knobs of the one training loop (distill, prune recovery, QAT); epochs and lr are per stage."""
+
+    batch_size: int = 64
+    weight_decay: float = 5e-4
+    grad_clip: float = 5.0
+    augment: bool = True
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation teacher(s) -> student."""
+
+    epochs: int = 14
+    lr: float = 0.05
+    kd: str = "hinton"
+    temperature: float = 4.0
+    alpha: float = 0.7  # weight of the soft (teacher) term; 1 - alpha goes to the hard labels
+    penalty_weight: float = 0.0  # hardware budget penalty in the loss (cost model, issue 3)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Channel pruning by importance with torch-pruning, in steps, with KD recovery between them."""
+
+    importance: str = "l2"  # l2 | bn_scale | taylor
+    ratio: float = 0.4  # fraction of prunable channels removed in total
+    steps: int = 2
+    recovery_epochs: int = 3
+    lr: float = 0.02
+    round_to: int = 0  # 0 -> the profile's channel rounding
+
+
+@dataclass(frozen=True)
+class QatConfig:
+    """INT8 quantization-aware training (torchao PT2E) with the FP32 model as teacher."""
+
+    epochs: int = 3
+    lr: float = 0.005
+    freeze_observers_at: float = 0.6  # fraction of training after which observers stop moving
+    freeze_bn_at: float = 0.6
+    quantizer: str = "auto"  # auto (from profile cpu family) | x86 | arm
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """ONNX export of the FP32 and INT8 students, with parity checks against PyTorch."""
+
+    opset: int = 18
+    min_top1_agreement: float = 0.98  # below this the export is rejected as broken
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """onnxruntime latency measurement on this host."""
+
+    warmup: int = 20
+    iterations: int = 200
+    rounds: int = 5  # models are timed in interleaved rounds, since hosts are noisy
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    stages: tuple[str, ...] = STAGE_ORDER
+    seed: int = 0
+    device: str = "cpu"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    qat: QatConfig = field(default_factory=QatConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> PipelineConfig:
+        cfg = from_mapping(cls, data, where)
+        unknown = [s for s in cfg.stages if s not in STAGE_ORDER]
+        if unknown:
+            raise ConfigError(
+                f"Unknown stage {unknown[0]!r} in {where}.", f"Stages are: {', '.join(STAGE_ORDER)}."
+            )
+        order = [s for s in STAGE_ORDER if s in cfg.stages]
+        return dataclasses.replace(cfg, stages=tuple(order))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    """Validate (and lightly coerce: int->float, list->tuple) one value against a type hint."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where} has the wrong type ({type(value).__name__}).", f"Expected {tp}.")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} must be a list, got {type(value).__name__}.")
+        (item_tp, *_rest) = typing.get_args(tp)
+        return tuple(_check_type(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if isinstance(value, bool) and tp is not bool:
+            raise ConfigError(f"{where} must be {tp.__name__}, got a boolean.")
+        if not isinstance(value, tp):
+            raise ConfigError(f"{where} must be {tp.__name__}, got {type(value).__name__} {value!r}.")
+        return value
+    return value
+
+
+def from_mapping(cls: type, data: dict[str, Any] | None, where: str) -> Any:
+    """Build a (nested) frozen dataclass from a mapping, rejecting unknown keys and wrong types."""
+    data = dict(data or {})
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a table of keys.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"Unknown key {unknown[0]!r} in {where}.", f"Allowed keys: {', '.join(sorted(fields))}."
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = f"{where}.{name}"
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} must be a table of keys.")
+            kwargs[name] = from_mapping(tp, value, key)
+        else:
+            kwargs[name] = _check_type(value, tp, key)
+    return cls(**kwargs)
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge two plain mappings; override wins. Neither input is mutated."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
