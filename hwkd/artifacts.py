@@ -151,5 +151,26 @@ def load_model(path: str | os.PathLike, build: Callable[[dict[str, Any]], Any]):
         raise ModelError(f"{str(path)!r} is not an hwkd model checkpoint.")
     model = build(payload["spec"])
     apply_structure(model, payload["structure"])
-    model.load_state_dict(payload["state_dict"], assign=True)
+    assign_tensors(model, payload["state_dict"])
     return model, payload["spec"], payload.get("extra", {})
+
+
+def assign_tensors(model, state_dict: dict[str, Any]) -> None:
+    """Put every saved tensor in place, whatever its shape (pruned layers are smaller than built ones)."""
+    import torch
+
+    expected = set(model.state_dict())
+    if set(state_dict) != expected:
+        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+        raise ModelError(
+            f"Checkpoint does not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})."
+        )
+    modules = dict(model.named_modules())
+    for key, tensor in state_dict.items():
+        owner, _, attr = key.rpartition(".")
+        mod = modules[owner]
+        if attr in mod._parameters:
+            old = mod._parameters[attr]
+            mod._parameters[attr] = torch.nn.Parameter(tensor.clone(), requires_grad=old.requires_grad)
+        else:
+            mod._buffers[attr] = tensor.clone()

@@ -29,6 +29,15 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TeacherConfig:
+    """The built-in teacher, trained when no --teacher is given (cached, keyed by this config)."""
+
+    arch: str = "resnet"
+    epochs: int = 10
+    lr: float = 0.05
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """Knowledge distillation teacher(s) -> student."""
 
@@ -37,7 +46,6 @@ class DistillConfig:
     kd: str = "hinton"
     temperature: float = 4.0
     alpha: float = 0.7  # weight of the soft (teacher) term; 1 - alpha goes to the hard labels
-    penalty_weight: float = 0.0  # hardware budget penalty in the loss (cost model, issue 3)
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,7 @@ class PipelineConfig:
     seed: int = 0
     device: str = "cpu"
     train: TrainConfig = field(default_factory=TrainConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     qat: QatConfig = field(default_factory=QatConfig)

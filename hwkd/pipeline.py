@@ -28,6 +28,7 @@ class PipelineState:
     dataset: Any  # hwkd.data.Dataset
     profile: Any  # hwkd.hardware.profiles.Profile
     budget: Any  # hwkd.hardware.profiles.Budget (resolved, absolute)
+    kd: Any = None  # hwkd.kd.losses.KDLoss used by distill and by prune recovery
     quantized: Any = None  # torchao-converted INT8 GraphModule, after qat
     onnx: dict[str, Path] = field(default_factory=dict)  # "teacher", "<stage>", "fp32", "int8" -> file
     checkpoints: dict[str, Path] = field(default_factory=dict)  # stage -> hwkd model checkpoint
@@ -72,6 +73,7 @@ class RunContext:
     seed: int = 0
     log: logging.Logger = log
     progress: Progress = field(default_factory=Progress)
+    train: Any = None  # hwkd.config.TrainConfig shared by every training stage (None -> defaults)
 
     def stage_dir(self, stage: str) -> Path:
         path = self.run_dir / "stages" / stage
@@ -89,9 +91,9 @@ def run_stages(
     state: PipelineState,
     stages: list[tuple[str, StageFn, Any]],
     ctx: RunContext,
-    on_stage_done: Callable[[StageResult], None] | None = None,
+    on_stage_done: Callable[[StageResult, PipelineState], None] | None = None,
 ) -> tuple[PipelineState, list[StageResult]]:
-    """Run ``(name, fn, cfg)`` stages in order; time each; call ``on_stage_done`` after each."""
+    """Run ``(name, fn, cfg)`` stages in order; time each; call ``on_stage_done(result, state)`` after each."""
     results: list[StageResult] = []
     for name, fn, cfg in stages:
         ctx.log.info("stage %s: start", name)
@@ -101,5 +103,5 @@ def run_stages(
         ctx.log.info("stage %s: done in %.1fs", name, result.seconds)
         results.append(result)
         if on_stage_done is not None:
-            on_stage_done(result)
+            on_stage_done(result, state)
     return state, results

@@ -1,0 +1,114 @@
+"""report.json: one record per model (teacher, each stage, final) with the same fields, so they compare.
+
+Every model record holds ``accuracy`` (fraction, test split), ``measured_latency_ms`` (onnxruntime p50
+at batch 1, on this host), ``estimated_latency_ms`` (the cost model, for the profile's device),
+``params``, ``macs`` and ``model_size_mb`` (ONNX file size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from hwkd.artifacts import atomic_write, write_json
+
+REPORT_FORMAT = "hwkd.report/1"
+# Which ONNX benchmark label stands for the model a stage produced.
+STAGE_MODEL_LABEL = {"distill": "distill", "prune": "prune", "qat": "int8", "export": "int8", "bench": "int8"}
+MODEL_FIELDS = ("accuracy", "measured_latency_ms", "estimated_latency_ms", "params", "macs", "model_size_mb")
+
+
+def _latency_table(results) -> tuple[dict[str, Any], dict[str, Any], str]:
+    bench = next((r for r in results if r.name == "bench"), None)
+    if bench is None:
+        return {}, {}, "not measured (the bench stage did not run)"
+    return bench.metrics.get("latency", {}), bench.metrics.get("host", {}), bench.metrics.get("note", "")
+
+
+def build_report(*, run_dir: Path, profile, budget, dataset, teacher_metrics, results, state, versions) -> dict:
+    latency, host, note = _latency_table(results)
+    has_int8 = "int8" in state.onnx and state.quantized is not None
+
+    def p50(label: str) -> float | None:
+        stats = latency.get(label)
+        return None if stats is None else stats["p50"]
+
+    teacher = {**{k: teacher_metrics.get(k) for k in MODEL_FIELDS}, "measured_latency_ms": p50("teacher")}
+    by_name = {r.name: r for r in results}
+    last_fp32 = next(
+        (by_name[n].metrics for n in ("prune", "distill") if n in by_name), teacher_metrics
+    )
+    stages = []
+    for r in results:
+        label = STAGE_MODEL_LABEL[r.name] if (r.name in ("distill", "prune") or has_int8) else "fp32"
+        record = {"name": r.name, "seconds": round(r.seconds, 2)}
+        if r.name in ("distill", "prune"):
+            record.update({k: r.metrics.get(k) for k in MODEL_FIELDS})
+        else:  # qat / export / bench describe the final (quantized) model
+            record.update({k: last_fp32.get(k) for k in ("params", "macs", "estimated_latency_ms")})
+            export = by_name.get("export")
+            record["accuracy"] = r.metrics.get("accuracy", export.metrics.get("accuracy") if export else None)
+            record["model_size_mb"] = export.metrics.get("model_size_mb") if export else None
+        record["measured_latency_ms"] = p50(label)
+        record["details"] = {k: v for k, v in r.metrics.items() if k not in record}
+        record["history"] = r.history
+        record["artifacts"] = r.artifacts
+        stages.append(record)
+
+    export = by_name.get("export")
+    final_label = "int8" if has_int8 else "fp32"
+    final = {
+        "path": "model.onnx" if export else None,
+        "precision": "int8" if has_int8 else "fp32",
+        "accuracy": export.metrics.get("accuracy") if export else last_fp32.get("accuracy"),
+        "measured_latency_ms": p50(final_label),
+        "estimated_latency_ms": _estimate_int8(state, profile) if has_int8 else last_fp32.get("estimated_latency_ms"),
+        "params": last_fp32.get("params"),
+        "macs": last_fp32.get("macs"),
+        "model_size_mb": export.metrics.get("model_size_mb") if export else None,
+    }
+    final["budget_check"] = _budget_check(final, budget)
+    if teacher["measured_latency_ms"] and final["measured_latency_ms"]:
+        final["speedup_vs_teacher"] = round(teacher["measured_latency_ms"] / final["measured_latency_ms"], 3)
+    if teacher["model_size_mb"] and final["model_size_mb"]:
+        final["size_reduction_vs_teacher"] = round(teacher["model_size_mb"] / final["model_size_mb"], 3)
+    return {
+        "format": REPORT_FORMAT,
+        "hwkd_version": versions.get("hwkd"),
+        "run_dir": str(run_dir),
+        "profile": {"name": profile.name, "source": str(profile.source), "description": profile.description},
+        "budget": dataclasses.asdict(budget),
+        "dataset": dataset.summary(),
+        "measured_on": {"note": note, **host},
+        "latency": latency,
+        "teacher": teacher,
+        "stages": stages,
+        "final": final,
+        "channels": state.channels,
+        "versions": versions,
+    }
+
+
+def _estimate_int8(state, profile) -> float:
+    from hwkd.hardware.cost import estimate
+
+    return estimate(state.student, state.example_input, profile, precision="int8").latency_ms
+
+
+def _budget_check(final: dict, budget) -> dict[str, Any]:
+    """Budgets are for the target device, so they are checked against the cost model's estimate there;
+    the host measurement is shown beside it (a calibrated profile makes the two agree)."""
+    est = final.get("estimated_latency_ms")
+    return {
+        "latency_budget_ms": budget.latency_ms,
+        "estimated_latency_ms": est,
+        "latency_within_budget": None if est is None else bool(est <= budget.latency_ms),
+    }
+
+
+def write_reports(run_dir: Path, report: dict) -> None:
+    from hwkd.report.markdown import render_markdown
+
+    write_json(run_dir / "report.json", report)
+    atomic_write(run_dir / "report.md", render_markdown(report))

@@ -1,0 +1,84 @@
+"""report.md: the run in one page a reviewer can read in a pull request."""
+
+from __future__ import annotations
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.2f}%"
+
+
+def _ms(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def _num(x) -> str:
+    if x is None:
+        return "–"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{unit}"
+    return str(x)
+
+
+def _mb(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def render_markdown(report: dict) -> str:
+    t, f = report["teacher"], report["final"]
+    prof, budget, host = report["profile"], report["budget"], report.get("measured_on", {})
+    lines = [
+        f"# hwkd report: {prof['name']}",
+        "",
+        f"Dataset **{report['dataset'].get('name')}** "
+        f"(input {report['dataset'].get('input_shape')}, {report['dataset'].get('num_classes')} classes). "
+        f"Budget on the device: latency {budget['latency_ms']} ms, memory {budget['memory_mb']} MB, "
+        f"batch {budget['batch_size']}.",
+        "",
+        f"Latency **measured on this host**: {host.get('note', 'not measured')}.",
+        "Estimated latency is the cost model's figure for the profile's device.",
+        "",
+        "| model | accuracy | measured p50 ms (host) | estimated ms (device) | params | MACs | size MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def row(name, m):
+        return (
+            f"| {name} | {_pct(m.get('accuracy'))} | {_ms(m.get('measured_latency_ms'))} | "
+            f"{_ms(m.get('estimated_latency_ms'))} | {_num(m.get('params'))} | {_num(m.get('macs'))} | "
+            f"{_mb(m.get('model_size_mb'))} |"
+        )
+
+    lines.append(row("teacher", t))
+    for s in report["stages"]:
+        lines.append(row(f"after {s['name']}", s))
+    lines.append(row(f"**final** ({f['precision']}, {f.get('path')})", f))
+    lines.append("")
+    if f.get("speedup_vs_teacher"):
+        lines.append(
+            f"Final vs teacher: **{f['speedup_vs_teacher']:.2f}x faster** (measured p50, batch 1), "
+            f"{f.get('size_reduction_vs_teacher', 0):.2f}x smaller, accuracy "
+            f"{_pct(f['accuracy'])} vs {_pct(t['accuracy'])}."
+        )
+    bc = f.get("budget_check", {})
+    if bc.get("latency_within_budget") is not None:
+        verdict = "within" if bc["latency_within_budget"] else "**over**"
+        lines.append(
+            f"Estimated device latency {_ms(bc['estimated_latency_ms'])} ms is {verdict} the "
+            f"{bc['latency_budget_ms']} ms budget."
+        )
+    lines += ["", "## Stages", "", "| stage | seconds | notes |", "|---|---|---|"]
+    for s in report["stages"]:
+        d = s.get("details", {})
+        notes = ", ".join(
+            f"{k}={v}" for k, v in d.items() if isinstance(v, str | int | float) and not isinstance(v, bool)
+        )
+        lines.append(f"| {s['name']} | {s['seconds']} | {notes} |")
+    ch = report.get("channels", {})
+    if "before_prune" in ch and "after_prune" in ch:
+        lines += ["", "## Channels per layer (pruning)", "", "| layer | before | after |", "|---|---|---|"]
+        for layer, before in ch["before_prune"].items():
+            lines.append(f"| {layer} | {before} | {ch['after_prune'].get(layer, '–')} |")
+    v = report.get("versions", {})
+    lines += ["", "_" + ", ".join(f"{k} {val}" for k, val in v.items()) + "_", ""]
+    return "\n".join(lines)

@@ -1,0 +1,40 @@
+"""Measurements every stage reports the same way, so stages compare side by side in the report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hwkd.train import Modes, accuracy
+
+
+def out_channels(model: torch.nn.Module) -> dict[str, int]:
+    """Output channels of every conv / linear layer, for the before/after pruning table."""
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Conv2d):
+            out[name] = mod.out_channels
+        elif isinstance(mod, torch.nn.Linear):
+            out[name] = mod.out_features
+    return out
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_metrics(model: torch.nn.Module, state, modes: Modes | None = None) -> dict[str, Any]:
+    """Test/val accuracy, params, MACs and the cost model's estimate for an FP32 nn.Module."""
+    from hwkd.hardware.cost import estimate
+
+    ds = state.dataset
+    cost = estimate(model, state.example_input, state.profile, precision="fp32")
+    return {
+        "accuracy": accuracy(model, ds.x_test, ds.y_test, modes),
+        "val_accuracy": accuracy(model, ds.x_val, ds.y_val, modes),
+        "params": cost.params,
+        "macs": cost.macs,
+        "estimated_latency_ms": cost.latency_ms,
+        "estimated_memory_mb": cost.memory_mb,
+    }

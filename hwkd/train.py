@@ -1,0 +1,133 @@
+"""The one training loop, shared by distill, prune recovery and QAT. Read it top to bottom.
+
+Each stage supplies a ``loss_fn(model, xb, yb) -> {"loss": total, other terms...}`` and, optionally,
+a hardware ``penalty_fn(model) -> scalar`` whose weighted value is added to the loss (the cost model
+turns the device budget into that penalty). Everything else (LR schedule, augmentation, clipping,
+validation, per-epoch history) is the same for every stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from hwkd.config import TrainConfig
+from hwkd.data.augment import iterate_batches, random_affine
+
+
+def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0) -> float:
+    """Linear warm-up then cosine decay to zero: a pure function of the step."""
+    if warmup_steps and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * base_lr * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class Modes:
+    """How to switch a model between training and evaluation; exported QAT graphs need torchao's helpers."""
+
+    train: Callable[[torch.nn.Module], None] = field(default=lambda m: m.train())
+    eval: Callable[[torch.nn.Module], None] = field(default=lambda m: m.eval())
+
+
+@torch.no_grad()
+def predict(model, x: torch.Tensor, batch_size: int = 256, modes: Modes | None = None) -> torch.Tensor:
+    (modes or Modes()).eval(model)
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def accuracy(model, x: torch.Tensor, y: torch.Tensor, modes: Modes | None = None) -> float:
+    return (predict(model, x, modes=modes).argmax(1) == y).float().mean().item()
+
+
+def fit(
+    model: torch.nn.Module,
+    dataset,
+    *,
+    epochs: int,
+    lr: float,
+    loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
+    train_cfg: TrainConfig | None = None,
+    seed: int = 0,
+    progress=None,
+    description: str = "train",
+    penalty_fn: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+    penalty_weight: float = 0.0,
+    on_epoch_start: Callable[[int], None] | None = None,
+    modes: Modes | None = None,
+    warmup_epochs: float = 0.0,
+) -> list[dict[str, float]]:
+    """Train ``model`` in place; return one history row per epoch (mean loss terms, val accuracy, lr)."""
+    cfg = train_cfg or TrainConfig()
+    modes = modes or Modes()
+    gen = torch.Generator().manual_seed(seed)
+    n_batches = max(1, math.ceil(len(dataset.x_train) / cfg.batch_size))
+    total = epochs * n_batches
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Weight decay on conv/linear weights only: decaying BN scales and biases hurts small models.
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        momentum=0.9,
+        nesterov=True,
+    )
+    history: list[dict[str, float]] = []
+    step = 0
+    task = progress.task(description, total) if progress else contextlib.nullcontext(lambda n=1, **kw: None)
+    with task as advance:
+        for epoch in range(epochs):
+            if on_epoch_start:
+                on_epoch_start(epoch)
+            modes.train(model)
+            sums: dict[str, float] = {}
+            seen = 0
+            for xb, yb in iterate_batches(dataset.x_train, dataset.y_train, cfg.batch_size, True, gen):
+                if len(xb) < 2:  # BatchNorm in training mode cannot use a batch of one
+                    continue
+                if cfg.augment:
+                    xb = random_affine(xb, gen)
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, total, lr, int(warmup_epochs * n_batches))
+                terms = loss_fn(model, xb, yb)
+                loss = terms["loss"]
+                if penalty_fn is not None and penalty_weight > 0:
+                    penalty = penalty_fn(model)
+                    terms = {**terms, "penalty": penalty}
+                    loss = loss + penalty_weight * penalty
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                step += 1
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + float(value.detach()) * len(xb)
+                seen += len(xb)
+                advance(1, loss=float(loss.detach()))
+            row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"]}
+            row.update({k: v / max(1, seen) for k, v in sums.items()})
+            row["val_accuracy"] = accuracy(model, dataset.x_val, dataset.y_val, modes)
+            history.append(row)
+    modes.eval(model)
+    return history
+
+
+def distill_loss_fn(kd_loss, teachers: list[torch.nn.Module], weights: list[float]):
+    """Wrap a KD loss into ``loss_fn(model, xb, yb)``; teachers run without gradients, in eval mode."""
+
+    def loss_fn(model, xb, yb):
+        logits = model(xb)
+        teacher_logits = []
+        if kd_loss.needs_teacher:
+            with torch.no_grad():
+                teacher_logits = [t(xb) for t in teachers]
+        return kd_loss(logits, teacher_logits, weights, yb)
+
+    return loss_fn

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny in-memory datasets and models, an isolated teacher cache."""
+
+from __future__ import annotations
+
+import os
+import types
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Never touch the user's ~/.cache/hwkd; one cache per test session so a teacher trains once."""
+    cache = os.environ.get("HWKD_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "hwkd-cache")
+    monkeypatch.setenv("HWKD_CACHE", cache)
+
+
+def make_tiny_dataset(n_per_class: int = 12, classes: int = 3, size: int = 8, channels: int = 1, seed: int = 0):
+    """A learnable toy dataset: each class is a different stripe pattern (position-free), plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    i = torch.arange(size)
+    patterns = [
+        (i[:, None] % 2 == 0).float().expand(size, size),  # horizontal stripes
+        (i[None, :] % 2 == 0).float().expand(size, size),  # vertical stripes
+        ((i[:, None] + i[None, :]) % 2 == 0).float(),  # checkerboard
+        torch.ones(size, size),
+    ]
+    xs, ys = [], []
+    for c in range(classes):
+        x = torch.randn(n_per_class, channels, size, size, generator=g) * 0.3 + 2.0 * patterns[c % len(patterns)]
+        xs.append(x)
+        ys.append(torch.full((n_per_class,), c, dtype=torch.long))
+    x, y = torch.cat(xs), torch.cat(ys)
+    perm = torch.randperm(len(x), generator=g)
+    x, y = x[perm], y[perm]
+    n = len(x)
+    a, b = int(0.6 * n), int(0.8 * n)
+    return types.SimpleNamespace(
+        name="tiny",
+        x_train=x[:a],
+        y_train=y[:a],
+        x_val=x[a:b],
+        y_val=y[a:b],
+        x_test=x[b:],
+        y_test=y[b:],
+        labels=[str(i) for i in range(classes)],
+        input_shape=(channels, size, size),
+        num_classes=classes,
+    )
+
+
+@pytest.fixture
+def tiny_dataset():
+    return make_tiny_dataset()
