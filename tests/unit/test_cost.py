@@ -1,0 +1,299 @@
+"""Cost model: hand-computed MACs and roofline times, monotonicity, INT8, and torch/ONNX agreement."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx
+import pytest
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from hwkd.errors import ConfigError, ModelError, ProfileError
+from hwkd.hardware.cost import (
+    DEFAULT_RUNTIME_OVERHEAD_MB,
+    Cost,
+    estimate,
+    estimate_onnx,
+    gemm_efficiency,
+    round_up_factor,
+)
+from hwkd.hardware.profiles import list_profiles, load_profile
+
+CONV_MACS = 8 * 3 * 9 * 64  # Conv2d 3->8, k3, pad 1 on 8x8: out elements x (in/groups x k x k)
+
+
+def ideal(
+    peak_gflops: float = 1.0, bandwidth_gbs: float = 1e6, overhead_us: float = 0.0, vector_width: int = 1
+):
+    """A profile whose roofline is easy to compute by hand: no efficiency loss, no runtime overhead."""
+    base = load_profile("x86-avx2")
+    hardware = dataclasses.replace(
+        base.hardware,
+        peak_gflops={"fp32": peak_gflops, "int8": 4 * peak_gflops},
+        memory_bandwidth_gbs=bandwidth_gbs,
+        per_op_overhead_us=overhead_us,
+        vector_width=vector_width,
+    )
+    runtime = dataclasses.replace(base.runtime, threads=hardware.cpu_cores)
+    calibration = {"efficiency": 1.0, "k_half": 0, "runtime_overhead_mb": 0}
+    return dataclasses.replace(base, hardware=hardware, runtime=runtime, calibration=calibration)
+
+
+def cnn(width: int = 16) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, width, 3, padding=1, groups=width),
+        nn.ReLU6(),
+        nn.Conv2d(width, 2 * width, 1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, 10),
+    ).eval()
+
+
+# ---------------------------------------------------------------------------------------------- torch
+
+
+def test_single_conv_hand_computed():
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    cost = estimate(conv, torch.randn(1, 3, 8, 8), ideal())
+    assert isinstance(cost, Cost)
+    assert cost.macs == CONV_MACS == 13824
+    assert cost.params == 8 * 3 * 9 + 8
+    (row,) = cost.per_layer
+    assert (row["op"], row["macs"], row["bound"]) == ("Conv2d", CONV_MACS, "compute")
+    # compute bound at 1 GFLOP/s: 2 FLOP per MAC
+    assert cost.latency_ms == pytest.approx(2 * CONV_MACS / 1e9 * 1e3)
+
+
+def test_single_conv_memory_bound_hand_computed():
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    cost = estimate(conv, torch.randn(1, 3, 8, 8), ideal(peak_gflops=1e9, bandwidth_gbs=1.0, overhead_us=2.0))
+    traffic = (224 + 3 * 64 + 8 * 64) * 4  # weights + input + output, FP32
+    (row,) = cost.per_layer
+    assert row["bytes"] == traffic and row["bound"] == "memory"
+    assert cost.latency_ms == pytest.approx((traffic / 1e9 + 2e-6) * 1e3)
+
+
+def test_overhead_bound_tiny_layer():
+    cost = estimate(nn.Linear(4, 2), torch.randn(1, 4), ideal(peak_gflops=1e6, overhead_us=50.0))
+    assert cost.per_layer[0]["bound"] == "overhead"
+    assert cost.latency_ms == pytest.approx(0.05, rel=1e-3)
+
+
+def test_linear_and_batch_is_sliced_to_one():
+    linear = nn.Linear(16, 10)
+    one = estimate(linear, torch.randn(1, 16), ideal())
+    many = estimate(linear, torch.randn(32, 16), ideal())
+    assert one.macs == many.macs == 160
+    assert one.params == 170
+    assert many.latency_ms == pytest.approx(one.latency_ms)
+
+
+def test_memory_is_weights_plus_peak_activations_plus_overhead():
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    profile = ideal()
+    profile = dataclasses.replace(profile, calibration={**profile.calibration, "runtime_overhead_mb": 1.5})
+    fp32 = estimate(conv, torch.randn(1, 3, 8, 8), profile)
+    assert fp32.weight_mb == pytest.approx(224 * 4 / 2**20)
+    assert fp32.activation_mb == pytest.approx((3 * 64 + 8 * 64) * 4 / 2**20)
+    assert fp32.memory_mb == pytest.approx(fp32.weight_mb + fp32.activation_mb + 1.5)
+    int8 = estimate(conv, torch.randn(1, 3, 8, 8), profile, precision="int8")
+    assert int8.weight_mb == pytest.approx(fp32.weight_mb / 4)
+
+
+def test_default_runtime_overhead_is_charged():
+    cost = estimate(nn.Linear(4, 2), torch.randn(1, 4), load_profile("rpi4"))
+    assert cost.memory_mb > DEFAULT_RUNTIME_OVERHEAD_MB
+
+
+def test_channels_off_the_vector_width_cost_as_rounded_up():
+    x = torch.randn(1, 3, 8, 8)
+    profile = ideal(vector_width=8)
+    seven = estimate(nn.Conv2d(3, 7, 3, padding=1, bias=False), x, profile)
+    eight = estimate(nn.Conv2d(3, 8, 3, padding=1, bias=False), x, profile)
+    assert seven.macs < eight.macs
+    assert seven.latency_ms == pytest.approx(eight.latency_ms)
+    assert round_up_factor(7, 8) == pytest.approx(8 / 7)
+    assert round_up_factor(16, 8) == 1.0 and round_up_factor(0, 8) == 1.0
+
+
+def test_short_reductions_are_less_efficient():
+    assert gemm_efficiency(9, 96) < gemm_efficiency(576, 96) < 1.0
+    assert gemm_efficiency(9, 0) == 1.0
+
+
+def test_bn_and_activation_after_conv_are_fused():
+    cost = estimate(cnn(), torch.randn(1, 3, 8, 8), load_profile("rpi4"))
+    bounds = {row["name"]: row["bound"] for row in cost.per_layer}
+    assert bounds["1"] == bounds["2"] == bounds["4"] == bounds["6"] == "fused"  # BN, ReLU, ReLU6, ReLU
+    assert bounds["7"] != "fused"  # the pool reads from a ReLU but is not an activation
+    assert all(row["latency_ms"] == 0 for row in cost.per_layer if row["bound"] == "fused")
+    assert cost.latency_ms == pytest.approx(sum(row["latency_ms"] for row in cost.per_layer))
+
+
+def test_shared_module_called_twice_is_counted_twice():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(self.fc(x))
+
+    cost = estimate(Twice(), torch.randn(1, 8), ideal())
+    assert [row["name"] for row in cost.per_layer] == ["fc", "fc#2"]
+    assert cost.macs == 2 * 64
+
+
+def test_macs_match_torch_pruning_counter():
+    """Without biases, BN or activations (which torch-pruning counts as extra ops) the counts agree."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=4, bias=False),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 10, bias=False),
+    )
+    x = torch.randn(1, 3, 8, 8)
+    macs, params = tp.utils.count_ops_and_params(model, x)
+    cost = estimate(model, x, load_profile("rpi4"))
+    assert cost.macs == macs
+    assert cost.params == params
+    full = cnn()
+    tp_macs, tp_params = tp.utils.count_ops_and_params(full, x)
+    ours = estimate(full, x, load_profile("rpi4"))
+    assert ours.params == tp_params
+    assert ours.macs <= tp_macs <= ours.macs * 1.2  # torch-pruning adds bias/BN/ReLU/pool element ops
+
+
+def test_estimate_leaves_the_model_as_it_was():
+    model = cnn().train()
+    bn = model[1]
+    before = bn.running_mean.clone()
+    estimate(model, torch.randn(4, 3, 8, 8), load_profile("rpi4"))
+    assert model.training
+    assert torch.equal(bn.running_mean, before)  # ran in eval mode
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("profile", list_profiles(), ids=lambda p: p.name)
+def test_wider_model_costs_more(profile):
+    x = torch.randn(1, 3, 16, 16)
+    narrow = estimate(cnn(8), x, profile)
+    wide = estimate(cnn(64), x, profile)
+    assert wide.macs > narrow.macs and wide.params > narrow.params
+    assert wide.latency_ms > narrow.latency_ms
+    assert wide.memory_mb > narrow.memory_mb
+
+
+@pytest.mark.parametrize("profile", list_profiles(), ids=lambda p: p.name)
+def test_int8_is_cheaper_for_a_compute_heavy_model(profile):
+    model = nn.Sequential(
+        nn.Conv2d(3, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 128, 3, padding=1), nn.ReLU()
+    ).eval()
+    x = torch.randn(1, 3, 32, 32)
+    fp32 = estimate(model, x, profile)
+    int8 = estimate(model, x, profile, precision="int8")
+    assert int8.precision == "int8" and fp32.precision == "fp32"
+    assert int8.macs == fp32.macs
+    assert int8.latency_ms < fp32.latency_ms
+    assert int8.memory_mb < fp32.memory_mb
+
+
+def test_bad_precision_and_missing_peak():
+    x = torch.randn(1, 4)
+    with pytest.raises(ConfigError, match="bf16"):
+        estimate(nn.Linear(4, 2), x, load_profile("rpi4"), precision="bf16")
+    with pytest.raises(ProfileError, match="fp16"):
+        estimate(nn.Linear(4, 2), x, load_profile("x86-avx2"), precision="fp16")  # AVX2 has no FP16 math
+
+
+def test_bad_calibration_value_names_the_file():
+    profile = dataclasses.replace(load_profile("rpi4"), calibration={"efficiency": 2.0})
+    with pytest.raises(ProfileError, match="calibration.efficiency") as info:
+        estimate(nn.Linear(4, 2), torch.randn(1, 4), profile)
+    assert profile.source in str(info.value)
+
+
+def test_calibrated_efficiency_scales_compute_time():
+    model = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+    x = torch.randn(1, 64, 16, 16)
+    base = ideal(bandwidth_gbs=1e9)
+    half = dataclasses.replace(base, calibration={**base.calibration, "efficiency": {"fp32": 0.5}})
+    assert estimate(model, x, half).latency_ms == pytest.approx(2 * estimate(model, x, base).latency_ms)
+
+
+# ---------------------------------------------------------------------------------------------- onnx
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model = cnn(16)
+    x = torch.randn(1, 3, 16, 16)
+    path = tmp_path_factory.mktemp("onnx") / "cnn.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=True)
+    return model, x, path
+
+
+def test_onnx_agrees_with_torch(exported):
+    model, x, path = exported
+    profile = load_profile("jetson")
+    torch_cost = estimate(model, x, profile)
+    onnx_cost = estimate_onnx(path, profile)
+    assert onnx_cost.precision == "fp32"
+    assert onnx_cost.macs == pytest.approx(torch_cost.macs, rel=0.01)
+    assert onnx_cost.latency_ms == pytest.approx(torch_cost.latency_ms, rel=0.05)
+    # the export folds BN into the conv, so ONNX holds slightly fewer parameters
+    assert torch_cost.params - 2 * 16 <= onnx_cost.params <= torch_cost.params
+    assert estimate_onnx(onnx.load(str(path)), profile).macs == onnx_cost.macs  # a ModelProto works too
+
+
+def test_onnx_dynamic_batch_is_taken_as_one(exported):
+    _, _, path = exported
+    model = onnx.load(str(path))
+    fixed = estimate_onnx(model, load_profile("rpi4"))
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    dim.Clear()
+    dim.dim_param = "batch"
+    del model.graph.value_info[:]  # force shape inference to rebuild every shape
+    for out in model.graph.output:
+        out.type.tensor_type.shape.dim[0].dim_param = "batch"
+    dynamic = estimate_onnx(model, load_profile("rpi4"))
+    assert dynamic.macs == fixed.macs
+    assert dynamic.latency_ms == pytest.approx(fixed.latency_ms)
+
+
+def test_onnx_other_dynamic_dims_are_an_error(exported):
+    _, _, path = exported
+    model = onnx.load(str(path))
+    dim = model.graph.input[0].type.tensor_type.shape.dim[2]
+    dim.Clear()
+    dim.dim_param = "height"
+    with pytest.raises(ModelError, match="height"):
+        estimate_onnx(model, load_profile("rpi4"))
+
+
+def test_onnx_quantized_graph_is_detected_as_int8(exported, tmp_path):
+    from onnxruntime.quantization import quantize_dynamic
+
+    _, _, path = exported
+    quantized = tmp_path / "int8.onnx"
+    quantize_dynamic(str(path), str(quantized))
+    profile = load_profile("rpi4")
+    fp32 = estimate_onnx(path, profile)
+    int8 = estimate_onnx(quantized, profile)
+    assert int8.precision == "int8"
+    assert int8.macs == fp32.macs
+    assert int8.weight_mb < fp32.weight_mb
+    assert estimate_onnx(quantized, profile, precision="fp32").precision == "fp32"  # explicit wins
+
+
+def test_onnx_missing_file():
+    with pytest.raises(ModelError, match="does not exist"):
+        estimate_onnx("/nonexistent/model.onnx", load_profile("rpi4"))
