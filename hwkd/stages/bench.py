@@ -1,0 +1,59 @@
+"""Bench stage: time every ONNX model of the run on this host, interleaved, at batch 1.
+
+The numbers are from the machine hwkd runs on, with the profile's execution providers where this
+onnxruntime has them, not from the target device; the ``note`` metric says so in words.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hwkd import ortbench
+from hwkd.config import BenchConfig
+from hwkd.errors import StageError
+from hwkd.pipeline import PipelineState, RunContext, StageResult
+
+BATCH = 1
+
+
+def run(state: PipelineState, cfg: BenchConfig, ctx: RunContext) -> tuple[PipelineState, StageResult]:
+    if not state.onnx:
+        raise StageError("The bench stage has no ONNX models to time.", "Run the export stage before bench.")
+    labels = dict(state.onnx)
+    for label, path in labels.items():
+        if not Path(path).is_file():
+            raise StageError(
+                f"The {label} ONNX model {str(path)!r} does not exist.", "Re-run the export stage."
+            )
+    runtime = state.profile.runtime
+    providers = tuple(runtime.providers)
+    unique = list(dict.fromkeys(Path(p) for p in labels.values()))  # one file timed once
+
+    with ctx.progress.task("benchmark (onnxruntime)", total=len(unique) * cfg.iterations) as advance:
+        stats = ortbench.measure(
+            unique,
+            batch=BATCH,
+            warmup=cfg.warmup,
+            iterations=cfg.iterations,
+            rounds=cfg.rounds,
+            providers=providers,
+            threads=int(runtime.threads),
+            seed=ctx.seed,
+            advance=advance,
+        )
+    latency = {label: stats[Path(path)].to_dict() for label, path in labels.items()}
+    host = ortbench.host_info()
+    first = next(iter(stats.values()))
+    used_ep = first.providers[0] if first.providers else ortbench.CPU_EP
+    note = (
+        f"measured on this host ({host['cpu']}, {used_ep}, {first.threads} threads), "
+        f"not on {state.profile.name}"
+    )
+    metrics = {"latency": latency, "host": host, "note": note, "batch": BATCH}
+    if "fp32" in latency and "int8" in latency and latency["int8"]["p50"] > 0:
+        metrics["int8_speedup"] = round(latency["fp32"]["p50"] / latency["int8"]["p50"], 3)
+    missing = ortbench.missing_providers(providers)
+    if missing:
+        metrics["providers_missing"] = missing
+    ctx.log.info("bench: %s", ", ".join(f"{k} p50 {v['p50']:.3f} ms" for k, v in latency.items()))
+    return state, StageResult("bench", metrics=metrics)
