@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import logging
 import os
 import platform
 import sys
@@ -70,8 +71,8 @@ def versions() -> dict[str, str]:
     }
 
 
-def prepare_run_dir(out: str | os.PathLike | None, overwrite: bool) -> Path:
-    """A fresh run dir; refuse to mix a new run into an old one unless told to."""
+def check_run_dir(out: str | os.PathLike | None, overwrite: bool) -> Path:
+    """The run dir to use; refuse to mix a new run into an old one unless told to. Creates nothing."""
     run_dir = Path(out) if out else Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {str(run_dir)!r} exists and is not a directory.", "Choose another --out.")
@@ -80,8 +81,20 @@ def prepare_run_dir(out: str | os.PathLike | None, overwrite: bool) -> Path:
             f"Run directory {str(run_dir)!r} already exists and is not empty.",
             "Choose another --out, or pass --overwrite to replace its contents.",
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+RUN_ARTIFACTS = ("manifest.json", "report.json", "report.md", "report.html", "model.onnx", "model_fp32.onnx", "teacher.onnx")
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Create the run dir, removing a previous run's artifacts so none can pass for this run's."""
+    import shutil
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in RUN_ARTIFACTS:
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "stages", ignore_errors=True)
 
 
 def compress(
@@ -112,7 +125,7 @@ def compress(
 
     from hwkd.artifacts import save_model, write_json
     from hwkd.data import check_compatible, load_dataset
-    from hwkd.hardware.budget import resolve_budget
+    from hwkd.hardware.budget import parse_latency, parse_memory, resolve_budget
     from hwkd.hardware.cost import estimate
     from hwkd.hardware.profiles import load_profile
     from hwkd.kd.losses import make_kd_loss
@@ -126,12 +139,19 @@ def compress(
     from hwkd.teacher import builtin_teacher
 
     started = time.time()
+    # torchao logs a warning for each optional CUDA kernel library it cannot load on a CPU-only host.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    # Everything that can be checked without training is checked first, so bad input fails in seconds.
     cfg = resolve_config(config, overrides)
     prof = load_profile(profile)
+    if latency_budget is not None:
+        parse_latency(latency_budget)
+    if memory_budget is not None:
+        parse_memory(memory_budget)
+    run_dir = check_run_dir(out, overwrite)
     log = log or default_log
     progress = progress or Progress()
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
 
     dataset = load_dataset(data, image_size=image_size, seed=cfg.seed)
     c = dataset.input_shape[0]
@@ -148,7 +168,7 @@ def compress(
     )
     check_compatible(student_model, dataset)
 
-    run_dir = prepare_run_dir(out, overwrite)
+    clear_run_dir(run_dir)
     ctx = RunContext(run_dir=run_dir, device=cfg.device, seed=cfg.seed, log=log, progress=progress, train=cfg.train)
     teacher_cost = estimate(teacher_model, dataset.x_val[:1], prof, precision="fp32")
     budget = resolve_budget(

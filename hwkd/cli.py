@@ -196,7 +196,9 @@ def _print_summary(result) -> None:
         v = m.get(key)
         return "–" if v is None else f(v)
 
-    rows = [("teacher", rep["teacher"])] + [(f"after {s['name']}", s) for s in rep["stages"]]
+    # export and bench produce no new model: their figures are the final model's, shown once below.
+    rows = [("teacher", rep["teacher"])]
+    rows += [(f"after {s['name']}", s) for s in rep["stages"] if s["name"] in ("distill", "prune", "qat")]
     rows.append((f"final ({rep['final']['precision']})", rep["final"]))
     for name, m in rows:
         table.add_row(

@@ -19,6 +19,7 @@ from hwkd.kd.losses import make_kd_loss
 from hwkd.models.loaders import build_from_spec
 from hwkd.train import accuracy, distill_loss_fn, fit
 
+
 def cache_dir() -> Path:
     return Path(os.environ.get("HWKD_CACHE") or Path.home() / ".cache" / "hwkd")
 

@@ -1,0 +1,127 @@
+"""End-to-end: the real CLI on the embedded default with tiny settings, and its artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+
+TINY = [
+    "--set", "teacher.epochs=3",
+    "--set", "distill.epochs=2",
+    "--set", "prune.steps=1",
+    "--set", "prune.recovery_epochs=1",
+    "--set", "qat.epochs=1",
+    "--set", "bench.iterations=30",
+    "--set", "bench.warmup=3",
+    "--set", "bench.rounds=2",
+]
+
+
+def run_cli(*args, env=None, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "hwkd", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "demo"
+    cache = tmp_path_factory.mktemp("cache")
+    proc = run_cli("compress", "--profile", "jetson", "--out", str(out), *TINY, env={"HWKD_CACHE": str(cache)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc, cache
+
+
+def test_run_dir_has_every_artifact(tiny_run):
+    out, _, _ = tiny_run
+    for name in ("manifest.json", "report.json", "report.md", "model.onnx", "model_fp32.onnx", "teacher.onnx"):
+        assert (out / name).is_file(), name
+    assert (out / "stages" / "distill" / "model.pt").is_file()
+    assert (out / "stages" / "prune" / "model.onnx").is_file()
+    assert not list(out.rglob("*.tmp")), "temp files left behind"
+
+
+def test_report_has_all_stages_and_model_fields(tiny_run):
+    out, _, _ = tiny_run
+    report = json.loads((out / "report.json").read_text())
+    assert [s["name"] for s in report["stages"]] == ["distill", "prune", "qat", "export", "bench"]
+    for record in [report["teacher"], *report["stages"], report["final"]]:
+        for key in ("accuracy", "measured_latency_ms", "params", "macs", "model_size_mb"):
+            assert record[key] is not None, key
+        assert 0.0 <= record["accuracy"] <= 1.0
+        assert record["measured_latency_ms"] > 0
+    assert report["final"]["precision"] == "int8"
+    assert report["final"]["params"] < report["teacher"]["params"]
+    assert "measured on this host" in report["measured_on"]["note"]
+    md = (out / "report.md").read_text()
+    assert "teacher" in md and "final" in md
+
+
+def test_manifest_records_resolved_config_and_completion(tiny_run):
+    out, _, _ = tiny_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["config"]["distill"]["epochs"] == 2
+    assert set(manifest["stage_seconds"]) == {"distill", "prune", "qat", "export", "bench"}
+    assert manifest["versions"]["torch"]
+
+
+def test_onnx_carries_metadata_and_int8_nodes(tiny_run):
+    out, _, _ = tiny_run
+    model = onnx.load(out / "model.onnx")
+    onnx.checker.check_model(model)
+    props = {p.key: p.value for p in model.metadata_props}
+    assert props["hwkd.profile"] == "jetson-orin-nano"
+    pre = json.loads(props["hwkd.preprocessing"])
+    assert pre["resize"] == [32, 32] and pre["scale"] == pytest.approx(1 / 16)
+    assert json.loads(props["hwkd.labels"]) == [str(i) for i in range(10)]
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    fp32_ops = {n.op_type for n in onnx.load(out / "model_fp32.onnx").graph.node}
+    assert "QuantizeLinear" not in fp32_ops
+
+
+def test_separate_script_scores_from_metadata_alone(tiny_run):
+    out, _, _ = tiny_run
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "score_onnx_digits.py"), str(out / "model.onnx")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    # Tiny settings (3 teacher epochs, 2 distill epochs): far from the default run's figure, but learned.
+    assert json.loads(proc.stdout)["accuracy"] > 0.5
+
+
+def test_second_run_reuses_cached_teacher(tiny_run, tmp_path):
+    _, first, cache = tiny_run
+    assert list((cache / "teachers").glob("*.pt"))
+    proc = run_cli(
+        "compress", "--out", str(tmp_path / "again"), "--stages", "distill", *TINY, "--json",
+        env={"HWKD_CACHE": str(cache)},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "train built-in teacher" not in proc.stderr
+    report = json.loads(proc.stdout)
+    assert [s["name"] for s in report["stages"]] == ["distill"]
+
+
+def test_existing_out_dir_is_refused_without_overwrite(tiny_run):
+    out, _, _ = tiny_run
+    proc = run_cli("compress", "--out", str(out), *TINY)
+    assert proc.returncode == 2
+    assert "already exists" in proc.stderr and "--overwrite" in proc.stderr
+    assert "Traceback" not in proc.stderr
