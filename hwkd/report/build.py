@@ -39,6 +39,7 @@ def build_report(*, run_dir: Path, profile, budget, dataset, teacher_metrics, re
     last_fp32 = next(
         (by_name[n].metrics for n in ("prune", "distill") if n in by_name), teacher_metrics
     )
+    final_estimate = _estimate_int8(state, profile) if has_int8 else last_fp32.get("estimated_latency_ms")
     stages = []
     for r in results:
         label = STAGE_MODEL_LABEL[r.name] if (r.name in ("distill", "prune") or has_int8) else "fp32"
@@ -46,7 +47,8 @@ def build_report(*, run_dir: Path, profile, budget, dataset, teacher_metrics, re
         if r.name in ("distill", "prune"):
             record.update({k: r.metrics.get(k) for k in MODEL_FIELDS})
         else:  # qat / export / bench describe the final (quantized) model
-            record.update({k: last_fp32.get(k) for k in ("params", "macs", "estimated_latency_ms")})
+            record.update({k: last_fp32.get(k) for k in ("params", "macs")})
+            record["estimated_latency_ms"] = final_estimate
             export = by_name.get("export")
             record["accuracy"] = r.metrics.get("accuracy", export.metrics.get("accuracy") if export else None)
             record["model_size_mb"] = export.metrics.get("model_size_mb") if export else None
@@ -63,7 +65,7 @@ def build_report(*, run_dir: Path, profile, budget, dataset, teacher_metrics, re
         "precision": "int8" if has_int8 else "fp32",
         "accuracy": export.metrics.get("accuracy") if export else last_fp32.get("accuracy"),
         "measured_latency_ms": p50(final_label),
-        "estimated_latency_ms": _estimate_int8(state, profile) if has_int8 else last_fp32.get("estimated_latency_ms"),
+        "estimated_latency_ms": final_estimate,
         "params": last_fp32.get("params"),
         "macs": last_fp32.get("macs"),
         "model_size_mb": export.metrics.get("model_size_mb") if export else None,

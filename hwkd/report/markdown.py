@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 
+# export and bench make no new model; their figures are the final model's, shown in the final row.
+MODEL_STAGES = ("distill", "prune", "qat")
+
+
+def _note(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.2f}%"
 
@@ -51,7 +59,8 @@ def render_markdown(report: dict) -> str:
 
     lines.append(row("teacher", t))
     for s in report["stages"]:
-        lines.append(row(f"after {s['name']}", s))
+        if s["name"] in MODEL_STAGES:
+            lines.append(row(f"after {s['name']}", s))
     lines.append(row(f"**final** ({f['precision']}, {f.get('path')})", f))
     lines.append("")
     if f.get("speedup_vs_teacher"):
@@ -71,7 +80,7 @@ def render_markdown(report: dict) -> str:
     for s in report["stages"]:
         d = s.get("details", {})
         notes = ", ".join(
-            f"{k}={v}" for k, v in d.items() if isinstance(v, str | int | float) and not isinstance(v, bool)
+            f"{k}={_note(v)}" for k, v in d.items() if isinstance(v, str | int | float) and not isinstance(v, bool)
         )
         lines.append(f"| {s['name']} | {s['seconds']} | {notes} |")
     ch = report.get("channels", {})

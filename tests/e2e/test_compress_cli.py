@@ -23,6 +23,8 @@ TINY = [
     "--set", "bench.iterations=30",
     "--set", "bench.warmup=3",
     "--set", "bench.rounds=2",
+    # A 2-epoch student has many near-tied logits, where INT8 rounding flips a few predictions.
+    "--set", "export.min_top1_agreement=0.9",
 ]
 
 
