@@ -175,28 +175,6 @@ class TinyCNN(nn.Module):
         return self.head(torch.flatten(x, 1))
 
 
-def init_weights(model: nn.Module, zero_init_residual: bool = False) -> nn.Module:
-    """He (fan-out) init for convs, unit BN, small head; optionally zero the last BN of residual branches.
-
-    PyTorch's default conv init is tuned for neither ReLU nor short schedules; zeroing the last BN of
-    each residual branch makes every block start as the identity, which speeds up early training.
-    """
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.01)
-            nn.init.zeros_(m.bias)
-    if zero_init_residual:
-        for m in model.modules():
-            if isinstance(m, BasicBlock):
-                nn.init.zeros_(m.conv2[1].weight)
-    return model
-
-
 def _widths(base: tuple[int, ...], width: float) -> tuple[int, ...]:
     return tuple(make_divisible(c * width) for c in base)
 
@@ -204,17 +182,16 @@ def _widths(base: tuple[int, ...], width: float) -> tuple[int, ...]:
 @ZOO.register("resnet")
 def resnet(num_classes: int, in_channels: int, width: float = 1.0) -> nn.Module:
     """Teacher: ResNet with one BasicBlock per stage, widths (32, 64, 128) x width."""
-    model = ResNet(num_classes, in_channels, widths=_widths((32, 64, 128), width), blocks=(1, 1, 1))
-    return init_weights(model, zero_init_residual=True)
+    return ResNet(num_classes, in_channels, widths=_widths((32, 64, 128), width), blocks=(1, 1, 1))
 
 
 @ZOO.register("mobilenetv2")
 def mobilenetv2(num_classes: int, in_channels: int, width: float = 1.0) -> nn.Module:
     """Student: MobileNetV2 with channels (16, 24, 32, 64) x width, expansion 4."""
-    return init_weights(MobileNetV2(num_classes, in_channels, width=width))
+    return MobileNetV2(num_classes, in_channels, width=width)
 
 
 @ZOO.register("cnn")
 def cnn(num_classes: int, in_channels: int, width: float = 1.0) -> nn.Module:
     """Tiny plain conv net, handy for tests."""
-    return init_weights(TinyCNN(num_classes, in_channels, width=width))
+    return TinyCNN(num_classes, in_channels, width=width)

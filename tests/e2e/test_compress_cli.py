@@ -98,21 +98,34 @@ def test_onnx_carries_metadata_and_int8_nodes(tiny_run):
 
 
 def test_separate_script_scores_from_metadata_alone(tiny_run):
+    """The metadata alone reproduces hwkd's preprocessing: an outside script (PIL resize, no torch)
+    scores the same predictions as hwkd's own pipeline on all 1797 digits."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from hwkd.data.dataset import Preprocessing
+    from hwkd.onnx_export import onnx_predict, read_metadata
+
     out, _, _ = tiny_run
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "score_onnx_digits.py"), str(out / "model.onnx")],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    # Tiny settings (3 teacher epochs, 2 distill epochs): far from the default run's figure, but learned.
-    assert json.loads(proc.stdout)["accuracy"] > 0.5
+    script_acc = json.loads(proc.stdout)["accuracy"]
+    digits = load_digits()
+    pre = Preprocessing.from_json(read_metadata(out / "model.onnx")["hwkd.preprocessing"])
+    logits = onnx_predict(out / "model.onnx", pre.apply(digits.images.astype(np.float32)).numpy())
+    hwkd_acc = float((logits.argmax(1) == digits.target).mean())
+    assert abs(script_acc - hwkd_acc) <= 0.03, (script_acc, hwkd_acc)
 
 
 def test_second_run_reuses_cached_teacher(tiny_run, tmp_path):
     _, first, cache = tiny_run
     assert list((cache / "teachers").glob("*.pt"))
     proc = run_cli(
-        "compress", "--out", str(tmp_path / "again"), "--stages", "distill", *TINY, "--json",
+        "compress", "--out", str(tmp_path / "again"), "--stages", "distill", *TINY, "--set", "distill.epochs=1",
+        "--json",
         env={"HWKD_CACHE": str(cache)},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -127,3 +140,36 @@ def test_existing_out_dir_is_refused_without_overwrite(tiny_run):
     assert proc.returncode == 2
     assert "already exists" in proc.stderr and "--overwrite" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bring_your_own_npz_and_state_dict_teacher(tmp_path):
+    """A user's .npz data, a state-dict teacher with --teacher-arch, and a 0.5x student, no QAT."""
+    import numpy as np
+    import torch
+
+    from hwkd.models.zoo import ZOO
+
+    rng = np.random.default_rng(0)
+    n, classes = 90, 3
+    y = np.arange(n) % classes
+    x = rng.integers(0, 60, size=(n, 12, 12, 3), dtype=np.uint8)
+    for c in range(classes):  # class-specific bright channel, so there is something to learn
+        x[y == c, :, :, c] += 150
+    data = tmp_path / "toy.npz"
+    np.savez(data, x=x, y=y, labels=np.array(["red", "green", "blue"]))
+    teacher = ZOO.get("cnn")(num_classes=classes, in_channels=3)
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
+    out = tmp_path / "run"
+    proc = run_cli(
+        "compress", "--profile", "x86-avx2", "--data", str(data), "--teacher", str(tmp_path / "teacher.pt"),
+        "--teacher-arch", "cnn", "--student", "0.5x", "--stages", "distill,prune,export",
+        "--set", "distill.epochs=2", "--set", "prune.steps=1", "--set", "prune.recovery_epochs=1",
+        "--out", str(out),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = __import__("json").loads((out / "report.json").read_text())
+    assert [s["name"] for s in report["stages"]] == ["distill", "prune", "export"]
+    assert report["final"]["precision"] == "fp32"
+    props = {p.key: p.value for p in onnx.load(out / "model.onnx").metadata_props}
+    assert json.loads(props["hwkd.labels"]) == ["red", "green", "blue"]
+    assert json.loads(props["hwkd.input_shape"]) == [3, 12, 12]
