@@ -6,10 +6,10 @@ import dataclasses
 import datetime
 import json
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from hwkd.errors import ProfileError
 from hwkd.hardware.profiles import (
