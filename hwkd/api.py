@@ -16,11 +16,10 @@ import os
 import platform
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from hwkd import __version__
 from hwkd.config import PipelineConfig, merge

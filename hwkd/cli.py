@@ -8,10 +8,10 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import tomllib
 from pathlib import Path
 from typing import Annotated
 
-import tomllib
 import typer
 from rich.console import Console
 

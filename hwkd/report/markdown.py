@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 # export and bench make no new model; their figures are the final model's, shown in the final row.
 MODEL_STAGES = ("distill", "prune", "qat")
 
