@@ -31,9 +31,17 @@ def dataset_fingerprint(dataset) -> str:
     return h.hexdigest()[:16]
 
 
+def zoo_code_fingerprint() -> str:
+    """Hash of the zoo's source: a change to an architecture must not reuse weights trained on the old one."""
+    from hwkd.models import zoo
+
+    return hashlib.sha256(Path(zoo.__file__).read_bytes()).hexdigest()[:16]
+
+
 def teacher_key(spec: dict, dataset, seed: int, cfg: TeacherConfig, train_cfg: TrainConfig) -> str:
     payload = {
         "spec": spec,
+        "zoo_code": zoo_code_fingerprint(),
         "data": dataset_fingerprint(dataset),
         "epochs": cfg.epochs,
         "lr": cfg.lr,
