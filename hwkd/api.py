@@ -385,3 +385,42 @@ def benchmark(
         "measured_on": host,
     }
     return record
+
+
+def gate(
+    report: str | os.PathLike,
+    *,
+    max_latency_ms: float | None = None,
+    max_memory_mb: float | None = None,
+    min_accuracy: float | str | None = None,
+    baseline: str | os.PathLike | None = None,
+    tolerance: float | str = "5%",
+    accuracy_tolerance: float | str = "0.5%",
+    source: str = "measured",
+    use_budget: bool = True,
+):
+    """Check a report.json (or a ``hwkd bench --json`` record) against budgets and a baseline.
+
+    Returns a ``hwkd.report.gate.GateResult``; ``result.exit_code`` is 0 (passed) or 1 (a check failed).
+    Bad input raises a HwkdError (exit 2).
+
+    Example::
+
+        result = hwkd.api.gate("runs/a/report.json", baseline="runs/main/report.json", tolerance="5%")
+        assert result.exit_code == 0, [c.message for c in result.failed]
+    """
+    from hwkd.report import gate as gates
+
+    current = gates.load_gate_input(report)
+    base = gates.load_gate_input(baseline, "baseline") if baseline is not None else None
+    return gates.run_gate(
+        current,
+        max_latency_ms=max_latency_ms,
+        max_memory_mb=max_memory_mb,
+        min_accuracy=gates.parse_fraction(min_accuracy, "--min-accuracy"),
+        baseline=base,
+        tolerance=gates.parse_fraction(tolerance, "--tolerance"),
+        accuracy_tolerance=gates.parse_fraction(accuracy_tolerance, "--accuracy-tolerance"),
+        source=source,
+        use_budget=use_budget,
+    )

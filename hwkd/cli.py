@@ -371,5 +371,59 @@ def _print_bench(record: dict) -> None:
     )
 
 
+@app.command()
+def gate(
+    report: Annotated[Path, typer.Argument(help="A run's report.json, or the output of hwkd bench --json.")],
+    max_latency_ms: Annotated[float | None, typer.Option(help="Latency threshold (overrides the budget).")] = None,
+    max_memory_mb: Annotated[float | None, typer.Option(help="Memory threshold (overrides the budget).")] = None,
+    min_accuracy: Annotated[str | None, typer.Option(help="e.g. 0.98 or 98%.")] = None,
+    baseline: Annotated[Path | None, typer.Option(help="Another report to check regressions against.")] = None,
+    tolerance: Annotated[str, typer.Option(help="Allowed growth of latency/memory/size vs the baseline.")] = "5%",
+    accuracy_tolerance: Annotated[str, typer.Option(help="Allowed accuracy drop vs the baseline (points).")] = "0.5%",
+    source: Annotated[
+        str, typer.Option(help="Gate latency and memory as 'measured' (host) or 'estimated' (device).")
+    ] = "measured",
+    no_budget: Annotated[bool, typer.Option("--no-budget", help="Ignore the budget recorded in the report.")] = False,
+    junit: Annotated[Path | None, typer.Option(help="Write JUnit XML here (one testcase per check).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON on stdout.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+):
+    """Gate a report on budgets and a baseline: exit 0 pass, 1 a check failed, 2 bad input."""
+    import os
+
+    with handle_errors(debug):
+        from hwkd import api
+        from hwkd.artifacts import atomic_write
+        from hwkd.report.gate import junit_xml, markdown_summary
+
+        result = api.gate(
+            report, max_latency_ms=max_latency_ms, max_memory_mb=max_memory_mb, min_accuracy=min_accuracy,
+            baseline=baseline, tolerance=tolerance, accuracy_tolerance=accuracy_tolerance, source=source,
+            use_budget=not no_budget,
+        )
+        if junit is not None:
+            junit.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(junit, junit_xml(result))
+        summary_path = os.environ.get("GITHUB_STEP_SUMMARY")
+        if summary_path:
+            with open(summary_path, "a", encoding="utf-8") as fh:  # appended: other steps write there too
+                fh.write(markdown_summary(result))
+        if as_json:
+            print(json.dumps(result.to_dict(), indent=2))
+        else:
+            mark = {"passed": "[green]PASS[/]", "failed": "[bold red]FAIL[/]", "skipped": "[yellow]SKIP[/]"}
+            from rich.markup import escape
+
+            for c in result.checks:
+                out.print(f"{mark[c.status]} {escape(c.name)}: {escape(c.message)}", highlight=False, soft_wrap=True)
+            for note in result.notes:
+                out.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+            verdict = "[bold green]gate passed[/]" if not result.failed else (
+                f"[bold red]gate failed[/]: {len(result.failed)} of {len(result.checks)} checks"
+            )
+            out.print(verdict)
+    raise typer.Exit(result.exit_code)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
