@@ -424,3 +424,31 @@ def gate(
         source=source,
         use_budget=use_budget,
     )
+
+
+def render_reports(run_dir: str | os.PathLike) -> list[Path]:
+    """Regenerate report.md and report.html of a run dir from its report.json; returns the paths.
+
+    Example: ``hwkd.api.render_reports("runs/demo")`` after editing or upgrading hwkd.
+    """
+    import json
+
+    from hwkd.report.build import REPORT_FORMAT, write_reports
+
+    run_dir = Path(run_dir)
+    path = run_dir / "report.json" if run_dir.is_dir() else run_dir
+    if not path.is_file():
+        raise ConfigError(
+            f"{str(path)!r} does not exist.", "Pass a run directory written by hwkd compress (it holds report.json)."
+        )
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{str(path)!r} is not valid JSON ({exc}).") from exc
+    missing = [k for k in ("teacher", "stages", "final", "profile", "dataset") if k not in report]
+    if not isinstance(report, dict) or report.get("format", REPORT_FORMAT) != REPORT_FORMAT or missing:
+        raise ConfigError(
+            f"{str(path)!r} is not a hwkd run report (format {report.get('format')!r}, missing {missing}).",
+            "Pass a run directory written by hwkd compress.",
+        )
+    return write_reports(path.parent, report, json_too=False)

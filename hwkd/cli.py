@@ -371,6 +371,19 @@ def _print_bench(record: dict) -> None:
     )
 
 
+@app.command("report")
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (or its report.json).")],
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+):
+    """Regenerate report.md and report.html (plots embedded, no network) from a run's report.json."""
+    with handle_errors(debug):
+        from hwkd import api
+
+        for path in api.render_reports(run_dir):
+            out.print(f"wrote {path}", highlight=False)
+
+
 @app.command()
 def gate(
     report: Annotated[Path, typer.Argument(help="A run's report.json, or the output of hwkd bench --json.")],
