@@ -396,7 +396,7 @@ def gate(
     baseline: str | os.PathLike | None = None,
     tolerance: float | str = "5%",
     accuracy_tolerance: float | str = "0.5%",
-    source: str = "measured",
+    source: str = "both",
     use_budget: bool = True,
 ):
     """Check a report.json (or a ``hwkd bench --json`` record) against budgets and a baseline.

@@ -394,8 +394,8 @@ def gate(
     tolerance: Annotated[str, typer.Option(help="Allowed growth of latency/memory/size vs the baseline.")] = "5%",
     accuracy_tolerance: Annotated[str, typer.Option(help="Allowed accuracy drop vs the baseline (points).")] = "0.5%",
     source: Annotated[
-        str, typer.Option(help="Gate latency and memory as 'measured' (host) or 'estimated' (device).")
-    ] = "measured",
+        str, typer.Option(help="Gate latency/memory 'measured' (host), 'estimated' (device) or 'both'.")
+    ] = "both",
     no_budget: Annotated[bool, typer.Option("--no-budget", help="Ignore the budget recorded in the report.")] = False,
     junit: Annotated[Path | None, typer.Option(help="Write JUnit XML here (one testcase per check).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON on stdout.")] = False,

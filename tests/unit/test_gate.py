@@ -43,13 +43,17 @@ def test_flags_override_the_budget(tmp_path):
     assert invoke(path, "--min-accuracy", "0.99")[0] == 1
     assert invoke(path, "--max-memory-mb", "2.5")[0] == 1  # measured peak 2.9 MB
     assert invoke(path, "--max-memory-mb", "2.5", "--source", "estimated")[0] == 0  # estimate 0.4 MB
+    assert invoke(path, "--max-memory-mb", "3", "--source", "measured")[0] == 0
 
 
-def test_estimated_source_gates_the_device_estimate(tmp_path):
+def test_sources_gate_the_host_measurement_and_the_device_estimate(tmp_path):
     path = report(tmp_path / "r.json", measured_latency_ms=0.1, estimated_latency_ms=3.0)
-    assert invoke(path)[0] == 0
-    code, out, _ = invoke(path, "--source", "estimated")
-    assert code == 1 and "latency (estimated for device) <= 2 ms" in out
+    code, out, _ = invoke(path)  # both by default: each figure is a check of its own
+    assert code == 1
+    assert "PASS final: latency p50 (measured on host) <= 2 ms" in out
+    assert "FAIL final: latency (estimated for device) <= 2 ms" in out
+    assert invoke(path, "--source", "measured")[0] == 0
+    assert invoke(path, "--source", "estimated")[0] == 1
 
 
 @pytest.mark.parametrize(
@@ -86,8 +90,9 @@ def test_missing_metric_asked_by_flag_is_exit_2_but_budget_skips(tmp_path):
     path = report(tmp_path / "r.json", measured_latency_ms=None)
     code, out, _ = invoke(path)
     assert code == 0 and "SKIP final: latency p50" in out
-    code, _, err = invoke(path, "--max-latency-ms", "5")
+    code, _, err = invoke(path, "--max-latency-ms", "5", "--source", "measured")
     assert code == 2 and "does not have it" in " ".join(err.split())
+    assert invoke(path, "--max-latency-ms", "5")[0] == 0  # the estimate is there
 
 
 def test_baseline_regression_with_tolerance(tmp_path):
@@ -131,7 +136,7 @@ def test_step_summary_is_appended(tmp_path):
     assert code == 1
     text = summary.read_text()
     assert text.startswith("earlier step\n")
-    assert "### hwkd gate: **failed** (1 of 2 checks)" in text
+    assert "### hwkd gate: **failed** (1 of 4 checks)" in text
     assert "| ❌ | final: latency p50 (measured on host) <= | 3 ms | 2 ms | profile budget |" in text
 
 
