@@ -163,6 +163,13 @@ def resolve_shapes(
     by_name = {s.name: s for s in specs}
     symbols: dict[str, int] = {}
     all_symbols = {d for s in specs for i, d in enumerate(s.dims) if isinstance(d, str) and i > 0}
+    batch_symbols = {s.dims[0] for s in specs if s.dims and isinstance(s.dims[0], str)}
+    for key in [k for k in shapes if k in batch_symbols and k not in by_name and k not in all_symbols]:
+        value = shapes.pop(key)  # --shape batch=4 names the batch dimension: it is the batch
+        if len(value) != 1:
+            raise ConfigError(f"--shape {key}=...: a named dimension takes one value (e.g. --shape {key}=4).")
+        if batch is None:
+            batch = value[0]
     for key in list(shapes) + list(arrays):
         if key not in by_name and (key not in shapes or key not in all_symbols):
             what = "--shape" if key in shapes else "--input"

@@ -104,6 +104,11 @@ def test_full_shape_checks_rank_and_fixed_dims(graphs):
     assert ortinputs.resolve_shapes(specs, None, {"images": (2, 3, 8, 8)}) == {"images": (2, 3, 8, 8), "scale": (2, 2)}
     # With --batch, the batch replaces the shape's first dimension.
     assert ortinputs.resolve_shapes(specs, 5, {"images": (2, 3, 8, 8)})["images"] == (5, 3, 8, 8)
+    # The batch's own name sets it too.
+    assert ortinputs.resolve_shapes(specs, None, {"batch": (3,), "height": (8,), "width": (9,)}) == {
+        "images": (3, 3, 8, 9),
+        "scale": (3, 2),
+    }
 
 
 @pytest.mark.parametrize(
