@@ -271,3 +271,183 @@ def compress(
     )
     write_json(run_dir / "manifest.json", manifest)
     return CompressResult(run_dir=run_dir, report=report)
+
+
+BENCH_FORMAT = "hwkd.bench/1"
+
+
+def parse_duration(text: str | float | None) -> float | None:
+    """``"10s"``, ``"500ms"``, ``"2m"`` or a number of seconds -> seconds; None stays None."""
+    import re
+
+    if text is None or isinstance(text, int | float):
+        return None if text is None else float(text)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min)?\s*", str(text))
+    if not m or float(m.group(1)) <= 0:
+        raise ConfigError(f"--duration {text!r} is not a positive duration.", "Examples: --duration 10s, 500ms, 2m.")
+    scale = {"ms": 1e-3, "s": 1.0, "m": 60.0, "min": 60.0, None: 1.0}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def benchmark(
+    models: list[str | os.PathLike],
+    *,
+    profile: str | None = None,
+    providers: list[str] | None = None,
+    threads: int | None = None,
+    batches: list[int] | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    inputs: dict[str, str | os.PathLike] | None = None,
+    warmup: int = 20,
+    iterations: int = 200,
+    duration: str | float | None = None,
+    rounds: int = 5,
+    seed: int = 0,
+    advance=None,
+    on_start=None,
+) -> dict[str, Any]:
+    """Time ONNX models with onnxruntime on this host, interleaved, and return a JSON-ready record.
+
+    Execution providers and threads come from ``profile`` (its runtime section) unless ``providers`` /
+    ``threads`` are given; EPs this onnxruntime lacks fall back to the CPU and are listed as missing.
+    ``latency_ms`` at the top is the first model at the first batch (scripts that time one model read
+    it directly); ``results`` has every (model, batch), with ``p50_ratio`` against the first model.
+
+    Example::
+
+        rec = hwkd.benchmark(["a.onnx", "b.onnx"], batches=[1, 8], shapes={"height": (640,)})
+        print(rec["latency_ms"]["p50"], [r["p50_ratio"] for r in rec["results"]])
+    """
+    from hwkd import ortbench
+
+    if not models:
+        raise ConfigError("hwkd bench needs at least one ONNX model.", "Example: hwkd bench model.onnx")
+    for m in models:
+        if not Path(m).is_file():
+            raise ConfigError(f"ONNX model {str(m)!r} does not exist.", "Check the path.")
+    prof = None
+    if profile is not None:
+        from hwkd.hardware.profiles import load_profile
+
+        prof = load_profile(profile)
+    eps = list(providers) if providers else list(prof.runtime.providers) if prof else [ortbench.CPU_EP]
+    n_threads = threads if threads is not None else int(prof.runtime.threads) if prof else 0
+    duration_s = parse_duration(duration)
+    names = {Path(m): str(m) for m in models}
+    results = ortbench.bench_models(
+        list(names),
+        batches=batches,
+        shapes=shapes,
+        input_files=inputs,
+        warmup=warmup,
+        iterations=iterations,
+        duration_s=duration_s,
+        rounds=rounds,
+        providers=eps,
+        threads=n_threads,
+        seed=seed,
+        advance=advance,
+        on_start=on_start,
+    )
+    host = ortbench.host_info()
+    first_p50: dict[int, float] = {run.batch: run.stats.p50 for run in results[0].runs}
+    rows = []
+    for mb in results:
+        for run in mb.runs:
+            row = {"model": names[mb.path], **run.to_dict()}
+            row["peak_memory_mb"] = mb.memory["peak_mb"]
+            row["file_size_mb"] = mb.file_size_mb
+            base = first_p50.get(run.batch)
+            row["p50_ratio"] = round(run.stats.p50 / base, 4) if base else None
+            rows.append(row)
+    used = results[0].providers[0] if results[0].providers else ortbench.CPU_EP
+    record = {
+        "format": BENCH_FORMAT,
+        "hwkd_version": __version__,
+        "latency_ms": rows[0]["latency_ms"],
+        "note": f"measured on this host ({host['cpu']}, {used}, {results[0].threads} threads)"
+        + (f", not on {prof.name}" if prof else ""),
+        "profile": prof.name if prof else None,
+        "budget": dataclasses.asdict(prof.budgets) if prof else None,
+        "settings": {
+            "warmup": warmup,
+            "iterations": None if duration_s else iterations,
+            "duration_s": duration_s,
+            "rounds": rounds,
+            "seed": seed,
+            "batches": list(batches) if batches else None,
+            "shapes": {k: list(v) for k, v in (shapes or {}).items()},
+            "inputs": {k: str(v) for k, v in (inputs or {}).items()},
+        },
+        "models": [{"model": names[mb.path], **mb.to_dict()} for mb in results],
+        "results": rows,
+        "measured_on": host,
+    }
+    return record
+
+
+def gate(
+    report: str | os.PathLike,
+    *,
+    max_latency_ms: float | None = None,
+    max_memory_mb: float | None = None,
+    min_accuracy: float | str | None = None,
+    baseline: str | os.PathLike | None = None,
+    tolerance: float | str = "5%",
+    accuracy_tolerance: float | str = "0.5%",
+    source: str = "both",
+    use_budget: bool = True,
+):
+    """Check a report.json (or a ``hwkd bench --json`` record) against budgets and a baseline.
+
+    Returns a ``hwkd.report.gate.GateResult``; ``result.exit_code`` is 0 (passed) or 1 (a check failed).
+    Bad input raises a HwkdError (exit 2).
+
+    Example::
+
+        result = hwkd.api.gate("runs/a/report.json", baseline="runs/main/report.json", tolerance="5%")
+        assert result.exit_code == 0, [c.message for c in result.failed]
+    """
+    from hwkd.report import gate as gates
+
+    current = gates.load_gate_input(report)
+    base = gates.load_gate_input(baseline, "baseline") if baseline is not None else None
+    return gates.run_gate(
+        current,
+        max_latency_ms=max_latency_ms,
+        max_memory_mb=max_memory_mb,
+        min_accuracy=gates.parse_fraction(min_accuracy, "--min-accuracy"),
+        baseline=base,
+        tolerance=gates.parse_fraction(tolerance, "--tolerance"),
+        accuracy_tolerance=gates.parse_fraction(accuracy_tolerance, "--accuracy-tolerance"),
+        source=source,
+        use_budget=use_budget,
+    )
+
+
+def render_reports(run_dir: str | os.PathLike) -> list[Path]:
+    """Regenerate report.md and report.html of a run dir from its report.json; returns the paths.
+
+    Example: ``hwkd.api.render_reports("runs/demo")`` after editing or upgrading hwkd.
+    """
+    import json
+
+    from hwkd.report.build import REPORT_FORMAT, write_reports
+
+    run_dir = Path(run_dir)
+    path = run_dir / "report.json" if run_dir.is_dir() else run_dir
+    if not path.is_file():
+        raise ConfigError(
+            f"{str(path)!r} does not exist.", "Pass a run directory written by hwkd compress (it holds report.json)."
+        )
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{str(path)!r} is not valid JSON ({exc}).") from exc
+    missing = [k for k in ("teacher", "stages", "final", "profile", "dataset") if k not in report]
+    if not isinstance(report, dict) or report.get("format", REPORT_FORMAT) != REPORT_FORMAT or missing:
+        raise ConfigError(
+            f"{str(path)!r} is not a hwkd run report (format {report.get('format')!r}, missing {missing}).",
+            "Pass a run directory written by hwkd compress.",
+        )
+    return write_reports(path.parent, report, json_too=False)

@@ -41,7 +41,9 @@ def handle_errors(debug: bool = False):
     except HwkdError as exc:
         if debug or _state["debug"]:
             err.print_exception()
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        from rich.markup import escape  # a message may hold [shapes] that are not markup
+
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")
@@ -254,6 +256,186 @@ def profiles_show(
             print(json.dumps(p.to_dict(), indent=2))
         else:
             out.print_json(json.dumps(p.to_dict()))
+
+
+def _int_list(text: str | None, flag: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise ConfigError(f"{flag} {text!r} is not a comma-separated list of positive integers.", f"Example: {flag} 1,8")
+    return values
+
+
+@app.command()
+def bench(
+    models: Annotated[list[Path], typer.Argument(help="ONNX model(s); several are timed interleaved and compared.")],
+    profile: Annotated[
+        str | None, typer.Option("--profile", "-p", help="Take execution providers, threads and budget from a profile.")
+    ] = None,
+    providers: Annotated[str | None, typer.Option(help="Execution providers, e.g. cuda,cpu (overrides the profile).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads (0 = all usable cores).")] = None,
+    batch: Annotated[str | None, typer.Option("--batch", "-b", help="Batch size(s), e.g. 1,8.")] = None,
+    shape: Annotated[
+        list[str], typer.Option("--shape", help="NAME=1,3,640,640 (an input) or NAME=640 (a named dimension).")
+    ] = [],  # noqa: B006
+    input_: Annotated[list[str], typer.Option("--input", help="NAME=FILE.npy: feed real data to an input.")] = [],  # noqa: B006
+    warmup: Annotated[int, typer.Option(help="Untimed runs per model and batch first.")] = 20,
+    iterations: Annotated[int, typer.Option("--iterations", "-n", help="Timed runs per model and batch.")] = 200,
+    duration: Annotated[
+        str | None, typer.Option(help="Time each model and batch for this long instead (10s, 500ms, 2m).")
+    ] = None,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds the runs are split into.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+):
+    """Time ONNX models with onnxruntime on this host: p50/p90/p99, mean, std, throughput, memory."""
+    with handle_errors(debug):
+        from hwkd import api
+        from hwkd.ortinputs import parse_input_flags, parse_shape_flags
+
+        batches = _int_list(batch, "--batch")
+        shapes = parse_shape_flags(shape)
+        inputs = parse_input_flags(input_)
+        eps = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
+        if as_json:
+            record = api.benchmark(
+                [str(m) for m in models], profile=profile, providers=eps, threads=threads, batches=batches,
+                shapes=shapes, inputs=inputs, warmup=warmup, iterations=iterations, duration=duration,
+                rounds=rounds, seed=seed,
+            )
+            print(json.dumps(record, indent=2))
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        with Progress(TextColumn("benchmark"), BarColumn(), MofNCompleteColumn(), console=err, transient=True) as bar:
+            task = bar.add_task("bench", total=None)
+            record = api.benchmark(
+                [str(m) for m in models], profile=profile, providers=eps, threads=threads, batches=batches,
+                shapes=shapes, inputs=inputs, warmup=warmup, iterations=iterations, duration=duration,
+                rounds=rounds, seed=seed,
+                on_start=lambda total: bar.update(task, total=total),
+                advance=lambda n: bar.advance(task, n),
+            )
+        _print_bench(record)
+
+
+def _ms3(v: float) -> str:
+    return f"{v:.3f}" if v < 100 else f"{v:.1f}"
+
+
+def _print_bench(record: dict) -> None:
+    from rich.table import Table
+
+    several = len(record["models"]) > 1
+    table = Table(title=f"hwkd bench: {record['note']}")
+    cols = ["model", "batch", "p50", "p90", "p99", "mean", "std", "items/s"]
+    if several:
+        cols.insert(3, "p50/1st")
+    table.caption = "latencies in ms"
+    for col in cols:
+        if col == "model":
+            table.add_column(col, overflow="fold")
+        else:
+            table.add_column(col, justify="right", no_wrap=True)
+    for r in record["results"]:
+        lat = r["latency_ms"]
+        cells = [r["model"], str(r["batch"])] + [_ms3(lat[k]) for k in ("p50", "p90", "p99", "mean", "std")]
+        cells.append(f"{r['throughput_per_s']:.0f}")
+        if several:
+            cells.insert(3, f"{r['p50_ratio']:.2f}x")
+        table.add_row(*cells)
+    out.print(table)
+    for m in record["models"]:
+        shapes = "; ".join(f"{i['name']} {i['type'].removeprefix('tensor(').rstrip(')')} {i['dims']} ({i['fill']})"
+                           for i in m["inputs"])
+        mem = "–" if m["peak_memory_mb"] is None else f"{m['peak_memory_mb']:.1f} MB"
+        line = (
+            f"{m['model']}: {m['file_size_mb']:.3g} MB file, peak memory {mem}; providers "
+            f"{', '.join(m['providers'])}, {m['threads']} threads; inputs {shapes}"
+        )
+        if m["providers_missing"]:
+            line += f"; [yellow]not in this onnxruntime, fell back: {', '.join(m['providers_missing'])}[/]"
+        out.print(line, highlight=False, soft_wrap=True)
+    first = record["models"][0]
+    s = record["settings"]
+    runs = f"{s['duration_s']} s per model and batch" if s["duration_s"] else f"{s['iterations']} runs"
+    out.print(
+        f"{runs} after {s['warmup']} warm-up, in {record['results'][0]['rounds']} interleaved rounds. "
+        f"Peak memory: {first['memory_method']}.",
+        highlight=False, soft_wrap=True,
+    )
+
+
+@app.command("report")
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (or its report.json).")],
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+):
+    """Regenerate report.md and report.html (plots embedded, no network) from a run's report.json."""
+    with handle_errors(debug):
+        from hwkd import api
+
+        for path in api.render_reports(run_dir):
+            out.print(f"wrote {path}", highlight=False)
+
+
+@app.command()
+def gate(
+    report: Annotated[Path, typer.Argument(help="A run's report.json, or the output of hwkd bench --json.")],
+    max_latency_ms: Annotated[float | None, typer.Option(help="Latency threshold (overrides the budget).")] = None,
+    max_memory_mb: Annotated[float | None, typer.Option(help="Memory threshold (overrides the budget).")] = None,
+    min_accuracy: Annotated[str | None, typer.Option(help="e.g. 0.98 or 98%.")] = None,
+    baseline: Annotated[Path | None, typer.Option(help="Another report to check regressions against.")] = None,
+    tolerance: Annotated[str, typer.Option(help="Allowed growth of latency/memory/size vs the baseline.")] = "5%",
+    accuracy_tolerance: Annotated[str, typer.Option(help="Allowed accuracy drop vs the baseline (points).")] = "0.5%",
+    source: Annotated[
+        str, typer.Option(help="Gate latency/memory 'measured' (host), 'estimated' (device) or 'both'.")
+    ] = "both",
+    no_budget: Annotated[bool, typer.Option("--no-budget", help="Ignore the budget recorded in the report.")] = False,
+    junit: Annotated[Path | None, typer.Option(help="Write JUnit XML here (one testcase per check).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON on stdout.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+):
+    """Gate a report on budgets and a baseline: exit 0 pass, 1 a check failed, 2 bad input."""
+    import os
+
+    with handle_errors(debug):
+        from hwkd import api
+        from hwkd.artifacts import atomic_write
+        from hwkd.report.gate import junit_xml, markdown_summary
+
+        result = api.gate(
+            report, max_latency_ms=max_latency_ms, max_memory_mb=max_memory_mb, min_accuracy=min_accuracy,
+            baseline=baseline, tolerance=tolerance, accuracy_tolerance=accuracy_tolerance, source=source,
+            use_budget=not no_budget,
+        )
+        if junit is not None:
+            junit.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(junit, junit_xml(result))
+        summary_path = os.environ.get("GITHUB_STEP_SUMMARY")
+        if summary_path:
+            with open(summary_path, "a", encoding="utf-8") as fh:  # appended: other steps write there too
+                fh.write(markdown_summary(result))
+        if as_json:
+            print(json.dumps(result.to_dict(), indent=2))
+        else:
+            mark = {"passed": "[green]PASS[/]", "failed": "[bold red]FAIL[/]", "skipped": "[yellow]SKIP[/]"}
+            from rich.markup import escape
+
+            for c in result.checks:
+                out.print(f"{mark[c.status]} {escape(c.name)}: {escape(c.message)}", highlight=False, soft_wrap=True)
+            for note in result.notes:
+                out.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+            verdict = "[bold green]gate passed[/]" if not result.failed else (
+                f"[bold red]gate failed[/]: {len(result.failed)} of {len(result.checks)} checks"
+            )
+            out.print(verdict)
+    raise typer.Exit(result.exit_code)
 
 
 if __name__ == "__main__":  # pragma: no cover

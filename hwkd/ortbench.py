@@ -2,8 +2,10 @@
 
 Hosts are noisy (other tenants, frequency scaling), so models are timed in interleaved rounds: round r
 runs every model ``iterations / rounds`` times, in an order rotated by r. A burst of noise then hits all
-models alike instead of whichever happened to run at that moment. The timed loop is as bare as a
-hand-written ORT loop: a pre-built OrtValue feed and ``perf_counter_ns`` around ``run`` only.
+models alike instead of whichever happened to run at that moment. The timed loop is the hand-written
+ORT loop: ``perf_counter_ns`` around ``session.run(None, feed)`` with a pre-built numpy feed, which ORT
+wraps without copying. (``run_with_ort_values`` with pre-built OrtValues was measured 50-60 us per call
+slower than ``run`` on onnxruntime 1.32 here, so it is not used; see benchmarks/bench_overhead.py.)
 """
 
 from __future__ import annotations
@@ -11,15 +13,16 @@ from __future__ import annotations
 import gc
 import os
 import platform
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hwkd.errors import StageError
+from hwkd.errors import ConfigError, StageError
 
 CPU_EP = "CPUExecutionProvider"
 
@@ -42,18 +45,6 @@ _EP_ALIASES = {
     "directml": "DmlExecutionProvider",
     "dml": "DmlExecutionProvider",
 }
-
-_NP_DTYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
-
 
 @dataclass(frozen=True)
 class LatencyStats:
@@ -177,45 +168,24 @@ def make_session(path: str | Path, providers: Sequence[str], threads: int) -> tu
     return session, list(session.get_providers())
 
 
-def _feed(session: Any, batch: int, rng: np.random.Generator) -> dict[str, Any]:
-    """Random inputs shaped like the model's, with ``batch`` in every dynamic dimension slot 0."""
-    import onnxruntime as ort
-
-    feed = {}
-    for inp in session.get_inputs():
-        shape = [d if isinstance(d, int) and d > 0 else None for d in inp.shape]
-        if shape and shape[0] is None:
-            shape[0] = batch
-        if any(d is None for d in shape):
-            raise StageError(
-                f"Input {inp.name!r} has dynamic dimensions other than the batch ({inp.shape}); "
-                "hwkd cannot choose a size for them."
-            )
-        dtype = _NP_DTYPES.get(inp.type, np.float32)
-        if np.issubdtype(dtype, np.floating):
-            arr = rng.standard_normal(shape).astype(dtype)
-        else:
-            arr = np.zeros(shape, dtype=dtype)
-        feed[inp.name] = ort.OrtValue.ortvalue_from_numpy(arr)
-    return feed
-
-
-def schedule(n_models: int, iterations: int, rounds: int) -> list[tuple[int, int, int]]:
+def schedule(n_models: int, iterations: int | Sequence[int], rounds: int) -> list[tuple[int, int, int]]:
     """``(round, model_index, runs)`` in execution order: every round runs every model, rotated.
 
-    ``iterations`` per model are split over the rounds (the first rounds take the remainder).
+    ``iterations`` per model (one count for all, or one per model) are split over the rounds (the
+    first rounds take the remainder); there are never more rounds than the smallest count.
     """
-    rounds = max(1, min(rounds, iterations))
-    base, extra = divmod(iterations, rounds)
+    counts = [iterations] * n_models if isinstance(iterations, int) else list(iterations)
+    rounds = max(1, min(rounds, *counts) if counts else rounds)
     plan = []
     for r in range(rounds):
-        runs = base + (1 if r < extra else 0)
         for k in range(n_models):
-            plan.append((r, (k + r) % n_models, runs))
+            m = (k + r) % n_models
+            base, extra = divmod(counts[m], rounds)
+            plan.append((r, m, base + (1 if r < extra else 0)))
     return plan
 
 
-def _time_runs(run: Callable[..., Any], out_names: list[str], feed: dict[str, Any], n: int) -> list[int]:
+def _time_runs(run: Callable[..., Any], out_names: list[str] | None, feed: dict[str, Any], n: int) -> list[int]:
     times = [0] * n
     clock = time.perf_counter_ns
     for i in range(n):
@@ -223,6 +193,297 @@ def _time_runs(run: Callable[..., Any], out_names: list[str], feed: dict[str, An
         run(out_names, feed)
         times[i] = clock() - t0
     return times
+
+
+def _time_for(run: Callable[..., Any], out_names: list[str] | None, feed: dict[str, Any], budget_ns: int) -> list[int]:
+    """Run until ``budget_ns`` of wall time has passed (at least once); the clock reads are the ones
+    that time each call, so the loop costs no more than ``_time_runs``."""
+    times: list[int] = []
+    clock = time.perf_counter_ns
+    deadline = clock() + budget_ns
+    while True:
+        t0 = clock()
+        run(out_names, feed)
+        t1 = clock()
+        times.append(t1 - t0)
+        if t1 >= deadline:
+            return times
+
+
+def _memory_kb() -> tuple[int, int] | None:
+    """(VmRSS, VmHWM) of this process in KiB, from /proc; None where there is no /proc."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            text = fh.read()
+        rss = re.search(r"VmRSS:\s+(\d+)", text)
+        hwm = re.search(r"VmHWM:\s+(\d+)", text)
+        return (int(rss.group(1)), int(hwm.group(1))) if rss and hwm else None
+    except OSError:
+        return None
+
+
+MEMORY_METHOD = {
+    "peak": "growth of the process peak RSS (VmHWM) over loading the session and its warm-up runs",
+    "resident": "growth of the process RSS over loading the session and its warm-up runs (a lower bound: "
+    "the process peak was set earlier)",
+}
+
+
+def _memory_growth(before: tuple[int, int] | None, after: tuple[int, int] | None) -> dict[str, Any]:
+    """Memory a model took, measured without resetting the process peak (``/usr/bin/time`` reads it).
+
+    When the peak rose while this model loaded and warmed up, the rise over the RSS before is exact;
+    otherwise the resident growth is reported and labelled a lower bound.
+    """
+    if before is None or after is None:
+        return {"peak_mb": None, "method": "not measured (no /proc/self/status on this OS)"}
+    if after[1] > before[1]:
+        return {"peak_mb": round((after[1] - before[0]) / 1024, 2), "method": "peak"}
+    return {"peak_mb": round(max(0, after[0] - before[0]) / 1024, 2), "method": "resident"}
+
+
+def model_file_size_mb(path: str | Path) -> float:
+    """Size of the ONNX file plus any external-data files it references, in MB (10^6 bytes)."""
+    path = Path(path)
+    total = path.stat().st_size
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        seen = set()
+        for t in model.graph.initializer:
+            for entry in t.external_data:
+                if entry.key == "location" and entry.value not in seen:
+                    seen.add(entry.value)
+                    ext = path.parent / entry.value
+                    if ext.is_file():
+                        total += ext.stat().st_size
+    except Exception:  # noqa: BLE001 - the size of the main file is still right
+        pass
+    return round(total / 1e6, 4)
+
+
+@dataclass
+class BatchRun:
+    """One model timed at one batch size."""
+
+    batch: int
+    shapes: dict[str, tuple[int, ...]]
+    stats: LatencyStats
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.stats.to_dict()
+        return {
+            "batch": self.batch,
+            "shapes": {k: list(v) for k, v in self.shapes.items()},
+            "latency_ms": {k: d[k] for k in ("p50", "p90", "p99", "mean", "std", "min")},
+            "throughput_per_s": d["throughput"],
+            "iterations": d["iterations"],
+            "rounds": d["rounds"],
+        }
+
+
+@dataclass
+class ModelBench:
+    """Everything measured about one model: its inputs, runtime, memory, file size and each batch."""
+
+    path: Path
+    inputs: list[dict[str, Any]]
+    providers: tuple[str, ...]
+    providers_requested: tuple[str, ...]
+    providers_missing: list[str]
+    threads: int
+    threads_requested: int
+    file_size_mb: float
+    memory: dict[str, Any]
+    runs: list[BatchRun]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "file_size_mb": self.file_size_mb,
+            "peak_memory_mb": self.memory["peak_mb"],
+            "memory_method": MEMORY_METHOD.get(self.memory["method"], self.memory["method"]),
+            "providers": list(self.providers),
+            "providers_requested": list(self.providers_requested),
+            "providers_missing": self.providers_missing,
+            "threads": self.threads,
+            "threads_requested": self.threads_requested,
+            "inputs": self.inputs,
+        }
+
+
+def bench_models(
+    paths: Sequence[str | Path],
+    batches: Sequence[int] | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    input_files: Mapping[str, str | Path] | None = None,
+    warmup: int = 20,
+    iterations: int = 200,
+    duration_s: float | None = None,
+    rounds: int = 5,
+    providers: Sequence[str] = (CPU_EP,),
+    threads: int = 0,
+    seed: int = 0,
+    advance: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> list[ModelBench]:
+    """Time every model at every batch, all interleaved in rounds; see hwkd.ortinputs for shapes.
+
+    ``batches=None`` times each model once at the batch its shapes imply (1 for a dynamic batch).
+    ``duration_s`` replaces ``iterations``: each (model, batch) runs for ``duration_s / rounds`` seconds
+    in every round. ``on_start(total)`` is called once the plan is known, then ``advance(n)`` after
+    each chunk (n = runs; with a duration, total and n count chunks).
+    """
+    from hwkd import ortinputs
+
+    if iterations < 1 or any(b < 1 for b in batches or ()) or warmup < 0:
+        raise StageError(
+            f"Benchmark needs iterations >= 1, warmup >= 0 and batches >= 1 (got {iterations}, {warmup}, "
+            f"{list(batches or [])})."
+        )
+    if duration_s is not None and duration_s <= 0:
+        raise StageError(f"Benchmark duration must be positive (got {duration_s} s).")
+    keys = list(dict.fromkeys(Path(p) for p in paths))
+    for p in keys:
+        if not p.is_file():
+            raise StageError(f"Cannot benchmark {str(p)!r}: the file does not exist.")
+    n_threads = effective_threads(threads)
+    rng = np.random.default_rng(seed)
+    arrays = ortinputs.load_input_files({k: Path(v) for k, v in (input_files or {}).items()})
+    batch_list: list[int | None] = list(dict.fromkeys(batches)) if batches else [None]
+    missing = missing_providers(providers)
+
+    models: list[ModelBench] = []
+    runners: list[tuple[int, Callable[..., Any], None, dict[str, Any]]] = []  # (model index, run, outs, feed)
+    keys_given = list(dict.fromkeys([*(shapes or {}), *arrays]))
+    used_keys: set[str] = set()
+    _warm_ort_env()
+    for p in keys:
+        ranges = ortinputs.index_ranges(p)  # before the memory window: it parses the whole graph
+        gc.collect()
+        before = _memory_kb()
+        session, eps = make_session(p, providers, n_threads)
+        specs = ortinputs.input_specs(session)
+        out_names = None  # all outputs, as a hand-written loop asks
+        runs, fills = [], {}
+        # With several models, a --shape or --input key applies to the models that have it.
+        mine = set(ortinputs.applicable(specs, keys_given)) if len(keys) > 1 else set(keys_given)
+        used_keys |= mine
+        my_shapes = {k: v for k, v in (shapes or {}).items() if k in mine}
+        my_arrays = {k: v for k, v in arrays.items() if k in mine}
+        for batch in batch_list:
+            shp = ortinputs.resolve_shapes(specs, batch, my_shapes, my_arrays, model=p.name)
+            feed_np, fills = ortinputs.make_feed_arrays(specs, shp, rng, my_arrays, ranges)
+            feed = feed_np
+            eff_batch = batch if batch is not None else _implied_batch(specs, shp)
+            runs.append(BatchRun(eff_batch, shp, None))  # stats filled in below
+            try:
+                _time_runs(session.run, out_names, feed, max(warmup, 1))
+            except Exception as exc:
+                first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+                raise StageError(
+                    f"ONNX Runtime failed to run {p.name} with inputs "
+                    f"{', '.join(f'{k} {list(v)}' for k, v in shp.items())}: {first[:300]}",
+                    "Check the --shape values (and --input files) against the model's inputs.",
+                ) from exc
+            runners.append((len(models), session.run, out_names, feed))
+        after = _memory_kb()
+        inputs = [
+            {"name": s.name, "type": s.type, "dims": list(s.dims), "fill": fills.get(s.name)} for s in specs
+        ]
+        models.append(
+            ModelBench(
+                path=p,
+                inputs=inputs,
+                providers=tuple(eps),
+                providers_requested=tuple(providers),
+                providers_missing=missing,
+                threads=n_threads,
+                threads_requested=threads,
+                file_size_mb=model_file_size_mb(p),
+                memory=_memory_growth(before, after),
+                runs=runs,
+            )
+        )
+    unused = [k for k in keys_given if k not in used_keys]
+    if unused:
+        raise ConfigError(
+            f"--shape/--input {', '.join(unused)}: no model has an input or named dimension of that name.",
+            "Models' inputs: " + "; ".join(
+                f"{m.path.name}: " + ", ".join(f"{i['name']} {i['dims']}" for i in m.inputs) for m in models
+            ) + ".",
+        )
+    if not runners:
+        return []
+
+    # With a duration, each (model, batch) runs for duration / rounds seconds in every round.
+    counts = [iterations] * len(runners) if duration_s is None else [rounds] * len(runners)
+    plan = schedule(len(runners), counts, rounds)
+    chunk_ns = None if duration_s is None else int(duration_s * 1e9 / (plan[-1][0] + 1))
+    if on_start is not None:
+        on_start(sum(counts) if chunk_ns is None else len(plan))
+    samples: list[list[int]] = [[] for _ in runners]
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection inside a timed call is noise the hand-written loop would not see
+    try:
+        for _round, k, n in plan:
+            _, run, out_names, feed = runners[k]
+            if chunk_ns is None:
+                samples[k].extend(_time_runs(run, out_names, feed, n))
+            else:
+                samples[k].extend(_time_for(run, out_names, feed, chunk_ns))
+                n = 1  # progress counts chunks in duration mode
+            if advance is not None:
+                advance(n)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+    n_rounds = plan[-1][0] + 1
+    k = 0
+    for m in models:
+        for run_ in m.runs:
+            run_.stats = LatencyStats.from_samples(
+                samples[k],
+                batch=run_.batch,
+                providers=m.providers,
+                providers_requested=tuple(providers),
+                threads=n_threads,
+                threads_requested=threads,
+                rounds=n_rounds,
+            )
+            k += 1
+    return models
+
+
+def _warm_ort_env() -> None:
+    """Create (and drop) one trivial session, so onnxruntime's process-wide set-up (its environment,
+    allocators, kernel registries) is not counted as the first model's memory."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "warm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=[CPU_EP])
+    session.run(None, {"x": np.zeros(1, dtype=np.float32)})
+
+
+def _implied_batch(specs: Sequence[Any], shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """The batch a set of shapes runs: the first dim of the first input that has one."""
+    for spec in specs:
+        shape = shapes[spec.name]
+        if shape:
+            return int(shape[0])
+    return 1
 
 
 def measure(
@@ -239,56 +500,16 @@ def measure(
     """Time each ONNX model at ``batch`` in interleaved rounds; return ``{path: LatencyStats}``.
 
     ``threads`` is capped at the usable cores (0 = all). ``advance(n)`` is called after each chunk of
-    timed runs, for progress bars (total = len(paths) * iterations).
+    timed runs, for progress bars (total = len(paths) * iterations). See ``bench_models`` for several
+    batches, named shapes, memory and file size.
     """
-    if iterations < 1 or batch < 1:
+    if batch < 1:
         raise StageError(f"Benchmark needs iterations >= 1 and batch >= 1 (got {iterations}, {batch}).")
-    keys = list(dict.fromkeys(Path(p) for p in paths))
-    if not keys:
-        return {}
-    for p in keys:
-        if not p.is_file():
-            raise StageError(f"Cannot benchmark {str(p)!r}: the file does not exist.")
-    n_threads = effective_threads(threads)
-    rng = np.random.default_rng(seed)
-    runners = []
-    used: list[tuple[str, ...]] = []
-    for p in keys:
-        session, eps = make_session(p, providers, n_threads)
-        feed = _feed(session, batch, rng)
-        out_names = [o.name for o in session.get_outputs()]
-        runners.append((session.run_with_ort_values, out_names, feed))
-        used.append(tuple(eps))
-
-    plan = schedule(len(keys), iterations, rounds)
-    samples: list[list[int]] = [[] for _ in keys]
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # a collection inside a timed call is noise the hand-written loop would not see
-    try:
-        for run, out_names, feed in runners:
-            _time_runs(run, out_names, feed, warmup)
-        for _round, k, n in plan:
-            run, out_names, feed = runners[k]
-            samples[k].extend(_time_runs(run, out_names, feed, n))
-            if advance is not None:
-                advance(n)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-
-    n_rounds = plan[-1][0] + 1
-    return {
-        p: LatencyStats.from_samples(
-            samples[k],
-            batch=batch,
-            providers=used[k],
-            providers_requested=tuple(providers),
-            threads=n_threads,
-            threads_requested=threads,
-            rounds=n_rounds,
-        )
-        for k, p in enumerate(keys)
-    }
+    results = bench_models(
+        paths, batches=[batch], warmup=warmup, iterations=iterations, rounds=rounds,
+        providers=providers, threads=threads, seed=seed, advance=advance,
+    )
+    return {m.path: m.runs[0].stats for m in results}
 
 
 def _cpu_model() -> str:

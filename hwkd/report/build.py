@@ -2,7 +2,9 @@
 
 Every model record holds ``accuracy`` (fraction, test split), ``measured_latency_ms`` (onnxruntime p50
 at batch 1, on this host), ``estimated_latency_ms`` (the cost model, for the profile's device),
-``params``, ``macs`` and ``model_size_mb`` (ONNX file size).
+``params``, ``macs``, ``model_size_mb`` (ONNX file size), ``estimated_memory_mb`` (the cost model:
+weights plus peak live activations) and ``measured_memory_mb`` (the growth of the process's peak RSS
+while onnxruntime loaded and warmed the model on this host, see hwkd.ortbench.MEMORY_METHOD).
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ from hwkd.artifacts import atomic_write, write_json
 REPORT_FORMAT = "hwkd.report/1"
 # Which ONNX benchmark label stands for the model a stage produced.
 STAGE_MODEL_LABEL = {"distill": "distill", "prune": "prune", "qat": "int8", "export": "int8", "bench": "int8"}
-MODEL_FIELDS = ("accuracy", "measured_latency_ms", "estimated_latency_ms", "params", "macs", "model_size_mb")
+MODEL_FIELDS = (
+    "accuracy",
+    "measured_latency_ms",
+    "estimated_latency_ms",
+    "params",
+    "macs",
+    "model_size_mb",
+    "estimated_memory_mb",
+    "measured_memory_mb",
+)
 
 
 def _latency_table(results) -> tuple[dict[str, Any], dict[str, Any], str]:
@@ -34,12 +45,22 @@ def build_report(*, run_dir: Path, profile, budget, dataset, teacher_metrics, re
         stats = latency.get(label)
         return None if stats is None else stats["p50"]
 
-    teacher = {**{k: teacher_metrics.get(k) for k in MODEL_FIELDS}, "measured_latency_ms": p50("teacher")}
+    def peak_mb(label: str) -> float | None:
+        return (latency.get(label) or {}).get("peak_memory_mb")
+
+    teacher = {
+        **{k: teacher_metrics.get(k) for k in MODEL_FIELDS},
+        "measured_latency_ms": p50("teacher"),
+        "measured_memory_mb": peak_mb("teacher"),
+    }
     by_name = {r.name: r for r in results}
     last_fp32 = next(
         (by_name[n].metrics for n in ("prune", "distill") if n in by_name), teacher_metrics
     )
-    final_estimate = _estimate_int8(state, profile) if has_int8 else last_fp32.get("estimated_latency_ms")
+    if has_int8:
+        final_estimate, final_memory = _estimate_int8(state, profile)
+    else:
+        final_estimate, final_memory = last_fp32.get("estimated_latency_ms"), last_fp32.get("estimated_memory_mb")
     stages = []
     for r in results:
         label = STAGE_MODEL_LABEL[r.name] if (r.name in ("distill", "prune") or has_int8) else "fp32"
@@ -49,10 +70,12 @@ def build_report(*, run_dir: Path, profile, budget, dataset, teacher_metrics, re
         else:  # qat / export / bench describe the final (quantized) model
             record.update({k: last_fp32.get(k) for k in ("params", "macs")})
             record["estimated_latency_ms"] = final_estimate
+            record["estimated_memory_mb"] = final_memory
             export = by_name.get("export")
             record["accuracy"] = r.metrics.get("accuracy", export.metrics.get("accuracy") if export else None)
             record["model_size_mb"] = export.metrics.get("model_size_mb") if export else None
         record["measured_latency_ms"] = p50(label)
+        record["measured_memory_mb"] = peak_mb(label)
         record["details"] = {k: v for k, v in r.metrics.items() if k not in record}
         record["history"] = r.history
         record["artifacts"] = r.artifacts
@@ -69,6 +92,8 @@ def build_report(*, run_dir: Path, profile, budget, dataset, teacher_metrics, re
         "params": last_fp32.get("params"),
         "macs": last_fp32.get("macs"),
         "model_size_mb": export.metrics.get("model_size_mb") if export else None,
+        "estimated_memory_mb": final_memory,
+        "measured_memory_mb": peak_mb(final_label),
     }
     final["budget_check"] = _budget_check(final, budget)
     if teacher["measured_latency_ms"] and final["measured_latency_ms"]:
@@ -92,10 +117,12 @@ def build_report(*, run_dir: Path, profile, budget, dataset, teacher_metrics, re
     }
 
 
-def _estimate_int8(state, profile) -> float:
+def _estimate_int8(state, profile) -> tuple[float, float]:
+    """The cost model's (latency ms, memory MB) for the final INT8 model on the device."""
     from hwkd.hardware.cost import estimate
 
-    return estimate(state.student, state.example_input, profile, precision="int8").latency_ms
+    cost = estimate(state.student, state.example_input, profile, precision="int8")
+    return cost.latency_ms, cost.memory_mb
 
 
 def _budget_check(final: dict, budget) -> dict[str, Any]:
@@ -109,8 +136,14 @@ def _budget_check(final: dict, budget) -> dict[str, Any]:
     }
 
 
-def write_reports(run_dir: Path, report: dict) -> None:
+def write_reports(run_dir: Path, report: dict, json_too: bool = True) -> list[Path]:
+    """report.json (unless ``json_too`` is False), report.md and the self-contained report.html."""
+    from hwkd.report.html import render_html
     from hwkd.report.markdown import render_markdown
 
-    write_json(run_dir / "report.json", report)
-    atomic_write(run_dir / "report.md", render_markdown(report))
+    written = []
+    if json_too:
+        written.append(write_json(run_dir / "report.json", report))
+    written.append(atomic_write(run_dir / "report.md", render_markdown(report)))
+    written.append(atomic_write(run_dir / "report.html", render_html(report)))
+    return written

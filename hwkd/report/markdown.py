@@ -31,6 +31,15 @@ def _mb(x) -> str:
     return "–" if x is None else f"{x:.3f}"
 
 
+def model_rows(report: dict) -> list[tuple[str, dict]]:
+    """``(row name, record)`` for the teacher, each stage that made a model, and the final model."""
+    f = report["final"]
+    rows = [("teacher", report["teacher"])]
+    rows += [(f"after {s['name']}", s) for s in report["stages"] if s["name"] in MODEL_STAGES]
+    rows.append((f"final ({f['precision']}, {f.get('path')})", f))
+    return rows
+
+
 def render_markdown(report: dict) -> str:
     t, f = report["teacher"], report["final"]
     prof, budget, host = report["profile"], report["budget"], report.get("measured_on", {})
@@ -43,24 +52,25 @@ def render_markdown(report: dict) -> str:
         f"batch {budget['batch_size']}.",
         "",
         f"Latency **measured on this host**: {host.get('note', 'not measured')}.",
-        "Estimated latency is the cost model's figure for the profile's device.",
+        "Estimated latency and memory are the cost model's figures for the profile's device; peak memory "
+        "is the growth of the process peak RSS while onnxruntime loaded and warmed the model on this host.",
+        "Plots: report.html.",
         "",
-        "| model | accuracy | measured p50 ms (host) | estimated ms (device) | params | MACs | size MB |",
-        "|---|---|---|---|---|---|---|",
+        "| model | accuracy | measured p50 ms (host) | estimated ms (device) | params | MACs | size MB "
+        "| est. memory MB | peak memory MB (host) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def row(name, m):
         return (
             f"| {name} | {_pct(m.get('accuracy'))} | {_ms(m.get('measured_latency_ms'))} | "
             f"{_ms(m.get('estimated_latency_ms'))} | {_num(m.get('params'))} | {_num(m.get('macs'))} | "
-            f"{_mb(m.get('model_size_mb'))} |"
+            f"{_mb(m.get('model_size_mb'))} | {_mb(m.get('estimated_memory_mb'))} | "
+            f"{_mb(m.get('measured_memory_mb'))} |"
         )
 
-    lines.append(row("teacher", t))
-    for s in report["stages"]:
-        if s["name"] in MODEL_STAGES:
-            lines.append(row(f"after {s['name']}", s))
-    lines.append(row(f"**final** ({f['precision']}, {f.get('path')})", f))
+    for name, m in model_rows(report):
+        lines.append(row(f"**{name}**" if name.startswith("final") else name, m))
     lines.append("")
     if f.get("speedup_vs_teacher"):
         lines.append(

@@ -30,9 +30,9 @@ def run(state: PipelineState, cfg: BenchConfig, ctx: RunContext) -> tuple[Pipeli
     unique = list(dict.fromkeys(Path(p) for p in labels.values()))  # one file timed once
 
     with ctx.progress.task("benchmark (onnxruntime)", total=len(unique) * cfg.iterations) as advance:
-        stats = ortbench.measure(
+        models = ortbench.bench_models(
             unique,
-            batch=BATCH,
+            batches=[BATCH],
             warmup=cfg.warmup,
             iterations=cfg.iterations,
             rounds=cfg.rounds,
@@ -41,7 +41,17 @@ def run(state: PipelineState, cfg: BenchConfig, ctx: RunContext) -> tuple[Pipeli
             seed=ctx.seed,
             advance=advance,
         )
-    latency = {label: stats[Path(path)].to_dict() for label, path in labels.items()}
+    by_path = {m.path: m for m in models}
+    stats = {p: m.runs[0].stats for p, m in by_path.items()}
+    latency = {}
+    for label, path in labels.items():
+        m = by_path[Path(path)]
+        latency[label] = {
+            **m.runs[0].stats.to_dict(),
+            "peak_memory_mb": m.memory["peak_mb"],
+            "memory_method": m.memory["method"],
+            "file_size_mb": m.file_size_mb,
+        }
     host = ortbench.host_info()
     first = next(iter(stats.values()))
     used_ep = first.providers[0] if first.providers else ortbench.CPU_EP

@@ -173,3 +173,31 @@ def test_bring_your_own_npz_and_state_dict_teacher(tmp_path):
     props = {p.key: p.value for p in onnx.load(out / "model.onnx").metadata_props}
     assert json.loads(props["hwkd.labels"]) == ["red", "green", "blue"]
     assert json.loads(props["hwkd.input_shape"]) == [3, 12, 12]
+
+
+def test_report_html_memory_and_gate_on_a_real_run(tiny_run, tmp_path):
+    out, _, _ = tiny_run
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/svg+xml;base64,") == 4 and "<script" not in page
+    report = json.loads((out / "report.json").read_text())
+    for record in [report["teacher"], report["final"]]:
+        assert record["measured_memory_mb"] is not None and record["measured_memory_mb"] >= 0
+        assert record["estimated_memory_mb"] > 0
+    # The gate reads the real report: a threshold above the measured p50 passes, one below fails.
+    p50 = report["final"]["measured_latency_ms"]
+    junit = tmp_path / "gate.xml"
+    ok = run_cli("gate", str(out / "report.json"), "--max-latency-ms", str(p50 * 10), "--junit", str(junit))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "<testcase" in junit.read_text() and "<failure" not in junit.read_text()
+    bad = run_cli("gate", str(out / "report.json"), "--max-latency-ms", str(p50 / 10))
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    # hwkd report regenerates the Markdown and HTML from report.json alone.
+    (out / "report.md").unlink()
+    regen = run_cli("report", str(out))
+    assert regen.returncode == 0, regen.stderr
+    assert "final (int8, model.onnx)" in (out / "report.md").read_text()
+    # hwkd bench times the run's model and reports the same fields as the gate reads.
+    bench = run_cli("bench", str(out / "model.onnx"), "--iterations", "20", "--warmup", "2", "--json")
+    assert bench.returncode == 0, bench.stderr
+    rec = json.loads(bench.stdout)
+    assert rec["latency_ms"]["p50"] <= rec["latency_ms"]["p99"]
