@@ -176,6 +176,8 @@ def compress(
         memory=memory_budget,
         teacher_latency_ms=teacher_cost.latency_ms,
         teacher_memory_mb=teacher_cost.memory_mb,
+        # the budget is for the deployed model: INT8 when QAT runs, so pruning estimates at that precision
+        precision="int8" if "qat" in cfg.stages else "fp32",
     )
     manifest = {
         "status": "running",
@@ -451,3 +453,63 @@ def render_reports(run_dir: str | os.PathLike) -> list[Path]:
             "Pass a run directory written by hwkd compress.",
         )
     return write_reports(path.parent, report, json_too=False)
+
+
+def estimate(
+    model: Any,
+    profile: str | Any = "jetson",
+    *,
+    precision: str | None = None,
+    example_input: Any = None,
+):
+    """The cost model's estimate (latency, memory, MACs, params, per layer) of a model on a profile.
+
+    ``model`` is a path to an ONNX file (precision detected from the graph unless given) or an
+    ``nn.Module`` with ``example_input``.
+
+    Example::
+
+        cost = hwkd.estimate("runs/demo/model.onnx", "jetson")
+        print(cost.latency_ms, cost.memory_mb)
+    """
+    from hwkd.hardware import cost as cost_model
+    from hwkd.hardware.profiles import load_profile
+
+    prof = load_profile(profile) if isinstance(profile, str | os.PathLike) else profile
+    if isinstance(model, str | os.PathLike):
+        return cost_model.estimate_onnx(model, prof, precision)
+    if example_input is None:
+        raise ConfigError("Estimating a torch module needs example_input.", "Pass a batch of one input.")
+    return cost_model.estimate(model, example_input, prof, precision or "fp32")
+
+
+def calibrate_profile(
+    out: str | os.PathLike,
+    *,
+    name: str = "",
+    quick: bool = False,
+    threads: int = 0,
+    overwrite: bool = False,
+    log=None,
+):
+    """Measure this host with onnxruntime and write a complete profile TOML to ``out``; return the Profile.
+
+    ``quick`` measures a handful of networks with few iterations (seconds, for tests); the default
+    takes about two minutes on two cores.
+    """
+    from hwkd.artifacts import atomic_write
+    from hwkd.hardware.calibrate import TINY, CalibrationSettings, calibrate
+    from hwkd.hardware.profiles import dump_profile_toml, load_profile
+
+    out = Path(out)
+    if out.suffix != ".toml":
+        raise ConfigError(f"--out {str(out)!r} must end in .toml.", "For example --out my-host.toml.")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{str(out)!r} already exists.", "Choose another --out, or pass --overwrite.")
+    if threads < 0:
+        raise ConfigError(f"--threads must be 0 (all usable cores) or positive, got {threads}.")
+    settings = dataclasses.replace(TINY if quick else CalibrationSettings(), threads=threads)
+    profile = calibrate(name=name or out.stem, settings=settings, log=log)
+    profile = dataclasses.replace(profile, source=str(out))
+    atomic_write(out, dump_profile_toml(profile))
+    return load_profile(out)

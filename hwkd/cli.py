@@ -438,5 +438,71 @@ def gate(
     raise typer.Exit(result.exit_code)
 
 
+@profiles_app.command("calibrate")
+def profiles_calibrate(
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="Profile file to write (.toml).")],
+    name: Annotated[str | None, typer.Option(help="Profile name (default: the file's stem).")] = None,
+    threads: Annotated[int, typer.Option(help="onnxruntime threads; 0 = every usable core.")] = 0,
+    quick: Annotated[bool, typer.Option("--quick", help="A few networks only (seconds; rough figures).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+):
+    """Measure this host with onnxruntime and write a calibrated device profile. Run it on the target."""
+    with handle_errors(debug):
+        from hwkd import api
+
+        prof = api.calibrate_profile(
+            out_file, name=name or "", quick=quick, threads=threads, overwrite=overwrite,
+            log=lambda msg: err.print(f"[dim]{msg}[/]", highlight=False),
+        )  # fmt: skip
+        fit = prof.calibration.get("measured", {})
+        hw = prof.hardware
+        peaks = ", ".join(f"{k} {v:.1f}" for k, v in hw.peak_gflops.items())
+        out.print(
+            f"Wrote [bold]{out_file}[/] ({prof.name}): peak GFLOP/s {peaks}; bandwidth {hw.memory_bandwidth_gbs:.1f} GB/s; "
+            f"fit on {fit.get('fit_networks')} networks: MAPE {fit.get('fit_mape_pct')}%, "
+            f"{100 * fit.get('fit_within_10pct', 0):.0f}% within 10%.",
+            highlight=False,
+        )
+
+
+@app.command()
+def estimate(
+    model: Annotated[Path, typer.Argument(help="ONNX model file.")],
+    profile: Annotated[str, typer.Option("--profile", "-p", help="Device profile name or path to a .toml.")] = "jetson",
+    precision: Annotated[
+        str | None, typer.Option(help="fp32 | fp16 | int8 (default: detected from the graph).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+):
+    """Estimate latency, memory, MACs and params of an ONNX model on a device profile, per layer."""
+    with handle_errors(debug):
+        from hwkd import api
+        from hwkd.hardware.profiles import load_profile
+
+        prof = load_profile(profile)
+        cost = api.estimate(model, prof, precision=precision)
+        if as_json:
+            print(json.dumps(cost.to_dict(), indent=2))
+            return
+        from rich.table import Table
+
+        table = Table(title=f"{model.name} on {prof.name} ({cost.precision}, batch 1)")
+        for col in ("layer", "op", "MACs", "params", "latency ms", "bound"):
+            table.add_column(col, justify="left" if col in ("layer", "op", "bound") else "right")
+        for row in cost.per_layer:
+            table.add_row(
+                row["name"], row["op"], f"{row['macs']:,}", f"{row['params']:,}", f"{row['latency_ms']:.4f}",
+                row["bound"],
+            )  # fmt: skip
+        out.print(table)
+        out.print(
+            f"latency_ms {cost.latency_ms:.4f}  memory_mb {cost.memory_mb:.3f}  macs {cost.macs:,}  "
+            f"params {cost.params:,}",
+            highlight=False,
+        )
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -46,18 +46,24 @@ class DistillConfig:
     kd: str = "hinton"
     temperature: float = 4.0
     alpha: float = 0.7  # weight of the soft (teacher) term; 1 - alpha goes to the hard labels
+    penalty_weight: float = 1.0  # hardware budget penalty in the loss (0 = off); see hwkd.hardware.penalty
 
 
 @dataclass(frozen=True)
 class PruneConfig:
     """Channel pruning by importance with torch-pruning, in steps, with KD recovery between them."""
 
-    importance: str = "l2"  # l2 | bn_scale | taylor
-    ratio: float = 0.4  # fraction of prunable channels removed in total
+    importance: str = "bn_scale"  # bn_scale | l2 | taylor
+    ratio: float = 0.4  # mode "ratio": fraction of prunable channels removed in total
     steps: int = 2
     recovery_epochs: int = 3
     lr: float = 0.02
     round_to: int = 0  # 0 -> the profile's channel rounding
+    # "budget": prune until the estimated latency and memory meet the budget, per-layer amounts by
+    # importance per unit of latency saved; "ratio": remove `ratio` of the channels, whatever the device.
+    mode: str = "budget"
+    max_layer_ratio: float = 0.75  # mode "budget": at most this share of any layer's channels goes
+    penalty_weight: float = 1.0  # budget penalty in the recovery loss (0 = off)
 
 
 @dataclass(frozen=True)

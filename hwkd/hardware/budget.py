@@ -39,6 +39,7 @@ class Budget:
     memory_mb: float
     batch_size: int = 1
     source: dict[str, str] = field(default_factory=dict)  # e.g. {"latency_ms": "relative 30% of teacher"}
+    precision: str = "fp32"  # of the deployed model: what pruning and the budget check estimate at
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -46,6 +47,7 @@ class Budget:
             "memory_mb": self.memory_mb,
             "batch_size": self.batch_size,
             "source": dict(self.source),
+            "precision": self.precision,
         }
 
 
@@ -86,29 +88,44 @@ def resolve_budget(
     memory: str | float | None = None,
     teacher_latency_ms: float | None = None,
     teacher_memory_mb: float | None = None,
+    precision: str = "fp32",
 ) -> Budget:
     """Absolute budgets: the profile's by default, flags override, percentages scale the teacher's figure.
+
+    The teacher's figures are the cost model's estimates on the same profile the budget is checked on,
+    so a relative budget is a ratio of like to like (on a host-calibrated profile, estimate ~ measured).
+    A profile may also cap its default at a share of the teacher (``[budgets] latency_pct_of_teacher``);
+    the tighter of that and the absolute default applies.
 
     Example::
 
         resolve_budget(load_profile("rpi4"), latency="30%", teacher_latency_ms=12.0).latency_ms  # 3.6
     """
+    b = profile.budgets
     latency_ms, latency_src = _resolve(
-        latency, parse_latency, profile.budgets.latency_ms, teacher_latency_ms, "latency", "ms"
-    )
+        latency, parse_latency, b.latency_ms, teacher_latency_ms, "latency", "ms",
+        getattr(b, "latency_pct_of_teacher", 0.0),
+    )  # fmt: skip
     memory_mb, memory_src = _resolve(
-        memory, parse_memory, profile.budgets.memory_mb, teacher_memory_mb, "memory", "MB"
-    )
+        memory, parse_memory, b.memory_mb, teacher_memory_mb, "memory", "MB",
+        getattr(b, "memory_pct_of_teacher", 0.0),
+    )  # fmt: skip
     return Budget(
         latency_ms=latency_ms,
         memory_mb=memory_mb,
-        batch_size=profile.budgets.batch_size,
+        batch_size=b.batch_size,
         source={"latency_ms": latency_src, "memory_mb": memory_src, "batch_size": "profile"},
+        precision=precision,
     )
 
 
-def _resolve(flag, parse, default: float, teacher: float | None, what: str, unit: str) -> tuple[float, str]:
+def _resolve(
+    flag, parse, default: float, teacher: float | None, what: str, unit: str, default_pct: float = 0.0
+) -> tuple[float, str]:
     if flag is None:
+        known = teacher is not None and teacher > 0 and math.isfinite(teacher)
+        if default_pct > 0 and known and teacher * default_pct / 100.0 < default:
+            return teacher * default_pct / 100.0, f"profile: {default_pct:g}% of teacher"
         return float(default), "profile"
     kind, value = parse(flag)
     if kind == "abs":

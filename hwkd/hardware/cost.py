@@ -7,6 +7,7 @@ Two steps, kept apart so either can be deepened alone:
    ``trace_onnx`` (shape inference).
 2. *Price* them on a profile: ``price`` applies, per layer,
    ``max(2*MACs / (peak * efficiency * k/(k + k_half)), bytes / bandwidth) + per-op overhead``,
+   plus a fixed per-inference cost (``[calibration] per_run_overhead_us``, 0 unless calibrated),
    charging channel counts that are not a multiple of the profile's vector width as if rounded up.
    ``k`` is the reduction length (MACs per output value): GEMMs with a short one (depthwise, thin 1x1
    convs) cannot amortise their loads and stores, which is why MACs alone mispredict MobileNets.
@@ -23,12 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from hwkd.errors import ConfigError, ModelError, ProfileError
+from hwkd.errors import ConfigError, ProfileError
 
 BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "int8": 1}
 # Fraction of peak a long-reduction GEMM reaches; overridden by [calibration] efficiency (a number or
@@ -86,6 +86,8 @@ def estimate(model: Any, example_input: Any, profile: Any, precision: str = "fp3
 
 def estimate_onnx(path_or_model: Any, profile: Any, precision: str | None = None) -> Cost:
     """Estimate an ONNX graph (path or ModelProto); precision is detected from the graph when not given."""
+    from hwkd.hardware.onnx_trace import trace_onnx
+
     works, params, detected = trace_onnx(path_or_model)
     return price(works, profile, precision or detected, params=params)
 
@@ -96,11 +98,14 @@ def price(works: list[LayerWork], profile: Any, precision: str, params: int | No
     hw = profile.hardware
     peak = _peak_flops(profile, precision)
     bandwidth = hw.memory_bandwidth_gbs * 1e9
-    overhead_s = hw.per_op_overhead_us * 1e-6
+    overhead_s = _op_overhead_us(profile, precision) * 1e-6
+    run_overhead_s = _calibration_number(
+        profile, "per_run_overhead_us", profile.calibration.get("per_run_overhead_us", 0.0), allow_zero=True
+    ) * 1e-6
     k_half = _calibration_number(
         profile, "k_half", profile.calibration.get("k_half", DEFAULT_K_HALF), allow_zero=True
     )
-    rows, total_s, peak_act = [], 0.0, 0
+    rows, total_s, peak_act = [], run_overhead_s, 0
     for w in works:
         traffic = 0 if w.fused else (w.params + w.act_in + w.act_out) * nbytes
         if w.fused:
@@ -189,6 +194,17 @@ def _efficiency(profile: Any, precision: str) -> float:
     if isinstance(value, dict):
         value = value.get(precision, DEFAULT_EFFICIENCY[precision])
     return _calibration_number(profile, "efficiency", value, upper=1.0)
+
+
+def _op_overhead_us(profile: Any, precision: str) -> float:
+    """Kernel dispatch cost: [calibration] op_overhead_us (a number or {precision = number}) when
+    calibrated, else hardware.per_op_overhead_us."""
+    value = profile.calibration.get("op_overhead_us")
+    if isinstance(value, dict):
+        value = value.get(precision)
+    if value is None:
+        return profile.hardware.per_op_overhead_us
+    return _calibration_number(profile, "op_overhead_us", value, allow_zero=True)
 
 
 def _runtime_overhead_mb(profile: Any) -> float:
@@ -321,223 +337,6 @@ def _device_of(model: Any) -> Any:
     return None
 
 
-# ---------------------------------------------------------------------------------------------- onnx
-
-_MAC_OPS = {
-    "Conv",
-    "ConvInteger",
-    "QLinearConv",
-    "ConvTranspose",
-    "MatMul",
-    "MatMulInteger",
-    "QLinearMatMul",
-    "Gemm",
-}
-# Weight input slots per op, counted as parameters when they resolve to a constant.
-_WEIGHT_SLOTS = {
-    "Conv": (1, 2), "ConvTranspose": (1, 2), "ConvInteger": (1,), "QLinearConv": (3, 8),
-    "MatMul": (0, 1), "MatMulInteger": (0, 1), "QLinearMatMul": (0, 3), "Gemm": (0, 1, 2),
-    "BatchNormalization": (1, 2), "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2),
-    "GroupNormalization": (1, 2), "PRelu": (1,), "Add": (0, 1), "Mul": (0, 1), "Sub": (0, 1), "Div": (0, 1),
-}  # fmt: skip
-# Ops that cost nothing at run time: views, and Q/DQ pairs that ONNX Runtime folds into QLinear kernels.
-_FREE_OPS = {
-    "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Constant", "Shape", "Size", "Dropout",
-    "QuantizeLinear", "DequantizeLinear",
-}  # fmt: skip
-# Ops ONNX Runtime folds into a preceding Conv/Gemm (ConvBNFusion, ConvActivationFusion, MatMulAddFusion).
-_FUSABLE_OPS = {"BatchNormalization", "Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid"}
-_FUSE_PRODUCERS = {"Conv", "QLinearConv", "Gemm", "MatMul"}
-# Ops that pass a constant through unchanged (for finding a weight behind DequantizeLinear etc.).
-_CONST_PASS = {"DequantizeLinear", "Cast", "Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze"}
-_QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger"}
-
-
-def trace_onnx(path_or_model: Any) -> tuple[list[LayerWork], int, str]:
-    """(layers, parameter count, detected precision) of an ONNX graph at batch 1."""
-    import onnx
-
-    model = _fixed_batch(_load_onnx(path_or_model))
-    try:
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as exc:  # onnx raises several internal error types
-        raise ModelError(
-            f"ONNX shape inference failed: {exc}", "Export the model with static shapes."
-        ) from None
-    graph = model.graph
-    shapes = _onnx_shapes(graph)
-    consts = {init.name: tuple(init.dims) for init in graph.initializer}
-    const_types = {init.name: init.data_type for init in graph.initializer}
-    producer, consumers = {}, defaultdict(int)
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    consts[node.output[0]] = tuple(attr.t.dims)
-                    const_types[node.output[0]] = attr.t.data_type
-        for name in node.output:
-            producer[name] = node
-        for name in node.input:
-            consumers[name] += 1
-    graph_outputs = {o.name for o in graph.output}
-
-    def const_source(name: str) -> str | None:
-        """The initializer/Constant behind ``name`` through pass-through ops, or None for activations."""
-        seen = 0
-        while name not in consts and seen < 16:
-            node = producer.get(name)
-            if node is None or node.op_type not in _CONST_PASS or not node.input:
-                return None
-            name, seen = node.input[0], seen + 1
-        return name if name in consts else None
-
-    works, counted, fused_outputs = [], set(), set()
-    for index, node in enumerate(graph.node):
-        data_inputs = [n for n in node.input if n and const_source(n) is None]
-        if node.op_type in _FREE_OPS or not data_inputs:
-            continue  # views, folded Q/DQ, and nodes the runtime constant-folds at load time
-        params = 0
-        for slot in _WEIGHT_SLOTS.get(node.op_type, ()):
-            source = const_source(node.input[slot]) if slot < len(node.input) and node.input[slot] else None
-            numel = math.prod(consts[source]) if source is not None else 0
-            elementwise = node.op_type in ("Add", "Mul", "Sub", "Div")
-            if source is not None and source not in counted and not (elementwise and numel <= 1):
-                counted.add(source)
-                params += numel
-        macs, channels = _onnx_macs(node, shapes, consts, const_source)
-        src = producer.get(data_inputs[0])
-        fused = (
-            node.op_type in _FUSABLE_OPS | {"Add"}
-            and src is not None
-            and (src.op_type in _FUSE_PRODUCERS or src.output[0] in fused_outputs)
-            and consumers[data_inputs[0]] == 1
-            and data_inputs[0] not in graph_outputs
-            and len(data_inputs) == 1
-        )
-        if fused:
-            fused_outputs.update(node.output)
-        works.append(
-            LayerWork(
-                name=node.name or f"{node.op_type}_{index}",
-                op=node.op_type,
-                macs=macs,
-                params=params,
-                act_in=sum(_numel(shapes.get(n)) for n in data_inputs),
-                act_out=sum(_numel(shapes.get(n)) for n in node.output if n),
-                channels=channels,
-                fused=fused,
-            )
-        )
-    total_params = sum(w.params for w in works)
-    return works, total_params, _detect_precision(graph, const_types, const_source)
-
-
-def _load_onnx(path_or_model: Any) -> Any:
-    import onnx
-
-    if isinstance(path_or_model, onnx.ModelProto):
-        copy = onnx.ModelProto()
-        copy.CopyFrom(path_or_model)
-        return copy
-    path = os.fspath(path_or_model)
-    try:
-        return onnx.load(path)
-    except FileNotFoundError:
-        raise ModelError(f"ONNX file {path} does not exist.") from None
-    except Exception as exc:
-        raise ModelError(f"Cannot read ONNX file {path}: {exc}", "Is it an ONNX model?") from None
-
-
-def _fixed_batch(model: Any) -> Any:
-    """Pin a dynamic leading (batch) dimension of every graph input to 1; other dynamic dims are errors."""
-    initializers = {init.name for init in model.graph.initializer}
-    for value in model.graph.input:
-        if value.name in initializers or not value.type.HasField("tensor_type"):
-            continue
-        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
-            if dim.HasField("dim_value") and dim.dim_value > 0:
-                continue
-            if axis == 0:
-                dim.Clear()
-                dim.dim_value = 1
-            else:
-                raise ModelError(
-                    f"ONNX input {value.name!r} has a dynamic dimension {dim.dim_param or '?'!r} at axis {axis}.",
-                    "The cost model needs fixed shapes beyond the batch axis; export with a fixed input size.",
-                )
-    return model
-
-
-def _onnx_shapes(graph: Any) -> dict[str, tuple[int, ...] | None]:
-    shapes = {}
-    for value in (*graph.input, *graph.value_info, *graph.output):
-        tensor = value.type.tensor_type
-        if not tensor.HasField("shape"):
-            shapes[value.name] = None
-            continue
-        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
-        shapes[value.name] = None if any(d < 0 for d in dims) else dims
-    for init in graph.initializer:
-        shapes[init.name] = tuple(init.dims)
-    return shapes
-
-
-def _numel(shape: tuple[int, ...] | None) -> int:
-    return math.prod(shape) if shape is not None else 0
-
-
-def _onnx_macs(node: Any, shapes: dict, consts: dict, const_source) -> tuple[int, int]:
-    """(MACs, output channels) of a Conv / MatMul / Gemm family node; (0, 0) for everything else."""
-    op = node.op_type
-    if op not in _MAC_OPS:
-        return 0, 0
-
-    def shape(slot: int) -> tuple[int, ...]:
-        name = node.input[slot]
-        found = shapes.get(name) or consts.get(const_source(name) or "")
-        if not found:
-            raise ModelError(
-                f"Cannot infer the shape of {name!r} feeding {op} node {node.name!r}.",
-                "Export the model with static shapes (the cost model needs them).",
-            )
-        return found
-
-    out = shapes.get(node.output[0])
-    if op in ("Conv", "ConvInteger", "QLinearConv"):
-        weight = shape(3 if op == "QLinearConv" else 1)
-        if out is None:
-            raise ModelError(f"Cannot infer the output shape of {op} node {node.name!r}.")
-        return _numel(out) * math.prod(weight[1:]), weight[0]
-    if op == "ConvTranspose":
-        weight = shape(1)
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        return _numel(shape(0)) * math.prod(weight[1:]), weight[1] * group
-    if out is None:
-        raise ModelError(f"Cannot infer the output shape of {op} node {node.name!r}.")
-    a = shape(0)
-    if op == "Gemm":
-        trans_a = next((a_.i for a_ in node.attribute if a_.name == "transA"), 0)
-        k = a[0] if trans_a else a[-1]
-    else:
-        k = a[-1]
-    return _numel(out) * k, out[-1] if out else 0
-
-
-def _detect_precision(graph: Any, const_types: dict, const_source) -> str:
-    """int8 when the graph holds quantized ops, fp16 when MAC weights are half, else fp32."""
-    from onnx import TensorProto
-
-    ops = {node.op_type for node in graph.node}
-    if ops & _QUANT_OPS or any(op.startswith("QLinear") for op in ops):
-        return "int8"
-    for node in graph.node:
-        if node.op_type in _MAC_OPS and len(node.input) > 1:
-            source = const_source(node.input[1])
-            if source is not None and const_types.get(source) == TensorProto.FLOAT16:
-                return "fp16"
-    return "fp32"
-
-
 __all__ = [
     "BYTES_PER_VALUE",
     "DEFAULT_EFFICIENCY",
@@ -554,3 +353,10 @@ __all__ = [
     "trace_onnx",
     "trace_torch",
 ]
+
+
+def trace_onnx(path_or_model: Any):
+    """See hwkd.hardware.onnx_trace.trace_onnx (kept importable from here)."""
+    from hwkd.hardware.onnx_trace import trace_onnx as _trace
+
+    return _trace(path_or_model)

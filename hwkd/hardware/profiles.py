@@ -69,6 +69,10 @@ class Budgets:
     latency_ms: float
     memory_mb: float
     batch_size: int = 1
+    # Optional caps relative to the teacher's estimate on this profile, in percent (0 = none): the default
+    # budget is the tighter of the absolute figure and this share, so it also binds on small models.
+    latency_pct_of_teacher: float = 0.0
+    memory_pct_of_teacher: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ _POSITIVE = {
     "budgets": ("latency_ms", "memory_mb", "batch_size"),
 }
 _NON_NEGATIVE = {"hardware": ("per_op_overhead_us",)}
+_PERCENT = {"budgets": ("latency_pct_of_teacher", "memory_pct_of_teacher")}
 
 
 # ---------------------------------------------------------------------------------------------- finding
@@ -310,6 +315,13 @@ def _check_semantics(p: Profile) -> None:
             value = getattr(getattr(p, table), key)
             if not (value >= 0 and math.isfinite(value)):
                 raise ProfileError(f"{p.source}: {table}.{key} must be zero or positive, got {value!r}.")
+    for table, keys in _PERCENT.items():
+        for key in keys:
+            value = getattr(getattr(p, table), key)
+            if not (0 <= value <= 100):
+                raise ProfileError(
+                    f"{p.source}: {table}.{key} must be a percentage in [0, 100] (0 = no cap), got {value!r}."
+                )
     hw, rt = p.hardware, p.runtime
     if hw.cpu_family not in CPU_FAMILIES:
         raise ProfileError(

@@ -97,6 +97,11 @@ def build_report(*, run_dir: Path, profile, budget, dataset, teacher_metrics, re
     }
     final["budget_check"] = _budget_check(final, budget)
     if teacher["measured_latency_ms"] and final["measured_latency_ms"]:
+        # relative budgets are shares of the teacher: this is the same share, measured on this host
+        final["budget_check"]["measured_share_of_teacher"] = round(
+            final["measured_latency_ms"] / teacher["measured_latency_ms"], 4
+        )
+    if teacher["measured_latency_ms"] and final["measured_latency_ms"]:
         final["speedup_vs_teacher"] = round(teacher["measured_latency_ms"] / final["measured_latency_ms"], 3)
     if teacher["model_size_mb"] and final["model_size_mb"]:
         final["size_reduction_vs_teacher"] = round(teacher["model_size_mb"] / final["model_size_mb"], 3)

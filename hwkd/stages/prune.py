@@ -8,11 +8,15 @@ Channel counts are rounded to the profile's multiple, since odd widths waste SIM
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch_pruning as tp
 
 from hwkd.config import PruneConfig
+from hwkd.errors import ConfigError
+from hwkd.hardware.cost import estimate
+from hwkd.hardware.penalty import BudgetPenalty, channel_groups, dependency_graph
 from hwkd.kd.losses import make_kd_loss
 from hwkd.models.loaders import find_head
 from hwkd.pipeline import PipelineState, RunContext, StageResult
@@ -20,6 +24,7 @@ from hwkd.registry import Registry
 from hwkd.stages.common import model_metrics, out_channels
 from hwkd.train import distill_loss_fn, fit
 
+PRUNE_MODES = ("budget", "ratio")
 IMPORTANCE: Registry = Registry("importance criterion")
 IMPORTANCE.register("l2")(lambda: tp.importance.GroupMagnitudeImportance(p=2))
 IMPORTANCE.register("bn_scale")(lambda: tp.importance.BNScaleImportance())
@@ -39,17 +44,72 @@ def _accumulate_gradients(model, loss_fn, dataset, batches: int = 4, batch_size:
 
 
 def run(state: PipelineState, cfg: PruneConfig, ctx: RunContext) -> tuple[PipelineState, StageResult]:
-    if not 0.0 < cfg.ratio < 1.0:
-        from hwkd.errors import ConfigError
-
+    if cfg.mode not in PRUNE_MODES:
+        raise ConfigError(f"prune.mode must be one of {', '.join(PRUNE_MODES)}, got {cfg.mode!r}.")
+    if cfg.mode == "ratio" and not 0.0 < cfg.ratio < 1.0:
         raise ConfigError(f"prune.ratio must be between 0 and 1 (exclusive), got {cfg.ratio}.")
+    if not 0.0 < cfg.max_layer_ratio < 1.0:
+        raise ConfigError(f"prune.max_layer_ratio must be between 0 and 1 (exclusive), got {cfg.max_layer_ratio}.")
+    if cfg.steps < 1:
+        raise ConfigError(f"prune.steps must be at least 1, got {cfg.steps}.")
     model = state.student
     model.eval()
     round_to = cfg.round_to or state.profile.runtime.channel_multiple
     kd = state.kd or make_kd_loss("hinton", 4.0, 0.7)
     loss_fn = distill_loss_fn(kd, state.teachers, state.teacher_weights)
-    example = state.example_input
     before = out_channels(model)
+    if cfg.mode == "ratio":
+        history = _prune_by_ratio(model, state, cfg, ctx, loss_fn, round_to)
+        extra = {"ratio": cfg.ratio}
+    else:
+        history, extra = _prune_to_budget(model, state, cfg, ctx, loss_fn, round_to)
+    model.eval()
+    after = out_channels(model)
+    with torch.no_grad():
+        model(state.example_input)  # fail here, inside the stage, if pruning broke the graph
+    result = StageResult(
+        name="prune",
+        metrics={
+            **model_metrics(model, state),
+            "mode": cfg.mode,
+            "importance": cfg.importance,
+            "round_to": round_to,
+            **extra,
+            "channels_before": before,
+            "channels_after": after,
+        },
+        history=history,
+    )
+    channels = {**state.channels, "before_prune": before, "after_prune": after}
+    return dataclasses.replace(state, student=model, channels=channels, kd=kd), result
+
+
+def _recover(model, state, cfg, ctx, loss_fn, step: int, label: str) -> list[dict]:
+    """KD recovery after a pruning step, with the budget penalty rebuilt for the new shape."""
+    if cfg.recovery_epochs <= 0:
+        return []
+    penalty = None
+    if cfg.penalty_weight > 0:
+        penalty = BudgetPenalty(model, state.example_input, state.profile, state.budget,
+                                ignored_layers=[find_head(model)])  # fmt: skip
+    return fit(
+        model,
+        state.dataset,
+        epochs=cfg.recovery_epochs,
+        lr=cfg.lr,
+        loss_fn=loss_fn,
+        train_cfg=ctx.train,
+        seed=ctx.seed + step,
+        progress=ctx.progress,
+        description=label,
+        penalty_fn=penalty,
+        penalty_weight=cfg.penalty_weight,
+    )
+
+
+def _prune_by_ratio(model, state, cfg, ctx, loss_fn, round_to) -> list[dict]:
+    """The fixed-ratio path: the same fraction of channels in ``steps`` steps, whatever the device."""
+    example = state.example_input
     pruner = tp.pruner.BasePruner(
         model,
         example,
@@ -67,36 +127,130 @@ def run(state: PipelineState, cfg: PruneConfig, ctx: RunContext) -> tuple[Pipeli
         model.zero_grad(set_to_none=True)
         macs, params = tp.utils.count_ops_and_params(model, example)
         row = {"step": step + 1, "params": int(params), "macs": int(macs)}
-        if cfg.recovery_epochs > 0:
-            epochs = fit(
-                model,
-                state.dataset,
-                epochs=cfg.recovery_epochs,
-                lr=cfg.lr,
-                loss_fn=loss_fn,
-                train_cfg=ctx.train,
-                seed=ctx.seed + step + 1,
-                progress=ctx.progress,
-                description=f"prune step {step + 1}/{cfg.steps} recovery",
-            )
+        epochs = _recover(model, state, cfg, ctx, loss_fn, step + 1, f"prune step {step + 1}/{cfg.steps} recovery")
+        if epochs:
             row.update({k: v for k, v in epochs[-1].items() if k != "epoch"})
             row["recovery"] = epochs
         history.append(row)
-    model.eval()
-    after = out_channels(model)
-    with torch.no_grad():
-        model(example)  # fail here, inside the stage, if pruning broke the graph
-    result = StageResult(
-        name="prune",
-        metrics={
-            **model_metrics(model, state),
-            "importance": cfg.importance,
-            "ratio": cfg.ratio,
-            "round_to": round_to,
-            "channels_before": before,
-            "channels_after": after,
-        },
-        history=history,
-    )
-    channels = {**state.channels, "before_prune": before, "after_prune": after}
-    return dataclasses.replace(state, student=model, channels=channels, kd=kd), result
+    return history
+
+
+def _prune_to_budget(model, state, cfg, ctx, loss_fn, round_to) -> tuple[list[dict], dict]:
+    """Prune in steps until the estimated latency and memory meet the budget.
+
+    Step k aims at ``start - k/steps * (start - budget)``; a step whose linearised saving fell short is
+    followed by more (at most ``steps`` extra), each re-estimated with the full cost model.
+    """
+    budget, profile, example = state.budget, state.profile, state.example_input
+    precision = budget.precision
+    start = estimate(model, example, profile, precision)
+    history: list[dict] = []
+    total_steps = 2 * cfg.steps
+    for step in range(1, total_steps + 1):
+        cost = estimate(model, example, profile, precision)
+        if cost.latency_ms <= budget.latency_ms and cost.memory_mb <= budget.memory_mb:
+            break
+        frac = min(1.0, step / cfg.steps)
+        target_ms = start.latency_ms - frac * (start.latency_ms - budget.latency_ms)
+        target_mb = start.memory_mb - frac * (start.memory_mb - budget.memory_mb)
+        if cfg.importance == "taylor":
+            _accumulate_gradients(model, loss_fn, state.dataset)
+        plan = prune_step(
+            model, example, profile, precision, IMPORTANCE.get(cfg.importance)(),
+            need_ms=max(0.0, cost.latency_ms - min(target_ms, cost.latency_ms)),
+            need_mb=max(0.0, cost.memory_mb - min(target_mb, cost.memory_mb)),
+            round_to=round_to, max_layer_ratio=cfg.max_layer_ratio,
+        )  # fmt: skip
+        model.zero_grad(set_to_none=True)
+        after = estimate(model, example, profile, precision)
+        row = {
+            "step": step,
+            "params": after.params,
+            "macs": after.macs,
+            "estimated_latency_ms": after.latency_ms,
+            "estimated_memory_mb": after.memory_mb,
+            "target_latency_ms": max(target_ms, budget.latency_ms),
+            "channels_removed": plan["removed"],
+            "layers": plan["layers"],
+        }
+        if plan["removed"] == 0:
+            history.append(row)
+            break  # nothing left that saves anything: every group is at its floor
+        epochs = _recover(model, state, cfg, ctx, loss_fn, step, f"prune step {step} recovery")
+        if epochs:
+            row.update({k: v for k, v in epochs[-1].items() if k not in ("epoch",) and k not in row})
+            row["recovery"] = epochs
+        history.append(row)
+    final = estimate(model, example, profile, precision)
+    extra = {
+        "budget_latency_ms": budget.latency_ms,
+        "budget_memory_mb": budget.memory_mb,
+        "budget_precision": precision,
+        "start_estimated_latency_ms": start.latency_ms,
+        "end_estimated_latency_ms": final.latency_ms,
+        "end_estimated_memory_mb": final.memory_mb,
+        "budget_met": bool(final.latency_ms <= budget.latency_ms and final.memory_mb <= budget.memory_mb),
+        "penalty_weight": cfg.penalty_weight,
+    }
+    return history, extra
+
+
+def prune_step(
+    model, example, profile, precision: str, importance, *, need_ms: float, need_mb: float,
+    round_to: int = 1, max_layer_ratio: float = 0.75,
+) -> dict:  # fmt: skip
+    """One HALP-like greedy step: remove the channel chunks with the least importance per unit of cost saved
+    until the linearised saving covers ``need_ms`` and ``need_mb``. Returns what was removed, per layer.
+
+    Importance is normalised per group by torch-pruning (mean 1), so scores compare across layers; cost
+    saved is each chunk's latency and memory relative to what is still needed. Chunks are ``round_to``
+    channels, so every layer keeps a channel count the device's vector units like.
+    """
+    head = find_head(model)
+    dg = dependency_graph(model, example)
+    groups = channel_groups(model, example, profile, precision, ignored_layers=[head], dg=dg)
+    chunk = max(1, round_to)
+    candidates = []
+    for gi, g in enumerate(groups):
+        scores = importance(g.group)
+        if scores is None:
+            scores = tp.importance.GroupMagnitudeImportance(p=2)(g.group)
+        if scores is None:
+            continue
+        order = torch.argsort(scores.detach().float().cpu()).tolist()
+        floor = max(chunk, math.ceil(g.channels * (1 - max_layer_ratio) / chunk) * chunk)
+        first = g.channels % chunk or chunk  # align the rest to multiples of round_to
+        pos = 0
+        size = first
+        while g.channels - (pos + size) >= floor:
+            saved_ms = size * g.latency_ms_per_channel
+            saved_mb = size * g.memory_mb_per_channel
+            gain = (saved_ms / need_ms if need_ms > 0 else 0.0) + (saved_mb / need_mb if need_mb > 0 else 0.0)
+            if gain > 0:
+                value = float(scores[order[pos : pos + size]].sum())
+                candidates.append((value / gain, gi, pos + size, saved_ms, saved_mb))
+            pos += size
+            size = chunk
+    candidates.sort(key=lambda c: c[0])
+    upto: dict[int, int] = {}
+    got_ms = got_mb = 0.0
+    for _, gi, end, saved_ms, saved_mb in candidates:
+        if got_ms >= need_ms and got_mb >= need_mb:
+            break
+        if end <= upto.get(gi, 0):
+            continue
+        upto[gi] = end  # chunks of one group are taken cheapest first, since value/gain rises with score
+        got_ms += saved_ms
+        got_mb += saved_mb
+    removed, layers = 0, {}
+    for gi, end in upto.items():
+        g = groups[gi]
+        scores = importance(g.group)
+        if scores is None:
+            scores = tp.importance.GroupMagnitudeImportance(p=2)(g.group)
+        idxs = torch.argsort(scores.detach().float().cpu())[:end].tolist()
+        root = g.group[0]
+        dg.get_pruning_group(root.dep.target.module, root.dep.handler, idxs).prune()
+        removed += len(idxs)
+        layers[g.root_name] = len(idxs)
+    return {"removed": removed, "layers": layers, "predicted_saving_ms": got_ms, "predicted_saving_mb": got_mb}

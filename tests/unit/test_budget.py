@@ -122,3 +122,39 @@ def test_resolve_relative_without_teacher_fails(rpi4, teacher):
 def test_resolve_bad_flag_fails(rpi4):
     with pytest.raises(BudgetError, match="'-3ms'"):
         resolve_budget(rpi4, latency="-3ms")
+
+
+def _with_pct(profile, latency_pct=0.0, memory_pct=0.0):
+    import dataclasses
+
+    budgets = dataclasses.replace(
+        profile.budgets, latency_pct_of_teacher=latency_pct, memory_pct_of_teacher=memory_pct
+    )
+    return dataclasses.replace(profile, budgets=budgets)
+
+
+def test_profile_relative_cap_binds_when_tighter(rpi4):
+    prof = _with_pct(rpi4, latency_pct=15.0)
+    small = resolve_budget(prof, teacher_latency_ms=2.0, teacher_memory_mb=10.0)
+    assert small.latency_ms == pytest.approx(0.3)
+    assert small.source["latency_ms"] == "profile: 15% of teacher"
+    assert small.memory_mb == rpi4.budgets.memory_mb  # no memory cap given
+    big = resolve_budget(prof, teacher_latency_ms=1000.0)
+    assert big.latency_ms == rpi4.budgets.latency_ms and big.source["latency_ms"] == "profile"
+    # a flag still wins over the profile's cap, and without a teacher figure the absolute default stays
+    assert resolve_budget(prof, latency="5ms", teacher_latency_ms=2.0).latency_ms == 5.0
+    assert resolve_budget(prof).latency_ms == rpi4.budgets.latency_ms
+
+
+def test_budget_carries_deploy_precision(rpi4):
+    assert resolve_budget(rpi4).precision == "fp32"
+    budget = resolve_budget(rpi4, precision="int8")
+    assert budget.precision == "int8" and budget.to_dict()["precision"] == "int8"
+
+
+def test_jetson_default_budget_binds_on_the_embedded_demo():
+    """The shipped default profile must bind on the digits demo: its cap is a share of the teacher."""
+    prof = load_profile("jetson")
+    assert 0 < prof.budgets.latency_pct_of_teacher < 30
+    budget = resolve_budget(prof, teacher_latency_ms=1.6)
+    assert budget.latency_ms < 0.3 < prof.budgets.latency_ms

@@ -297,3 +297,19 @@ def test_onnx_quantized_graph_is_detected_as_int8(exported, tmp_path):
 def test_onnx_missing_file():
     with pytest.raises(ModelError, match="does not exist"):
         estimate_onnx("/nonexistent/model.onnx", load_profile("rpi4"))
+
+
+def test_calibrated_overheads_per_op_precision_and_per_run():
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    x = torch.randn(1, 3, 8, 8)
+    plain = estimate(conv, x, ideal(peak_gflops=1e9, overhead_us=2.0)).latency_ms
+    prof = ideal(peak_gflops=1e9, overhead_us=2.0)
+    prof = dataclasses.replace(
+        prof, calibration={**prof.calibration, "op_overhead_us": {"fp32": 5.0}, "per_run_overhead_us": 40.0}
+    )
+    compute_ms = 2 * CONV_MACS / 1e18 * 1e3
+    assert plain == pytest.approx(compute_ms + 2.0e-3, rel=1e-3)
+    # one conv: 5 us dispatch (the calibrated fp32 figure replaces the hardware one) + 40 us per run
+    assert estimate(conv, x, prof).latency_ms == pytest.approx(compute_ms + 5.0e-3 + 40.0e-3, rel=1e-3)
+    # int8 has no calibrated figure here: the hardware one applies
+    assert estimate(conv, x, prof, "int8").latency_ms == pytest.approx(2.0e-3 + 40.0e-3, rel=1e-2)

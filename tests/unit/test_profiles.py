@@ -249,3 +249,16 @@ def test_calibration_must_be_a_table(tmp_path):
     path = _edited(tmp_path, 'description = "', 'calibration = 3\ndescription = "')
     with pytest.raises(ProfileError, match="calibration"):
         load_profile(str(path))
+
+
+@pytest.mark.parametrize("value", [-1.0, 101.0, float("nan")])
+def test_budget_percent_cap_is_validated(tmp_path, value):
+    from hwkd.hardware.profiles import dump_profile_toml
+
+    text = dump_profile_toml(load_profile("rpi4"))
+    assert "latency_pct_of_teacher = 0.0" in text
+    text = text.replace("latency_pct_of_teacher = 0.0", f"latency_pct_of_teacher = {value!r}")
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    with pytest.raises(ProfileError, match="latency_pct_of_teacher"):
+        load_profile(path)

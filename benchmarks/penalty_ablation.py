@@ -1,0 +1,134 @@
+"""Does the budget penalty in the loss help? Same budget, penalty on vs off, 3 seeds.
+
+Both arms run the same pipeline on the embedded default (digits, built-in teacher, MobileNetV2 student,
+profile jetson) with budget-driven pruning to the same latency budget; only ``distill.penalty_weight``
+and ``prune.penalty_weight`` differ (0 = off). Training is short, so the run fits in minutes; the
+figures are accuracy at the final *measured* latency (onnxruntime p50 on this host) and the estimate.
+
+    python benchmarks/penalty_ablation.py                 # ~15 min on an idle 2-core host
+    python benchmarks/penalty_ablation.py --seeds 0 --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from hwkd import api, ortbench
+from hwkd.artifacts import atomic_write, write_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def settings(quick: bool) -> dict:
+    epochs = 1 if quick else 3
+    return {
+        "stages": ["distill", "prune", "export", "bench"],
+        "teacher": {"epochs": 3},
+        "distill": {"epochs": epochs},
+        "prune": {"mode": "budget", "steps": 2, "recovery_epochs": 1},
+        "bench": {"iterations": 60, "warmup": 10, "rounds": 3},
+        "export": {"min_top1_agreement": 0.9},
+    }
+
+
+def run_one(seed: int, weight: float, budget: str, quick: bool, root: Path) -> dict:
+    overrides = settings(quick)
+    overrides["seed"] = seed
+    overrides["distill"] = {**overrides["distill"], "penalty_weight": weight}
+    overrides["prune"] = {**overrides["prune"], "penalty_weight": weight}
+    t0 = time.time()
+    result = api.compress("jetson", out=root / f"s{seed}-w{weight:g}", overrides=overrides, latency_budget=budget)
+    rep = result.report
+    final, prune = rep["final"], next(s for s in rep["stages"] if s["name"] == "prune")
+    distill = next(s for s in rep["stages"] if s["name"] == "distill")
+    penalties = [row.get("penalty") for row in distill["history"] if "penalty" in row]
+    return {
+        "seed": seed,
+        "penalty_weight": weight,
+        "accuracy": final["accuracy"],
+        "distill_accuracy": distill["accuracy"],
+        "measured_latency_ms": final["measured_latency_ms"],
+        "teacher_measured_latency_ms": rep["teacher"]["measured_latency_ms"],
+        "estimated_latency_ms": final["estimated_latency_ms"],
+        "budget_latency_ms": rep["budget"]["latency_ms"],
+        "budget_met": prune["details"].get("budget_met"),
+        "prune_steps": len(prune["history"]),
+        "params": final["params"],
+        "distill_penalty_history": penalties,
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--weight", type=float, default=1.0, help="penalty weight of the 'on' arm")
+    parser.add_argument("--budget", default="20%", help="latency budget for both arms")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    started = time.time()
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="hwkd-ablation-") as tmp:
+        for seed in args.seeds:
+            for weight in (args.weight, 0.0):
+                print(f"seed {seed}, penalty weight {weight:g} ...", flush=True)
+                runs.append(run_one(seed, weight, args.budget, args.quick, Path(tmp)))
+                print(f"  {runs[-1]}", flush=True)
+    arms = {}
+    for label, weight in (("penalty on", args.weight), ("penalty off", 0.0)):
+        rs = [r for r in runs if r["penalty_weight"] == weight]
+        arms[label] = {
+            "accuracy_mean": round(statistics.mean(r["accuracy"] for r in rs), 4),
+            "accuracy_per_seed": [round(r["accuracy"], 4) for r in rs],
+            "measured_latency_ms_mean": round(statistics.mean(r["measured_latency_ms"] for r in rs), 4),
+            "estimated_latency_ms_mean": round(statistics.mean(r["estimated_latency_ms"] for r in rs), 4),
+            "budget_met": [r["budget_met"] for r in rs],
+        }
+    delta = arms["penalty on"]["accuracy_mean"] - arms["penalty off"]["accuracy_mean"]
+    result = {
+        "benchmark": "penalty_ablation",
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "host": ortbench.host_info(),
+        "budget": args.budget,
+        "settings": settings(args.quick),
+        "arms": arms,
+        "accuracy_delta_points": round(100 * delta, 2),
+        "total_seconds": round(time.time() - started, 1),
+        "runs": runs,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS / "penalty_ablation.json", result)
+    atomic_write(RESULTS / "penalty_ablation.md", render(result))
+    print(render(result))
+    return 0
+
+
+def render(r: dict) -> str:
+    h = r["host"]
+    lines = [
+        "# penalty_ablation",
+        "",
+        f"Command: `python benchmarks/{r['command']}`. Embedded default (digits, jetson profile), latency "
+        f"budget {r['budget']} of the teacher's estimate, budget-driven pruning in both arms. Host: {h['cpu']}, "
+        f"1-min load average at the end {h['load_average_1min']}; {r['total_seconds']} s in all.",
+        "",
+        "| arm | accuracy (mean) | per seed | measured p50 ms (mean) | estimated ms (mean) | budget met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, a in r["arms"].items():
+        lines.append(
+            f"| {label} | {100 * a['accuracy_mean']:.2f}% | "
+            f"{', '.join(f'{100 * x:.1f}' for x in a['accuracy_per_seed'])} | {a['measured_latency_ms_mean']:.3f} | "
+            f"{a['estimated_latency_ms_mean']:.3f} | {a['budget_met']} |"
+        )
+    lines += ["", f"Penalty on minus off: {r['accuracy_delta_points']:+.2f} accuracy points."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

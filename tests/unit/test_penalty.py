@@ -1,0 +1,206 @@
+"""The budget penalty: finite gradients on BN scales, weighted by cost, silent once under budget; and
+budget-driven pruning that reaches the budget by pruning the channels the penalty drove down."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from hwkd.hardware.budget import Budget
+from hwkd.hardware.cost import estimate
+from hwkd.hardware.penalty import BudgetPenalty, channel_groups
+from hwkd.hardware.profiles import load_profile
+from hwkd.models.zoo import ZOO
+from hwkd.stages.prune import IMPORTANCE, prune_step
+
+X = torch.randn(1, 1, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return load_profile("jetson")
+
+
+def tiny(width: float = 1.0) -> nn.Module:
+    torch.manual_seed(0)
+    return ZOO.get("cnn")(num_classes=3, in_channels=1, width=width)
+
+
+def test_channel_costs_follow_the_layers_they_shrink(profile):
+    model = tiny()
+    groups = channel_groups(model, X, profile, "fp32", ignored_layers=[model.head])
+    by_root = {g.root_name: g for g in groups}
+    assert set(by_root) == {"features.0.0", "features.1.0", "features.2.0"}
+    for g in groups:
+        assert g.latency_ms_per_channel > 0 and g.memory_mb_per_channel > 0
+        assert len(g.bn_scales) == 1
+    # features.1.0 (16->32 on 16x16, stride 2) cuts itself and features.2.0's inputs: its channel costs
+    # more than one of features.2.0, whose only consumer is the tiny head (ignored).
+    assert by_root["features.1.0"].latency_ms_per_channel > by_root["features.2.0"].latency_ms_per_channel
+
+
+def test_penalty_gradient_is_finite_nonzero_and_cost_weighted(profile):
+    model = tiny()
+    base = estimate(model, X, profile).latency_ms
+    penalty = BudgetPenalty(model, X, profile, Budget(latency_ms=0.5 * base, memory_mb=1e6), precision="fp32")
+    assert penalty.gates() == (1.0, 0.0)
+    value = penalty(model)
+    value.backward()
+    assert torch.isfinite(value) and value.item() > 0
+    grads = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            assert mod.weight.grad is not None and torch.isfinite(mod.weight.grad).all()
+            grads[name] = mod.weight.grad.abs().mean().item()
+            assert grads[name] > 0
+    # d penalty / d gamma = channel cost / (budget * mean|gamma|): the costlier channel gets pushed harder
+    groups = {g.root_name: g for g in penalty.groups}
+    ratio = groups["features.1.0"].latency_ms_per_channel / groups["features.2.0"].latency_ms_per_channel
+    assert grads["features.1.1"] / grads["features.2.1"] == pytest.approx(ratio, rel=1e-4)
+
+
+def test_penalty_is_zero_under_budget(profile):
+    model = tiny()
+    penalty = BudgetPenalty(model, X, profile, Budget(latency_ms=1e3, memory_mb=1e6), precision="fp32")
+    value = penalty(model)
+    value.backward()
+    assert value.item() == 0.0
+    for mod in model.modules():
+        if isinstance(mod, nn.BatchNorm2d) and mod.weight.grad is not None:
+            assert mod.weight.grad.abs().max().item() == 0.0
+
+
+def test_penalty_fades_when_driven_channels_count_as_pruned(profile):
+    """Zeroing the costliest BN scales makes the estimate (dead channels removed) fit: the gate closes."""
+    model = tiny()
+    base = estimate(model, X, profile).latency_ms
+    penalty = BudgetPenalty(model, X, profile, Budget(latency_ms=0.9 * base, memory_mb=1e6), precision="fp32")
+    assert penalty.gates()[0] == 1.0
+    with torch.no_grad():
+        model.features[1][1].weight[:24] = 0.0  # 24 of 32 channels of the costliest group
+    assert penalty.gates()[0] == 0.0
+    assert penalty(model).item() == 0.0
+
+
+def test_training_with_the_penalty_shrinks_bn_scales(profile, tiny_dataset):
+    from hwkd.config import TrainConfig
+    from hwkd.train import fit
+
+    model = ZOO.get("cnn")(num_classes=3, in_channels=1, width=1.0)
+    x = tiny_dataset.x_val[:1]
+    base = estimate(model, x, profile).latency_ms
+    penalty = BudgetPenalty(model, x, profile, Budget(latency_ms=0.3 * base, memory_mb=1e6), precision="fp32")
+
+    def ce(m, xb, yb):
+        return {"loss": nn.functional.cross_entropy(m(xb), yb)}
+
+    before = model.features[1][1].weight.detach().abs().mean().item()
+    history = fit(
+        model, tiny_dataset, epochs=2, lr=0.05, loss_fn=ce, train_cfg=TrainConfig(batch_size=8, augment=False),
+        penalty_fn=penalty, penalty_weight=20.0,
+    )  # fmt: skip
+    assert all("penalty" in row and row["penalty"] > 0 for row in history)
+    assert model.features[1][1].weight.detach().abs().mean().item() < before
+
+
+def test_budget_step_reaches_the_budget_and_keeps_round_multiples(profile):
+    model = tiny(width=2.0)
+    start = estimate(model, X, profile, "fp32").latency_ms
+    target = 0.7 * start
+    for _ in range(4):
+        now = estimate(model, X, profile, "fp32").latency_ms
+        if now <= target:
+            break
+        plan = prune_step(
+            model, X, profile, "fp32", IMPORTANCE.get("bn_scale")(), need_ms=now - target, need_mb=0.0,
+            round_to=8, max_layer_ratio=0.75,
+        )  # fmt: skip
+        assert plan["removed"] > 0
+    assert estimate(model, X, profile, "fp32").latency_ms <= target
+    for mod in model.modules():
+        if isinstance(mod, nn.Conv2d) and mod is not model.features[0][0]:
+            assert mod.in_channels % 8 == 0
+        if isinstance(mod, nn.Conv2d):
+            assert mod.out_channels % 8 == 0 and mod.out_channels >= 8
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 3)
+
+
+def test_budget_step_prunes_the_channels_the_penalty_drove_down(profile):
+    model = tiny(width=2.0)
+    bn = model.features[1][1]
+    with torch.no_grad():
+        bn.weight.fill_(1.0)
+        bn.weight[40:48] = 1e-3  # what the penalty leaves behind
+        marker = model.features[1][0].weight[:40].clone()
+    now = estimate(model, X, profile, "fp32").latency_ms
+    group = next(g for g in channel_groups(model, X, profile, "fp32", [model.head]) if g.root_name == "features.1.0")
+    need = 8 * group.latency_ms_per_channel * 0.99
+    plan = prune_step(
+        model, X, profile, "fp32", IMPORTANCE.get("bn_scale")(), need_ms=need, need_mb=0.0, round_to=8,
+    )  # fmt: skip
+    assert plan["layers"] == {"features.1.0": 8}
+    assert model.features[1][0].out_channels == 56
+    assert torch.equal(model.features[1][0].weight[:40], marker)  # the small-|gamma| channels went
+    assert estimate(model, X, profile, "fp32").latency_ms < now
+
+
+def test_budget_prune_stage_meets_budget_and_logs_penalty(profile, tiny_dataset, tmp_path):
+    from hwkd.config import PruneConfig, TrainConfig
+    from hwkd.kd.losses import make_kd_loss
+    from hwkd.pipeline import PipelineState, RunContext
+    from hwkd.stages import prune
+
+    torch.manual_seed(0)
+    student = ZOO.get("cnn")(num_classes=3, in_channels=1, width=2.0)
+    teacher = ZOO.get("cnn")(num_classes=3, in_channels=1, width=1.0).eval()
+    x = tiny_dataset.x_val[:1]
+    start = estimate(student, x, profile, "fp32").latency_ms
+    budget = Budget(latency_ms=0.75 * start, memory_mb=1e6, precision="fp32")
+    state = PipelineState(
+        student=student, student_spec={}, teachers=[teacher], teacher_weights=[1.0], dataset=tiny_dataset,
+        profile=profile, budget=budget, kd=make_kd_loss("hinton", 4.0, 0.7),
+    )  # fmt: skip
+    ctx = RunContext(run_dir=tmp_path, train=TrainConfig(batch_size=8, augment=False))
+    cfg = PruneConfig(mode="budget", steps=2, recovery_epochs=1, penalty_weight=1.0, round_to=8)
+    new_state, result = prune.run(state, cfg, ctx)
+    assert result.metrics["budget_met"] is True
+    assert result.metrics["estimated_latency_ms"] <= budget.latency_ms
+    assert result.metrics["start_estimated_latency_ms"] == pytest.approx(start)
+    rows = result.history
+    assert rows and all(r["channels_removed"] > 0 for r in rows)
+    assert all("penalty" in e for r in rows for e in r["recovery"])
+
+
+def test_ratio_mode_still_prunes_a_fixed_share(profile, tiny_dataset, tmp_path):
+    from hwkd.config import PruneConfig, TrainConfig
+    from hwkd.pipeline import PipelineState, RunContext
+    from hwkd.stages import prune
+
+    student = ZOO.get("cnn")(num_classes=3, in_channels=1, width=2.0)
+    state = PipelineState(
+        student=student, student_spec={}, teachers=[student], teacher_weights=[1.0], dataset=tiny_dataset,
+        profile=profile, budget=Budget(latency_ms=1e3, memory_mb=1e6),
+    )  # fmt: skip
+    ctx = RunContext(run_dir=tmp_path, train=TrainConfig(batch_size=8, augment=False))
+    cfg = PruneConfig(mode="ratio", ratio=0.5, steps=1, recovery_epochs=0, round_to=8)
+    _, result = prune.run(state, cfg, ctx)
+    assert result.metrics["mode"] == "ratio"
+    assert result.metrics["channels_before"]["features.1.0"] == 64
+    assert result.metrics["channels_after"]["features.1.0"] == 32
+
+
+def test_unknown_prune_mode_is_a_config_error(profile, tiny_dataset, tmp_path):
+    from hwkd.config import PruneConfig
+    from hwkd.errors import ConfigError
+    from hwkd.pipeline import PipelineState, RunContext
+    from hwkd.stages import prune
+
+    state = PipelineState(
+        student=tiny(), student_spec={}, teachers=[], teacher_weights=[], dataset=tiny_dataset,
+        profile=profile, budget=Budget(latency_ms=1.0, memory_mb=1.0),
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="prune.mode"):
+        prune.run(state, dataclasses.replace(PruneConfig(), mode="fast"), RunContext(run_dir=tmp_path))
