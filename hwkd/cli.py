@@ -284,7 +284,9 @@ def bench(
     ] = [],  # noqa: B006
     input_: Annotated[list[str], typer.Option("--input", help="NAME=FILE.npy: feed real data to an input.")] = [],  # noqa: B006
     warmup: Annotated[int, typer.Option(help="Untimed runs per model and batch first.")] = 20,
-    iterations: Annotated[int, typer.Option("--iterations", "-n", help="Timed runs per model and batch.")] = 200,
+    iterations: Annotated[
+        int | None, typer.Option("--iterations", "-n", help="Timed runs per model and batch [default: 200].")
+    ] = None,
     duration: Annotated[
         str | None, typer.Option(help="Time each model and batch for this long instead (10s, 500ms, 2m).")
     ] = None,
@@ -299,6 +301,9 @@ def bench(
         from hwkd.ortinputs import parse_input_flags, parse_shape_flags
 
         batches = _int_list(batch, "--batch")
+        if iterations is not None and duration is not None:
+            raise ConfigError("Give --iterations or --duration, not both.")
+        iterations = 200 if iterations is None else iterations
         shapes = parse_shape_flags(shape)
         inputs = parse_input_flags(input_)
         eps = [p.strip() for p in providers.split(",") if p.strip()] if providers else None

@@ -143,6 +143,11 @@ def test_duration_bounds_the_timed_time(graphs):
     assert 0.5 * 0.15 <= timed_s < 0.15 + 0.5
 
 
+def test_iterations_and_duration_exclude_each_other(graphs):
+    code, _, err = invoke("bench", graphs["fixed"], "--iterations", "5", "--duration", "1s")
+    assert code == 2 and "not both" in err
+
+
 @pytest.mark.parametrize("text", ["0s", "-1s", "fast", "10h"])
 def test_bad_duration(text):
     with pytest.raises(ConfigError, match="duration"):
