@@ -79,9 +79,25 @@ def main() -> int:
                 print(f"seed {seed}, penalty weight {weight:g} ...", flush=True)
                 runs.append(run_one(seed, weight, args.budget, args.quick, Path(tmp)))
                 print(f"  {runs[-1]}", flush=True)
+                # written after every run, so a run cut short still leaves what it measured
+                save(summarize(args, runs, started, partial=True))
+    save(summarize(args, runs, started, partial=False))
+    print(render(summarize(args, runs, started, partial=False)))
+    return 0
+
+
+def save(result: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS / "penalty_ablation.json", result)
+    atomic_write(RESULTS / "penalty_ablation.md", render(result))
+
+
+def summarize(args, runs: list[dict], started: float, partial: bool) -> dict:
     arms = {}
     for label, weight in (("penalty on", args.weight), ("penalty off", 0.0)):
         rs = [r for r in runs if r["penalty_weight"] == weight]
+        if not rs:
+            continue
         arms[label] = {
             "accuracy_mean": round(statistics.mean(r["accuracy"] for r in rs), 4),
             "accuracy_per_seed": [round(r["accuracy"], 4) for r in rs],
@@ -89,23 +105,26 @@ def main() -> int:
             "estimated_latency_ms_mean": round(statistics.mean(r["estimated_latency_ms"] for r in rs), 4),
             "budget_met": [r["budget_met"] for r in rs],
         }
-    delta = arms["penalty on"]["accuracy_mean"] - arms["penalty off"]["accuracy_mean"]
-    result = {
+    paired = [
+        (on["accuracy"], off["accuracy"])
+        for on in runs
+        for off in runs
+        if on["seed"] == off["seed"] and on["penalty_weight"] == args.weight and off["penalty_weight"] == 0.0
+    ]
+    delta = statistics.mean(a - b for a, b in paired) if paired else None
+    return {
         "benchmark": "penalty_ablation",
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "host": ortbench.host_info(),
         "budget": args.budget,
         "settings": settings(args.quick),
         "arms": arms,
-        "accuracy_delta_points": round(100 * delta, 2),
+        "accuracy_delta_points": None if delta is None else round(100 * delta, 2),
+        "seeds_completed": sorted({r["seed"] for r in runs}),
+        "partial": partial,
         "total_seconds": round(time.time() - started, 1),
         "runs": runs,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / "penalty_ablation.json", result)
-    atomic_write(RESULTS / "penalty_ablation.md", render(result))
-    print(render(result))
-    return 0
 
 
 def render(r: dict) -> str:
@@ -126,7 +145,10 @@ def render(r: dict) -> str:
             f"{', '.join(f'{100 * x:.1f}' for x in a['accuracy_per_seed'])} | {a['measured_latency_ms_mean']:.3f} | "
             f"{a['estimated_latency_ms_mean']:.3f} | {a['budget_met']} |"
         )
-    lines += ["", f"Penalty on minus off: {r['accuracy_delta_points']:+.2f} accuracy points."]
+    if r["accuracy_delta_points"] is not None:
+        lines += ["", f"Penalty on minus off, paired by seed: {r['accuracy_delta_points']:+.2f} accuracy points."]
+    if r["partial"]:
+        lines += ["", f"**Partial**: only seeds {r['seeds_completed']} finished when this was written."]
     return "\n".join(lines) + "\n"
 
 

@@ -260,6 +260,45 @@ def _theta(peak: dict[str, float], k_half: float, op_us: float, run_us: float, b
     )  # fmt: skip
 
 
+def _layer_arrays(samples: list[tuple[list, int, str, float]], profile: Any) -> dict[str, np.ndarray]:
+    """The traced layers of every sample as flat arrays, so a fit evaluates price() without Python loops.
+
+    Mirrors hwkd.hardware.cost.price: fused layers cost nothing; others pay
+    max(2*MACs*roundup / (peak * k/(k + k_half)), bytes / bandwidth) + per-op overhead.
+    """
+    from hwkd.hardware.cost import BYTES_PER_VALUE, round_up_factor
+
+    rows = {"sample": [], "flops": [], "k": [], "traffic": [], "int8": [], "mac": []}
+    for i, (works, _params, prec, _ms) in enumerate(samples):
+        nbytes = BYTES_PER_VALUE[prec]
+        for w in works:
+            if w.fused:
+                continue
+            rows["sample"].append(i)
+            rows["flops"].append(2.0 * w.macs * round_up_factor(w.channels, profile.hardware.vector_width))
+            rows["k"].append(w.macs / max(w.act_out, 1) if w.macs else 0.0)
+            rows["traffic"].append((w.params + w.act_in + w.act_out) * nbytes)
+            rows["int8"].append(prec == "int8")
+            rows["mac"].append(bool(w.macs))
+    out = {k: np.asarray(v) for k, v in rows.items()}
+    out["sample_int8"] = np.array([s[2] == "int8" for s in samples])
+    return out
+
+
+def _vector_price_ms(theta: np.ndarray, arrays: dict[str, np.ndarray], n: int) -> np.ndarray:
+    v = np.exp(theta)
+    peak = np.where(arrays["int8"], v[1], v[0]) * 1e9
+    k_half = v[2] - 1.0
+    k = arrays["k"]
+    eff = np.where(arrays["mac"] & (k > 0), k / np.maximum(k + k_half, 1e-12), 1.0)
+    compute = arrays["flops"] / (peak * eff)
+    memory = arrays["traffic"] / (v[6] * 1e9)
+    op = np.where(arrays["int8"], v[4], v[3]) - 0.01
+    per_layer = np.maximum(compute, memory) + op * 1e-6
+    total = np.bincount(arrays["sample"], weights=per_layer, minlength=n)
+    return (total + (v[5] - 0.01) * 1e-6) * 1e3
+
+
 def fit_profile(
     profile: Any, samples: list[tuple[list, int, str, float]], theta0: np.ndarray
 ) -> tuple[Any, dict[str, float]]:
@@ -267,7 +306,7 @@ def fit_profile(
 
     Robust least squares (soft L1) on log(estimate / measured), so a 10% miss weighs the same on a
     0.05 ms and a 5 ms network, and one network timed during a burst of load does not drag the rest.
-    Returns the fitted profile and the fit's error on the samples.
+    Returns the fitted profile and the fit's error on the samples (priced by cost.price itself).
     """
     from scipy.optimize import least_squares
 
@@ -275,10 +314,13 @@ def fit_profile(
 
     precisions = tuple(p for p in _PRECS if any(s[2] == p for s in samples))
     measured = np.array([s[3] for s in samples])
+    base = dataclasses.replace(
+        profile, runtime=dataclasses.replace(profile.runtime, threads=profile.hardware.cpu_cores)
+    )
+    arrays = _layer_arrays(samples, base)
 
     def residuals(theta: np.ndarray) -> np.ndarray:
-        prof = _with_params(profile, theta, precisions)
-        est = np.array([price(w, prof, prec, params=n).latency_ms for w, n, prec, _ in samples])
+        est = _vector_price_ms(theta, arrays, len(samples))
         return np.log(np.maximum(est, 1e-9) / measured)
 
     lower = np.log([1e-2, 1e-2, 1.0, 0.01, 0.01, 0.01, 1e-3])
@@ -293,13 +335,13 @@ def fit_profile(
         start[6] += math.log(bw_mult)
         result = least_squares(
             residuals, np.clip(start, lower + 1e-6, upper - 1e-6), bounds=(lower, upper), loss="soft_l1",
-            f_scale=0.1, max_nfev=200,
+            f_scale=0.1, max_nfev=400,
         )  # fmt: skip
         if best is None or result.cost < best.cost:
             best = result
-    result = best
-    fitted = _with_params(profile, result.x, precisions)
-    errors = np.abs(np.exp(residuals(result.x)) - 1.0)
+    fitted = _with_params(base, best.x, precisions)
+    est = np.array([price(w, fitted, prec, params=n).latency_ms for w, n, prec, _ in samples])
+    errors = np.abs(est / measured - 1.0)
     stats = {
         "fit_networks": len(samples),
         "fit_mape_pct": round(float(errors.mean() * 100), 2),
@@ -374,7 +416,7 @@ def calibrate(
         hardware = Hardware(
             cpu_family="arm" if arm else "x86",
             cpu_cores=threads,
-            cpu_name=f"{host['cpu']} ({threads} usable cores)",
+            cpu_name=f"{host['cpu']} (calibrated with {threads} threads)",
             peak_gflops={k: round(v, 2) for k, v in peak.items()},
             memory_bandwidth_gbs=round(bandwidth_gbs, 2),
             memory_mb=float(_host_memory_mb() or base_profile.hardware.memory_mb),

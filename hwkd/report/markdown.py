@@ -48,8 +48,9 @@ def render_markdown(report: dict) -> str:
         "",
         f"Dataset **{report['dataset'].get('name')}** "
         f"(input {report['dataset'].get('input_shape')}, {report['dataset'].get('num_classes')} classes). "
-        f"Budget on the device: latency {budget['latency_ms']} ms, memory {budget['memory_mb']} MB, "
-        f"batch {budget['batch_size']}.",
+        f"Budget on the device: latency {budget['latency_ms']:.4g} ms "
+        f"({budget.get('source', {}).get('latency_ms', 'profile')}), memory {budget['memory_mb']:.4g} MB, "
+        f"batch {budget['batch_size']}, at {budget.get('precision', 'fp32')}.",
         "",
         f"Latency **measured on this host**: {host.get('note', 'not measured')}.",
         "Estimated latency and memory are the cost model's figures for the profile's device; peak memory "
@@ -83,7 +84,7 @@ def render_markdown(report: dict) -> str:
         verdict = "within" if bc["latency_within_budget"] else "**over**"
         lines.append(
             f"Estimated device latency {_ms(bc['estimated_latency_ms'])} ms is {verdict} the "
-            f"{bc['latency_budget_ms']} ms budget."
+            f"{bc['latency_budget_ms']:.4g} ms budget."
         )
     lines += ["", "## Stages", "", "| stage | seconds | notes |", "|---|---|---|"]
     for s in report["stages"]:

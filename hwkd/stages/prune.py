@@ -139,20 +139,22 @@ def _prune_to_budget(model, state, cfg, ctx, loss_fn, round_to) -> tuple[list[di
     """Prune in steps until the estimated latency and memory meet the budget.
 
     Step k aims at ``start - k/steps * (start - budget)``; a step whose linearised saving fell short is
-    followed by more (at most ``steps`` extra), each re-estimated with the full cost model.
+    followed by more (at most ``max(3, steps)`` extra), each re-estimated with the full cost model. From
+    the last planned step on, the aim is 1% under budget, since the linearisation tends to fall short.
     """
     budget, profile, example = state.budget, state.profile, state.example_input
     precision = budget.precision
     start = estimate(model, example, profile, precision)
     history: list[dict] = []
-    total_steps = 2 * cfg.steps
+    total_steps = cfg.steps + max(3, cfg.steps)
     for step in range(1, total_steps + 1):
         cost = estimate(model, example, profile, precision)
         if cost.latency_ms <= budget.latency_ms and cost.memory_mb <= budget.memory_mb:
             break
         frac = min(1.0, step / cfg.steps)
-        target_ms = start.latency_ms - frac * (start.latency_ms - budget.latency_ms)
-        target_mb = start.memory_mb - frac * (start.memory_mb - budget.memory_mb)
+        margin = 0.99 if frac >= 1.0 else 1.0
+        target_ms = start.latency_ms - frac * (start.latency_ms - margin * budget.latency_ms)
+        target_mb = start.memory_mb - frac * (start.memory_mb - margin * budget.memory_mb)
         if cfg.importance == "taylor":
             _accumulate_gradients(model, loss_fn, state.dataset)
         plan = prune_step(
@@ -169,7 +171,7 @@ def _prune_to_budget(model, state, cfg, ctx, loss_fn, round_to) -> tuple[list[di
             "macs": after.macs,
             "estimated_latency_ms": after.latency_ms,
             "estimated_memory_mb": after.memory_mb,
-            "target_latency_ms": max(target_ms, budget.latency_ms),
+            "target_latency_ms": target_ms,
             "channels_removed": plan["removed"],
             "layers": plan["layers"],
         }
