@@ -116,3 +116,13 @@ def test_auto_teacher_weights_follow_validation_accuracy():
     # accuracies 1.0 and 0.5 with chance 0.5: all weight on the accurate teacher
     assert resolve_teacher_weights("auto", [right, half], ds) == pytest.approx([1.0, 0.0])
     assert resolve_teacher_weights(None, [right, half], ds) == [0.5, 0.5]
+
+
+def test_report_markdown_shows_kd_terms_per_epoch():
+    from hwkd.report.markdown import _distill_terms
+
+    history = [{"epoch": 1, "lr": 0.1, "temperature": 4.0, "loss": 1.5, "ce": 0.5, "at": 0.002, "val_loss": 0.4}]
+    lines = _distill_terms({"stages": [{"name": "distill", "history": history}, {"name": "prune", "history": []}]})
+    assert "| epoch | temperature | loss | ce | at | val_loss |" in lines
+    assert "| 1 | 4 | 1.5 | 0.5 | 0.002 | 0.4 |" in lines
+    assert _distill_terms({"stages": [{"name": "prune", "history": []}]}) == []
