@@ -96,11 +96,46 @@ def clear_run_dir(run_dir: Path) -> None:
     shutil.rmtree(run_dir / "stages", ignore_errors=True)
 
 
+def parse_teacher_weights(spec: str | list[float] | None, n_teachers: int) -> list[float] | str:
+    """``None``/"equal" -> equal weights; "auto" stays "auto"; "0.6,0.4" or a list -> normalized floats."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "equal"):
+        return [1.0 / n_teachers] * n_teachers
+    if isinstance(spec, str) and spec.strip().lower() == "auto":
+        return "auto"
+    try:
+        values = [float(v) for v in (spec.split(",") if isinstance(spec, str) else spec)]
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"--teacher-weights {spec!r} is not a comma-separated list of numbers.",
+            "Example: --teacher-weights 0.6,0.4 (or auto, from each teacher's validation accuracy).",
+        ) from None
+    if len(values) != n_teachers or any(v < 0 or v != v for v in values) or sum(values) <= 0:
+        raise ConfigError(
+            f"--teacher-weights {spec!r} must give {n_teachers} non-negative weight(s), not all zero, one "
+            f"per --teacher.",
+            "Example: --teacher-weights 0.6,0.4 for two teachers, or auto.",
+        )
+    total = sum(values)
+    return [v / total for v in values]
+
+
+def resolve_teacher_weights(spec, teachers, dataset) -> list[float]:
+    """Teacher weights for KD; "auto" weighs each teacher by its validation accuracy above chance."""
+    weights = parse_teacher_weights(spec, len(teachers))
+    if weights != "auto":
+        return weights
+    from hwkd.kd.losses import accuracy_weights
+    from hwkd.train import accuracy
+
+    return accuracy_weights([accuracy(t, dataset.x_val, dataset.y_val) for t in teachers], dataset.num_classes)
+
+
 def compress(
     profile: str = "jetson",
     *,
-    teacher: str | None = None,
+    teacher: str | list[str] | None = None,
     teacher_arch: str | None = None,
+    teacher_weights: str | list[float] | None = None,
     data: str | None = None,
     student: str | None = None,
     out: str | os.PathLike | None = None,
@@ -118,7 +153,9 @@ def compress(
     """Distill, prune, quantize, export and benchmark a model for a device profile.
 
     With no ``teacher`` and ``data``, runs on the embedded default (scikit-learn digits and a built-in
-    ResNet teacher trained on first use and cached).
+    ResNet teacher trained on first use and cached). ``teacher`` may be a list (multi-teacher KD);
+    ``teacher_weights`` is a list, ``"0.6,0.4"``, ``"equal"`` (default) or ``"auto"`` (from each
+    teacher's validation accuracy).
     """
     import torch
 
@@ -152,16 +189,23 @@ def compress(
     progress = progress or Progress()
     torch.manual_seed(cfg.seed)
 
+    teacher_sources = [teacher] if isinstance(teacher, str) else list(teacher or [])
+    parse_teacher_weights(teacher_weights, max(1, len(teacher_sources)))  # fail before any training
     dataset = load_dataset(data, image_size=image_size, seed=cfg.seed)
     c = dataset.input_shape[0]
-    if teacher is None:
+    if not teacher_sources:
         teacher_model, teacher_spec, teacher_info = builtin_teacher(
             dataset, cfg.seed, cfg.teacher, cfg.train, progress, log
         )
+        teacher_models = [teacher_model]
     else:
-        teacher_model, teacher_spec = load_teacher(teacher, teacher_arch, dataset.num_classes, c, trust_code)
-        teacher_info = {"source": teacher}
-    check_compatible(teacher_model, dataset)
+        loaded = [load_teacher(src, teacher_arch, dataset.num_classes, c, trust_code) for src in teacher_sources]
+        teacher_models = [m for m, _ in loaded]
+        teacher_model, teacher_spec = loaded[0]
+        teacher_info = {"source": teacher_sources[0]}
+    for model in teacher_models:
+        check_compatible(model, dataset)
+    weights = resolve_teacher_weights(teacher_weights, teacher_models, dataset)
     student_model, student_spec = build_student(
         student, teacher_model, teacher_spec, dataset.num_classes, c, trust_code, dataset.x_val[:1]
     )
@@ -189,6 +233,7 @@ def compress(
             "profile_source": str(prof.source),
             "teacher": teacher,
             "teacher_arch": teacher_arch,
+            "teacher_weights": teacher_weights,
             "data": data,
             "student": student,
             "image_size": image_size,
@@ -201,6 +246,7 @@ def compress(
         "versions": versions(),
         "dataset": dataset.summary(),
         "teacher": {"spec": teacher_spec, **{k: v for k, v in teacher_info.items() if k != "history"}},
+        "teacher_weights": weights,
         "student_spec": student_spec,
         "budget": dataclasses.asdict(budget),
         "stage_seconds": {},
@@ -210,12 +256,12 @@ def compress(
     state = PipelineState(
         student=student_model,
         student_spec=student_spec,
-        teachers=[teacher_model],
-        teacher_weights=[1.0],
+        teachers=teacher_models,
+        teacher_weights=weights,
         dataset=dataset,
         profile=prof,
         budget=budget,
-        kd=make_kd_loss(cfg.distill.kd, cfg.distill.temperature, cfg.distill.alpha),
+        kd=make_kd_loss(cfg.distill.kd, cfg.distill.temperature, cfg.distill.alpha).logits_only(),
         channels={"student_initial": out_channels(student_model)},
     )
     metadata = onnx_metadata(__version__, prof.name, dataset)

@@ -85,6 +85,15 @@ def parse_sets(items: list[str]) -> dict:
     return result
 
 
+def kd_overrides(overrides: dict, kd, temperature, temperature_schedule, alpha) -> dict:
+    """Fold the KD flags into the ``distill`` overrides (flags win over --set and the recipe)."""
+    flags = {"kd": kd, "temperature": temperature, "temperature_schedule": temperature_schedule, "alpha": alpha}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if not flags:
+        return overrides
+    return {**overrides, "distill": {**overrides.get("distill", {}), **flags}}
+
+
 class RichProgress:
     """hwkd.pipeline.Progress drawn with rich: one bar per training task, kept after it finishes."""
 
@@ -131,8 +140,20 @@ def _stage_line(result) -> str:
 def compress(
     profile: Annotated[str, typer.Option("--profile", "-p", help="Device profile name or path to a .toml.")] = "jetson",
     teacher: Annotated[
-        str | None, typer.Option(help="Teacher: state dict (+ --teacher-arch), TorchScript file, or module:factory.")
+        list[str] | None,
+        typer.Option(help="Teacher: state dict (+ --teacher-arch), TorchScript file, or module:factory. Repeat for several."),
     ] = None,
+    teacher_weights: Annotated[
+        str | None, typer.Option(help="Weights of repeated --teacher: 0.6,0.4 | equal | auto (from val accuracy).")
+    ] = None,
+    kd: Annotated[
+        str | None, typer.Option("--kd", help="KD loss: hinton, dkd, fitnet, at, rkd, sp, combined (hinton+at:500), or none.")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(help="KD temperature T (the start T for schedules).")] = None,
+    temperature_schedule: Annotated[
+        str | None, typer.Option(help="constant | linear | adaptive | multi (see docs).")
+    ] = None,
+    alpha: Annotated[float | None, typer.Option(help="Weight of the soft (teacher) loss; 1 - alpha on the labels.")] = None,
     teacher_arch: Annotated[str | None, typer.Option(help="Zoo architecture of a state-dict teacher.")] = None,
     data: Annotated[str | None, typer.Option(help="Image folder (one subfolder per class) or .npz with x/y.")] = None,
     student: Annotated[
@@ -158,6 +179,7 @@ def compress(
             overrides["stages"] = [s.strip() for s in stages.split(",") if s.strip()]
         if seed is not None:
             overrides["seed"] = seed
+        overrides = kd_overrides(overrides, kd, temperature, temperature_schedule, alpha)
         from hwkd import api
 
         progress = RichProgress(err)
@@ -165,8 +187,9 @@ def compress(
             err.print(f"[bold]hwkd {__version__}[/] compress  profile={profile}  data={data or 'embedded digits'}")
         result = api.compress(
             profile,
-            teacher=teacher,
+            teacher=teacher or None,
             teacher_arch=teacher_arch,
+            teacher_weights=teacher_weights,
             data=data,
             student=student,
             out=out_dir,

@@ -61,14 +61,21 @@ def fit(
     on_epoch_start: Callable[[int], None] | None = None,
     modes: Modes | None = None,
     warmup_epochs: float = 0.0,
+    extra_params: list[torch.nn.Parameter] | None = None,
+    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
-    """Train ``model`` in place; return one history row per epoch (mean loss terms, val accuracy, lr)."""
+    """Train ``model`` in place; return one history row per epoch (mean loss terms, val accuracy, lr).
+
+    ``extra_params`` are trained beside the model's (e.g. KD adapters that are not part of the model).
+    ``on_epoch_start(epoch)`` may return a mapping (e.g. the scheduled KD temperature), logged in that
+    epoch's row; ``on_epoch_end(row)`` sees each finished row (e.g. its ``val_loss``).
+    """
     cfg = train_cfg or TrainConfig()
     modes = modes or Modes()
     gen = torch.Generator().manual_seed(seed)
     n_batches = max(1, math.ceil(len(dataset.x_train) / cfg.batch_size))
     total = epochs * n_batches
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
     # Weight decay on conv/linear weights only: decaying BN scales and biases hurts small models.
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
@@ -83,8 +90,7 @@ def fit(
     task = progress.task(description, total) if progress else contextlib.nullcontext(lambda n=1, **kw: None)
     with task as advance:
         for epoch in range(epochs):
-            if on_epoch_start:
-                on_epoch_start(epoch)
+            logged = on_epoch_start(epoch) if on_epoch_start else None
             modes.train(model)
             sums: dict[str, float] = {}
             seen = 0
@@ -111,10 +117,14 @@ def fit(
                     sums[name] = sums.get(name, 0.0) + float(value.detach()) * len(xb)
                 seen += len(xb)
                 advance(1, loss=float(loss.detach()))
-            row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"]}
+            row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **(logged or {})}
             row.update({k: v / max(1, seen) for k, v in sums.items()})
-            row["val_accuracy"] = accuracy(model, dataset.x_val, dataset.y_val, modes)
+            val_logits = predict(model, dataset.x_val, modes=modes)
+            row["val_accuracy"] = (val_logits.argmax(1) == dataset.y_val).float().mean().item()
+            row["val_loss"] = torch.nn.functional.cross_entropy(val_logits, dataset.y_val).item()
             history.append(row)
+            if on_epoch_end:
+                on_epoch_end(row)
     modes.eval(model)
     return history
 

@@ -93,6 +93,7 @@ def render_markdown(report: dict) -> str:
             f"{k}={_note(v)}" for k, v in d.items() if isinstance(v, str | int | float) and not isinstance(v, bool)
         )
         lines.append(f"| {s['name']} | {s['seconds']} | {notes} |")
+    lines += _distill_terms(report)
     ch = report.get("channels", {})
     if "before_prune" in ch and "after_prune" in ch:
         lines += ["", "## Channels per layer (pruning)", "", "| layer | before | after |", "|---|---|---|"]
@@ -101,3 +102,17 @@ def render_markdown(report: dict) -> str:
     v = report.get("versions", {})
     lines += ["", "_" + ", ".join(f"{k} {val}" for k, val in v.items()) + "_", ""]
     return "\n".join(lines)
+
+
+def _distill_terms(report: dict) -> list[str]:
+    """Per-epoch KD loss terms of the distill stage (temperature, alpha, each loss term, validation)."""
+    stage = next((s for s in report["stages"] if s["name"] == "distill"), None)
+    rows = (stage or {}).get("history") or []
+    if not rows:
+        return []
+    skip = {"epoch", "lr"}
+    keys = [k for k in rows[0] if k not in skip and isinstance(rows[0][k], int | float)]
+    out = ["", "## Distillation per epoch", "", "| epoch | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for r in rows:
+        out.append(f"| {r['epoch']} | " + " | ".join(_note(float(r[k])) if k in r else "–" for k in keys) + " |")
+    return out
