@@ -75,10 +75,11 @@ def accuracy_vs_latency(report: dict[str, Any]) -> str | None:
         return None
     fig, ax = _figure(7.5, 4.2)
     xs = [m["measured_latency_ms"] for _, _, m in pts]
-    for lbl, key, m in pts:
+    for i, (lbl, key, m) in enumerate(pts):
         x, y = m["measured_latency_ms"], 100 * m["accuracy"]
         ax.scatter([x], [y], s=60, color=COLORS.get(key, "#111"), zorder=3, label=lbl, gid=f"point-{key}")
-        ax.annotate(lbl, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+        # Alternate labels above and below: neighbouring stages often sit close together.
+        ax.annotate(lbl, (x, y), textcoords="offset points", xytext=(6, 7 if i % 2 == 0 else -13), fontsize=8)
     ax.plot(xs, [100 * m["accuracy"] for _, _, m in pts], color="#9ca3af", lw=1, zorder=2)
     budget = (report.get("budget") or {}).get("latency_ms")
     if budget:

@@ -42,6 +42,9 @@ def run(state: PipelineState, cfg: BenchConfig, ctx: RunContext) -> tuple[Pipeli
             advance=advance,
         )
     by_path = {m.path: m for m in models}
+    # This process's peak RSS was set by training, so each model's memory is measured in a fresh one.
+    for m in models:
+        m.memory = ortbench.isolated_memory(m.path, m.runs[0].shapes, providers, m.threads, cfg.warmup)
     stats = {p: m.runs[0].stats for p, m in by_path.items()}
     latency = {}
     for label, path in labels.items():

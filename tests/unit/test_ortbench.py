@@ -187,6 +187,9 @@ def test_bench_stage_times_every_model(models):
         assert stats["iterations"] == 20 and stats["batch"] == 1
         assert stats["providers"] == ["CPUExecutionProvider"]
         assert stats["p50"] <= stats["p90"] <= stats["p99"]
+        # Memory is measured in a fresh process, where loading the model raises the peak RSS.
+        assert stats["memory_method"] == "isolated" and stats["peak_memory_mb"] > 0
+        assert stats["file_size_mb"] > 0
     assert m["int8_speedup"] == pytest.approx(
         m["latency"]["fp32"]["p50"] / m["latency"]["int8"]["p50"], rel=1e-2
     )
