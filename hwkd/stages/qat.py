@@ -156,6 +156,19 @@ def _with_per_channel_weights(config):
     return dataclasses.replace(config, weight=weight)
 
 
+QUANT_METHODS = ("qat", "ptq", "auto")
+
+
+def quant_method(cfg: QatConfig) -> str:
+    """``qat.method`` (``--quant``), checked: qat | ptq | auto."""
+    if cfg.method not in QUANT_METHODS:
+        raise ConfigError(
+            f"Unknown quantization method {cfg.method!r} (qat.method / --quant).",
+            f"Use one of: {', '.join(QUANT_METHODS)}.",
+        )
+    return cfg.method
+
+
 def quantizer_family(cfg: QatConfig, profile) -> str:
     """The quantizer follows the profile's CPU family unless the recipe names one."""
     family = profile.hardware.cpu_family if cfg.quantizer == "auto" else cfg.quantizer
@@ -212,6 +225,11 @@ def run(state: PipelineState, cfg: QatConfig, ctx: RunContext) -> tuple[Pipeline
         move_exported_model_to_train,
     )
 
+    method = quant_method(cfg)
+    if method == "ptq":
+        # The user chose onnxruntime's static PTQ: no fake-quant training; export quantizes the FP32 model.
+        result = StageResult("qat", metrics={"method": "ptq", "precision": "int8", "trained": False})
+        return dataclasses.replace(state, quantized=None, quant_method="ptq"), result
     family = quantizer_family(cfg, state.profile)
     fp32 = copy.deepcopy(state.student).eval()
     prepared, bn_folded = prepare_qat(state.student, state.dataset.x_train[:2], family)
@@ -252,10 +270,13 @@ def run(state: PipelineState, cfg: QatConfig, ctx: RunContext) -> tuple[Pipeline
         "accuracy": accuracy(converted, ds.x_test, ds.y_test, Modes(eval=move_exported_model_to_eval)),
         "val_accuracy": accuracy(converted, ds.x_val, ds.y_val, Modes(eval=move_exported_model_to_eval)),
         "fp32_accuracy": accuracy(fp32, ds.x_test, ds.y_test),
+        "method": method,
         "quantizer": family,
+        "weights": "per-channel symmetric int8",
         "precision": "int8",
         "observers_frozen_from_epoch": freeze_obs_epoch + 1,
         "bn_folded_before_qat": bn_folded,
         "bn_frozen_from_epoch": None if bn_folded else freeze_bn_epoch + 1,
     }
-    return dataclasses.replace(state, quantized=converted), StageResult("qat", metrics=metrics, history=history)
+    state = dataclasses.replace(state, quantized=converted, quant_method=method)
+    return state, StageResult("qat", metrics=metrics, history=history)
