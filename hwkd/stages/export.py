@@ -67,7 +67,9 @@ def run(state: PipelineState, cfg: ExportConfig, ctx: RunContext) -> tuple[Pipel
     x = state.example_input
     fp32_path = ctx.run_dir / FP32_NAME
     final_path = ctx.run_dir / FINAL_NAME
-    int8 = cfg.precision == "int8" and state.quant_method is not None
+    # A quantized model without a recorded method comes from QAT (states built before --quant existed).
+    method = state.quant_method or ("qat" if state.quantized is not None else None)
+    int8 = cfg.precision == "int8" and method is not None
     qat = int8 and state.quantized is not None
     # Export into the stage dir first; only models that pass parity are moved into the run dir, so a
     # rejected export never sits where a deployer looks (it stays in stages/export/ for inspection).
@@ -96,7 +98,7 @@ def run(state: PipelineState, cfg: ExportConfig, ctx: RunContext) -> tuple[Pipel
             ptq.quantize_ptq(work / FP32_NAME, work / PTQ_NAME, images)
             seconds["ptq"] = round(time.perf_counter() - t0, 2)
             advance()
-            quant = _compare_int8(state, work, qat, ds, len(images))
+            quant = _compare_int8(state, method, work, qat, ds, len(images))
             advance()
         if cfg.precision == "fp16":
             t0 = time.perf_counter()
@@ -158,7 +160,7 @@ def run(state: PipelineState, cfg: ExportConfig, ctx: RunContext) -> tuple[Pipel
     return dataclasses.replace(state, onnx=onnx_paths), result
 
 
-def _compare_int8(state: PipelineState, work: Path, qat: bool, ds, n_calib: int) -> dict:
+def _compare_int8(state: PipelineState, method: str, work: Path, qat: bool, ds, n_calib: int) -> dict:
     """FP32 vs hwkd QAT vs ORT PTQ (accuracy, size, agreement) and the choice ``qat.method`` makes.
 
     ``auto`` keeps the more accurate INT8 model on the validation split (never the test split, which
@@ -168,7 +170,6 @@ def _compare_int8(state: PipelineState, work: Path, qat: bool, ds, n_calib: int)
     """
     from hwkd.hardware.cost import estimate
 
-    method = state.quant_method
     fp32_logits = ox.onnx_predict(work / FP32_NAME, ds.x_test)
     paths = {"fp32": work / FP32_NAME, "ptq": work / PTQ_NAME}
     if qat:
@@ -182,14 +183,21 @@ def _compare_int8(state: PipelineState, work: Path, qat: bool, ds, n_calib: int)
             "model_size_mb": round(ox.model_size_mb(path), 4),
             "top1_agreement_with_fp32": float((logits.argmax(1) == fp32_logits.argmax(1)).mean()),
         }
-    est = estimate(state.student, state.example_input, state.profile, precision="int8").latency_ms
-    within = bool(est <= state.budget.latency_ms)
+    est = within = None
+    if state.budget is not None:
+        est = estimate(state.student, state.example_input, state.profile, precision="int8").latency_ms
+        within = bool(est <= state.budget.latency_ms)
+    budget_note = (
+        "no latency budget"
+        if est is None
+        else f"INT8 estimate {est:.3f} ms on the device is {'within' if within else 'over'} the "
+        f"{state.budget.latency_ms:g} ms budget (cost model)"
+    )
     if method == "auto" and qat:
         chosen = "ptq" if models["ptq"]["val_accuracy"] > models["qat"]["val_accuracy"] else "qat"
         why = (
             f"auto: higher validation accuracy (qat {models['qat']['val_accuracy']:.4f}, "
-            f"ptq {models['ptq']['val_accuracy']:.4f}; ties go to qat); INT8 estimate {est:.3f} ms on the "
-            f"device is {'within' if within else 'over'} the {state.budget.latency_ms:g} ms budget (cost model)"
+            f"ptq {models['ptq']['val_accuracy']:.4f}; ties go to qat); {budget_note}"
         )
     elif qat:
         chosen, why = "qat", "--quant qat (hwkd quantization-aware distillation)"
@@ -200,7 +208,7 @@ def _compare_int8(state: PipelineState, work: Path, qat: bool, ds, n_calib: int)
         "method": method,
         "chosen": chosen,
         "selection": why,
-        "estimated_int8_latency_ms": round(est, 4),
+        "estimated_int8_latency_ms": None if est is None else round(est, 4),
         "int8_within_budget": within,
         "calibration_images": n_calib,
         "ptq_recipe": "onnxruntime quantize_static, QDQ, per-channel symmetric int8 weights, int8 activations, MinMax",

@@ -69,7 +69,7 @@ class OrtQuantizer:
     FusedConv, with Transpose/Q/DQ around it. ORT's QDQ fusions want ``DQ -> op -> Q`` around every
     conv (activation included) and add, as its own static quantizer writes them. This wrapper keeps the
     family's recipe (per-channel symmetric weights, its activation dtype) and adds an output
-    quantization spec to every conv pattern (conv, or conv -> ReLU/ReLU6) and to every add.
+    quantization spec to every conv or linear pattern (the op, or op -> ReLU/ReLU6) and to every add.
     """
 
     def __init__(self, base, act_qspec):
@@ -109,7 +109,7 @@ class OrtQuantizer:
             if node.op != "call_function":
                 continue
             name = _op_name(node)
-            if name == "conv2d":
+            if name in ("conv2d", "linear"):
                 quantize_output(pattern_end(node))
             elif name in ("add", "add_"):
                 ann = node.meta.get(key)
