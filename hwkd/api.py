@@ -84,6 +84,7 @@ def check_run_dir(out: str | os.PathLike | None, overwrite: bool) -> Path:
 
 
 RUN_ARTIFACTS = ("manifest.json", "report.json", "report.md", "report.html", "model.onnx", "model_fp32.onnx", "teacher.onnx")
+RUN_ARTIFACTS += ("model_qat.onnx", "model_ptq.onnx", "model_fp16.onnx")
 
 
 def clear_run_dir(run_dir: Path) -> None:
@@ -180,6 +181,9 @@ def compress(
     # Everything that can be checked without training is checked first, so bad input fails in seconds.
     cfg = resolve_config(config, overrides)
     prof = load_profile(profile)
+    from hwkd.stages.export import check_precision
+
+    cfg = check_precision(cfg, prof)  # --quant / --precision checked up front; fp16/fp32 skip qat
     if latency_budget is not None:
         parse_latency(latency_budget)
     if memory_budget is not None:

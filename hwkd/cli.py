@@ -167,6 +167,10 @@ def compress(
     latency_budget: Annotated[str | None, typer.Option(help="e.g. 2.5ms or 30% (of the teacher).")] = None,
     memory_budget: Annotated[str | None, typer.Option(help="e.g. 16MB or 50% (of the teacher).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    quant: Annotated[
+        str | None, typer.Option(help="INT8 method: qat, ptq (onnxruntime static PTQ) or auto (more accurate).")
+    ] = None,
+    precision: Annotated[str | None, typer.Option(help="Final model precision: int8, fp16 (GPU profiles), fp32.")] = None,
     trust_code: Annotated[bool, typer.Option("--trust-code", help="Allow running module:factory code.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty --out directory.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the final report as JSON on stdout.")] = False,
@@ -180,6 +184,10 @@ def compress(
         if seed is not None:
             overrides["seed"] = seed
         overrides = kd_overrides(overrides, kd, temperature, temperature_schedule, alpha)
+        if quant is not None:
+            overrides.setdefault("qat", {})["method"] = quant
+        if precision is not None:
+            overrides.setdefault("export", {})["precision"] = precision
         from hwkd import api
 
         progress = RichProgress(err)

@@ -84,6 +84,7 @@ class QatConfig:
     freeze_observers_at: float = 0.6  # fraction of training after which observers stop moving
     freeze_bn_at: float = 0.6
     quantizer: str = "auto"  # auto (from profile cpu family) | x86 | arm
+    method: str = "qat"  # qat | ptq (onnxruntime static PTQ only) | auto (the more accurate within budget)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ class ExportConfig:
 
     opset: int = 18
     min_top1_agreement: float = 0.98  # below this the export is rejected as broken
+    precision: str = "int8"  # int8 | fp16 (GPU profiles) | fp32: the precision of the final model.onnx
+    ptq_calibration_images: int = 256  # training images that calibrate the onnxruntime PTQ peer
 
 
 @dataclass(frozen=True)

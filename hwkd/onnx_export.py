@@ -325,3 +325,40 @@ def model_size_mb(path: str | Path) -> float:
     if data.is_file():
         size += data.stat().st_size
     return size / 2**20
+
+
+def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> Path:
+    """FP16 copy of an FP32 ONNX model for GPU execution providers (CUDA, TensorRT).
+
+    Weights and compute are FP16; the input and output stay float32 (``keep_io_types``), so a deployer
+    feeds the same tensors as to the FP32 model. The file passes ``onnx.checker`` and loads in ORT
+    before it is renamed into place; metadata is kept and ``hwkd.precision`` says ``fp16``.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(fp32_path))
+    try:
+        with _quiet():
+            half = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+    except Exception as exc:
+        raise StageError(
+            f"FP16 conversion of {str(fp32_path)!r} failed: {type(exc).__name__}: {_first_line(exc)}",
+            "Use --precision int8 or fp32 for this model.",
+        ) from exc
+    props = {p.key: p.value for p in model.metadata_props}
+    props["hwkd.precision"] = "fp16"
+    del half.metadata_props[:]
+    for key, value in props.items():
+        entry = half.metadata_props.add()
+        entry.key, entry.value = key, value
+
+    def write(tmp: Path) -> None:
+        onnx.save_model(half, str(tmp))
+        try:
+            onnx.checker.check_model(str(tmp))
+        except Exception as exc:
+            raise StageError(f"The FP16 model converted from {str(fp32_path)!r} is invalid: {_first_line(exc)}") from exc
+        _session(tmp)  # it must load in ONNX Runtime (CPU EP here) before it counts as exported
+
+    return save_with(out_path, write)

@@ -30,6 +30,7 @@ class PipelineState:
     budget: Any  # hwkd.hardware.profiles.Budget (resolved, absolute)
     kd: Any = None  # hwkd.kd.losses.KDLoss used by distill and by prune recovery
     quantized: Any = None  # torchao-converted INT8 GraphModule, after qat
+    quant_method: str | None = None  # qat | ptq | auto, set by the qat stage; None = no INT8 requested
     onnx: dict[str, Path] = field(default_factory=dict)  # "teacher", "<stage>", "fp32", "int8" -> file
     checkpoints: dict[str, Path] = field(default_factory=dict)  # stage -> hwkd model checkpoint
     channels: dict[str, dict[str, int]] = field(default_factory=dict)  # snapshot -> layer -> out channels

@@ -39,7 +39,7 @@ def _latency_table(results) -> tuple[dict[str, Any], dict[str, Any], str]:
 
 def build_report(*, run_dir: Path, profile, budget, dataset, teacher_metrics, results, state, versions) -> dict:
     latency, host, note = _latency_table(results)
-    has_int8 = "int8" in state.onnx and state.quantized is not None
+    has_int8 = "int8" in state.onnx  # the export stage sets it only for an INT8 model.onnx (QAT or PTQ)
 
     def p50(label: str) -> float | None:
         stats = latency.get(label)
@@ -82,10 +82,10 @@ def build_report(*, run_dir: Path, profile, budget, dataset, teacher_metrics, re
         stages.append(record)
 
     export = by_name.get("export")
-    final_label = "int8" if has_int8 else "fp32"
+    final_label = "int8" if has_int8 else ("fp16" if "fp16" in state.onnx else "fp32")
     final = {
         "path": "model.onnx" if export else None,
-        "precision": "int8" if has_int8 else "fp32",
+        "precision": export.metrics.get("precision", final_label) if export else final_label,
         "accuracy": export.metrics.get("accuracy") if export else last_fp32.get("accuracy"),
         "measured_latency_ms": p50(final_label),
         "estimated_latency_ms": final_estimate,
@@ -119,7 +119,23 @@ def build_report(*, run_dir: Path, profile, budget, dataset, teacher_metrics, re
         "final": final,
         "channels": state.channels,
         "versions": versions,
+        **_quantization(export, latency),
     }
+
+
+def _quantization(export, latency: dict) -> dict:
+    """FP32 vs hwkd QAT INT8 vs ORT PTQ INT8, side by side, with measured p50 from the bench stage."""
+    quant = export.metrics.get("quantization") if export else None
+    if not quant:
+        return {}
+    parity = export.metrics.get("parity", {}).get("int8")
+    models = {}
+    for label, record in quant["models"].items():
+        stats = latency.get(label)
+        models[label] = {**record, "measured_latency_ms": None if stats is None else stats["p50"]}
+    if parity is not None and "qat" in models:
+        models["qat"]["parity_vs_pytorch"] = parity
+    return {"quantization": {**{k: v for k, v in quant.items() if k != "models"}, "models": models}}
 
 
 def _estimate_int8(state, profile) -> tuple[float, float]:

@@ -86,6 +86,7 @@ def render_markdown(report: dict) -> str:
             f"Estimated device latency {_ms(bc['estimated_latency_ms'])} ms is {verdict} the "
             f"{bc['latency_budget_ms']:.4g} ms budget."
         )
+    lines += _quantization_section(report.get("quantization"))
     lines += ["", "## Stages", "", "| stage | seconds | notes |", "|---|---|---|"]
     for s in report["stages"]:
         d = s.get("details", {})
@@ -116,3 +117,38 @@ def _distill_terms(report: dict) -> list[str]:
     for r in rows:
         out.append(f"| {r['epoch']} | " + " | ".join(_note(float(r[k])) if k in r else "–" for k in keys) + " |")
     return out
+
+
+_QUANT_NAMES = {"fp32": "FP32 (model_fp32.onnx)", "qat": "hwkd QAT INT8", "ptq": "onnxruntime static PTQ INT8"}
+
+
+def _quantization_section(q: dict | None) -> list[str]:
+    """FP32 vs hwkd QAT vs ORT PTQ: accuracy, measured latency, size, and which one model.onnx is."""
+    if not q:
+        return []
+    lines = [
+        "",
+        "## INT8: hwkd QAT vs onnxruntime PTQ",
+        "",
+        f"Same FP32 source (model_fp32.onnx), {q.get('calibration_images')} calibration images for PTQ. "
+        f"model.onnx is **{q['chosen']}**: {q.get('selection')}.",
+        "",
+        "| model | accuracy (test) | accuracy (val) | agreement with FP32 | measured p50 ms (host) | size MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, m in q["models"].items():
+        name = _QUANT_NAMES.get(label, label) + (" ← model.onnx" if label == q["chosen"] else "")
+        lines.append(
+            f"| {name} | {_pct(m.get('accuracy'))} | {_pct(m.get('val_accuracy'))} | "
+            f"{_pct(m.get('top1_agreement_with_fp32'))} | {_ms(m.get('measured_latency_ms'))} | "
+            f"{_mb(m.get('model_size_mb'))} |"
+        )
+    par = q["models"].get("qat", {}).get("parity_vs_pytorch")
+    if par:
+        lines += [
+            "",
+            f"Parity, PyTorch quantized model vs ONNX INT8 on {par['samples']} test images: top-1 agreement "
+            f"**{_pct(par['top1_agreement'])}**, max |logit diff| {par['max_abs_diff']:.4g}, "
+            f"{par['disagreements']} disagreements ({par['near_tie_disagreements']} on near ties).",
+        ]
+    return lines

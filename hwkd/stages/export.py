@@ -1,4 +1,9 @@
-"""Export stage: FP32 student -> model_fp32.onnx, INT8 student (if qat ran) -> model.onnx, with parity.
+"""Export stage: FP32 student -> model_fp32.onnx; the final model.onnx in the chosen precision.
+
+INT8 (the default): hwkd's QAT model and onnxruntime's static PTQ of model_fp32.onnx (the peer, same
+calibration images) are both produced and compared; ``qat.method`` (``--quant qat|ptq|auto``) picks
+which becomes model.onnx, the other stays beside it (model_qat.onnx / model_ptq.onnx). FP16
+(``--precision fp16``, GPU profiles): model_fp32.onnx converted to FP16 with float32 inputs/outputs.
 
 Parity compares PyTorch and ONNX Runtime on the test set. An exporter bug that flips predictions is
 caught here (top-1 agreement below ``cfg.min_top1_agreement`` is an error), not by a user in the field.
@@ -9,17 +14,51 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from pathlib import Path
 
 import hwkd
 from hwkd import onnx_export as ox
 from hwkd.artifacts import atomic_write
 from hwkd.config import ExportConfig
-from hwkd.errors import StageError
+from hwkd.errors import ConfigError, StageError
 from hwkd.pipeline import PipelineState, RunContext, StageResult
 
 FINAL_NAME = "model.onnx"
 FP32_NAME = "model_fp32.onnx"
+QAT_NAME = "model_qat.onnx"
+PTQ_NAME = "model_ptq.onnx"
+FP16_NAME = "model_fp16.onnx"
+PRECISIONS = ("int8", "fp16", "fp32")
+GPU_EPS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "DmlExecutionProvider", "ROCMExecutionProvider")
 TOP_OPS = 8  # executed op types listed in the report
+
+
+def check_precision(cfg, profile):
+    """Check ``export.precision`` and ``qat.method`` up front; FP16/FP32 runs drop the qat stage.
+
+    FP16 is for GPU profiles (a CUDA/TensorRT/DirectML/ROCm EP in ``runtime.providers``): on a CPU
+    EP, FP16 runs slower than FP32, so asking for it on a CPU profile is an error, not a silent loss.
+    """
+    from hwkd import ortbench
+    from hwkd.stages.qat import quant_method
+
+    quant_method(cfg.qat)
+    if cfg.export.precision not in PRECISIONS:
+        raise ConfigError(
+            f"Unknown precision {cfg.export.precision!r} (export.precision / --precision).",
+            f"Use one of: {', '.join(PRECISIONS)}.",
+        )
+    if cfg.export.precision == "fp16":
+        eps = [ortbench.provider_name(p) for p in profile.runtime.providers]
+        if not any(ep in GPU_EPS for ep in eps):
+            raise ConfigError(
+                f"--precision fp16 needs a GPU profile; {profile.name!r} runs on {', '.join(eps)}.",
+                "Use --precision int8 for CPU profiles, or a profile whose runtime.providers list a GPU "
+                "execution provider (e.g. jetson).",
+            )
+    if cfg.export.precision != "int8" and "qat" in cfg.stages:
+        cfg = dataclasses.replace(cfg, stages=tuple(s for s in cfg.stages if s != "qat"))
+    return cfg
 
 
 def run(state: PipelineState, cfg: ExportConfig, ctx: RunContext) -> tuple[PipelineState, StageResult]:
@@ -28,38 +67,72 @@ def run(state: PipelineState, cfg: ExportConfig, ctx: RunContext) -> tuple[Pipel
     x = state.example_input
     fp32_path = ctx.run_dir / FP32_NAME
     final_path = ctx.run_dir / FINAL_NAME
-    quantized = state.quantized is not None
+    # A quantized model without a recorded method comes from QAT (states built before --quant existed).
+    method = state.quant_method or ("qat" if state.quantized is not None else None)
+    int8 = cfg.precision == "int8" and method is not None
+    qat = int8 and state.quantized is not None
     # Export into the stage dir first; only models that pass parity are moved into the run dir, so a
     # rejected export never sits where a deployer looks (it stays in stages/export/ for inspection).
     work = ctx.stage_dir("export")
     seconds: dict[str, float] = {}
+    quant: dict = {}
 
-    with ctx.progress.task("export to ONNX", total=4 if quantized else 2) as advance:
+    with ctx.progress.task("export to ONNX", total=2 + (3 if int8 else 0) + (cfg.precision == "fp16")) as advance:
         t0 = time.perf_counter()
         ox.export_onnx(state.student, x, work / FP32_NAME, meta, cfg.opset, name="FP32 student")
         seconds["fp32"] = round(time.perf_counter() - t0, 2)
         advance()
         par = {"fp32": ox.parity(state.student, work / FP32_NAME, ds.x_test)}
         advance()
-        if quantized:
+        if qat:
             t0 = time.perf_counter()
-            ox.export_onnx(state.quantized, x, work / FINAL_NAME, meta, cfg.opset, name="INT8 student")
+            ox.export_onnx(state.quantized, x, work / QAT_NAME, meta, cfg.opset, name="INT8 student")
             seconds["int8"] = round(time.perf_counter() - t0, 2)
+            par["int8"] = ox.parity(state.quantized, work / QAT_NAME, ds.x_test)
+        if int8:
             advance()
-            par["int8"] = ox.parity(state.quantized, work / FINAL_NAME, ds.x_test)
+            from hwkd import ptq
+
+            t0 = time.perf_counter()
+            images = ptq.calibration_images(ds.x_train, cfg.ptq_calibration_images, ctx.seed)
+            ptq.quantize_ptq(work / FP32_NAME, work / PTQ_NAME, images)
+            seconds["ptq"] = round(time.perf_counter() - t0, 2)
+            advance()
+            quant = _compare_int8(state, method, work, qat, ds, len(images))
+            advance()
+        if cfg.precision == "fp16":
+            t0 = time.perf_counter()
+            ox.convert_fp16(work / FP32_NAME, work / FP16_NAME)
+            seconds["fp16"] = round(time.perf_counter() - t0, 2)
+            par["fp16"] = ox.parity(state.student, work / FP16_NAME, ds.x_test)
             advance()
     _check_parity(par, cfg.min_top1_agreement, ctx.rel(work))
 
     os.replace(work / FP32_NAME, fp32_path)
-    if quantized:
-        os.replace(work / FINAL_NAME, final_path)
+    onnx_paths = {**state.onnx, "fp32": fp32_path}
+    for label in ("int8", "qat", "ptq", "fp16"):
+        onnx_paths.pop(label, None)  # a stale file from an earlier state is not this run's model
+    if int8:
+        chosen = quant["chosen"]
+        files = {"qat": QAT_NAME, "ptq": PTQ_NAME} if qat else {"ptq": PTQ_NAME}
+        for label, name in files.items():
+            target = final_path if label == chosen else ctx.run_dir / name
+            os.replace(work / name, target)
+            onnx_paths[label] = target
+        onnx_paths["int8"] = final_path
+        precision = "int8"
+    elif cfg.precision == "fp16":
+        os.replace(work / FP16_NAME, final_path)
+        onnx_paths["fp16"] = final_path
+        precision = "fp16"
     else:
         # No INT8 model: the final model is the FP32 one, byte for byte.
         atomic_write(final_path, fp32_path.read_bytes())
+        precision = "fp32"
 
     executed = ox.ort_executed_ops(final_path)
     metrics = {
-        "precision": "int8" if quantized else "fp32",
+        "precision": precision,
         "accuracy": ox.accuracy(final_path, ds.x_test, ds.y_test),
         "fp32_accuracy": ox.accuracy(fp32_path, ds.x_test, ds.y_test),
         "parity": par,
@@ -70,6 +143,8 @@ def run(state: PipelineState, cfg: ExportConfig, ctx: RunContext) -> tuple[Pipel
         "export_seconds": seconds,
         "opset": cfg.opset,
     }
+    if quant:
+        metrics["quantization"] = quant
     ctx.log.info(
         "export: %s model %.3f MiB, accuracy %.4f, parity %s",
         metrics["precision"],
@@ -77,17 +152,68 @@ def run(state: PipelineState, cfg: ExportConfig, ctx: RunContext) -> tuple[Pipel
         metrics["accuracy"],
         {k: v["top1_agreement"] for k, v in par.items()},
     )
-    onnx_paths = {**state.onnx, "fp32": fp32_path}
-    if quantized:
-        onnx_paths["int8"] = final_path
-    else:
-        onnx_paths.pop("int8", None)  # a stale INT8 file from an earlier state is not this run's model
-    result = StageResult(
-        "export",
-        metrics=metrics,
-        artifacts={"model": ctx.rel(final_path), "model_fp32": ctx.rel(fp32_path)},
-    )
+    artifacts = {"model": ctx.rel(final_path), "model_fp32": ctx.rel(fp32_path)}
+    for label in ("qat", "ptq"):
+        if label in onnx_paths and onnx_paths[label] != final_path:
+            artifacts[f"model_{label}"] = ctx.rel(onnx_paths[label])
+    result = StageResult("export", metrics=metrics, artifacts=artifacts)
     return dataclasses.replace(state, onnx=onnx_paths), result
+
+
+def _compare_int8(state: PipelineState, method: str, work: Path, qat: bool, ds, n_calib: int) -> dict:
+    """FP32 vs hwkd QAT vs ORT PTQ (accuracy, size, agreement) and the choice ``qat.method`` makes.
+
+    ``auto`` keeps the more accurate INT8 model on the validation split (never the test split, which
+    reports the result) among those within the latency budget. Both INT8 models have the student's
+    architecture, so the cost model's INT8 estimate for the device is the same for both; the budget
+    can rule out INT8 as a whole, not one of the two. Ties go to QAT (trained for INT8).
+    """
+    from hwkd.hardware.cost import estimate
+
+    fp32_logits = ox.onnx_predict(work / FP32_NAME, ds.x_test)
+    paths = {"fp32": work / FP32_NAME, "ptq": work / PTQ_NAME}
+    if qat:
+        paths = {"fp32": work / FP32_NAME, "qat": work / QAT_NAME, "ptq": work / PTQ_NAME}
+    models = {}
+    for label, path in paths.items():
+        logits = ox.onnx_predict(path, ds.x_test)
+        models[label] = {
+            "accuracy": ox.accuracy(path, ds.x_test, ds.y_test),
+            "val_accuracy": ox.accuracy(path, ds.x_val, ds.y_val),
+            "model_size_mb": round(ox.model_size_mb(path), 4),
+            "top1_agreement_with_fp32": float((logits.argmax(1) == fp32_logits.argmax(1)).mean()),
+        }
+    est = within = None
+    if state.budget is not None:
+        est = estimate(state.student, state.example_input, state.profile, precision="int8").latency_ms
+        within = bool(est <= state.budget.latency_ms)
+    budget_note = (
+        "no latency budget"
+        if est is None
+        else f"INT8 estimate {est:.3f} ms on the device is {'within' if within else 'over'} the "
+        f"{state.budget.latency_ms:g} ms budget (cost model)"
+    )
+    if method == "auto" and qat:
+        chosen = "ptq" if models["ptq"]["val_accuracy"] > models["qat"]["val_accuracy"] else "qat"
+        why = (
+            f"auto: higher validation accuracy (qat {models['qat']['val_accuracy']:.4f}, "
+            f"ptq {models['ptq']['val_accuracy']:.4f}; ties go to qat); {budget_note}"
+        )
+    elif qat:
+        chosen, why = "qat", "--quant qat (hwkd quantization-aware distillation)"
+    else:
+        chosen = "ptq"
+        why = "--quant ptq (onnxruntime static PTQ)" if method == "ptq" else "no QAT model: onnxruntime static PTQ"
+    return {
+        "method": method,
+        "chosen": chosen,
+        "selection": why,
+        "estimated_int8_latency_ms": None if est is None else round(est, 4),
+        "int8_within_budget": within,
+        "calibration_images": n_calib,
+        "ptq_recipe": "onnxruntime quantize_static, QDQ, per-channel symmetric int8 weights, int8 activations, MinMax",
+        "models": models,
+    }
 
 
 def _check_parity(par: dict[str, dict[str, float]], minimum: float, kept_in: str) -> None:

@@ -51,6 +51,124 @@ def _arm_quantizer():
     return quantizer
 
 
+_ACTIVATIONS = ("relu", "relu_", "hardtanh", "hardtanh_", "relu6")
+
+
+def _op_name(node) -> str:
+    target = getattr(node, "target", None)
+    name = getattr(target, "__name__", str(target))  # aten.conv2d.default -> "conv2d.default"
+    return name.split(".")[0]
+
+
+class OrtQuantizer:
+    """The family's inductor quantizer, plus the Q/DQ placement ONNX Runtime needs for integer kernels.
+
+    The inductor quantizers annotate for torch.compile, which fuses a conv with a following residual
+    add in FP32: they leave a conv's output unquantized when it feeds an add (and the last conv before
+    pooling), so the exported ONNX graph has ``DQ -> Conv -> Add`` that ORT can only run as an FP32
+    FusedConv, with Transpose/Q/DQ around it. ORT's QDQ fusions want ``DQ -> op -> Q`` around every
+    conv (activation included) and add, as its own static quantizer writes them. This wrapper keeps the
+    family's recipe (per-channel symmetric weights, its activation dtype) and adds an output
+    quantization spec to every conv or linear pattern (the op, or op -> ReLU/ReLU6) and to every add.
+    """
+
+    def __init__(self, base, act_qspec):
+        self.base = base
+        self.act_qspec = act_qspec
+
+    def transform_for_annotation(self, model):
+        return self.base.transform_for_annotation(model)
+
+    def validate(self, model) -> None:
+        self.base.validate(model)
+
+    def prepare_obs_or_fq_callback(self, model, edge_or_node_to_obs_or_fq) -> None:
+        self.base.prepare_obs_or_fq_callback(model, edge_or_node_to_obs_or_fq)
+
+    def annotate(self, model):
+        from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+
+        model = self.base.annotate(model)
+        key = "quantization_annotation"
+
+        def pattern_end(node):
+            users = list(node.users)
+            if len(users) == 1 and _op_name(users[0]) in _ACTIVATIONS:
+                return users[0]
+            return node
+
+        def quantize_output(node) -> None:
+            ann = node.meta.get(key)
+            if ann is None:
+                node.meta[key] = QuantizationAnnotation(output_qspec=self.act_qspec, _annotated=True)
+            elif ann.output_qspec is None:
+                ann.output_qspec = self.act_qspec
+                ann._annotated = True
+
+        for node in list(model.graph.nodes):
+            if node.op != "call_function":
+                continue
+            name = _op_name(node)
+            if name in ("conv2d", "linear"):
+                quantize_output(pattern_end(node))
+            elif name in ("add", "add_"):
+                ann = node.meta.get(key)
+                if ann is None:
+                    ann = node.meta[key] = QuantizationAnnotation(_annotated=True)
+                for arg in node.args[:2]:
+                    if isinstance(arg, torch.fx.Node) and ann.input_qspec_map.get(arg) is None:
+                        ann.input_qspec_map[arg] = self.act_qspec
+                ann._annotated = True
+                end = pattern_end(node)
+                quantize_output(end)
+        return model
+
+
+def make_quantizer(family: str, is_qat: bool = True):
+    """The quantizer hwkd uses: the family's inductor recipe with ORT-friendly output quantization."""
+    base = QUANTIZERS.get(family)()
+    config = base.global_config
+    if config is None:
+        return base
+    if config.weight is not None and config.weight.qscheme != torch.per_channel_symmetric:
+        # torchao's ARM QAT recipe quantizes weights per tensor ("only per tensor for now"); a conv's
+        # output channels differ in range by orders of magnitude after BN folding, and ORT's
+        # QLinearConv takes per-channel weight scales, so hwkd uses per-channel symmetric on every family.
+        base.set_global(_with_per_channel_weights(config))
+    return OrtQuantizer(base, base.global_config.input_activation)
+
+
+def _with_per_channel_weights(config):
+    from torchao.quantization.pt2e import FusedMovingAvgObsFakeQuantize, MovingAveragePerChannelMinMaxObserver
+    from torchao.quantization.pt2e.quantizer import QuantizationSpec
+
+    weight = QuantizationSpec(
+        dtype=torch.int8,
+        quant_min=-128,
+        quant_max=127,
+        qscheme=torch.per_channel_symmetric,
+        ch_axis=0,  # output channels of conv (oc, ic, kh, kw) and linear (out, in) weights
+        is_dynamic=False,
+        observer_or_fake_quant_ctr=FusedMovingAvgObsFakeQuantize.with_args(
+            observer=MovingAveragePerChannelMinMaxObserver, eps=2**-12
+        ),
+    )
+    return dataclasses.replace(config, weight=weight)
+
+
+QUANT_METHODS = ("qat", "ptq", "auto")
+
+
+def quant_method(cfg: QatConfig) -> str:
+    """``qat.method`` (``--quant``), checked: qat | ptq | auto."""
+    if cfg.method not in QUANT_METHODS:
+        raise ConfigError(
+            f"Unknown quantization method {cfg.method!r} (qat.method / --quant).",
+            f"Use one of: {', '.join(QUANT_METHODS)}.",
+        )
+    return cfg.method
+
+
 def quantizer_family(cfg: QatConfig, profile) -> str:
     """The quantizer follows the profile's CPU family unless the recipe names one."""
     family = profile.hardware.cpu_family if cfg.quantizer == "auto" else cfg.quantizer
@@ -86,7 +204,7 @@ def prepare_qat(model: torch.nn.Module, example: torch.Tensor, family: str):
             f"{str(exc).splitlines()[0][:200]}).",
             "The student must be export-traceable (no data-dependent Python control flow).",
         ) from exc
-    return prepare_qat_pt2e(graph, QUANTIZERS.get(family)()), folded
+    return prepare_qat_pt2e(graph, make_quantizer(family)), folded
 
 
 def convert(prepared):
@@ -107,6 +225,11 @@ def run(state: PipelineState, cfg: QatConfig, ctx: RunContext) -> tuple[Pipeline
         move_exported_model_to_train,
     )
 
+    method = quant_method(cfg)
+    if method == "ptq":
+        # The user chose onnxruntime's static PTQ: no fake-quant training; export quantizes the FP32 model.
+        result = StageResult("qat", metrics={"method": "ptq", "precision": "int8", "trained": False})
+        return dataclasses.replace(state, quantized=None, quant_method="ptq"), result
     family = quantizer_family(cfg, state.profile)
     fp32 = copy.deepcopy(state.student).eval()
     prepared, bn_folded = prepare_qat(state.student, state.dataset.x_train[:2], family)
@@ -147,10 +270,13 @@ def run(state: PipelineState, cfg: QatConfig, ctx: RunContext) -> tuple[Pipeline
         "accuracy": accuracy(converted, ds.x_test, ds.y_test, Modes(eval=move_exported_model_to_eval)),
         "val_accuracy": accuracy(converted, ds.x_val, ds.y_val, Modes(eval=move_exported_model_to_eval)),
         "fp32_accuracy": accuracy(fp32, ds.x_test, ds.y_test),
+        "method": method,
         "quantizer": family,
+        "weights": "per-channel symmetric int8",
         "precision": "int8",
         "observers_frozen_from_epoch": freeze_obs_epoch + 1,
         "bn_folded_before_qat": bn_folded,
         "bn_frozen_from_epoch": None if bn_folded else freeze_bn_epoch + 1,
     }
-    return dataclasses.replace(state, quantized=converted), StageResult("qat", metrics=metrics, history=history)
+    state = dataclasses.replace(state, quantized=converted, quant_method=method)
+    return state, StageResult("qat", metrics=metrics, history=history)

@@ -54,6 +54,8 @@ def _dataset(n: int = 48, seed: int = 0):
         x_test=torch.randn(n, 1, 16, 16, generator=g),
         y_test=torch.randint(0, 4, (n,), generator=g),
         x_val=torch.randn(8, 1, 16, 16, generator=g),
+        y_val=torch.randint(0, 4, (8,), generator=g),
+        x_train=torch.randn(64, 1, 16, 16, generator=g),  # PTQ calibration images
         labels=LABELS,
         input_shape=(1, 16, 16),
         preprocessing=types.SimpleNamespace(to_json=lambda: json.dumps(prep)),
@@ -278,7 +280,16 @@ def test_export_stage_with_int8_model(tmp_path, ds, int8):
     assert "QLinearConv" in m["executed_ops"]
     assert 0 < m["model_size_mb"] and 0 < m["fp32_model_size_mb"]
     assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["fp32_accuracy"] <= 1.0
-    assert state.onnx == {"fp32": tmp_path / "model_fp32.onnx", "int8": tmp_path / "model.onnx"}
+    # QAT is model.onnx; the onnxruntime PTQ peer of the same FP32 model sits beside it.
+    assert state.onnx == {
+        "fp32": tmp_path / "model_fp32.onnx",
+        "int8": tmp_path / "model.onnx",
+        "qat": tmp_path / "model.onnx",
+        "ptq": tmp_path / "model_ptq.onnx",
+    }
+    assert m["quantization"]["chosen"] == "qat"
+    assert set(m["quantization"]["models"]) == {"fp32", "qat", "ptq"}
+    assert ox.count_quant_nodes(tmp_path / "model_ptq.onnx")["QuantizeLinear"] > 0
     assert ox.count_quant_nodes(tmp_path / "model.onnx")["QuantizeLinear"] > 0
     json.dumps(result.to_dict())  # the pipeline writes it as JSON
 
@@ -300,4 +311,4 @@ def test_export_stage_rejects_broken_parity(tmp_path, ds, monkeypatch):
     assert "fp32: top-1 agreement 1.0000" in msg and "int8: top-1 agreement 0." in msg
     assert "0.9800" in msg
     assert not (tmp_path / "model.onnx").exists() and not (tmp_path / "model_fp32.onnx").exists()
-    assert (tmp_path / "stages" / "export" / "model.onnx").exists()  # kept for inspection
+    assert (tmp_path / "stages" / "export" / "model_qat.onnx").exists()  # kept for inspection
