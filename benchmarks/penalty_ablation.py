@@ -70,6 +70,7 @@ def main() -> int:
     parser.add_argument("--weight", type=float, default=1.0, help="penalty weight of the 'on' arm")
     parser.add_argument("--budget", default="20%", help="latency budget for both arms")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tag", default="", help="write results/penalty_ablation_<tag>.* instead")
     args = parser.parse_args()
     started = time.time()
     runs = []
@@ -80,16 +81,17 @@ def main() -> int:
                 runs.append(run_one(seed, weight, args.budget, args.quick, Path(tmp)))
                 print(f"  {runs[-1]}", flush=True)
                 # written after every run, so a run cut short still leaves what it measured
-                save(summarize(args, runs, started, partial=True))
-    save(summarize(args, runs, started, partial=False))
+                save(summarize(args, runs, started, partial=True), args.tag)
+    save(summarize(args, runs, started, partial=False), args.tag)
     print(render(summarize(args, runs, started, partial=False)))
     return 0
 
 
-def save(result: dict) -> None:
+def save(result: dict, tag: str = "") -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / "penalty_ablation.json", result)
-    atomic_write(RESULTS / "penalty_ablation.md", render(result))
+    stem = f"penalty_ablation_{tag}" if tag else "penalty_ablation"
+    write_json(RESULTS / f"{stem}.json", result)
+    atomic_write(RESULTS / f"{stem}.md", render(result))
 
 
 def summarize(args, runs: list[dict], started: float, partial: bool) -> dict:

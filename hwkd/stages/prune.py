@@ -212,7 +212,7 @@ def prune_step(
     dg = dependency_graph(model, example)
     groups = channel_groups(model, example, profile, precision, ignored_layers=[head], dg=dg)
     chunk = max(1, round_to)
-    candidates = []
+    candidates, orders = [], {}
     for gi, g in enumerate(groups):
         scores = importance(g.group)
         if scores is None:
@@ -220,6 +220,7 @@ def prune_step(
         if scores is None:
             continue
         order = torch.argsort(scores.detach().float().cpu()).tolist()
+        orders[gi] = order
         floor = max(chunk, math.ceil(g.channels * (1 - max_layer_ratio) / chunk) * chunk)
         first = g.channels % chunk or chunk  # align the rest to multiples of round_to
         pos = 0
@@ -247,10 +248,7 @@ def prune_step(
     removed, layers = 0, {}
     for gi, end in upto.items():
         g = groups[gi]
-        scores = importance(g.group)
-        if scores is None:
-            scores = tp.importance.GroupMagnitudeImportance(p=2)(g.group)
-        idxs = torch.argsort(scores.detach().float().cpu())[:end].tolist()
+        idxs = orders[gi][:end]  # ranked before any group was pruned
         root = g.group[0]
         dg.get_pruning_group(root.dep.target.module, root.dep.handler, idxs).prune()
         removed += len(idxs)
