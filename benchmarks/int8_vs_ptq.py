@@ -104,12 +104,15 @@ def part2(iterations: int, rounds: int) -> list[dict]:
         with tempfile.TemporaryDirectory(prefix="hwkd-xover-") as tmp:
             tmp = Path(tmp)
             ox.export_onnx(model, ds.x_val[:1], tmp / "fp32.onnx", {}, name="FP32")
-            prepared, _ = qat.prepare_qat(model, ds.x_train[:2], "arm")
+            seven_bit = qat.host_needs_reduce_range()  # as the pipeline does with qat.reduce_range=auto
+            prepared, _ = qat.prepare_qat(model, ds.x_train[:2], "arm", seven_bit)
             with torch.no_grad():
                 for i in range(0, 256, 64):
                     prepared(ds.x_train[i : i + 64])
             ox.export_onnx(qat.convert(prepared), ds.x_val[:1], tmp / "hwkd.onnx", {}, name="INT8")
-            ptq.quantize_ptq(tmp / "fp32.onnx", tmp / "ptq.onnx", ptq.calibration_images(ds.x_train, 256))
+            ptq.quantize_ptq(
+                tmp / "fp32.onnx", tmp / "ptq.onnx", ptq.calibration_images(ds.x_train, 256), reduce_range=seven_bit
+            )
             paths = [tmp / "fp32.onnx", tmp / "hwkd.onnx", tmp / "ptq.onnx"]
             stats = ortbench.measure(paths, batch=1, iterations=iterations, rounds=rounds, threads=0)
             fp32, hw, pt = (stats[p].p50 for p in paths)
