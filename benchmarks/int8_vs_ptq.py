@@ -196,6 +196,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--no-crossover", action="store_true")
+    parser.add_argument("--crossover-json", help="reuse crossover rows measured earlier (a JSON list)")
     args = parser.parse_args()
     t0 = time.time()
     res = {
@@ -206,7 +207,9 @@ def main() -> None:
         "default": part1(default_run(args.run), args.iterations, args.rounds),
     }
     print(json.dumps(res["default"]["ratios"]), flush=True)
-    if not args.no_crossover:
+    if args.crossover_json:
+        res["crossover"] = json.loads(Path(args.crossover_json).read_text())
+    elif not args.no_crossover:
         res["crossover"] = part2(max(200, args.iterations // 4), args.rounds)
     res["seconds"] = round(time.time() - t0, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
