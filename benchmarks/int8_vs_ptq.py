@@ -104,12 +104,15 @@ def part2(iterations: int, rounds: int) -> list[dict]:
         with tempfile.TemporaryDirectory(prefix="hwkd-xover-") as tmp:
             tmp = Path(tmp)
             ox.export_onnx(model, ds.x_val[:1], tmp / "fp32.onnx", {}, name="FP32")
-            prepared, _ = qat.prepare_qat(model, ds.x_train[:2], "arm")
+            seven_bit = qat.host_needs_reduce_range()  # as the pipeline does with qat.reduce_range=auto
+            prepared, _ = qat.prepare_qat(model, ds.x_train[:2], "arm", seven_bit)
             with torch.no_grad():
                 for i in range(0, 256, 64):
                     prepared(ds.x_train[i : i + 64])
             ox.export_onnx(qat.convert(prepared), ds.x_val[:1], tmp / "hwkd.onnx", {}, name="INT8")
-            ptq.quantize_ptq(tmp / "fp32.onnx", tmp / "ptq.onnx", ptq.calibration_images(ds.x_train, 256))
+            ptq.quantize_ptq(
+                tmp / "fp32.onnx", tmp / "ptq.onnx", ptq.calibration_images(ds.x_train, 256), reduce_range=seven_bit
+            )
             paths = [tmp / "fp32.onnx", tmp / "hwkd.onnx", tmp / "ptq.onnx"]
             stats = ortbench.measure(paths, batch=1, iterations=iterations, rounds=rounds, threads=0)
             fp32, hw, pt = (stats[p].p50 for p in paths)
@@ -193,6 +196,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--no-crossover", action="store_true")
+    parser.add_argument("--crossover-json", help="reuse crossover rows measured earlier (a JSON list)")
     args = parser.parse_args()
     t0 = time.time()
     res = {
@@ -203,7 +207,9 @@ def main() -> None:
         "default": part1(default_run(args.run), args.iterations, args.rounds),
     }
     print(json.dumps(res["default"]["ratios"]), flush=True)
-    if not args.no_crossover:
+    if args.crossover_json:
+        res["crossover"] = json.loads(Path(args.crossover_json).read_text())
+    elif not args.no_crossover:
         res["crossover"] = part2(max(200, args.iterations // 4), args.rounds)
     res["seconds"] = round(time.time() - t0, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -86,6 +86,7 @@ class QatConfig:
     freeze_bn_at: float = 0.6
     quantizer: str = "auto"  # auto (from profile cpu family) | x86 | arm
     method: str = "qat"  # qat | ptq (onnxruntime static PTQ only) | auto (the more accurate within budget)
+    reduce_range: str = "auto"  # auto (7-bit weights on x86 hosts without VNNI) | on | off; PTQ follows it
 
 
 @dataclass(frozen=True)

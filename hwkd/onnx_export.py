@@ -346,6 +346,7 @@ def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> Path:
             f"FP16 conversion of {str(fp32_path)!r} failed: {type(exc).__name__}: {_first_line(exc)}",
             "Use --precision int8 or fp32 for this model.",
         ) from exc
+    _topological_sort(half.graph)  # the converter appends its input casts after their consumers
     props = {p.key: p.value for p in model.metadata_props}
     props["hwkd.precision"] = "fp16"
     del half.metadata_props[:]
@@ -362,3 +363,23 @@ def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> Path:
         _session(tmp)  # it must load in ONNX Runtime (CPU EP here) before it counts as exported
 
     return save_with(out_path, write)
+
+
+def _topological_sort(graph: Any) -> None:
+    """Reorder ``graph.node`` so every node comes after the producers of its inputs (stable otherwise)."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise StageError("The FP16 graph has a cycle or an input no node produces.")
+        for node in ready:
+            ordered.append(node)
+            available.update(node.output)
+        pending = [n for n in pending if all(n is not r for r in ready)]
+    copies = [type(n)() for n in ordered]
+    for copy, node in zip(copies, ordered, strict=True):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)

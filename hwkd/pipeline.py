@@ -31,6 +31,7 @@ class PipelineState:
     kd: Any = None  # hwkd.kd.losses.KDLoss used by distill and by prune recovery
     quantized: Any = None  # torchao-converted INT8 GraphModule, after qat
     quant_method: str | None = None  # qat | ptq | auto, set by the qat stage; None = no INT8 requested
+    reduce_range: bool = False  # 7-bit INT8 weights (hosts without VNNI); the PTQ peer follows it
     onnx: dict[str, Path] = field(default_factory=dict)  # "teacher", "<stage>", "fp32", "int8" -> file
     checkpoints: dict[str, Path] = field(default_factory=dict)  # stage -> hwkd model checkpoint
     channels: dict[str, dict[str, int]] = field(default_factory=dict)  # snapshot -> layer -> out channels

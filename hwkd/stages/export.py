@@ -95,7 +95,7 @@ def run(state: PipelineState, cfg: ExportConfig, ctx: RunContext) -> tuple[Pipel
 
             t0 = time.perf_counter()
             images = ptq.calibration_images(ds.x_train, cfg.ptq_calibration_images, ctx.seed)
-            ptq.quantize_ptq(work / FP32_NAME, work / PTQ_NAME, images)
+            ptq.quantize_ptq(work / FP32_NAME, work / PTQ_NAME, images, reduce_range=state.reduce_range)
             seconds["ptq"] = round(time.perf_counter() - t0, 2)
             advance()
             quant = _compare_int8(state, method, work, qat, ds, len(images))
@@ -211,6 +211,7 @@ def _compare_int8(state: PipelineState, method: str, work: Path, qat: bool, ds, 
         "estimated_int8_latency_ms": None if est is None else round(est, 4),
         "int8_within_budget": within,
         "calibration_images": n_calib,
+        "reduce_range": bool(state.reduce_range),
         "ptq_recipe": "onnxruntime quantize_static, QDQ, per-channel symmetric int8 weights, int8 activations, MinMax",
         "models": models,
     }

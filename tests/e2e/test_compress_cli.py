@@ -201,3 +201,44 @@ def test_report_html_memory_and_gate_on_a_real_run(tiny_run, tmp_path):
     assert bench.returncode == 0, bench.stderr
     rec = json.loads(bench.stdout)
     assert rec["latency_ms"]["p50"] <= rec["latency_ms"]["p99"]
+
+
+def test_int8_run_reports_fp32_qat_and_ptq_side_by_side(tiny_run):
+    out, _, _ = tiny_run
+    report = json.loads((out / "report.json").read_text())
+    q = report["quantization"]
+    assert q["method"] == "qat" and q["chosen"] == "qat"
+    assert set(q["models"]) == {"fp32", "qat", "ptq"}
+    for m in q["models"].values():
+        assert 0.0 <= m["accuracy"] <= 1.0 and m["measured_latency_ms"] > 0 and m["model_size_mb"] > 0
+    assert q["models"]["qat"]["parity_vs_pytorch"]["top1_agreement"] >= 0.9
+    assert (out / "model_ptq.onnx").is_file()
+    assert "hwkd QAT vs onnxruntime PTQ" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("method", ["ptq", "auto"])
+def test_quant_modes_choose_the_final_model(tiny_run, tmp_path, method):
+    _, _, cache = tiny_run
+    out = tmp_path / method
+    proc = run_cli(
+        "compress", "--out", str(out), "--stages", "distill,qat,export", "--quant", method, *TINY, "--json",
+        env={"HWKD_CACHE": str(cache)},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    q = json.loads(proc.stdout)["quantization"]
+    assert q["method"] == method
+    if method == "ptq":
+        assert q["chosen"] == "ptq" and set(q["models"]) == {"fp32", "ptq"}
+        assert not (out / "model_qat.onnx").exists()
+    else:
+        val = {k: q["models"][k]["val_accuracy"] for k in ("qat", "ptq")}
+        assert q["chosen"] == ("ptq" if val["ptq"] > val["qat"] else "qat")
+        other = "ptq" if q["chosen"] == "qat" else "qat"
+        assert (out / f"model_{other}.onnx").is_file()
+    assert onnx.load(out / "model.onnx").metadata_props
+
+
+def test_fp16_on_a_cpu_profile_is_refused(tmp_path):
+    proc = run_cli("compress", "--profile", "x86-avx2", "--precision", "fp16", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2
+    assert "GPU profile" in proc.stderr and "Traceback" not in proc.stderr
