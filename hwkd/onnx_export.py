@@ -92,6 +92,14 @@ def _model_name(model: Any) -> str:
     return type(model).__name__
 
 
+def set_metadata(proto, props: dict[str, str]) -> None:
+    """Replace an ONNX model's ``metadata_props`` with ``props`` (all values strings)."""
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
 def export_onnx(
     model: Any,
     example_input: Any,
@@ -150,12 +158,7 @@ def export_onnx(
         ) from exc
 
     _strip_debug_metadata(proto.graph)
-    props = {p.key: p.value for p in proto.metadata_props}
-    props.update(metadata)
-    del proto.metadata_props[:]
-    for key, value in props.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+    set_metadata(proto, {**{p.key: p.value for p in proto.metadata_props}, **metadata})
 
     def write(tmp: Path) -> None:
         onnx.save_model(proto, str(tmp))
@@ -347,12 +350,7 @@ def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> Path:
             "Use --precision int8 or fp32 for this model.",
         ) from exc
     _topological_sort(half.graph)  # the converter appends its input casts after their consumers
-    props = {p.key: p.value for p in model.metadata_props}
-    props["hwkd.precision"] = "fp16"
-    del half.metadata_props[:]
-    for key, value in props.items():
-        entry = half.metadata_props.add()
-        entry.key, entry.value = key, value
+    set_metadata(half, {**{p.key: p.value for p in model.metadata_props}, "hwkd.precision": "fp16"})
 
     def write(tmp: Path) -> None:
         onnx.save_model(half, str(tmp))

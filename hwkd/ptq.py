@@ -22,6 +22,7 @@ import numpy as np
 
 from hwkd.artifacts import save_with
 from hwkd.errors import StageError
+from hwkd.onnx_export import set_metadata
 
 CALIBRATION_BATCH = 32
 
@@ -100,12 +101,7 @@ def quantize_ptq(
                 "The FP32 ONNX model must run on onnxruntime's CPU EP; check model_fp32.onnx.",
             ) from exc
         proto = onnx.load(str(quantized))
-    props = {p.key: p.value for p in source.metadata_props}
-    props["hwkd.quantization"] = "ort-static-ptq"
-    del proto.metadata_props[:]
-    for key, value in props.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+    set_metadata(proto, {**{p.key: p.value for p in source.metadata_props}, "hwkd.quantization": "ort-static-ptq"})
     return save_with(out_path, lambda tmp: onnx.save_model(proto, str(tmp)))
 
 
