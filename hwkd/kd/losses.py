@@ -16,6 +16,7 @@ hard labels:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -43,15 +44,15 @@ class KDBatch:
     adapters: nn.ModuleList | None = None  # student -> teacher channels, one per map (FitNets)
 
 
-class KDTerm:
+class KDTerm(ABC):
     """Interface: ``__call__(batch) -> scalar``. ``uses`` says what it needs: logits, maps or embedding."""
 
     uses = "logits"  # "logits" (response) | "maps" (feature maps) | "embedding" (classifier input)
     default_weight = 1.0
     needs_adapters = False
 
-    def __call__(self, batch: KDBatch) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def __call__(self, batch: KDBatch) -> torch.Tensor: ...
 
 
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
