@@ -497,7 +497,13 @@ def profiles_calibrate(
         out.print(
             f"Wrote [bold]{out_file}[/] ({prof.name}): peak GFLOP/s {peaks}; bandwidth {hw.memory_bandwidth_gbs:.1f} GB/s; "
             f"fit on {fit.get('fit_networks')} networks: MAPE {fit.get('fit_mape_pct')}%, "
-            f"{100 * fit.get('fit_within_10pct', 0):.0f}% within 10%.",
+            f"{100 * fit.get('fit_within_10pct', 0):.0f}% within 10%"
+            + "".join(
+                f"; {prec} cross-validated: MAPE {s['cv_mape_pct']}%, {100 * s['cv_within_10pct']:.0f}% within 10%"
+                for prec, s in fit.get("fit", {}).items()
+                if "cv_mape_pct" in s
+            )
+            + ".",
             highlight=False,
         )
 

@@ -5,13 +5,17 @@ Run it on the target itself. It times, with hwkd.ortbench (interleaved rounds, m
 1. a long-reduction conv per precision (FP32, INT8 QDQ): the throughput the CPU reaches, ``peak_gflops``;
 2. a large elementwise Add: the memory bandwidth onnxruntime sees;
 3. a chain of tiny ops: the fixed cost of dispatching one kernel;
-4. a set of small random networks (plain, depthwise-separable, inverted residual, residual; several
-   widths and resolutions; FP32 and INT8) built directly as ONNX graphs.
+4. one 3x3 conv at 1..8 x the vector width of output channels: the channel tile each precision's
+   kernels pad to (16 for INT8 on AVX2, where 8 channels cost as much as 16);
+5. a set of random networks (plain, 1x1, depthwise-separable, inverted residual, residual; 8-256
+   channels, 16-128 pixels; FP32 and INT8) built directly as ONNX graphs.
 
-The cost model's free figures (efficiency per precision, ``k_half``, per-op and per-run overheads) are
-then fitted to (4) by least squares on log latency, the measured figures from (1)-(3) serving as the
-starting point. The fit's own error on (4) is written into ``[calibration]`` so a reader sees how well
-the profile describes its host. Nothing from the models it will later predict is used.
+(1)-(3) become the profile's hardware figures. The kernel model that ``cost.price`` uses on a
+calibrated profile (ns per unit of each cost.FEATURES entry, per precision) is fitted to (5) by
+non-negative least squares on relative error, with the GEMM half-efficiency reduction ``k_half``
+chosen on a grid. The fit's own error and a 5-fold cross-validated error are written into
+``[calibration.measured]`` so a reader sees how well the profile describes its host. Nothing from the
+models it will later predict is used.
 
 Example::
 
@@ -23,13 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import itertools
 import logging
 import math
 import os
 import platform
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,9 +47,9 @@ _MB = 2**20
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """How much to measure; the defaults finish in about two minutes on two cores."""
+    """How much to measure; the defaults take about two minutes on an idle two-core host."""
 
-    networks: int = 24  # random networks per precision for the fit
+    networks: int = 192  # random networks per precision for the fit (fewer: a noisier fit)
     warmup: int = 10
     iterations: int = 60
     rounds: int = 3
@@ -74,6 +77,8 @@ class _Graph:
         self.inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))]
         self.cur = "x"
         self.n = 0
+        self.macs = 0
+        self.activation = "Relu"
 
     def _name(self, prefix: str) -> str:
         self.n += 1
@@ -102,9 +107,20 @@ class _Graph:
         )  # fmt: skip
         self.cur = out
         self.shape = (n, cout, (h + 2 * (k // 2) - k) // stride + 1, (w + 2 * (k // 2) - k) // stride + 1)
+        self.macs += self.shape[1] * self.shape[2] * self.shape[3] * fan_in
         if relu:
-            self.unary("Relu")
+            self.activate()
         return self.cur
+
+    def activate(self) -> str:
+        """The graph's activation: Relu, or Clip(0, 6) (ReLU6, which runtimes fuse less cheaply)."""
+        if self.activation == "Relu":
+            return self.unary("Relu")
+        out = self._name("clip")
+        lo, hi = self._const(np.array(0.0)), self._const(np.array(6.0))
+        self.nodes.append(self.helper.make_node("Clip", [self.cur, lo, hi], [out]))
+        self.cur = out
+        return out
 
     def unary(self, op: str) -> str:
         out = self._name(op.lower())
@@ -117,7 +133,7 @@ class _Graph:
         self.nodes.append(self.helper.make_node("Add", [self.cur, other], [out]))
         self.cur = out
         if relu:
-            self.unary("Relu")
+            self.activate()
         return out
 
     def head(self, classes: int = 10) -> None:
@@ -144,37 +160,46 @@ class _Graph:
         return model
 
 
-def random_network(rng: np.random.Generator) -> Any:
-    """A small random CNN: a stem, 2-5 blocks of a random kind and width, a pooled linear head."""
-    widths = (8, 16, 24, 32, 48, 64, 96, 128)
-    res = int(rng.choice((16, 24, 32, 48, 64)))
-    cin = int(rng.choice((1, 3)))
-    g = _Graph((1, cin, res, res), rng)
-    g.conv(int(rng.choice(widths[:5])), 3, int(rng.choice((1, 2))))
-    for _ in range(int(rng.integers(2, 6))):
-        kind = rng.choice(("plain", "pointwise", "separable", "inverted", "residual"))
-        stride = 2 if g.shape[2] >= 8 and rng.random() < 0.35 else 1
-        cout = int(rng.choice(widths))
-        if kind == "plain":
-            g.conv(cout, 3, stride)
-        elif kind == "pointwise":
-            g.conv(cout, 1, 1)
-        elif kind == "separable":
-            g.conv(0, 3, stride, depthwise=True)
-            g.conv(cout, 1, 1)
-        elif kind == "inverted":
-            skip, c = g.cur, g.shape[1]
-            g.conv(c * int(rng.choice((2, 4))), 1, 1)
-            g.conv(0, 3, 1, depthwise=True)
-            g.conv(c, 1, 1, relu=False)
-            g.add(skip)
-        else:
-            skip, c = g.cur, g.shape[1]
-            g.conv(c, 3, 1)
-            g.conv(c, 3, 1, relu=False)
-            g.add(skip, relu=True)
-    g.head()
-    return g.model()
+def random_network(rng: np.random.Generator, max_macs: float = 300e6) -> Any:
+    """A random CNN: a stem, 2-10 blocks of a random kind and width, a pooled linear head.
+
+    Spans what the cost model is asked about (8-256 channels, some off the usual multiples; 16-128
+    pixels; RGB and grey inputs; plain, 1x1, separable, inverted-residual and residual blocks; ReLU or
+    ReLU6), and is
+    redrawn until it has at most ``max_macs`` multiply-accumulates, so calibration stays quick.
+    """
+    widths = (8, 12, 16, 24, 32, 40, 48, 64, 96, 128, 192, 256)
+    while True:
+        res = int(rng.choice((16, 24, 32, 48, 64, 96, 128)))
+        cin = int(rng.choice((1, 3, 3, 4, 8)))
+        g = _Graph((1, cin, res, res), rng)
+        g.activation = str(rng.choice(("Relu", "Clip")))
+        g.conv(int(rng.choice(widths[:7])), 3, int(rng.choice((1, 2))))
+        for _ in range(int(rng.integers(2, 11))):
+            kind = rng.choice(("plain", "pointwise", "separable", "inverted", "residual"))
+            stride = 2 if g.shape[2] >= 8 and rng.random() < 0.35 else 1
+            cout = int(rng.choice(widths))
+            if kind == "plain":
+                g.conv(cout, 3, stride)
+            elif kind == "pointwise":
+                g.conv(cout, 1, 1)
+            elif kind == "separable":
+                g.conv(0, 3, stride, depthwise=True)
+                g.conv(cout, 1, 1)
+            elif kind == "inverted":
+                skip, c = g.cur, g.shape[1]
+                g.conv(c * int(rng.choice((2, 4, 6))), 1, 1)
+                g.conv(0, 3, 1, depthwise=True)
+                g.conv(c, 1, 1, relu=False)
+                g.add(skip)
+            else:
+                skip, c = g.cur, g.shape[1]
+                g.conv(c, 3, 1)
+                g.conv(c, 3, 1, relu=False)
+                g.add(skip, relu=True)
+        g.head()
+        if g.macs <= max_macs:
+            return g.model()
 
 
 def throughput_network(precision_hint: str, rng: np.random.Generator) -> tuple[Any, int]:
@@ -230,124 +255,113 @@ def quantize(fp32_path: Path, out_path: Path, rng: np.random.Generator) -> Path:
 
 # ---------------------------------------------------------------------------------------------- fit
 
-# The fitted figures, as logs so every one stays positive: effective peak GFLOP/s per precision (what an
-# infinitely long reduction reaches), k_half, dispatch cost per op per precision, fixed cost per
-# inference, and memory bandwidth.
-_PRECS = ("fp32", "int8")
+# Reduction lengths at which a 1x1 / k x k GEMM reaches half its peak, tried in turn: the one
+# nonlinear figure of the kernel model, so a grid and a linear fit per point beat a nonlinear solver.
+K_HALF_GRID = (0.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 
 
-def _with_params(profile: Any, theta: np.ndarray, precisions: tuple[str, ...]) -> Any:
-    v = np.exp(theta)
-    hardware = dataclasses.replace(
-        profile.hardware,
-        peak_gflops={p: float(v[i]) for i, p in enumerate(_PRECS) if p in precisions},
-        memory_bandwidth_gbs=float(v[6]),
-    )
-    calibration = {
-        **profile.calibration,
-        "efficiency": 1.0,
-        "k_half": float(v[2] - 1.0),
-        "op_overhead_us": {p: float(v[3 + i] - 0.01) for i, p in enumerate(_PRECS) if p in precisions},
-        "per_run_overhead_us": float(v[5] - 0.01),
-    }
-    return dataclasses.replace(profile, hardware=hardware, calibration=calibration)
+def feature_matrix(works_list: list[list], tile: int, k_half: float, lanes: int = 8) -> np.ndarray:
+    """Per network, its layers' kernel-model features summed (columns: cost.FEATURES, then 1 per run)."""
+    from hwkd.hardware.cost import FEATURES, layer_features
 
-
-def _theta(peak: dict[str, float], k_half: float, op_us: float, run_us: float, bandwidth: float) -> np.ndarray:
-    return np.log(
-        [peak["fp32"], peak.get("int8", peak["fp32"]), k_half + 1.0, op_us + 0.01, op_us + 0.01, run_us + 0.01,
-         bandwidth]
-    )  # fmt: skip
-
-
-def _layer_arrays(samples: list[tuple[list, int, str, float]], profile: Any) -> dict[str, np.ndarray]:
-    """The traced layers of every sample as flat arrays, so a fit evaluates price() without Python loops.
-
-    Mirrors hwkd.hardware.cost.price: fused layers cost nothing; others pay
-    max(2*MACs*roundup / (peak * k/(k + k_half)), bytes / bandwidth) + per-op overhead.
-    """
-    from hwkd.hardware.cost import BYTES_PER_VALUE, round_up_factor
-
-    rows = {"sample": [], "flops": [], "k": [], "traffic": [], "int8": [], "mac": []}
-    for i, (works, _params, prec, _ms) in enumerate(samples):
-        nbytes = BYTES_PER_VALUE[prec]
+    rows = []
+    for works in works_list:
+        total = dict.fromkeys(FEATURES, 0.0)
         for w in works:
-            if w.fused:
-                continue
-            rows["sample"].append(i)
-            rows["flops"].append(2.0 * w.macs * round_up_factor(w.channels, profile.hardware.vector_width))
-            rows["k"].append(w.macs / max(w.act_out, 1) if w.macs else 0.0)
-            rows["traffic"].append((w.params + w.act_in + w.act_out) * nbytes)
-            rows["int8"].append(prec == "int8")
-            rows["mac"].append(bool(w.macs))
-    out = {k: np.asarray(v) for k, v in rows.items()}
-    out["sample_int8"] = np.array([s[2] == "int8" for s in samples])
+            for key, value in layer_features(w, tile, k_half, lanes).items():
+                total[key] += value
+        rows.append([total[k] for k in FEATURES] + [1.0])
+    return np.asarray(rows, dtype=np.float64)
+
+
+def _relative_nnls(x: np.ndarray, y: np.ndarray, rounds: int = 4) -> np.ndarray:
+    """Non-negative coefficients minimising the *relative* error of x @ c against y, robustly.
+
+    Rows are divided by y (a 10% miss weighs the same on a 0.05 ms and a 5 ms network); a few
+    reweighting rounds shrink the pull of networks missed by more than 10% (Huber weights), so one
+    network timed during a burst of load does not drag the rest.
+    """
+    from scipy.optimize import nnls
+
+    a = x / y[:, None]
+    scale = np.abs(a).max(axis=0)
+    scale[scale == 0] = 1.0
+    weights = np.ones(len(y))
+    coef = np.zeros(x.shape[1])
+    for _ in range(rounds):
+        sol, _ = nnls(a / scale * weights[:, None], weights, maxiter=50 * x.shape[1])
+        coef = sol / scale
+        rel = np.abs(x @ coef / y - 1.0)
+        weights = np.sqrt(1.0 / np.maximum(1.0, rel / 0.1))
+    return coef
+
+
+def _huber(rel: np.ndarray, delta: float = 0.1) -> float:
+    return float(np.where(rel <= delta, 0.5 * rel**2, delta * (rel - 0.5 * delta)).sum())
+
+
+def fit_kernel_model(
+    works_list: list[list], measured_ms: list[float], tile: int, folds: int = 5, seed: int = 0, lanes: int = 8
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Fit one precision's kernel model to networks timed on the host: (model table, fit statistics).
+
+    Returns ns per unit of every cost.FEATURES entry, ``run_ns``, the chosen ``k_half`` and the tile;
+    the statistics are the fit's error on its own networks and a ``folds``-fold cross-validated error,
+    which is what to expect on networks it has not seen.
+    """
+    from hwkd.hardware.cost import FEATURES
+
+    y = np.asarray(measured_ms, dtype=np.float64) * 1e6  # ns
+    best = None
+    for k_half in K_HALF_GRID:
+        x = feature_matrix(works_list, tile, k_half, lanes)
+        coef = _relative_nnls(x, y)
+        loss = _huber(np.abs(x @ coef / y - 1.0))
+        if best is None or loss < best[0]:
+            best = (loss, k_half, x, coef)
+    _, k_half, x, coef = best
+    rel = np.abs(x @ coef / y - 1.0)
+    cv = np.full(len(y), np.nan)
+    if folds > 1 and len(y) >= 2 * folds:
+        order = np.random.default_rng(seed).permutation(len(y))
+        for fold in np.array_split(order, folds):
+            train = np.setdiff1d(order, fold)
+            cv[fold] = np.abs(x[fold] @ _relative_nnls(x[train], y[train]) / y[fold] - 1.0)
+    model = {k: float(v) for k, v in zip(FEATURES, coef[:-1], strict=True)}
+    model.update(run_ns=float(coef[-1]), k_half=float(k_half), channel_tile=int(tile))
+    stats = {
+        "networks": len(y),
+        "fit_mape_pct": round(float(rel.mean() * 100), 2),
+        "fit_within_10pct": round(float((rel <= 0.10).mean()), 3),
+    }
+    if not np.isnan(cv).any():
+        stats.update(cv_mape_pct=round(float(cv.mean() * 100), 2), cv_within_10pct=round(float((cv <= 0.10).mean()), 3))
+    return model, stats
+
+
+def tile_probe_networks(vector_width: int, rng: np.random.Generator) -> list[tuple[Any, int]]:
+    """(model, output channels) of one 3x3 conv with 1..8 x vector-width outputs, for fit_channel_tile."""
+    out = []
+    for mult in range(1, 9):
+        g = _Graph((1, 32, 32, 32), rng)
+        g.conv(mult * vector_width, 3, 1, relu=False)
+        out.append((g.model(), mult * vector_width))
     return out
 
 
-def _vector_price_ms(theta: np.ndarray, arrays: dict[str, np.ndarray], n: int) -> np.ndarray:
-    v = np.exp(theta)
-    peak = np.where(arrays["int8"], v[1], v[0]) * 1e9
-    k_half = v[2] - 1.0
-    k = arrays["k"]
-    eff = np.where(arrays["mac"] & (k > 0), k / np.maximum(k + k_half, 1e-12), 1.0)
-    compute = arrays["flops"] / (peak * eff)
-    memory = arrays["traffic"] / (v[6] * 1e9)
-    op = np.where(arrays["int8"], v[4], v[3]) - 0.01
-    per_layer = np.maximum(compute, memory) + op * 1e-6
-    total = np.bincount(arrays["sample"], weights=per_layer, minlength=n)
-    return (total + (v[5] - 0.01) * 1e-6) * 1e3
-
-
-def fit_profile(
-    profile: Any, samples: list[tuple[list, int, str, float]], theta0: np.ndarray
-) -> tuple[Any, dict[str, float]]:
-    """Fit the free figures to ``samples`` = [(works, params, precision, measured_ms)], from ``theta0``.
-
-    Robust least squares (soft L1) on log(estimate / measured), so a 10% miss weighs the same on a
-    0.05 ms and a 5 ms network, and one network timed during a burst of load does not drag the rest.
-    Returns the fitted profile and the fit's error on the samples (priced by cost.price itself).
-    """
-    from scipy.optimize import least_squares
-
-    from hwkd.hardware.cost import price
-
-    precisions = tuple(p for p in _PRECS if any(s[2] == p for s in samples))
-    measured = np.array([s[3] for s in samples])
-    base = dataclasses.replace(
-        profile, runtime=dataclasses.replace(profile.runtime, threads=profile.hardware.cpu_cores)
-    )
-    arrays = _layer_arrays(samples, base)
-
-    def residuals(theta: np.ndarray) -> np.ndarray:
-        est = _vector_price_ms(theta, arrays, len(samples))
-        return np.log(np.maximum(est, 1e-9) / measured)
-
-    lower = np.log([1e-2, 1e-2, 1.0, 0.01, 0.01, 0.01, 1e-3])
-    upper = np.log([1e6, 1e6, 4097.0, 1e4, 1e4, 1e5, 1e4])
-    # The roofline's max() makes the surface piecewise and lets peak, k_half and bandwidth trade off
-    # (a low bandwidth can mimic a slow short-reduction GEMM), so start from a small grid around theta0.
-    best = None
-    for peak_mult, k_half, bw_mult in itertools.product((1.0, 4.0, 16.0), (4.0, 32.0, 256.0), (1.0, 10.0)):
-        start = theta0.copy()
-        start[[0, 1]] += math.log(peak_mult)
-        start[2] = math.log(k_half + 1.0)
-        start[6] += math.log(bw_mult)
-        result = least_squares(
-            residuals, np.clip(start, lower + 1e-6, upper - 1e-6), bounds=(lower, upper), loss="soft_l1",
-            f_scale=0.1, max_nfev=400,
-        )  # fmt: skip
-        if best is None or result.cost < best.cost:
-            best = result
-    fitted = _with_params(base, best.x, precisions)
-    est = np.array([price(w, fitted, prec, params=n).latency_ms for w, n, prec, _ in samples])
-    errors = np.abs(est / measured - 1.0)
-    stats = {
-        "fit_networks": len(samples),
-        "fit_mape_pct": round(float(errors.mean() * 100), 2),
-        "fit_within_10pct": round(float((errors <= 0.10).mean()), 3),
-    }
-    return fitted, stats
+def fit_channel_tile(channels: list[int], measured_ms: list[float], candidates: tuple[int, ...]) -> int:
+    """The channel multiple the kernels pad to: the candidate t for which latency ~ a + b * roundup(c, t)
+    fits best (relative error); a larger tile must fit clearly (25%) better to be chosen."""
+    y = np.asarray(measured_ms, dtype=np.float64)
+    best_tile, best_err = candidates[0], math.inf
+    for tile in sorted(candidates):
+        padded = np.array([math.ceil(c / tile) * tile for c in channels], dtype=np.float64)
+        a = np.stack([np.ones_like(padded), padded], axis=1) / y[:, None]
+        coef, *_ = np.linalg.lstsq(a, np.ones_like(y), rcond=None)
+        err = float(np.sqrt(np.mean((a @ coef - 1.0) ** 2)))
+        if err < 0.75 * best_err:
+            best_tile, best_err = tile, err
+    return best_tile
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -358,13 +372,20 @@ def calibrate(
     settings: CalibrationSettings = CalibrationSettings(),
     base: str = "",
     log: Callable[[str], None] | None = None,
+    also_time: Sequence[Path] = (),
+    timings: dict[Path, float] | None = None,
 ) -> Any:
-    """Measure this host and return a complete, validated Profile (write it with dump_profile_toml)."""
+    """Measure this host and return a complete, validated Profile (write it with dump_profile_toml).
+
+    ``also_time``: ONNX files to time in the same interleaved rounds as the random networks (their p50
+    in ms goes into ``timings``; they play no part in the fit). For benchmarks that compare estimates
+    with measurements without the host's drift in speed between two runs getting in the way.
+    """
     import onnx
 
     from hwkd import ortbench
     from hwkd.hardware.onnx_trace import trace_onnx
-    from hwkd.hardware.profiles import Budgets, Hardware, Profile, Runtime, load_profile, profile_from_dict
+    from hwkd.hardware.profiles import load_profile, profile_from_dict
 
     say = log or (lambda msg: None)
     bad = [p for p in settings.precisions if p not in ("fp32", "int8")]
@@ -405,34 +426,24 @@ def calibrate(
         probes["bandwidth"] = save(bw_model, "bandwidth")
         probes["ops_1"] = save(overhead_network(rng, 1), "ops_1")
         probes["ops_41"] = save(overhead_network(rng, 41), "ops_41")
-        t = timed(list(probes.values()))
+        tile_paths: dict[str, list[tuple[Path, int]]] = {p: [] for p in settings.precisions}
+        for i, (model, channels) in enumerate(tile_probe_networks(vector_width, rng)):
+            fp32 = save(model, f"tile{i}_fp32")
+            tile_paths["fp32"].append((fp32, channels))
+            if "int8" in settings.precisions:
+                tile_paths["int8"].append((quantize(fp32, root / f"tile{i}_int8.onnx", rng), channels))
+        t = timed([*probes.values(), *(p for pairs in tile_paths.values() for p, _ in pairs)])
         peak = {"fp32": 2 * conv_macs / (t[probes["peak_fp32"]] * 1e-3) / 1e9}
         if "peak_int8" in probes:
             peak["int8"] = 2 * conv_macs / (t[probes["peak_int8"]] * 1e-3) / 1e9
         bandwidth_gbs = bw_bytes / (t[probes["bandwidth"]] * 1e-3) / 1e9
         op_overhead_us = max(0.05, (t[probes["ops_41"]] - t[probes["ops_1"]]) / 40 * 1e3)
         run_overhead_us = max(0.0, t[probes["ops_1"]] * 1e3 - op_overhead_us)
-
-        hardware = Hardware(
-            cpu_family="arm" if arm else "x86",
-            cpu_cores=threads,
-            cpu_name=f"{host['cpu']} (calibrated with {threads} threads)",
-            peak_gflops={k: round(v, 2) for k, v in peak.items()},
-            memory_bandwidth_gbs=round(bandwidth_gbs, 2),
-            memory_mb=float(_host_memory_mb() or base_profile.hardware.memory_mb),
-            per_op_overhead_us=round(op_overhead_us, 3),
-            vector_width=vector_width,
-        )
-        profile = Profile(
-            name=name or f"host-{platform.node() or 'calibrated'}",
-            aliases=(),
-            description=f"Calibrated on {host['cpu']} with onnxruntime {host['onnxruntime']}, {threads} threads",
-            hardware=hardware,
-            runtime=Runtime(providers=(ortbench.CPU_EP,), threads=threads, channel_multiple=vector_width),
-            budgets=Budgets(**dataclasses.asdict(base_profile.budgets)),
-            source="<calibrate>",
-            calibration={"runtime_overhead_mb": base_profile.calibration.get("runtime_overhead_mb", 2.0)},
-        )
+        candidates = (vector_width, 2 * vector_width, 4 * vector_width)
+        tiles = {
+            prec: fit_channel_tile([c for _, c in pairs], [t[p] for p, _ in pairs], candidates)
+            for prec, pairs in tile_paths.items()
+        }
 
         say(f"timing {settings.networks} random networks per precision")
         paths: list[tuple[Path, str]] = []
@@ -441,25 +452,30 @@ def calibrate(
             paths.append((fp32, "fp32"))
             if "int8" in settings.precisions:
                 paths.append((quantize(fp32, root / f"net{i}_int8.onnx", rng), "int8"))
-        t = timed([p for p, _ in paths])
-        samples = []
-        for path, prec in paths:
-            works, params, _ = trace_onnx(path)
-            samples.append((works, params, prec, t[path]))
-        say("fitting the cost model")
-        theta0 = _theta(peak, 32.0, op_overhead_us, run_overhead_us, bandwidth_gbs)
-        fitted, stats = fit_profile(profile, samples, theta0)
+        extra = [Path(p) for p in also_time]
+        t = timed([p for p, _ in paths] + extra)
+        if timings is not None:
+            timings.update({p: t[p] for p in extra})
+        say("fitting the kernel model")
+        kernel_model, fit_stats = {}, {}
+        for prec in settings.precisions:
+            mine = [p for p, q in paths if q == prec]
+            works = [trace_onnx(p)[0] for p in mine]
+            kernel_model[prec], fit_stats[prec] = fit_kernel_model(
+                works, [t[p] for p in mine], tiles[prec], seed=settings.seed, lanes=vector_width
+            )
 
+    every = [s_ for s_ in fit_stats.values()]
+    networks = sum(s_["networks"] for s_ in every)
     calibration = {
-        **fitted.calibration,
-        "k_half": round(fitted.calibration["k_half"], 3),
-        "op_overhead_us": {k: round(v, 3) for k, v in fitted.calibration["op_overhead_us"].items()},
-        "per_run_overhead_us": round(fitted.calibration["per_run_overhead_us"], 3),
+        "runtime_overhead_mb": base_profile.calibration.get("runtime_overhead_mb", 2.0),
+        "kernel_model": {prec: {k: _round(v) for k, v in m.items()} for prec, m in kernel_model.items()},
         "probes": {
             "peak_gflops": {k: round(v, 2) for k, v in peak.items()},
             "memory_bandwidth_gbs": round(bandwidth_gbs, 3),
             "op_overhead_us": round(op_overhead_us, 3),
             "per_run_overhead_us": round(run_overhead_us, 3),
+            "channel_tile": tiles,
         },
         "measured": {
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -468,25 +484,42 @@ def calibrate(
             "onnxruntime": host["onnxruntime"],
             "threads": threads,
             "load_average_1min": host["load_average_1min"] if host["load_average_1min"] is not None else -1.0,
-            **stats,
+            "fit_networks": networks,
+            "fit_mape_pct": round(sum(s_["fit_mape_pct"] * s_["networks"] for s_ in every) / networks, 2),
+            "fit_within_10pct": round(sum(s_["fit_within_10pct"] * s_["networks"] for s_ in every) / networks, 3),
+            "fit": fit_stats,
         },
     }
-    hardware = dataclasses.asdict(fitted.hardware)
-    hardware["peak_gflops"] = {k: round(v, 3) for k, v in hardware["peak_gflops"].items()}
-    hardware["memory_bandwidth_gbs"] = round(hardware["memory_bandwidth_gbs"], 3)
-    hardware["per_op_overhead_us"] = calibration["op_overhead_us"]["fp32"]
+    hardware = {
+        "cpu_family": "arm" if arm else "x86",
+        "cpu_cores": threads,
+        "cpu_name": f"{host['cpu']} (calibrated with {threads} threads)",
+        "peak_gflops": {k: round(v, 2) for k, v in peak.items()},
+        "memory_bandwidth_gbs": round(bandwidth_gbs, 2),
+        "memory_mb": float(_host_memory_mb() or base_profile.hardware.memory_mb),
+        "per_op_overhead_us": round(kernel_model["fp32"]["ops"] * 1e-3, 4),
+        "vector_width": vector_width,
+    }
     data = {
-        "name": profile.name,
+        "name": name or f"host-{platform.node() or 'calibrated'}",
         "aliases": [],
-        "description": profile.description,
+        "description": f"Calibrated on {host['cpu']} with onnxruntime {host['onnxruntime']}, {threads} threads",
         "hardware": hardware,
-        "runtime": {**dataclasses.asdict(profile.runtime), "providers": list(profile.runtime.providers)},
-        "budgets": dataclasses.asdict(profile.budgets),
+        "runtime": {
+            "providers": [ortbench.CPU_EP],
+            "threads": threads,
+            # pruning keeps channel counts on the widest tile any calibrated precision pads to
+            "channel_multiple": max(tiles.values()),
+        },
+        "budgets": dataclasses.asdict(base_profile.budgets),
         "calibration": calibration,
     }
-    if not hardware["accelerator_peak_gflops"]:
-        data["hardware"].pop("accelerator_peak_gflops")
     return profile_from_dict(data, source="<calibrate>")
+
+
+def _round(value: float) -> float:
+    """Six significant figures: enough for a fitted coefficient, short enough to read in the TOML."""
+    return float(f"{value:.6g}") if isinstance(value, float) else value
 
 
 def _host_memory_mb() -> float | None:
@@ -503,4 +536,6 @@ def _host_memory_mb() -> float | None:
         return None
 
 
-__all__ = ["TINY", "CalibrationSettings", "calibrate", "fit_profile", "random_network"]
+__all__ = [
+    "TINY", "CalibrationSettings", "calibrate", "fit_channel_tile", "fit_kernel_model", "random_network",
+]  # fmt: skip

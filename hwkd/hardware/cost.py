@@ -16,8 +16,15 @@ Cross-check with the defaults on profile rpi4 at 224x224, FP32: ResNet-18 ~121 m
 ~56 ms (without its residual adds), against 123.1 / 61.9 ms published for ncnn on that board
 (DEVICE-FIGURES.md).
 
-The figures are figures of ONNX Runtime's CPU provider, which hwkd always falls back to. A later,
-calibrated model (and the differentiable ``penalty``) plugs in at ``price`` and ``layer_seconds``.
+A profile written by ``hwkd profiles calibrate`` carries, per precision, a fitted *kernel model* in
+``[calibration.kernel_model.<precision>]`` and ``price`` uses it instead of the roofline: a layer costs
+``sum_j ns_per_unit_j * feature_j`` over the ``FEATURES`` below (FLOPs per kernel class, im2col and
+activation traffic, weights, one dispatch), plus ``run_ns`` per inference. The fit measures what the
+roofline can only assume: that a 1x1 conv, a depthwise conv and an INT8 im2col GEMM each run at their
+own speed, and which channel tile (``channel_tile``) the kernels pad to.
+
+The figures are figures of ONNX Runtime's CPU provider, which hwkd always falls back to. The
+differentiable ``penalty`` prices channels through ``price`` too, so it follows whichever model applies.
 """
 
 from __future__ import annotations
@@ -39,6 +46,31 @@ DEFAULT_K_HALF = 96.0
 # Session buffers and arena slack beyond weights and live activations; [calibration] runtime_overhead_mb.
 DEFAULT_RUNTIME_OVERHEAD_MB = 2.0
 _MB = 2**20  # budgets use binary megabytes (see hwkd.hardware.budget)
+# What the calibrated kernel model charges for, per executed (unfused) layer; see layer_features.
+FEATURES = (
+    "conv_flops",  # 2*MACs of a k x k conv (channels padded to the tile) / (k/(k + k_half))
+    "pointwise_flops",  # the same for a 1x1 conv
+    "unaligned_flops",  # 2*MACs (padded) of a conv whose input channels per group are not a multiple
+    # of 4, such as an RGB stem: runtimes give it a kernel of its own (see unaligned_im2col)
+    "depthwise_flops",  # 2*MACs of a depthwise conv, channels padded to the tile
+    "gemm_flops",  # 2*MACs of a Gemm / MatMul
+    "im2col",  # values gathered to lower a k x k conv to a GEMM: output pixels x reduction length
+    "unaligned_im2col",  # the same for convs whose input channels per group are not a multiple of 4,
+    # which int8 kernels cannot pack directly (an RGB stem is the usual case) and lower the slow way
+    "conv_activations",  # activation values a conv / gemm reads and writes (epilogue, requantize, layout)
+    "unaligned_outputs",  # values written by a conv / gemm whose output channels are not a multiple of
+    # the vector lanes (12 or 20 on 8-lane AVX2): the remainder takes a slower path
+    "elementwise",  # values an unfused non-MAC op reads and writes (adds, pools, executed (de)quantize)
+    "weights",  # parameter values read
+    "ops",  # one per executed kernel: dispatch
+    "mac_ops",  # one more per conv / gemm kernel: packing, blocking and epilogue set-up
+    "epilogue",  # values a fused activation other than ReLU rewrites after the kernel (ReLU6, sigmoid, ...)
+)
+# Fused ops that cost nothing at all: BN is folded into the weights at load time, ReLU runs in-kernel.
+_FREE_FUSED = frozenset(
+    {"BatchNormalization", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Relu", "ReLU"}
+)
+_COMPUTE_FEATURES = frozenset(f for f in FEATURES if f.endswith("_flops"))
 
 
 @dataclass(frozen=True)
@@ -53,6 +85,20 @@ class LayerWork:
     act_out: int  # activation elements written
     channels: int = 0  # output channels, for vector-width rounding; 0 = not channel-shaped
     fused: bool = False  # folded into the producing conv/gemm by the runtime: no traffic, no dispatch
+    kernel: int = 0  # spatial kernel elements of a conv (9 for 3x3); 0 = not a conv
+    groups: int = 1  # conv groups (== channels for a depthwise conv)
+    in_channels: int = 0  # input channels per group of a conv (its reduction is in_channels x kernel)
+
+    @property
+    def kind(self) -> str:
+        """Kernel class the calibrated model prices separately: conv | pointwise | depthwise | gemm | elementwise."""
+        if not self.macs:
+            return "elementwise"
+        if not self.kernel:
+            return "gemm"
+        if self.groups > 1 and self.groups == self.channels:
+            return "depthwise"
+        return "pointwise" if self.kernel == 1 else "conv"
 
 
 @dataclass
@@ -105,13 +151,23 @@ def price(works: list[LayerWork], profile: Any, precision: str, params: int | No
     k_half = _calibration_number(
         profile, "k_half", profile.calibration.get("k_half", DEFAULT_K_HALF), allow_zero=True
     )
+    kernel_model = fitted_kernel_model(profile, precision)
+    tile = channel_tile(profile, precision)
+    if kernel_model is not None:
+        run_overhead_s = kernel_model["run_ns"] * 1e-9
     rows, total_s, peak_act = [], run_overhead_s, 0
     for w in works:
         traffic = 0 if w.fused else (w.params + w.act_in + w.act_out) * nbytes
-        if w.fused:
+        if kernel_model is not None:
+            seconds, bound = kernel_seconds(w, kernel_model, tile, hw.vector_width)
+            if w.fused:
+                bound = "fused"
+            else:
+                peak_act = max(peak_act, w.act_in + w.act_out)
+        elif w.fused:
             seconds, bound = 0.0, "fused"
         else:
-            macs = w.macs * round_up_factor(w.channels, hw.vector_width)
+            macs = w.macs * round_up_factor(w.channels, tile)
             shape_eff = gemm_efficiency(w.macs / max(w.act_out, 1), k_half) if w.macs else 1.0
             seconds, bound = layer_seconds(2.0 * macs, traffic, peak * shape_eff, bandwidth, overhead_s)
             peak_act = max(peak_act, w.act_in + w.act_out)
@@ -154,6 +210,82 @@ def layer_seconds(
     else:
         bound = "compute" if compute_s >= memory_s else "memory"
     return max(compute_s, memory_s) + overhead_s, bound
+
+
+def layer_features(w: LayerWork, tile: int, k_half: float, lanes: int = 8) -> dict[str, float]:
+    """The kernel model's features of one layer (a fused layer costs only its epilogue, if any)."""
+    f = dict.fromkeys(FEATURES, 0.0)
+    if w.fused:
+        if w.op not in _FREE_FUSED:
+            f["epilogue"] = float(w.act_out)
+        return f
+    f["ops"] = 1.0
+    f["weights"] = float(w.params)
+    kind = w.kind
+    if kind == "elementwise":
+        f["elementwise"] = float(w.act_in + w.act_out)
+        return f
+    f["conv_activations"] = float(w.act_in + w.act_out)
+    if w.channels % lanes:
+        f["unaligned_outputs"] = float(w.act_out)
+    f["mac_ops"] = 1.0
+    flops = 2.0 * w.macs * round_up_factor(w.channels, tile)
+    if kind in ("conv", "pointwise"):
+        if w.in_channels % 4:
+            f["unaligned_flops"] = flops
+        else:
+            f[f"{kind}_flops"] = flops / gemm_efficiency(w.macs / max(w.act_out, 1), k_half)
+        if kind == "conv":
+            f["im2col"] = w.macs / max(w.channels, 1)
+        if w.in_channels % 4:
+            f["unaligned_im2col"] = w.macs / max(w.channels, 1)
+    elif kind == "depthwise":
+        f["depthwise_flops"] = flops
+    else:
+        f["gemm_flops"] = 2.0 * w.macs
+    return f
+
+
+def kernel_seconds(w: LayerWork, model: dict[str, float], tile: int, lanes: int = 8) -> tuple[float, str]:
+    """Time of one layer under a fitted kernel model, and its largest share (compute | memory | overhead)."""
+    parts = {"compute": 0.0, "memory": 0.0, "overhead": 0.0}
+    for name, value in layer_features(w, tile, model["k_half"], lanes).items():
+        if value:
+            share = "compute" if name in _COMPUTE_FEATURES else "overhead" if name.endswith("ops") else "memory"
+            parts[share] += value * model[name] * 1e-9
+    return sum(parts.values()), max(parts, key=parts.get)
+
+
+def fitted_kernel_model(profile: Any, precision: str) -> dict[str, float] | None:
+    """``[calibration.kernel_model.<precision>]`` checked and complete, or None (the roofline applies)."""
+    table = profile.calibration.get("kernel_model", {})
+    model = table.get(precision) if isinstance(table, dict) else None
+    if model is None:
+        return None
+    if not isinstance(model, dict):
+        raise ProfileError(f"{profile.source}: calibration.kernel_model.{precision} must be a table.")
+    missing = [k for k in (*FEATURES, "run_ns", "k_half") if k not in model]
+    if missing:
+        raise ProfileError(
+            f"{profile.source}: calibration.kernel_model.{precision} lacks {', '.join(missing)}.",
+            "Re-run `hwkd profiles calibrate` to write a complete profile.",
+        )
+    return {
+        k: _calibration_number(profile, f"kernel_model.{precision}.{k}", model[k], allow_zero=True)
+        for k in (*FEATURES, "run_ns", "k_half")
+    }
+
+
+def channel_tile(profile: Any, precision: str) -> int:
+    """Channel multiple the kernels pad to at this precision: measured by calibration, else the vector width."""
+    model = profile.calibration.get("kernel_model", {})
+    model = model.get(precision) if isinstance(model, dict) else None
+    tile = model.get("channel_tile") if isinstance(model, dict) else None
+    if tile is None:
+        return profile.hardware.vector_width
+    if not isinstance(tile, int) or isinstance(tile, bool) or tile < 1:
+        raise ProfileError(f"{profile.source}: calibration.kernel_model.{precision}.channel_tile must be a positive integer.")
+    return tile
 
 
 def gemm_efficiency(reduction: float, k_half: float) -> float:
@@ -199,6 +331,9 @@ def _efficiency(profile: Any, precision: str) -> float:
 def _op_overhead_us(profile: Any, precision: str) -> float:
     """Kernel dispatch cost: [calibration] op_overhead_us (a number or {precision = number}) when
     calibrated, else hardware.per_op_overhead_us."""
+    kernel_model = fitted_kernel_model(profile, precision)
+    if kernel_model is not None:
+        return kernel_model["ops"] * 1e-3
     value = profile.calibration.get("op_overhead_us")
     if isinstance(value, dict):
         value = value.get(precision)
@@ -250,6 +385,7 @@ def trace_torch(model: Any, example_input: Any) -> list[LayerWork]:
         in_numel = x.numel() if isinstance(x, torch.Tensor) else 0
         fused = kind == "fusable" and x is not None and x is fusable_out[0]
         macs, channels = _torch_macs(module, kind, x, y)
+        conv = kind in ("conv", "convT")
         works.append(
             LayerWork(
                 name=label,
@@ -260,6 +396,9 @@ def trace_torch(model: Any, example_input: Any) -> list[LayerWork]:
                 act_out=y.numel(),
                 channels=channels,
                 fused=fused,
+                kernel=math.prod(module.kernel_size) if conv else 0,
+                groups=module.groups if conv else 1,
+                in_channels=module.in_channels // module.groups if conv else 0,
             )
         )
         if kind in ("conv", "linear") or fused:
@@ -342,11 +481,16 @@ __all__ = [
     "DEFAULT_EFFICIENCY",
     "DEFAULT_K_HALF",
     "DEFAULT_RUNTIME_OVERHEAD_MB",
+    "FEATURES",
     "Cost",
     "LayerWork",
     "estimate",
     "estimate_onnx",
+    "channel_tile",
+    "fitted_kernel_model",
     "gemm_efficiency",
+    "kernel_seconds",
+    "layer_features",
     "layer_seconds",
     "price",
     "round_up_factor",

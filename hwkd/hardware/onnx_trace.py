@@ -32,11 +32,19 @@ _WEIGHT_SLOTS = {
     "BatchNormalization": (1, 2), "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2),
     "GroupNormalization": (1, 2), "PRelu": (1,), "Add": (0, 1), "Mul": (0, 1), "Sub": (0, 1), "Div": (0, 1),
 }  # fmt: skip
-# Ops that cost nothing at run time: views, and Q/DQ pairs that ONNX Runtime folds into QLinear kernels.
+# Ops that cost nothing at run time: views.
 _FREE_OPS = {
     "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Constant", "Shape", "Size", "Dropout",
-    "QuantizeLinear", "DequantizeLinear",
 }  # fmt: skip
+# Ops ONNX Runtime's QDQ transformer turns into QLinear kernels (or runs on int8 directly): a Q/DQ node
+# between two of them is folded away; one next to anything else (a graph input or output, a ReduceMean)
+# really runs, converting every value.
+_QDQ_FOLDING = {
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "MaxPool", "AveragePool", "GlobalAveragePool",
+    "Concat", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Resize", "Sigmoid", "LeakyRelu",
+    "Relu", "Clip", "Identity", "QuantizeLinear", "DequantizeLinear",
+}  # fmt: skip
+_CONV_WEIGHT_SLOT = {"Conv": 1, "ConvInteger": 1, "ConvTranspose": 1, "QLinearConv": 3}
 # Ops ONNX Runtime folds into a preceding Conv/Gemm (ConvBNFusion, ConvActivationFusion, MatMulAddFusion).
 _FUSABLE_OPS = {"BatchNormalization", "Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid"}
 _FUSE_PRODUCERS = {"Conv", "QLinearConv", "Gemm", "MatMul"}
@@ -60,7 +68,7 @@ def trace_onnx(path_or_model: Any) -> tuple[list[LayerWork], int, str]:
     shapes = _onnx_shapes(graph)
     consts = {init.name: tuple(init.dims) for init in graph.initializer}
     const_types = {init.name: init.data_type for init in graph.initializer}
-    producer, consumers = {}, defaultdict(int)
+    producer, consumers, consumer_ops = {}, defaultdict(int), defaultdict(set)
     for node in graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:
@@ -71,7 +79,16 @@ def trace_onnx(path_or_model: Any) -> tuple[list[LayerWork], int, str]:
             producer[name] = node
         for name in node.input:
             consumers[name] += 1
+            consumer_ops[name].add(node.op_type)
     graph_outputs = {o.name for o in graph.output}
+
+    def qdq_folded(node: Any, data_input: str) -> bool:
+        """Whether ONNX Runtime folds this QuantizeLinear / DequantizeLinear into its neighbours."""
+        if node.op_type == "QuantizeLinear":
+            src = producer.get(data_input)
+            return src is not None and src.op_type in _QDQ_FOLDING
+        out = node.output[0]
+        return out not in graph_outputs and bool(consumer_ops[out]) and consumer_ops[out] <= _QDQ_FOLDING
 
     def const_source(name: str) -> str | None:
         """The initializer/Constant behind ``name`` through pass-through ops, or None for activations."""
@@ -87,7 +104,9 @@ def trace_onnx(path_or_model: Any) -> tuple[list[LayerWork], int, str]:
     for index, node in enumerate(graph.node):
         data_inputs = [n for n in node.input if n and const_source(n) is None]
         if node.op_type in _FREE_OPS or not data_inputs:
-            continue  # views, folded Q/DQ, and nodes the runtime constant-folds at load time
+            continue  # views, and nodes the runtime constant-folds at load time
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and qdq_folded(node, data_inputs[0]):
+            continue
         params = 0
         for slot in _WEIGHT_SLOTS.get(node.op_type, ()):
             source = const_source(node.input[slot]) if slot < len(node.input) and node.input[slot] else None
@@ -97,6 +116,7 @@ def trace_onnx(path_or_model: Any) -> tuple[list[LayerWork], int, str]:
                 counted.add(source)
                 params += numel
         macs, channels = _onnx_macs(node, shapes, consts, const_source)
+        kernel, groups, in_channels = _conv_geometry(node, shapes, consts, const_source)
         src = producer.get(data_inputs[0])
         fused = (
             node.op_type in _FUSABLE_OPS | {"Add"}
@@ -118,6 +138,9 @@ def trace_onnx(path_or_model: Any) -> tuple[list[LayerWork], int, str]:
                 act_out=sum(_numel(shapes.get(n)) for n in node.output if n),
                 channels=channels,
                 fused=fused,
+                kernel=kernel,
+                groups=groups,
+                in_channels=in_channels,
             )
         )
     total_params = sum(w.params for w in works)
@@ -213,6 +236,19 @@ def _onnx_macs(node: Any, shapes: dict, consts: dict, const_source) -> tuple[int
     else:
         k = a[-1]
     return _numel(out) * k, out[-1] if out else 0
+
+
+def _conv_geometry(node: Any, shapes: dict, consts: dict, const_source) -> tuple[int, int, int]:
+    """(spatial kernel elements, groups, input channels per group) of a conv node; (0, 1, 0) otherwise."""
+    slot = _CONV_WEIGHT_SLOT.get(node.op_type)
+    if slot is None or slot >= len(node.input):
+        return 0, 1, 0
+    weight = shapes.get(node.input[slot]) or consts.get(const_source(node.input[slot]) or "")
+    groups = next((a.i for a in node.attribute if a.name == "group"), 1)
+    if not weight or len(weight) < 3:
+        return 1, max(1, groups), 0
+    in_per_group = weight[0] // max(1, groups) if node.op_type == "ConvTranspose" else weight[1]
+    return math.prod(weight[2:]), max(1, groups), in_per_group
 
 
 def _detect_precision(graph: Any, const_types: dict, const_source) -> str:

@@ -27,7 +27,10 @@ from hwkd.train import distill_loss_fn, fit
 PRUNE_MODES = ("budget", "ratio")
 IMPORTANCE: Registry = Registry("importance criterion")
 IMPORTANCE.register("l2")(lambda: tp.importance.GroupMagnitudeImportance(p=2))
-IMPORTANCE.register("bn_scale")(lambda: tp.importance.BNScaleImportance())
+# Raw |gamma|, not normalised per group: the budget penalty shrinks the BN scales of expensive channels
+# across the whole network, and only unnormalised scores let that reach the cross-layer choice of what
+# to prune (as in Network Slimming). l2 / taylor scores are normalised per group (mean 1) to compare.
+IMPORTANCE.register("bn_scale")(lambda: tp.importance.BNScaleImportance(normalizer=None))
 IMPORTANCE.register("taylor")(lambda: tp.importance.GroupTaylorImportance())
 
 
@@ -204,8 +207,8 @@ def prune_step(
     """One HALP-like greedy step: remove the channel chunks with the least importance per unit of cost saved
     until the linearised saving covers ``need_ms`` and ``need_mb``. Returns what was removed, per layer.
 
-    Importance is normalised per group by torch-pruning (mean 1), so scores compare across layers; cost
-    saved is each chunk's latency and memory relative to what is still needed. Chunks are ``round_to``
+    Scores compare across layers (bn_scale: raw |gamma|, which the budget penalty shaped; l2 / taylor:
+    normalised per group); cost saved is each chunk's latency and memory relative to what is still needed. Chunks are ``round_to``
     channels, so every layer keeps a channel count the device's vector units like.
     """
     head = find_head(model)

@@ -11,8 +11,8 @@ import numpy as np
 import onnx
 import pytest
 
-from hwkd.hardware.calibrate import _theta, fit_profile, random_network
-from hwkd.hardware.cost import estimate_onnx, price
+from hwkd.hardware.calibrate import fit_channel_tile, fit_kernel_model, random_network
+from hwkd.hardware.cost import FEATURES, estimate_onnx, price
 from hwkd.hardware.onnx_trace import trace_onnx
 from hwkd.hardware.profiles import dump_profile_toml, load_profile
 
@@ -30,27 +30,61 @@ def test_random_networks_are_valid_and_varied():
     assert len({m.SerializeToString() for m in models}) == 6
 
 
-def test_fit_recovers_the_figures_that_generated_the_latencies(tmp_path):
-    """Latencies priced by a known profile are fitted back to it (up to what they can tell apart)."""
-    truth = load_profile("x86-avx2")
-    truth = dataclasses.replace(
-        truth,
-        hardware=dataclasses.replace(truth.hardware, peak_gflops={"fp32": 50.0}, memory_bandwidth_gbs=20.0),
-        runtime=dataclasses.replace(truth.runtime, threads=truth.hardware.cpu_cores),
-        calibration={"efficiency": 1.0, "k_half": 40.0, "op_overhead_us": {"fp32": 6.0}, "per_run_overhead_us": 30.0},
-    )
+def _kernel_profile(model: dict[str, float], tile: int = 8):
+    base = load_profile("x86-avx2")
+    table = {**dict.fromkeys(FEATURES, 0.0), **model}
+    return dataclasses.replace(base, calibration={"kernel_model": {"fp32": table}})
+
+
+def test_fit_recovers_the_kernel_model_that_generated_the_latencies(tmp_path):
+    """Latencies priced by a known kernel model are fitted back to it."""
+    truth = {"conv_flops": 0.01, "pointwise_flops": 0.012, "depthwise_flops": 0.03, "ops": 800.0,
+             "run_ns": 9000.0, "k_half": 16.0, "channel_tile": 8}  # fmt: skip
+    profile = _kernel_profile(truth)
     rng = np.random.default_rng(1)
-    samples = []
-    for i in range(12):
+    works_list, latencies = [], []
+    for i in range(40):
         path = tmp_path / f"n{i}.onnx"
-        onnx.save(random_network(rng), path)
+        onnx.save(random_network(rng, max_macs=20e6), path)
         works, params, _ = trace_onnx(path)
-        samples.append((works, params, "fp32", price(works, truth, "fp32", params=params).latency_ms))
-    start = _theta({"fp32": 10.0}, 200.0, 1.0, 1.0, 5.0)
-    fitted, stats = fit_profile(truth, samples, start)
-    assert stats["fit_mape_pct"] < 2.0 and stats["fit_within_10pct"] == 1.0
-    assert fitted.calibration["op_overhead_us"]["fp32"] == pytest.approx(6.0, rel=0.2)
-    assert fitted.calibration["per_run_overhead_us"] == pytest.approx(30.0, rel=0.3)
+        works_list.append(works)
+        latencies.append(price(works, profile, "fp32", params=params).latency_ms)
+    model, stats = fit_kernel_model(works_list, latencies, tile=8)
+    assert stats["fit_mape_pct"] < 1.0 and stats["fit_within_10pct"] == 1.0
+    assert stats["cv_within_10pct"] == 1.0
+    assert model["k_half"] == 16.0 and model["channel_tile"] == 8
+    assert model["conv_flops"] == pytest.approx(0.01, rel=0.05)
+    assert model["ops"] == pytest.approx(800.0, rel=0.1)
+    assert model["run_ns"] == pytest.approx(9000.0, rel=0.2)
+
+
+def test_fit_is_robust_to_one_network_timed_during_a_burst_of_load(tmp_path):
+    profile = _kernel_profile({"conv_flops": 0.01, "pointwise_flops": 0.01, "depthwise_flops": 0.02, "ops": 500.0,
+                               "run_ns": 5000.0, "k_half": 8.0})  # fmt: skip
+    rng = np.random.default_rng(2)
+    works_list, latencies = [], []
+    for i in range(30):
+        path = tmp_path / f"n{i}.onnx"
+        onnx.save(random_network(rng, max_macs=20e6), path)
+        works, params, _ = trace_onnx(path)
+        works_list.append(works)
+        latencies.append(price(works, profile, "fp32", params=params).latency_ms * (5.0 if i == 0 else 1.0))
+    _, stats = fit_kernel_model(works_list, latencies, tile=8)
+    assert stats["fit_within_10pct"] >= 29 / 30  # only the disturbed one is missed
+
+
+@pytest.mark.parametrize("tile", [8, 16])
+def test_channel_tile_is_read_off_padded_latencies(tile):
+    channels = [8 * m for m in range(1, 9)]
+    latencies = [0.02 + 0.004 * (-(-c // tile) * tile) for c in channels]
+    assert fit_channel_tile(channels, latencies, (8, 16, 32)) == tile
+
+
+def test_random_networks_respect_the_mac_cap():
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        works, _, _ = trace_onnx(random_network(rng, max_macs=5e6))
+        assert sum(w.macs for w in works) <= 5e6
 
 
 def test_calibrate_cli_writes_a_profile_that_loads(tmp_path):
@@ -67,8 +101,14 @@ def test_calibrate_cli_writes_a_profile_that_loads(tmp_path):
     assert set(prof.hardware.peak_gflops) == {"fp32", "int8"}
     assert prof.hardware.memory_bandwidth_gbs > 0 and prof.hardware.per_op_overhead_us >= 0
     cal = prof.calibration
-    assert set(cal["op_overhead_us"]) == {"fp32", "int8"} and cal["per_run_overhead_us"] >= 0
+    assert set(cal["kernel_model"]) == {"fp32", "int8"}
+    for table in cal["kernel_model"].values():
+        assert set(table) == {*FEATURES, "run_ns", "k_half", "channel_tile"}
+        assert all(v >= 0 for v in table.values())
+    assert cal["kernel_model"]["fp32"]["channel_tile"] in (8, 16, 32)
+    assert prof.runtime.channel_multiple == max(t["channel_tile"] for t in cal["kernel_model"].values())
     assert cal["measured"]["fit_networks"] == 6 and cal["measured"]["threads"] == 1
+    assert set(cal["measured"]["fit"]) == {"fp32", "int8"}
     assert load_profile(out) == prof and dump_profile_toml(prof)  # round-trips
     # the profile prices any ONNX graph
     path = tmp_path / "m.onnx"

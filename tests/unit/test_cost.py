@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -313,3 +314,92 @@ def test_calibrated_overheads_per_op_precision_and_per_run():
     assert estimate(conv, x, prof).latency_ms == pytest.approx(compute_ms + 5.0e-3 + 40.0e-3, rel=1e-3)
     # int8 has no calibrated figure here: the hardware one applies
     assert estimate(conv, x, prof, "int8").latency_ms == pytest.approx(2.0e-3 + 40.0e-3, rel=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------- kernel model
+
+
+def kernel_profile(precision: str = "fp32", tile: int = 8, **ns_per_unit: float):
+    """A profile whose fitted kernel model charges only the given features (ns per unit)."""
+    from hwkd.hardware.cost import FEATURES
+
+    base = load_profile("x86-avx2")
+    table = {**dict.fromkeys(FEATURES, 0.0), "run_ns": 0.0, "k_half": 0.0, "channel_tile": tile, **ns_per_unit}
+    calibration = {"runtime_overhead_mb": 0, "kernel_model": {precision: table}}
+    return dataclasses.replace(base, calibration=calibration)
+
+
+def test_kernel_model_hand_computed_conv():
+    x = torch.randn(1, 3, 8, 8)
+    pixels, reduction = 64, 27
+    prof = kernel_profile(conv_flops=0.25, unaligned_flops=0.5, im2col=2.0, unaligned_im2col=3.0, ops=100.0,
+                          mac_ops=50.0, run_ns=1000.0)  # fmt: skip
+    # 3 input channels: not a multiple of 4, so the unaligned kernel's figures apply, not conv_flops
+    expected_ns = 0.5 * 2 * CONV_MACS + (2.0 + 3.0) * pixels * reduction + 100.0 + 50.0 + 1000.0
+    cost = estimate(nn.Conv2d(3, 8, 3, padding=1), x, prof)
+    assert cost.latency_ms == pytest.approx(expected_ns * 1e-6, rel=1e-6)
+    assert cost.per_layer[0]["bound"] == "compute"
+    # 4 input channels: the ordinary k x k GEMM (k_half 0: full efficiency)
+    macs4 = 8 * 4 * 9 * 64
+    aligned = estimate(nn.Conv2d(4, 8, 3, padding=1), torch.randn(1, 4, 8, 8), prof).latency_ms
+    assert aligned == pytest.approx((0.25 * 2 * macs4 + 2.0 * pixels * 36 + 150.0 + 1000.0) * 1e-6, rel=1e-6)
+
+
+def test_kernel_model_charges_output_channels_off_the_lanes():
+    x = torch.randn(1, 8, 4, 4)
+    prof = kernel_profile(unaligned_outputs=1.0)  # x86-avx2: 8 lanes
+    assert estimate(nn.Conv2d(8, 12, 1), x, prof).latency_ms == pytest.approx(12 * 16 * 1e-6)
+    assert estimate(nn.Conv2d(8, 16, 1), x, prof).latency_ms == 0.0
+
+
+def test_kernel_model_pads_channels_to_the_measured_tile():
+    x = torch.randn(1, 16, 8, 8)
+    prof = kernel_profile(pointwise_flops=1.0, tile=16)
+    eight = estimate(nn.Conv2d(16, 8, 1), x, prof).latency_ms
+    sixteen = estimate(nn.Conv2d(16, 16, 1), x, prof).latency_ms
+    assert eight == pytest.approx(sixteen)  # 8 channels cost as much as 16 on a 16-wide tile
+    assert estimate(nn.Conv2d(16, 8, 1), x, kernel_profile(pointwise_flops=1.0, tile=8)).latency_ms == pytest.approx(
+        sixteen / 2
+    )
+
+
+def test_kernel_model_kinds_and_fused_epilogues():
+    from hwkd.hardware.cost import trace_torch
+
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+        nn.Conv2d(8, 16, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    ).eval()  # fmt: skip
+    works = trace_torch(model, torch.randn(1, 4, 8, 8))
+    kinds = [(w.op, w.kind, w.fused) for w in works]
+    assert kinds[:3] == [("Conv2d", "conv", False), ("BatchNorm2d", "elementwise", True), ("ReLU6", "elementwise", True)]
+    assert ("Conv2d", "depthwise", False) in kinds and ("Conv2d", "pointwise", False) in kinds
+    assert ("Linear", "gemm", False) in kinds
+    # ReLU6 costs one pass over its output once fused; BN and ReLU cost nothing
+    prof = kernel_profile(epilogue=1.0)
+    assert estimate(model, torch.randn(1, 4, 8, 8), prof).latency_ms == pytest.approx(8 * 64 * 1e-6)
+
+
+def test_incomplete_kernel_model_names_the_fix():
+    prof = kernel_profile()
+    del prof.calibration["kernel_model"]["fp32"]["ops"]
+    with pytest.raises(ProfileError, match="calibrate"):
+        estimate(nn.Conv2d(3, 8, 3), torch.randn(1, 3, 8, 8), prof)
+
+
+def test_onnx_prices_only_the_qdq_the_runtime_cannot_fold(exported, tmp_path):
+    """INT8 QDQ: Q/DQ between two QLinear kernels fold away; the input Q and the output DQ run."""
+    from hwkd.hardware.calibrate import quantize
+    from hwkd.hardware.onnx_trace import trace_onnx
+
+    _, x, path = exported
+    qpath = quantize(path, tmp_path / "q.onnx", np.random.default_rng(0))
+    works, _, precision = trace_onnx(qpath)
+    assert precision == "int8"
+    qdq = [w for w in works if w.op in ("QuantizeLinear", "DequantizeLinear")]
+    assert all(w.kind == "elementwise" and not w.fused for w in qdq)
+    assert qdq[0].op == "QuantizeLinear" and qdq[0].act_in == x.numel()  # the graph input
+    assert qdq[-1].op == "DequantizeLinear" and qdq[-1].act_out == 10  # the logits
+    in_graph = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in onnx.load(qpath).graph.node)
+    assert len(qdq) <= 4 < in_graph  # the pairs around every QLinearConv (and the weights' DQ) are folded
