@@ -465,7 +465,7 @@ def calibrate(
                 works, [t[p] for p in mine], tiles[prec], seed=settings.seed, lanes=vector_width
             )
 
-    every = [s_ for s_ in fit_stats.values()]
+    every = list(fit_stats.values())
     networks = sum(s_["networks"] for s_ in every)
     calibration = {
         "runtime_overhead_mb": base_profile.calibration.get("runtime_overhead_mb", 2.0),

@@ -103,7 +103,7 @@ class LayerWork:
 
 @dataclass
 class Cost:
-    """Estimated cost at batch 1. ``per_layer`` rows: name, op, macs, params, bytes, latency_ms, bound
+    """Estimated cost at batch 1. ``per_layer`` rows: name, op, macs, params, bytes, latency_ms, fixed_ms, bound
     ("compute" | "memory" | "overhead", or "fused" when the runtime folds the op into its producer)."""
 
     latency_ms: float
@@ -158,8 +158,9 @@ def price(works: list[LayerWork], profile: Any, precision: str, params: int | No
     rows, total_s, peak_act = [], run_overhead_s, 0
     for w in works:
         traffic = 0 if w.fused else (w.params + w.act_in + w.act_out) * nbytes
+        fixed_s = 0.0 if w.fused else overhead_s
         if kernel_model is not None:
-            seconds, bound = kernel_seconds(w, kernel_model, tile, hw.vector_width)
+            seconds, bound, fixed_s = kernel_seconds(w, kernel_model, tile, hw.vector_width)
             if w.fused:
                 bound = "fused"
             else:
@@ -180,6 +181,7 @@ def price(works: list[LayerWork], profile: Any, precision: str, params: int | No
                 "params": w.params,
                 "bytes": traffic,
                 "latency_ms": seconds * 1e3,
+                "fixed_ms": fixed_s * 1e3,  # the part no channel count changes: dispatch
                 "bound": bound,
             }
         )
@@ -231,14 +233,14 @@ def layer_features(w: LayerWork, tile: int, k_half: float, lanes: int = 8) -> di
     f["mac_ops"] = 1.0
     flops = 2.0 * w.macs * round_up_factor(w.channels, tile)
     if kind in ("conv", "pointwise"):
+        im2col = w.macs / max(w.channels, 1)  # output pixels x reduction length
+        if kind == "conv":
+            f["im2col"] = im2col
         if w.in_channels % 4:
             f["unaligned_flops"] = flops
+            f["unaligned_im2col"] = im2col
         else:
             f[f"{kind}_flops"] = flops / gemm_efficiency(w.macs / max(w.act_out, 1), k_half)
-        if kind == "conv":
-            f["im2col"] = w.macs / max(w.channels, 1)
-        if w.in_channels % 4:
-            f["unaligned_im2col"] = w.macs / max(w.channels, 1)
     elif kind == "depthwise":
         f["depthwise_flops"] = flops
     else:
@@ -246,14 +248,17 @@ def layer_features(w: LayerWork, tile: int, k_half: float, lanes: int = 8) -> di
     return f
 
 
-def kernel_seconds(w: LayerWork, model: dict[str, float], tile: int, lanes: int = 8) -> tuple[float, str]:
-    """Time of one layer under a fitted kernel model, and its largest share (compute | memory | overhead)."""
+def kernel_seconds(
+    w: LayerWork, model: dict[str, float], tile: int, lanes: int = 8
+) -> tuple[float, str, float]:
+    """Time of one layer under a fitted kernel model, its largest share (compute | memory | overhead),
+    and the overhead share alone (dispatch, which no channel count changes)."""
     parts = {"compute": 0.0, "memory": 0.0, "overhead": 0.0}
     for name, value in layer_features(w, tile, model["k_half"], lanes).items():
         if value:
             share = "compute" if name in _COMPUTE_FEATURES else "overhead" if name.endswith("ops") else "memory"
             parts[share] += value * model[name] * 1e-9
-    return sum(parts.values()), max(parts, key=parts.get)
+    return sum(parts.values()), max(parts, key=parts.get), parts["overhead"]
 
 
 def fitted_kernel_model(profile: Any, precision: str) -> dict[str, float] | None:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hwkd.hardware.cost import BYTES_PER_VALUE, _op_overhead_us, estimate
+from hwkd.hardware.cost import BYTES_PER_VALUE, estimate
 
 _MB = 2**20
 
@@ -73,13 +73,10 @@ def channel_groups(
 ) -> list[ChannelGroup]:
     """Every prunable channel group of ``model`` with its per-channel latency and memory on ``profile``."""
     cost = estimate(model, example_input, profile, precision)
-    overhead_ms = _op_overhead_us(profile, precision) * 1e-3
     variable_ms: dict[str, float] = {}
     for row in cost.per_layer:
-        if row["bound"] == "fused":
-            continue
         base = row["name"].split("#", 1)[0]
-        variable_ms[base] = variable_ms.get(base, 0.0) + max(0.0, row["latency_ms"] - overhead_ms)
+        variable_ms[base] = variable_ms.get(base, 0.0) + max(0.0, row["latency_ms"] - row["fixed_ms"])
     names = {m: n for n, m in model.named_modules()}
     nbytes = BYTES_PER_VALUE[precision]
     dg = dg or dependency_graph(model, example_input)
