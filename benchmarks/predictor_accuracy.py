@@ -67,6 +67,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = every usable core)")
     parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--tag", default="", help="write results/predictor_accuracy_<tag>.* instead")
     args = parser.parse_args()
     torch.manual_seed(0)
     started = time.time()
@@ -97,7 +98,7 @@ def main() -> int:
                          also_time=paths, timings=interleaved)  # fmt: skip
         calibrate_s = time.time() - t0
         RESULTS.mkdir(parents=True, exist_ok=True)
-        atomic_write(RESULTS / "host-calibrated.toml", dump_profile_toml(host))
+        atomic_write(RESULTS / f"host-calibrated{'-' + args.tag if args.tag else ''}.toml", dump_profile_toml(host))
         builtin = load_profile("x86-avx2")
         builtin = dataclasses.replace(builtin, runtime=dataclasses.replace(builtin.runtime, threads=host.runtime.threads))
         print(f"timing {len(paths)} models again, after calibration ...", flush=True)
@@ -146,8 +147,9 @@ def main() -> int:
         "summary": summary,
         "rows": rows,
     }
-    write_json(RESULTS / "predictor_accuracy.json", result)
-    atomic_write(RESULTS / "predictor_accuracy.md", render(result))
+    stem = f"predictor_accuracy_{args.tag}" if args.tag else "predictor_accuracy"
+    write_json(RESULTS / f"{stem}.json", result)
+    atomic_write(RESULTS / f"{stem}.md", render(result))
     print(render(result))
     return 0
 

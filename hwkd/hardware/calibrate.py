@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import logging
 import math
 import os
@@ -258,9 +259,13 @@ def quantize(fp32_path: Path, out_path: Path, rng: np.random.Generator) -> Path:
 # Reduction lengths at which a 1x1 / k x k GEMM reaches half its peak, tried in turn: the one
 # nonlinear figure of the kernel model, so a grid and a linear fit per point beat a nonlinear solver.
 K_HALF_GRID = (0.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+# Work (FLOPs, or values) at which a kernel reaches half its parallel speed-up; tried with > 1 thread.
+GRAIN_GRID = (1e4, 3e4, 1e5, 3e5, 1e6, 3e6, 1e7)
 
 
-def feature_matrix(works_list: list[list], tile: int, k_half: float, lanes: int = 8) -> np.ndarray:
+def feature_matrix(
+    works_list: list[list], tile: int, k_half: float, lanes: int = 8, threads: int = 1, grain: float = 0.0
+) -> np.ndarray:
     """Per network, its layers' kernel-model features summed (columns: cost.FEATURES, then 1 per run)."""
     from hwkd.hardware.cost import FEATURES, layer_features
 
@@ -268,7 +273,7 @@ def feature_matrix(works_list: list[list], tile: int, k_half: float, lanes: int 
     for works in works_list:
         total = dict.fromkeys(FEATURES, 0.0)
         for w in works:
-            for key, value in layer_features(w, tile, k_half, lanes).items():
+            for key, value in layer_features(w, tile, k_half, lanes, threads, grain).items():
                 total[key] += value
         rows.append([total[k] for k in FEATURES] + [1.0])
     return np.asarray(rows, dtype=np.float64)
@@ -301,7 +306,8 @@ def _huber(rel: np.ndarray, delta: float = 0.1) -> float:
 
 
 def fit_kernel_model(
-    works_list: list[list], measured_ms: list[float], tile: int, folds: int = 5, seed: int = 0, lanes: int = 8
+    works_list: list[list], measured_ms: list[float], tile: int, folds: int = 5, seed: int = 0, lanes: int = 8,
+    threads: int = 1,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Fit one precision's kernel model to networks timed on the host: (model table, fit statistics).
 
@@ -313,13 +319,13 @@ def fit_kernel_model(
 
     y = np.asarray(measured_ms, dtype=np.float64) * 1e6  # ns
     best = None
-    for k_half in K_HALF_GRID:
-        x = feature_matrix(works_list, tile, k_half, lanes)
+    for k_half, grain in itertools.product(K_HALF_GRID, GRAIN_GRID if threads > 1 else (0.0,)):
+        x = feature_matrix(works_list, tile, k_half, lanes, threads, grain)
         coef = _relative_nnls(x, y)
         loss = _huber(np.abs(x @ coef / y - 1.0))
         if best is None or loss < best[0]:
-            best = (loss, k_half, x, coef)
-    _, k_half, x, coef = best
+            best = (loss, k_half, grain, x, coef)
+    _, k_half, grain, x, coef = best
     rel = np.abs(x @ coef / y - 1.0)
     cv = np.full(len(y), np.nan)
     if folds > 1 and len(y) >= 2 * folds:
@@ -328,7 +334,9 @@ def fit_kernel_model(
             train = np.setdiff1d(order, fold)
             cv[fold] = np.abs(x[fold] @ _relative_nnls(x[train], y[train]) / y[fold] - 1.0)
     model = {k: float(v) for k, v in zip(FEATURES, coef[:-1], strict=True)}
-    model.update(run_ns=float(coef[-1]), k_half=float(k_half), channel_tile=int(tile))
+    model.update(run_ns=float(coef[-1]), k_half=float(k_half), channel_tile=int(tile), threads=int(threads))
+    if threads > 1:
+        model["grain"] = float(grain)
     stats = {
         "networks": len(y),
         "fit_mape_pct": round(float(rel.mean() * 100), 2),
@@ -462,7 +470,7 @@ def calibrate(
             mine = [p for p, q in paths if q == prec]
             works = [trace_onnx(p)[0] for p in mine]
             kernel_model[prec], fit_stats[prec] = fit_kernel_model(
-                works, [t[p] for p in mine], tiles[prec], seed=settings.seed, lanes=vector_width
+                works, [t[p] for p in mine], tiles[prec], seed=settings.seed, lanes=vector_width, threads=threads
             )
 
     every = list(fit_stats.values())

@@ -214,8 +214,25 @@ def layer_seconds(
     return max(compute_s, memory_s) + overhead_s, bound
 
 
-def layer_features(w: LayerWork, tile: int, k_half: float, lanes: int = 8) -> dict[str, float]:
-    """The kernel model's features of one layer (a fused layer costs only its epilogue, if any)."""
+def layer_features(
+    w: LayerWork, tile: int, k_half: float, lanes: int = 8, threads: int = 1, grain: float = 0.0
+) -> dict[str, float]:
+    """The kernel model's features of one layer (a fused layer costs only its epilogue, if any).
+
+    With ``threads`` > 1, every feature but the dispatch counts is scaled by ``1 - s * (1 - 1/threads)``,
+    ``s = work / (work + grain)``: a kernel splits over the threads only once it has enough work (FLOPs,
+    or values for non-MAC ops), so small layers run nearly serially and large ones nearly ``threads``
+    times faster.
+    """
+    f = _layer_features(w, tile, k_half, lanes)
+    if threads > 1 and grain > 0:
+        work = 2.0 * w.macs if w.macs else float(w.act_out if w.fused else w.act_in + w.act_out)
+        scale = 1.0 - work / (work + grain) * (1.0 - 1.0 / threads)
+        f = {k: v if k in ("ops", "mac_ops") else v * scale for k, v in f.items()}
+    return f
+
+
+def _layer_features(w: LayerWork, tile: int, k_half: float, lanes: int) -> dict[str, float]:
     f = dict.fromkeys(FEATURES, 0.0)
     if w.fused:
         if w.op not in _FREE_FUSED:
@@ -254,7 +271,8 @@ def kernel_seconds(
     """Time of one layer under a fitted kernel model, its largest share (compute | memory | overhead),
     and the overhead share alone (dispatch, which no channel count changes)."""
     parts = {"compute": 0.0, "memory": 0.0, "overhead": 0.0}
-    for name, value in layer_features(w, tile, model["k_half"], lanes).items():
+    features = layer_features(w, tile, model["k_half"], lanes, int(model["threads"]), model["grain"])
+    for name, value in features.items():
         if value:
             share = "compute" if name in _COMPUTE_FEATURES else "overhead" if name.endswith("ops") else "memory"
             parts[share] += value * model[name] * 1e-9
@@ -275,10 +293,17 @@ def fitted_kernel_model(profile: Any, precision: str) -> dict[str, float] | None
             f"{profile.source}: calibration.kernel_model.{precision} lacks {', '.join(missing)}.",
             "Re-run `hwkd profiles calibrate` to write a complete profile.",
         )
-    return {
+    out = {
         k: _calibration_number(profile, f"kernel_model.{precision}.{k}", model[k], allow_zero=True)
         for k in (*FEATURES, "run_ns", "k_half")
     }
+    # threads the fit was timed with and the work at which a kernel reaches half its parallel speed-up
+    # (absent in a 1-thread fit: no speed-up to model)
+    out["threads"] = _calibration_number(profile, f"kernel_model.{precision}.threads", model.get("threads", 1))
+    out["grain"] = _calibration_number(
+        profile, f"kernel_model.{precision}.grain", model.get("grain", 0.0), allow_zero=True
+    )
+    return out
 
 
 def channel_tile(profile: Any, precision: str) -> int:

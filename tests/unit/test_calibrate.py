@@ -103,7 +103,7 @@ def test_calibrate_cli_writes_a_profile_that_loads(tmp_path):
     cal = prof.calibration
     assert set(cal["kernel_model"]) == {"fp32", "int8"}
     for table in cal["kernel_model"].values():
-        assert set(table) == {*FEATURES, "run_ns", "k_half", "channel_tile"}
+        assert set(table) == {*FEATURES, "run_ns", "k_half", "channel_tile", "threads"}  # 1 thread: no grain
         assert all(v >= 0 for v in table.values())
     assert cal["kernel_model"]["fp32"]["channel_tile"] in (8, 16, 32)
     assert prof.runtime.channel_multiple == max(t["channel_tile"] for t in cal["kernel_model"].values())

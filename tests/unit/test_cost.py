@@ -403,3 +403,18 @@ def test_onnx_prices_only_the_qdq_the_runtime_cannot_fold(exported, tmp_path):
     assert qdq[-1].op == "DequantizeLinear" and qdq[-1].act_out == 10  # the logits
     in_graph = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in onnx.load(qpath).graph.node)
     assert len(qdq) <= 4 < in_graph  # the pairs around every QLinearConv (and the weights' DQ) are folded
+
+
+def test_kernel_model_with_threads_splits_only_large_layers():
+    from hwkd.hardware.cost import LayerWork, layer_features
+
+    def conv(macs: int) -> LayerWork:
+        return LayerWork("c", "Conv", macs=macs, params=0, act_in=0, act_out=macs // 36, channels=16, kernel=9,
+                         in_channels=4)  # fmt: skip
+
+    small, large = conv(36 * 16), conv(36 * 16 * 10**5)
+    for w, speedup in ((small, 1.0), (large, 2.0)):
+        serial = layer_features(w, tile=8, k_half=0.0)
+        split = layer_features(w, tile=8, k_half=0.0, threads=2, grain=1e6)
+        assert split["conv_flops"] == pytest.approx(serial["conv_flops"] / speedup, rel=0.02)
+        assert split["ops"] == serial["ops"] == 1.0  # dispatch does not split
