@@ -133,6 +133,8 @@ def main() -> int:
             **{p: errors(pred[m], truth[m]) for p in ("fp32", "int8")
                if (m := np.array([r["precision"] == p for r in rows])).any()},  # fmt: skip
         }
+    # The ceiling any predictor can reach here: how well one timing of a model predicts the next
+    summary["a second timing of the same model (repeatability)"] = {"all": errors(later_ms, measured)}
     drift = float(np.median(later_ms / measured))
     result = {
         "benchmark": "predictor_accuracy",
