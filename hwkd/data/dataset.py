@@ -175,6 +175,8 @@ class Dataset:
         n_workers = self.workers if workers is None else workers
         if n_workers < 0:
             n_workers = auto_workers(self.source.kind, len(idx), batch_size)
+        elif len(idx) <= 2 * batch_size:
+            n_workers = 0  # starting processes costs more than decoding two batches
         pin = device is not None and torch.device(device).type == "cuda"
         return make_loader(
             view,

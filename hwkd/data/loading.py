@@ -91,9 +91,15 @@ class SplitView(TorchDataset):
                     v2.RandomHorizontalFlip(),
                 ]
             )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix_seed(self.seed, epoch, index))
+        # transforms.v2 draws from torch's global CPU generator: seed it for this image, then put the
+        # caller's state back. Not torch.manual_seed: it also queues a CUDA seeding call (with a stack
+        # trace) per image on hosts where CUDA is not initialised.
+        state = torch.get_rng_state()
+        try:
+            torch.default_generator.manual_seed(mix_seed(self.seed, epoch, index))
             return self._crop_flip(img)
+        finally:
+            torch.set_rng_state(state)
 
 
 class EpochBatchSampler(Sampler):
