@@ -3,7 +3,7 @@
 Part 1 (the default run): the three models of one `hwkd compress --profile jetson` run (model_fp32.onnx,
 hwkd's QAT INT8, ORT's static PTQ INT8 of the same FP32 file and calibration images): test accuracy
 from the run's report, size on disk, and onnxruntime p50 latency at batch 1 measured here in
-interleaved rounds (hwkd.ortbench.measure), with the ops ORT really executes.
+interleaved rounds (hwkd.onnx.bench.measure), with the ops ORT really executes.
 
 Part 2 (crossover): where INT8 starts to pay off on this host. MobileNetV2 students of growing width
 and input resolution, untrained (BN statistics from a few batches; latency does not depend on the
@@ -41,8 +41,9 @@ def default_run(run: str | None) -> Path:
 
 
 def part1(run_dir: Path, iterations: int, rounds: int) -> dict:
-    from hwkd import onnx_export as ox
-    from hwkd import ortbench
+    from hwkd.onnx import bench as ortbench
+    from hwkd.onnx import check
+    from hwkd.onnx import export as ox
 
     report = json.loads((run_dir / "report.json").read_text())
     quant = report["quantization"]
@@ -58,7 +59,7 @@ def part1(run_dir: Path, iterations: int, rounds: int) -> dict:
             "size_mb": round(ox.model_size_mb(path), 4),
             "p50_ms": round(stats[path].p50, 4),
             "p90_ms": round(stats[path].p90, 4),
-            "executed_ops": dict(ox.ort_executed_ops(path).most_common()),
+            "executed_ops": dict(check.ort_executed_ops(path).most_common()),
         }
     parity = quant["models"]["qat"].get("parity_vs_pytorch")
     return {
@@ -80,12 +81,13 @@ def part1(run_dir: Path, iterations: int, rounds: int) -> dict:
 def part2(iterations: int, rounds: int) -> list[dict]:
     import torch
 
-    from hwkd import onnx_export as ox
-    from hwkd import ortbench, ptq
     from hwkd.data import load_dataset
     from hwkd.hardware.cost import estimate
     from hwkd.hardware.profiles import load_profile
     from hwkd.models.zoo import ZOO
+    from hwkd.onnx import bench as ortbench
+    from hwkd.onnx import export as ox
+    from hwkd.onnx import ptq
     from hwkd.stages import qat
 
     logging.getLogger("torchao").setLevel(logging.ERROR)
@@ -189,7 +191,7 @@ def markdown(res: dict) -> str:
 def main() -> None:
     import sys
 
-    from hwkd import ortbench
+    from hwkd.onnx import bench as ortbench
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", help="a finished `hwkd compress --profile jetson` run dir to reuse")

@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 
 import hwkd
-from hwkd import onnx_export as ox
 from hwkd.artifacts import atomic_write
 from hwkd.config import ExportConfig
 from hwkd.errors import ConfigError, StageError
+from hwkd.onnx import check
+from hwkd.onnx import export as ox
 from hwkd.pipeline import PipelineState, RunContext, StageResult
 
 FINAL_NAME = "model.onnx"
@@ -39,7 +40,7 @@ def check_precision(cfg, profile):
     FP16 is for GPU profiles (a CUDA/TensorRT/DirectML/ROCm EP in ``runtime.providers``): on a CPU
     EP, FP16 runs slower than FP32, so asking for it on a CPU profile is an error, not a silent loss.
     """
-    from hwkd import ortbench
+    from hwkd.onnx import bench as ortbench
     from hwkd.stages.qat import quant_method
 
     quant_method(cfg.qat)
@@ -82,16 +83,16 @@ def run(state: PipelineState, cfg: ExportConfig, ctx: RunContext) -> tuple[Pipel
         ox.export_onnx(state.student, x, work / FP32_NAME, meta, cfg.opset, name="FP32 student")
         seconds["fp32"] = round(time.perf_counter() - t0, 2)
         advance()
-        par = {"fp32": ox.parity(state.student, work / FP32_NAME, ds.x_test)}
+        par = {"fp32": check.parity(state.student, work / FP32_NAME, ds.x_test)}
         advance()
         if qat:
             t0 = time.perf_counter()
             ox.export_onnx(state.quantized, x, work / QAT_NAME, meta, cfg.opset, name="INT8 student")
             seconds["int8"] = round(time.perf_counter() - t0, 2)
-            par["int8"] = ox.parity(state.quantized, work / QAT_NAME, ds.x_test)
+            par["int8"] = check.parity(state.quantized, work / QAT_NAME, ds.x_test)
         if int8:
             advance()
-            from hwkd import ptq
+            from hwkd.onnx import ptq
 
             t0 = time.perf_counter()
             images = ptq.calibration_images(ds.x_train, cfg.ptq_calibration_images, ctx.seed)
@@ -104,7 +105,7 @@ def run(state: PipelineState, cfg: ExportConfig, ctx: RunContext) -> tuple[Pipel
             t0 = time.perf_counter()
             ox.convert_fp16(work / FP32_NAME, work / FP16_NAME)
             seconds["fp16"] = round(time.perf_counter() - t0, 2)
-            par["fp16"] = ox.parity(state.student, work / FP16_NAME, ds.x_test)
+            par["fp16"] = check.parity(state.student, work / FP16_NAME, ds.x_test)
             advance()
     _check_parity(par, cfg.min_top1_agreement, ctx.rel(work))
 
@@ -130,13 +131,13 @@ def run(state: PipelineState, cfg: ExportConfig, ctx: RunContext) -> tuple[Pipel
         atomic_write(final_path, fp32_path.read_bytes())
         precision = "fp32"
 
-    executed = ox.ort_executed_ops(final_path)
+    executed = check.ort_executed_ops(final_path)
     metrics = {
         "precision": precision,
-        "accuracy": ox.accuracy(final_path, ds.x_test, ds.y_test),
-        "fp32_accuracy": ox.accuracy(fp32_path, ds.x_test, ds.y_test),
+        "accuracy": check.accuracy(final_path, ds.x_test, ds.y_test),
+        "fp32_accuracy": check.accuracy(fp32_path, ds.x_test, ds.y_test),
         "parity": par,
-        "quant_nodes": ox.count_quant_nodes(final_path),
+        "quant_nodes": check.count_quant_nodes(final_path),
         "executed_ops": dict(executed.most_common(TOP_OPS)),
         "model_size_mb": round(ox.model_size_mb(final_path), 4),
         "fp32_model_size_mb": round(ox.model_size_mb(fp32_path), 4),
@@ -170,16 +171,16 @@ def _compare_int8(state: PipelineState, method: str, work: Path, qat: bool, ds, 
     """
     from hwkd.hardware.cost import estimate
 
-    fp32_logits = ox.onnx_predict(work / FP32_NAME, ds.x_test)
+    fp32_logits = check.onnx_predict(work / FP32_NAME, ds.x_test)
     paths = {"fp32": work / FP32_NAME, "ptq": work / PTQ_NAME}
     if qat:
         paths = {"fp32": work / FP32_NAME, "qat": work / QAT_NAME, "ptq": work / PTQ_NAME}
     models = {}
     for label, path in paths.items():
-        logits = ox.onnx_predict(path, ds.x_test)
+        logits = check.onnx_predict(path, ds.x_test)
         models[label] = {
-            "accuracy": ox.accuracy(path, ds.x_test, ds.y_test),
-            "val_accuracy": ox.accuracy(path, ds.x_val, ds.y_val),
+            "accuracy": check.accuracy(path, ds.x_test, ds.y_test),
+            "val_accuracy": check.accuracy(path, ds.x_val, ds.y_val),
             "model_size_mb": round(ox.model_size_mb(path), 4),
             "top1_agreement_with_fp32": float((logits.argmax(1) == fp32_logits.argmax(1)).mean()),
         }

@@ -104,7 +104,8 @@ def test_separate_script_scores_from_metadata_alone(tiny_run):
     from sklearn.datasets import load_digits
 
     from hwkd.data.dataset import Preprocessing
-    from hwkd.onnx_export import onnx_predict, read_metadata
+    from hwkd.onnx.check import onnx_predict
+    from hwkd.onnx.export import read_metadata
 
     out, _, _ = tiny_run
     proc = subprocess.run(

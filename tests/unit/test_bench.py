@@ -9,9 +9,11 @@ import pytest
 from onnx_graphs import detector, fixed_cnn, text_classifier
 from typer.testing import CliRunner
 
-from hwkd import api, ortbench, ortinputs
+from hwkd import api
 from hwkd.cli import app
 from hwkd.errors import ConfigError
+from hwkd.onnx import bench as ortbench
+from hwkd.onnx import inputs as ortinputs
 
 runner = CliRunner()
 FAST = ["--warmup", "2", "--iterations", "12", "--rounds", "3", "--threads", "1"]

@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from hwkd import onnx_export as ox
 from hwkd.config import ExportConfig
 from hwkd.errors import StageError
+from hwkd.onnx import check
+from hwkd.onnx import export as ox
 from hwkd.pipeline import PipelineState, RunContext
 from hwkd.stages import export as export_stage
 
@@ -170,13 +171,13 @@ def test_fp32_export_has_named_io_and_dynamic_batch(fp32):
     assert [o.name for o in graph.output] == ["logits"]
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     for batch in (1, 5):
-        logits = ox.onnx_predict(path, np.random.default_rng(0).standard_normal((batch, 1, 16, 16)))
+        logits = check.onnx_predict(path, np.random.default_rng(0).standard_normal((batch, 1, 16, 16)))
         assert logits.shape == (batch, 4)
 
 
 def test_fp32_parity_is_exact(fp32, ds):
     model, path = fp32
-    par = ox.parity(model, path, ds.x_test)
+    par = check.parity(model, path, ds.x_test)
     assert par["top1_agreement"] == 1.0 and par["disagreements"] == 0
     assert par["max_abs_diff"] < 1e-4
     assert par["samples"] == len(ds.x_test)
@@ -186,19 +187,19 @@ def test_accuracy_matches_pytorch(fp32, ds):
     model, path = fp32
     with torch.no_grad():
         expected = (model(ds.x_test).argmax(1) == ds.y_test).float().mean().item()
-    assert ox.accuracy(path, ds.x_test, ds.y_test) == pytest.approx(expected)
+    assert check.accuracy(path, ds.x_test, ds.y_test) == pytest.approx(expected)
 
 
 def test_predict_batches_large_inputs(fp32, ds):
     _, path = fp32
-    whole = ox.onnx_predict(path, ds.x_test, batch_size=1000)
-    chunked = ox.onnx_predict(path, ds.x_test, batch_size=7)
+    whole = check.onnx_predict(path, ds.x_test, batch_size=1000)
+    chunked = check.onnx_predict(path, ds.x_test, batch_size=7)
     np.testing.assert_allclose(whole, chunked, atol=1e-5)
 
 
 def test_fp32_graph_has_no_quant_nodes_and_size_is_reported(fp32):
     _, path = fp32
-    counts = ox.count_quant_nodes(path)
+    counts = check.count_quant_nodes(path)
     assert counts["QuantizeLinear"] == counts["DequantizeLinear"] == counts["integer_ops"] == 0
     assert counts["total_nodes"] > 0
     assert ox.model_size_mb(path) == pytest.approx(path.stat().st_size / 2**20)
@@ -206,17 +207,17 @@ def test_fp32_graph_has_no_quant_nodes_and_size_is_reported(fp32):
 
 def test_int8_export_has_qdq_and_ort_runs_integer_conv(int8, ds):
     quantized, path = int8
-    counts = ox.count_quant_nodes(path)
+    counts = check.count_quant_nodes(path)
     assert counts["QuantizeLinear"] > 0 and counts["DequantizeLinear"] > 0
-    executed = ox.ort_executed_ops(path)
+    executed = check.ort_executed_ops(path)
     assert executed["QLinearConv"] >= 1
-    assert ox.parity(quantized, path, ds.x_test)["top1_agreement"] >= 0.95
+    assert check.parity(quantized, path, ds.x_test)["top1_agreement"] >= 0.95
     assert json.loads(ox.read_metadata(path)["hwkd.labels"]) == LABELS
 
 
 def test_parity_detects_a_different_model(fp32, ds):
     model, path = fp32
-    par = ox.parity(_negated(model), path, ds.x_test)
+    par = check.parity(_negated(model), path, ds.x_test)
     assert par["top1_agreement"] < 0.95
     assert par["max_abs_diff"] > 1e-2
     assert par["disagreements"] == round((1 - par["top1_agreement"]) * par["samples"]) > 0
@@ -289,8 +290,8 @@ def test_export_stage_with_int8_model(tmp_path, ds, int8):
     }
     assert m["quantization"]["chosen"] == "qat"
     assert set(m["quantization"]["models"]) == {"fp32", "qat", "ptq"}
-    assert ox.count_quant_nodes(tmp_path / "model_ptq.onnx")["QuantizeLinear"] > 0
-    assert ox.count_quant_nodes(tmp_path / "model.onnx")["QuantizeLinear"] > 0
+    assert check.count_quant_nodes(tmp_path / "model_ptq.onnx")["QuantizeLinear"] > 0
+    assert check.count_quant_nodes(tmp_path / "model.onnx")["QuantizeLinear"] > 0
     json.dumps(result.to_dict())  # the pipeline writes it as JSON
 
 

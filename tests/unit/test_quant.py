@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from hwkd import onnx_export as ox
-from hwkd import ptq
 from hwkd.config import PipelineConfig, QatConfig
 from hwkd.errors import ConfigError
 from hwkd.hardware.profiles import load_profile
+from hwkd.onnx import check, ptq
+from hwkd.onnx import export as ox
 from hwkd.stages import qat
 from hwkd.stages.export import check_precision
 
@@ -57,12 +57,15 @@ def test_unknown_quantizer_is_a_config_error():
 
 
 @pytest.mark.parametrize("family", ["x86", "arm"])
-def test_every_family_quantizes_weights_per_channel_symmetric(family):
+def test_every_family_quantizes_u8_activations_and_s8_per_channel_weights(family):
     quantizer = qat.make_quantizer(family)
-    assert isinstance(quantizer, qat.OrtQuantizer)
-    weight = quantizer.base.global_config.weight
+    assert isinstance(quantizer, OrtQuantizer) and quantizer.family == family
+    weight = quantizer.weight
     assert weight.qscheme == torch.per_channel_symmetric and weight.ch_axis == 0
-    assert weight.dtype == torch.int8
+    assert weight.dtype == torch.int8 and (weight.quant_min, weight.quant_max) == (-128, 127)
+    assert quantizer.act.dtype == torch.uint8 and (quantizer.act.quant_min, quantizer.act.quant_max) == (0, 255)
+    seven = qat.make_quantizer(family, reduce_range=True).weight
+    assert (seven.quant_min, seven.quant_max) == (-64, 63)
 
 
 def test_residual_add_and_head_run_as_integer_kernels_in_ort(tmp_path):
@@ -75,13 +78,13 @@ def test_residual_add_and_head_run_as_integer_kernels_in_ort(tmp_path):
             prepared(torch.randn(16, 1, 12, 12))
     converted = qat.convert(prepared)
     path = ox.export_onnx(converted, torch.randn(2, 1, 12, 12), tmp_path / "q.onnx", {})
-    executed = ox.ort_executed_ops(path)
+    executed = check.ort_executed_ops(path)
     assert executed["QLinearConv"] >= 2, executed
     assert "FusedConv" not in executed, executed  # conv + add fused in FP32 = the old, slower graph
     assert executed["QGemm"] == 1, executed
     # and the INT8 graph still computes the same function (parity with PyTorch)
     x = torch.randn(32, 1, 12, 12)
-    par = ox.parity(converted, path, x)
+    par = check.parity(converted, path, x)
     assert par["top1_agreement"] >= 0.9 and par["max_abs_diff"] < 0.5
 
 
@@ -92,13 +95,13 @@ def test_ptq_produces_qdq_that_runs_and_keeps_metadata(tmp_path):
     assert images.shape == (64, 1, 12, 12) and images.dtype == np.float32
     out = ptq.quantize_ptq(fp32, tmp_path / "ptq.onnx", images)
     onnx.checker.check_model(str(out))
-    nodes = ox.count_quant_nodes(out)
+    nodes = check.count_quant_nodes(out)
     assert nodes["QuantizeLinear"] > 0 and nodes["DequantizeLinear"] > nodes["QuantizeLinear"]
     meta = ox.read_metadata(out)
     assert meta["hwkd.profile"] == "p" and meta["hwkd.quantization"] == "ort-static-ptq"
-    assert "QLinearConv" in ox.ort_executed_ops(out)
+    assert "QLinearConv" in check.ort_executed_ops(out)
     x = torch.randn(64, 1, 12, 12)
-    ref, got = ox.onnx_predict(fp32, x), ox.onnx_predict(out, x)
+    ref, got = check.onnx_predict(fp32, x), check.onnx_predict(out, x)
     assert got.shape == ref.shape
     assert np.mean(ref.argmax(1) == got.argmax(1)) >= 0.85
     assert not list(tmp_path.glob("*.tmp"))
@@ -145,5 +148,5 @@ def test_fp16_export_is_valid_and_runs_on_the_cpu_ep(tmp_path):
     assert ox.read_metadata(half)["hwkd.precision"] == "fp16"
     assert ox.model_size_mb(half) < ox.model_size_mb(fp32)
     x = torch.randn(16, 1, 12, 12)
-    par = ox.parity(model, half, x)
+    par = check.parity(model, half, x)
     assert par["top1_agreement"] == 1.0 and par["max_abs_diff"] < 0.05

@@ -22,7 +22,7 @@ import numpy as np
 
 from hwkd.artifacts import save_with
 from hwkd.errors import StageError
-from hwkd.onnx_export import set_metadata
+from hwkd.onnx.export import set_metadata
 
 CALIBRATION_BATCH = 32
 
