@@ -15,6 +15,7 @@ from hwkd.errors import ConfigError
 from hwkd.hardware.profiles import load_profile
 from hwkd.onnx import check, ptq
 from hwkd.onnx import export as ox
+from hwkd.onnx.quantizer import OrtQuantizer
 from hwkd.stages import qat
 from hwkd.stages.export import check_precision
 
@@ -98,7 +99,7 @@ def test_ptq_produces_qdq_that_runs_and_keeps_metadata(tmp_path):
     nodes = check.count_quant_nodes(out)
     assert nodes["QuantizeLinear"] > 0 and nodes["DequantizeLinear"] > nodes["QuantizeLinear"]
     meta = ox.read_metadata(out)
-    assert meta["hwkd.profile"] == "p" and meta["hwkd.quantization"] == "ort-static-ptq"
+    assert meta["hwkd.profile"] == "p" and meta["hwkd.quantization"] == "ort-static-ptq:ptq"
     assert "QLinearConv" in check.ort_executed_ops(out)
     x = torch.randn(64, 1, 12, 12)
     ref, got = check.onnx_predict(fp32, x), check.onnx_predict(out, x)
