@@ -287,9 +287,12 @@ def test_export_stage_with_int8_model(tmp_path, ds, int8):
         "int8": tmp_path / "model.onnx",
         "qat": tmp_path / "model.onnx",
         "ptq": tmp_path / "model_ptq.onnx",
+        "ptq_u8s8": tmp_path / "model_ptq_u8s8.onnx",
+        "ptq_tuned": tmp_path / "model_ptq_tuned.onnx",
     }
     assert m["quantization"]["chosen"] == "qat"
-    assert set(m["quantization"]["models"]) == {"fp32", "qat", "ptq"}
+    assert set(m["quantization"]["models"]) == {"fp32", "qat", "ptq", "ptq_u8s8", "ptq_tuned"}
+    assert m["executed"]["float_compute"] == {} and m["executed"]["integer_kernels"] > 0
     assert check.count_quant_nodes(tmp_path / "model_ptq.onnx")["QuantizeLinear"] > 0
     assert check.count_quant_nodes(tmp_path / "model.onnx")["QuantizeLinear"] > 0
     json.dumps(result.to_dict())  # the pipeline writes it as JSON
@@ -310,6 +313,6 @@ def test_export_stage_rejects_broken_parity(tmp_path, ds, monkeypatch):
         export_stage.run(_state(ds, student, quantized=student), ExportConfig(), ctx)
     msg = str(err.value)
     assert "fp32: top-1 agreement 1.0000" in msg and "int8: top-1 agreement 0." in msg
-    assert "0.9800" in msg
+    assert "images with a clear answer" in msg and "0.9900" in msg
     assert not (tmp_path / "model.onnx").exists() and not (tmp_path / "model_fp32.onnx").exists()
     assert (tmp_path / "stages" / "export" / "model_qat.onnx").exists()  # kept for inspection

@@ -151,3 +151,90 @@ def test_fp16_export_is_valid_and_runs_on_the_cpu_ep(tmp_path):
     x = torch.randn(16, 1, 12, 12)
     par = check.parity(model, half, x)
     assert par["top1_agreement"] == 1.0 and par["max_abs_diff"] < 0.05
+
+
+def test_ptq_variants_call_quantize_static_with_their_documented_types(tmp_path):
+    """defaults: int8 activations; U8S8: uint8 activations, int8 weights; tuned: per-channel too."""
+    model = _trained_like(Residual())
+    fp32 = ox.export_onnx(model, torch.randn(2, 1, 12, 12), tmp_path / "fp32.onnx", {})
+    images = ptq.calibration_images(torch.randn(64, 1, 12, 12), 32)
+    kinds = {}
+    for label in ptq.VARIANTS:
+        out = ptq.quantize_ptq(fp32, tmp_path / f"{label}.onnx", images, variant=label)
+        graph = onnx.load(str(out)).graph
+        inits = {t.name: t for t in graph.initializer}
+        act_zp = [inits[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear" and n.input[2] in inits]
+        w_scales = [
+            inits[n.input[1]] for n in graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits and len(inits[n.input[0]].dims) == 4
+        ]
+        kinds[label] = (act_zp[0].data_type, max(len(s.dims) and s.dims[0] for s in w_scales))
+    assert kinds["ptq"][0] == onnx.TensorProto.INT8 and kinds["ptq"][1] in (0, 1)  # S8S8, per-tensor
+    assert kinds["ptq_u8s8"][0] == onnx.TensorProto.UINT8 and kinds["ptq_u8s8"][1] in (0, 1)
+    assert kinds["ptq_tuned"][0] == onnx.TensorProto.UINT8 and kinds["ptq_tuned"][1] > 1  # per-channel
+    assert "hwkd-tuned" in ptq.VARIANTS["ptq_tuned"].by and "defaults" in ptq.VARIANTS["ptq"].by
+
+
+def test_calibration_takes_an_iterable_of_batches():
+    loader = [(torch.full((4, 1, 2, 2), float(i)), torch.zeros(4)) for i in range(5)]
+    images = ptq.calibration_images(iter(loader), 10)
+    assert images.shape == (10, 1, 2, 2) and images[-1, 0, 0, 0] == 2.0
+
+
+def test_near_ties_are_relative_to_the_logit_scale():
+    ref = np.array([[10.0, 0.0, -10.0], [5.0, 4.5, -10.0], [0.1, 0.0, -20.0]])  # margins 10, 0.5, 0.1
+    tie, scale = check.near_ties(ref)
+    assert scale == pytest.approx(20.0)  # median of max - min (20, 15, 20.1)
+    assert tie.tolist() == [False, True, True]  # margin < 0.05 * 20 = 1.0
+
+
+class _Fixed(nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.as_tensor(logits, dtype=torch.float32)
+
+    def forward(self, x):
+        return self.logits[x[:, 0, 0, 0].long()]
+
+
+def _onnx_of(logits, tmp_path, name):
+    """An ONNX model that returns row i of ``logits`` for input i (Gather on a constant table)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.asarray(logits, dtype=np.float32), "table")
+    nodes = [
+        helper.make_node("Reshape", ["input", "flat"], ["f"]),
+        helper.make_node("Cast", ["f"], ["idx"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["table", "idx"], ["logits"]),
+    ]
+    consts = [numpy_helper.from_array(np.array([-1], dtype=np.int64), "flat")]
+    graph = helper.make_graph(
+        nodes, "fixed", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 1, 1])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(logits[0])])], [table, *consts],
+    )
+    path = tmp_path / name
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_parity_excuses_near_ties_and_stays_strict_on_clear_answers(tmp_path):
+    from hwkd.errors import StageError
+    from hwkd.stages.export import _check_parity
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(0, 1, (200, 10)).astype(np.float32)
+    ref[:, 0] += 8.0  # a clear answer on every image ...
+    ref[:20, 1] = ref[:20, 0] - 0.01  # ... but 20 near ties (10%)
+    flipped = ref.copy()
+    flipped[:20, [0, 1]] = flipped[:20, [1, 0]]  # INT8 rounding flips exactly the near ties
+    x = torch.arange(200, dtype=torch.float32).reshape(200, 1, 1, 1)
+    par = check.parity(_Fixed(ref), _onnx_of(flipped, tmp_path, "ties.onnx"), x)
+    assert par["top1_agreement"] == pytest.approx(0.90) and par["near_tie_disagreements"] == 20
+    assert par["clear_top1_agreement"] == 1.0 and par["clear_samples"] == 180
+    _check_parity({"int8": par}, 0.99, "stages/export")  # accepted: 0.90 overall, 1.0 where clear
+
+    broken = ref.copy()
+    broken[20:24, [0, 2]] = broken[20:24, [2, 0]]  # 4 flips where FP32 is clear: 4/180 > 1%
+    par = check.parity(_Fixed(ref), _onnx_of(broken, tmp_path, "broken.onnx"), x)
+    with pytest.raises(StageError, match="clear answer"):
+        _check_parity({"int8": par}, 0.99, "stages/export")
