@@ -87,31 +87,16 @@ def _negated(model: nn.Module) -> nn.Module:
 
 
 def _int8(model: nn.Module):
-    """A torchao PT2E-converted INT8 GraphModule (X86 quantizer, calibration only: fast in tests).
+    """A torchao PT2E-converted INT8 GraphModule from hwkd's quantizer (BN folded, observers fed a few
+    batches instead of QAT training: fast in tests, the same Q/DQ form as the qat stage)."""
+    from hwkd.stages import qat
 
-    The qat stage uses prepare_qat_pt2e; its converted graph has the same Q/DQ form, but folding
-    conv-BN in QAT convert costs ~30 s of pattern tracing, too slow for a unit test.
-    """
-    from torchao.quantization.pt2e import move_exported_model_to_eval
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer,
-        get_default_x86_inductor_quantization_config,
-    )
-
-    x = torch.randn(4, 1, 16, 16)
-    dyn = ({0: torch.export.Dim("batch", min=1, max=1024)},)
-    gm = torch.export.export(model.eval(), (x,), dynamic_shapes=dyn).module()
-    quantizer = X86InductorQuantizer()
-    quantizer.set_global(get_default_x86_inductor_quantization_config(is_qat=False))
-    prepared = prepare_pt2e(gm, quantizer)
+    prepared, _ = qat.prepare_qat(model.eval(), torch.randn(4, 1, 16, 16), "x86")
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _ in range(4):
             prepared(torch.randn(32, 1, 16, 16, generator=g))
-    converted = convert_pt2e(prepared)
-    move_exported_model_to_eval(converted)
-    return converted
+    return qat.convert(prepared)
 
 
 @pytest.fixture(scope="module")
