@@ -1,12 +1,15 @@
 """Stage 3: quantization-aware distillation. INT8 fake-quant training (torchao PT2E) of the student,
 with the FP32 student itself as the teacher, so INT8 learns to mimic the model it replaces.
 
-Recipe: weights per-channel symmetric, activations per-tensor (the quantizer's defaults). BatchNorm is
-folded into the convolutions before fake-quant is inserted (the student is already trained, so its BN
-statistics are final); this is also what the deployed graph computes, and it spares torchao's conv-BN
-pattern rewrite, which costs ~25 s per model. Observers are frozen for the last part of training so the
-final epochs fine-tune against fixed quantization grids. Models that torch.fx cannot trace keep their BN
-and go through torchao's own QAT conv-BN handling (slower, same result), with BN frozen late in training.
+Recipe (hwkd.onnx.quantizer): uint8 per-tensor activations, int8 per-channel symmetric weights, Q/DQ
+where onnxruntime's CPU EP fuses them into integer kernels (every conv, linear, add, mul, sigmoid).
+BatchNorm is folded into the convolutions before fake-quant is inserted (the student is already
+trained, so its BN statistics are final); this is also what the deployed graph computes, and it spares
+torchao's conv-BN pattern rewrite, which costs ~25 s per model. Observers are frozen for the last part
+of training so the final epochs fine-tune against fixed quantization grids. Models that torch.fx cannot
+trace keep their BN and go through torchao's own QAT conv-BN handling (slower, same result), with BN
+frozen late in training. If the quantizer cannot handle the student, the run goes on with onnxruntime's
+static PTQ as the INT8 model, and says so.
 """
 
 from __future__ import annotations
@@ -154,7 +157,18 @@ def run(state: PipelineState, cfg: QatConfig, ctx: RunContext) -> tuple[Pipeline
     family = quantizer_family(cfg, state.profile)
     fp32 = copy.deepcopy(state.student).eval()
     seven_bit = reduce_range(cfg)
-    prepared, bn_folded = prepare_qat(state.student, state.dataset.x_train[:2], family, seven_bit)
+    try:
+        prepared, bn_folded = prepare_qat(state.student, state.dataset.x_train[:2], family, seven_bit)
+    except StageError as exc:
+        # Handled, not refused: the FP32 model still exports and onnxruntime's PTQ quantizes it; the
+        # qat metrics and the report's INT8 selection say so.
+        ctx.log.warning("qat: %s Falling back to onnxruntime static PTQ.", exc.args[0] if exc.args else exc)
+        result = StageResult("qat", metrics={
+            "method": "ptq", "precision": "int8", "trained": False,
+            "fallback": f"hwkd's quantizer failed on this student; model.onnx is onnxruntime static PTQ. "
+                        f"{exc.args[0] if exc.args else exc}",
+        })
+        return dataclasses.replace(state, quantized=None, quant_method="ptq", reduce_range=seven_bit), result
 
     bn_frozen = {"on": False}
 
@@ -186,7 +200,14 @@ def run(state: PipelineState, cfg: QatConfig, ctx: RunContext) -> tuple[Pipeline
         on_epoch_start=on_epoch_start,
         modes=modes,
     )
-    converted = convert(prepared)
+    try:
+        converted = convert(prepared)
+    except Exception as exc:  # torchao's convert on a graph it prepared: its bug, explained
+        raise StageError(
+            f"qat: torchao could not convert the fake-quant student to INT8 ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}).",
+            "Use --quant ptq (onnxruntime static PTQ of the FP32 model) or --precision fp32.",
+        ) from exc
     ds = state.dataset
     metrics = {
         "accuracy": accuracy(converted, ds.x_test, ds.y_test, Modes(eval=move_exported_model_to_eval)),

@@ -301,3 +301,24 @@ def test_export_stage_rejects_broken_parity(tmp_path, ds, monkeypatch):
     assert "images with a clear answer" in msg and "0.9900" in msg
     assert not (tmp_path / "model.onnx").exists() and not (tmp_path / "model_fp32.onnx").exists()
     assert (tmp_path / "stages" / "export" / "model_qat.onnx").exists()  # kept for inspection
+
+
+def test_a_quantizer_failure_falls_back_to_ort_ptq_and_says_so(tmp_path, ds, monkeypatch):
+    """hwkd's quantizer failing on a student is handled: the run ships ORT's PTQ, and the qat metrics
+    and the INT8 selection say why (issue 10: prefer handling over refusing, never a traceback)."""
+    from hwkd.config import QatConfig
+    from hwkd.stages import qat
+
+    def refuse(*args, **kwargs):
+        raise StageError("qat: hwkd's INT8 quantizer could not annotate the student's graph (ValueError: x).")
+
+    monkeypatch.setattr(qat, "prepare_qat", refuse)
+    student = _trained_like(TinyNet())
+    ctx = RunContext(run_dir=tmp_path)
+    state, result = qat.run(_state(ds, student), QatConfig(quantizer="x86"), ctx)
+    assert state.quantized is None and state.quant_method == "ptq"
+    assert "could not annotate" in result.metrics["fallback"] and result.metrics["method"] == "ptq"
+    state, result = export_stage.run(state, ExportConfig(), ctx)
+    q = result.metrics["quantization"]
+    assert q["chosen"] in ("ptq", "ptq_u8s8", "ptq_tuned") and "qat" not in q["models"]
+    assert (tmp_path / "model.onnx").is_file()
