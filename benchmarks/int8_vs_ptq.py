@@ -225,7 +225,8 @@ def markdown(res: dict) -> str:
         f"{h['onnxruntime']}, CPU EP. **The host was shared with other sessions** (1-min load average "
         f"{h['load_average_1min']} at the start): numbers are medians (p50) of runs timed in interleaved rounds, "
         "and each ratio compares numbers measured side by side in the same rounds.",
-        f"Command: `{res['command']}`",
+        f"Command: `{res['command']}`" + (f" (rows of the models it did not run come from `{res['reused']}`, "
+                                          "run earlier on the same host)" if res.get("reused") else ""),
         "",
         "Accuracy: the default student only, on the held-out digits test split of its run "
         f"({_data(res)}); the torchvision models have random-init weights (latency only).",
@@ -267,6 +268,8 @@ def main() -> None:
     parser.add_argument("--vision-iterations", type=int, default=20, help="per variant and batch, 224 px models")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calibration", type=int, default=32, help="random images calibrating the 224 px models")
+    parser.add_argument("--reuse", help="results JSON of an earlier run: its models are kept (with its command)")
+    parser.add_argument("--out", default="int8_vs_ptq", help="results file stem under benchmarks/results/")
     args = parser.parse_args()
     logging.getLogger("torchao").setLevel(logging.ERROR)
     t0 = time.time()
@@ -295,11 +298,18 @@ def main() -> None:
             if name == "resnet18":
                 res["resnet18_profile"] = {k: ort_profile(files[k]) for k in ("fp32", "hwkd", "ptq_u8s8")}
             print(name, json.dumps(res["models"][name]["ratios"]), flush=True)
+    if args.reuse:
+        old = json.loads(Path(args.reuse).read_text())
+        for name, m in old["models"].items():
+            res["models"].setdefault(name, {**m, "measured_by": old["command"], "host_load_then": old["host"]["load_average_1min"]})
+        if "resnet18_profile" in old and "resnet18_profile" not in res:
+            res["resnet18_profile"] = old["resnet18_profile"]
+        res["reused"] = old["command"]
     res["goals"] = goals(res)
     res["seconds"] = round(time.time() - t0, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "int8_vs_ptq.json").write_text(json.dumps(res, indent=2, default=float) + "\n")
-    (RESULTS / "int8_vs_ptq.md").write_text(markdown(res))
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(res, indent=2, default=float) + "\n")
+    (RESULTS / f"{args.out}.md").write_text(markdown(res))
     print(markdown(res))
 
 

@@ -238,3 +238,23 @@ def test_parity_excuses_near_ties_and_stays_strict_on_clear_answers(tmp_path):
     par = check.parity(_Fixed(ref), _onnx_of(broken, tmp_path, "broken.onnx"), x)
     with pytest.raises(StageError, match="clear answer"):
         _check_parity({"int8": par}, 0.99, "stages/export")
+
+
+def test_report_lists_what_ort_executes_for_every_int8_model():
+    from hwkd.report.markdown import _quantization_section
+
+    ex_int = {"ops": {}, "integer_kernels": 24, "float_compute": {}, "transpose": 2}
+    ex_fp = {"ops": {}, "integer_kernels": 14, "float_compute": {"Conv": 6, "Add": 3}, "transpose": 12}
+    row = {"accuracy": 0.99, "val_accuracy": 0.98, "top1_agreement_with_fp32": 1.0, "model_size_mb": 0.1}
+    q = {
+        "chosen": "qat", "selection": "--quant qat", "calibration_images": 256,
+        "models": {
+            "fp32": {**row, "recipe": "FP32"},
+            "qat": {**row, "executed": ex_int, "recipe": "hwkd QAT"},
+            "ptq": {**row, "executed": ex_fp, "recipe": "defaults [onnxruntime defaults]"},
+        },
+    }
+    md = "\n".join(_quantization_section(q))
+    assert "24 integer kernels; FP32 compute: none; 2 Transpose" in md
+    assert "14 integer kernels; FP32 compute: Conv 6, Add 3; 12 Transpose" in md
+    assert "ORT PTQ, defaults (S8S8)" in md and "hwkd QAT INT8 ← model.onnx" in md
