@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hwkd import ortbench
 from hwkd.artifacts import atomic_write, write_json
 from hwkd.hardware.calibrate import CalibrationSettings, calibrate, quantize
 from hwkd.hardware.cost import estimate_onnx
 from hwkd.hardware.profiles import dump_profile_toml, load_profile
 from hwkd.models.zoo import ZOO
-from hwkd.onnx_export import export_onnx
+from hwkd.onnx import bench as ortbench
+from hwkd.onnx.export import export_onnx
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

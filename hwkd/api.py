@@ -169,7 +169,7 @@ def compress(
     from hwkd.hardware.profiles import load_profile
     from hwkd.kd.losses import make_kd_loss
     from hwkd.models.loaders import build_student, load_teacher
-    from hwkd.onnx_export import export_onnx, model_size_mb, onnx_metadata
+    from hwkd.onnx.export import export_onnx, model_size_mb, onnx_metadata
     from hwkd.pipeline import PipelineState, Progress, RunContext, run_stages
     from hwkd.pipeline import log as default_log
     from hwkd.report.build import build_report, write_reports
@@ -380,7 +380,7 @@ def benchmark(
         rec = hwkd.benchmark(["a.onnx", "b.onnx"], batches=[1, 8], shapes={"height": (640,)})
         print(rec["latency_ms"]["p50"], [r["p50_ratio"] for r in rec["results"]])
     """
-    from hwkd import ortbench
+    from hwkd.onnx import bench as ortbench
 
     if not models:
         raise ConfigError("hwkd bench needs at least one ONNX model.", "Example: hwkd bench model.onnx")

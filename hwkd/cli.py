@@ -382,7 +382,7 @@ def bench(
     """Time ONNX models with onnxruntime on this host: p50/p90/p99, mean, std, throughput, memory."""
     with handle_errors(debug):
         from hwkd import api
-        from hwkd.ortinputs import parse_input_flags, parse_shape_flags
+        from hwkd.onnx.inputs import parse_input_flags, parse_shape_flags
 
         batches = _int_list(batch, "--batch")
         if iterations is not None and duration is not None:

@@ -1,6 +1,6 @@
 """``hwkd profiles calibrate``: measure this host with onnxruntime and write a profile that predicts it.
 
-Run it on the target itself. It times, with hwkd.ortbench (interleaved rounds, medians):
+Run it on the target itself. It times, with hwkd.onnx.bench (interleaved rounds, medians):
 
 1. a long-reduction conv per precision (FP32, INT8 QDQ): the throughput the CPU reaches, ``peak_gflops``;
 2. a large elementwise Add: the memory bandwidth onnxruntime sees;
@@ -391,9 +391,9 @@ def calibrate(
     """
     import onnx
 
-    from hwkd import ortbench
     from hwkd.hardware.onnx_trace import trace_onnx
     from hwkd.hardware.profiles import load_profile, profile_from_dict
+    from hwkd.onnx import bench as ortbench
 
     say = log or (lambda msg: None)
     bad = [p for p in settings.precisions if p not in ("fp32", "int8")]
