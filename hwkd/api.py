@@ -224,7 +224,7 @@ def compress(
     if "prune" in cfg.stages or cfg.distill.penalty_weight > 0:
         from hwkd.models.depgraph import unprunable_layers
 
-        unprunable_layers(student_model, dataset.x_val[:1])  # torch-pruning trouble fails here, before training
+        unprunable_layers(student_model, dataset.x_val[:1], check_groups=True)  # fails here, before training
 
     clear_run_dir(run_dir)
     ctx = RunContext(run_dir=run_dir, device=cfg.device, seed=cfg.seed, log=log, progress=progress, train=cfg.train)

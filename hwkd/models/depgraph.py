@@ -138,10 +138,21 @@ def dependency_graph(model: nn.Module, example_input: Any):
         return _tolerant_graph_class()().build_dependency(model, example_inputs=example_input, verbose=False)
 
 
-def unprunable_layers(model: nn.Module, example_input: Any) -> dict[str, str]:
-    """``{layer name: reason}`` for the layers hwkd will leave unpruned (empty for most models)."""
+def unprunable_layers(model: nn.Module, example_input: Any, check_groups: bool = False) -> dict[str, str]:
+    """``{layer name: reason}`` for the layers hwkd will leave unpruned (empty for most models).
+
+    ``check_groups`` also forms every channel group once, as pruning will, so that a torch-pruning
+    failure surfaces now (``api.compress`` calls it before any training) rather than after hours of it.
+    """
     names = {m: n for n, m in model.named_modules()}
     dg = dependency_graph(model, example_input)
+    if check_groups:
+        from hwkd.models.loaders import find_head
+
+        with torch_pruning_errors(model, "grouping the channels that prune together"):
+            ignored = [find_head(model), *dg.hwkd_unprunable]
+            for _ in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv1d, nn.Conv2d, nn.Linear)):
+                pass
     return {names.get(m, type(m).__name__): why for m, why in dg.hwkd_unprunable.items()}
 
 

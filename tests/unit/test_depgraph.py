@@ -94,3 +94,15 @@ def test_other_torch_pruning_failures_become_stage_errors(monkeypatch):
 def test_errors_not_from_torch_pruning_pass_through_unchanged():
     with pytest.raises(KeyError), torch_pruning_errors(nn.Linear(1, 1), "pruning"):
         raise KeyError("mine")
+
+
+def test_preflight_forms_every_group_and_reports_grouping_failures(monkeypatch):
+    model = _shufflenet()
+    assert unprunable_layers(model, _x(), check_groups=True)  # shufflenet: handled, no error
+
+    def broken(self, *args, **kwargs):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", broken)
+    with pytest.raises(StageError, match="grouping the channels that prune together.*IndexError"):
+        unprunable_layers(Tiny().eval(), _x(), check_groups=True)
