@@ -18,7 +18,7 @@ import pytest
 from image_folders import make_image_folder
 from typer.testing import CliRunner
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.arch]
 
 _HAVE_VISION = all(importlib.util.find_spec(m) is not None for m in ("torchvision", "timm"))
 if not _HAVE_VISION:
