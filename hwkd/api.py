@@ -139,6 +139,7 @@ def compress(
     teacher_weights: str | list[float] | None = None,
     data: str | None = None,
     student: str | None = None,
+    student_weights: str | None = None,
     out: str | os.PathLike | None = None,
     config: str | os.PathLike | None = None,
     overrides: dict[str, Any] | None = None,
@@ -156,7 +157,9 @@ def compress(
     With no ``teacher`` and ``data``, runs on the embedded default (scikit-learn digits and a built-in
     ResNet teacher trained on first use and cached). ``teacher`` may be a list (multi-teacher KD);
     ``teacher_weights`` is a list, ``"0.6,0.4"``, ``"equal"`` (default) or ``"auto"`` (from each
-    teacher's validation accuracy).
+    teacher's validation accuracy). ``teacher_arch`` / ``student`` name architectures: a zoo name,
+    ``torchvision:NAME``, ``timm:NAME`` (the ``hwkd[vision]`` extra) or ``pkg.mod:fn`` (``trust_code``);
+    ``student_weights`` is a state dict or hwkd checkpoint to start the student from.
     """
     import torch
 
@@ -180,6 +183,9 @@ def compress(
     started = time.time()
     # torchao logs a warning for each optional CUDA kernel library it cannot load on a CPU-only host.
     logging.getLogger("torchao").setLevel(logging.ERROR)
+    from hwkd.quiet import quiet_torchao_import
+
+    quiet_torchao_import()
     # Everything that can be checked without training is checked first, so bad input fails in seconds.
     cfg = resolve_config(config, overrides)
     prof = load_profile(profile)
@@ -218,9 +224,14 @@ def compress(
         teacher_info["val_accuracy_check"] = scores
     weights = resolve_teacher_weights(teacher_weights, teacher_models, dataset)
     student_model, student_spec = build_student(
-        student, teacher_model, teacher_spec, dataset.num_classes, c, trust_code, dataset.example_input()
-    )
+        student, teacher_model, teacher_spec, dataset.num_classes, c, trust_code, dataset.example_input(),
+        weights=student_weights,
+    )  # fmt: skip
     check_compatible(student_model, dataset)
+    if "prune" in cfg.stages or cfg.distill.penalty_weight > 0:
+        from hwkd.models.depgraph import unprunable_layers
+
+        unprunable_layers(student_model, dataset.example_input(), check_groups=True)  # fails here, before training
 
     clear_run_dir(run_dir)
     ctx = RunContext(run_dir=run_dir, device=str(device), amp=cfg.amp, seed=cfg.seed, log=log, progress=progress,
@@ -248,6 +259,7 @@ def compress(
             "teacher_weights": teacher_weights,
             "data": data,
             "student": student,
+            "student_weights": student_weights,
             "image_size": image_size,
             "latency_budget": latency_budget,
             "memory_budget": memory_budget,

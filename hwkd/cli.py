@@ -180,10 +180,17 @@ def compress(
         str | None, typer.Option(help="constant | linear | adaptive | multi (see docs).")
     ] = None,
     alpha: Annotated[float | None, typer.Option(help="Weight of the soft (teacher) loss; 1 - alpha on the labels.")] = None,
-    teacher_arch: Annotated[str | None, typer.Option(help="Zoo architecture of a state-dict teacher.")] = None,
+    teacher_arch: Annotated[
+        str | None,
+        typer.Option(help="Architecture of a state-dict teacher: torchvision:NAME, timm:NAME, a zoo name, or module:factory."),
+    ] = None,
     data: Annotated[str | None, typer.Option(help="Image folder (one subfolder per class) or .npz with x/y.")] = None,
     student: Annotated[
-        str | None, typer.Option(help="Zoo name, module:factory, or a width multiplier of the teacher (0.5x).")
+        str | None,
+        typer.Option(help="torchvision:NAME, timm:NAME, a zoo name, module:factory, or a width of the teacher (0.5x)."),
+    ] = None,
+    student_weights: Annotated[
+        Path | None, typer.Option(help="State dict (or hwkd checkpoint) to start the student from; default fresh.")
     ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default runs/<time>).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="Recipe TOML (same keys as --set).")] = None,
@@ -253,6 +260,7 @@ def compress(
             teacher_weights=teacher_weights,
             data=data,
             student=student,
+            student_weights=str(student_weights) if student_weights else None,
             out=out_dir,
             config=config,
             overrides=overrides,
