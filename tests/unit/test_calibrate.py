@@ -107,7 +107,7 @@ def test_calibrate_cli_writes_a_profile_that_loads(tmp_path):
         assert all(v >= 0 for v in table.values())
     assert cal["kernel_model"]["fp32"]["channel_tile"] in (8, 16, 32)
     assert prof.runtime.channel_multiple == max(t["channel_tile"] for t in cal["kernel_model"].values())
-    assert cal["measured"]["fit_networks"] == 6 and cal["measured"]["threads"] == 1
+    assert cal["measured"]["fit_networks"] == 8 and cal["measured"]["threads"] == 1
     assert set(cal["measured"]["fit"]) == {"fp32", "int8"}
     assert load_profile(out) == prof and dump_profile_toml(prof)  # round-trips
     # the profile prices any ONNX graph
