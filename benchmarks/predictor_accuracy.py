@@ -138,7 +138,8 @@ def main() -> int:
         for row in rows:
             path = row.pop("path")
             prec = row["precision"]
-            peak = host.hardware.peak_gflops[prec] * 1e9
+            peaks = {1: host.calibration["probes"]["peak_gflops_1thread"].get(prec, 0.0) * 1e9,
+                     threads: host.hardware.peak_gflops[prec] * 1e9}  # fmt: skip
             for n in counts:
                 est = estimate_onnx(path, host, prec, threads=n)
                 bi = dataclasses.replace(builtin, runtime=dataclasses.replace(builtin.runtime, threads=n))
@@ -146,8 +147,7 @@ def main() -> int:
                     "measured_p50_ms": round(interleaved[(path, n)], 4),
                     "later_p50_ms": round(later[(path, n)], 4),
                     "estimated_ms": round(est.latency_ms, 4),
-                    # peak was measured at the profile's threads; scale it for 1 thread
-                    "macs_peak_ms": round(2 * est.macs / (peak * n / threads) * 1e3, 4),
+                    "macs_peak_ms": round(2 * est.macs / peaks[n] * 1e3, 4),  # peak measured at n threads
                     "builtin_profile_ms": round(estimate_onnx(path, bi, prec).latency_ms, 4),
                     "expected_error_pct": est.latency_error_pct,
                 }

@@ -200,6 +200,7 @@ def calibrate(
         extra = [Path(p) for p in also_time]
         fixed = [*probes.values(), *(p for pairs in tile_paths.values() for p, _ in pairs)]
         jobs = [(p, threads) for p in fixed]
+        jobs += [(probes[k], 1) for k in ("peak_fp32", "peak_int8") if k in probes and threads > 1]
         jobs += [(p, n) for p, _, _ in nets for n in counts] + [(p, n) for p in extra for n in counts]
         ref_iterations = max(5, settings.iterations // 2)
 
@@ -225,6 +226,8 @@ def calibrate(
         peak = {"fp32": 2 * conv_macs / (t[(probes["peak_fp32"], threads)] * 1e-3) / 1e9}
         if "peak_int8" in probes:
             peak["int8"] = 2 * conv_macs / (t[(probes["peak_int8"], threads)] * 1e-3) / 1e9
+        peak_1 = {k[5:]: 2 * conv_macs / (t[(probes[k], 1)] * 1e-3) / 1e9 for k in probes
+                  if k.startswith("peak_") and (probes[k], 1) in t}  # fmt: skip
         bandwidth_gbs = bw_bytes / (t[(probes["bandwidth"], threads)] * 1e-3) / 1e9
         op_overhead_us = max(0.05, (t[(probes["ops_41"], threads)] - t[(probes["ops_1"], threads)]) / 40 * 1e3)
         run_overhead_us = max(0.0, t[(probes["ops_1"], threads)] * 1e3 - op_overhead_us)
@@ -279,6 +282,7 @@ def calibrate(
         "kernel_model": {prec: {k: _round(v) for k, v in m.items()} for prec, m in kernel_model.items()},
         "probes": {
             "peak_gflops": {k: round(v, 2) for k, v in peak.items()},
+            "peak_gflops_1thread": {k: round(v, 2) for k, v in peak_1.items()},
             "memory_bandwidth_gbs": round(bandwidth_gbs, 3),
             "op_overhead_us": round(op_overhead_us, 3),
             "per_run_overhead_us": round(run_overhead_us, 3),

@@ -114,6 +114,16 @@ def test_calibrate_cli_writes_a_profile_that_loads(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(random_network(np.random.default_rng(3)), path)
     assert estimate_onnx(path, prof).latency_ms > 0
+    stability = cal["measured"]["stability"]
+    assert len(stability["probes_ms"]) == 3 and stability["spread_pct"] >= 0  # start, middle, end
+    # the estimate shows its thread count and the profile's held-out error beside each figure
+    shown = subprocess.run(
+        [sys.executable, "-m", "hwkd", "estimate", str(path), "--profile", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "(1 thread; held-out error ±" in shown.stdout
+    assert f"{cal['measured']['fit']['fp32']['cv_mape_pct']:.1f}% MAPE" in shown.stdout
     # refuses to overwrite without --overwrite
     again = subprocess.run(
         [sys.executable, "-m", "hwkd", "profiles", "calibrate", "--out", str(out), "--quick"],
