@@ -29,8 +29,8 @@ from hwkd.artifacts import atomic_write, write_json
 from hwkd.hardware.calibrate import quantize
 from hwkd.hardware.cost import estimate_onnx
 from hwkd.hardware.nodeprofile import compare_threads
-from hwkd.hardware.timing import load_average
 from hwkd.hardware.profiles import load_profile
+from hwkd.hardware.timing import load_average
 from hwkd.models.zoo import ZOO
 from hwkd.onnx_export import export_onnx
 
