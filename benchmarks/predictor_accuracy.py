@@ -97,12 +97,15 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="profile threads (0 = every usable core)")
     parser.add_argument("--tag", default="", help="write results/predictor_accuracy_<tag>.* instead")
+    parser.add_argument("--networks", type=int, default=0, help="calibration networks per precision (0 = default)")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
     started = time.time()
     loads = {"start": timing.load_average()}
     settings = CalibrationSettings(threads=args.threads)
+    if args.networks:
+        settings = dataclasses.replace(settings, networks=args.networks)
     if args.quick:
         settings = dataclasses.replace(settings, networks=8, iterations=10, warmup=3, memory_networks=3)
     with tempfile.TemporaryDirectory(prefix="hwkd-predictor-") as tmp:
@@ -145,6 +148,8 @@ def main() -> int:
                 bi = dataclasses.replace(builtin, runtime=dataclasses.replace(builtin.runtime, threads=n))
                 row[f"t{n}"] = {
                     "measured_p50_ms": round(interleaved[(path, n)], 4),
+                    # at 1 thread, also the CPU time of the thread that ran it (the rest: other processes)
+                    **({"measured_cpu_ms": round(interleaved[(path, "cpu")], 4)} if n == 1 else {}),
                     "later_p50_ms": round(later[(path, n)], 4),
                     "estimated_ms": round(est.latency_ms, 4),
                     "macs_peak_ms": round(2 * est.macs / peaks[n] * 1e3, 4),  # peak measured at n threads
@@ -182,6 +187,7 @@ def summarise(rows: list[dict], counts: list[int]) -> dict:
     predictors = (
         ("estimated_ms", "measured_p50_ms", "cost model, calibrated"),
         ("estimated_ms", "later_p50_ms", "cost model, calibrated; measured again later"),
+        ("estimated_ms", "measured_cpu_ms", "cost model, calibrated; against CPU time"),
         ("macs_peak_ms", "measured_p50_ms", "MACs / peak, calibrated peak"),
         ("builtin_profile_ms", "measured_p50_ms", "cost model, built-in x86-avx2 (uncalibrated)"),
         ("later_p50_ms", "measured_p50_ms", "a second timing of the same model (repeatability)"),
@@ -191,7 +197,7 @@ def summarise(rows: list[dict], counts: list[int]) -> dict:
             for group in groups:
                 for prec in ("fp32", "int8"):
                     mine = [r[f"t{n}"] for r in rows if r["group"] == group and r["precision"] == prec]
-                    if mine:
+                    if mine and truth in mine[0]:
                         pred = np.array([m[key] for m in mine])
                         meas = np.array([m[truth] for m in mine])
                         out["latency"][f"{n} thread{'s' if n > 1 else ''} | {label} | {group} | {prec}"] = errors(pred, meas)
@@ -223,7 +229,9 @@ def render(r: dict) -> str:
         "",
         "\"Measured\" is each model's p50 timed in the same interleaved rounds as calibration's networks (only "
         "those are fitted). The repeatability row compares that with a second timing taken after calibration: "
-        "no predictor can be expected to beat it.",
+        "no predictor can be expected to beat it. At 1 thread the CPU time of the thread that ran each model "
+        "is recorded too: the rest of its wall time the OS gave to other processes (the 1-thread kernel model is "
+        "fitted to CPU time; see docs/decisions-issue13.md).",
         "",
         "## Latency",
         "",
@@ -248,12 +256,14 @@ def render(r: dict) -> str:
         )
     counts = sorted(int(k[1:]) for k in r["rows"][0] if k.startswith("t") and k[1:].isdigit())
     head = "| model | precision | " + " | ".join(
-        f"{n}t measured / later / est / MACs-peak ms" for n in counts
+        f"{n}t measured{' / CPU' if n == 1 else ''} / later / est / MACs-peak ms" for n in counts
     ) + " | memory measured / est MB |"
     lines += ["", "## Per model", "", head, "|---|---|" + "---|" * (len(counts) + 1)]
     for row in r["rows"]:
         cells = [
-            f"{row[f't{n}']['measured_p50_ms']:.3f} / {row[f't{n}']['later_p50_ms']:.3f} / "
+            f"{row[f't{n}']['measured_p50_ms']:.3f} / "
+            + (f"{row[f't{n}']['measured_cpu_ms']:.3f} / " if "measured_cpu_ms" in row[f"t{n}"] else "")
+            + f"{row[f't{n}']['later_p50_ms']:.3f} / "
             f"{row[f't{n}']['estimated_ms']:.3f} / {row[f't{n}']['macs_peak_ms']:.3f}"
             for n in counts
         ]

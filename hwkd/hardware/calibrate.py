@@ -76,6 +76,9 @@ class CalibrationSettings:
     memory_networks: int = 8  # networks per precision whose peak memory is measured (fresh processes)
     retries: int = 1  # re-measurements when the reference probe or the host load says the timings are bad
     tolerance: float = 0.05  # probe spread above which timings are not trusted
+    # fit the 1-thread kernel model to each network's CPU time rather than its wall time: on a shared
+    # host the two differ by the time the OS gave other processes, which is not the model's cost
+    fit_cpu_time: bool = True
 
 
 TINY = CalibrationSettings(networks=4, warmup=2, iterations=6, rounds=2, memory_networks=0, retries=0)
@@ -204,25 +207,36 @@ def calibrate(
         jobs += [(p, n) for p, _, _ in nets for n in counts] + [(p, n) for p in extra for n in counts]
         ref_iterations = max(5, settings.iterations // 2)
 
-        def attempt() -> tuple[list[float], list[float]]:
+        def attempt() -> tuple[tuple[list[float], dict[int, float]], list[float], list[float]]:
             probe_ms: list[float] = []
+            shares: list[float] = []
 
             def between(r: int) -> None:
                 probe_ms.append(float(np.median(timing.time_job(reference, threads, settings.warmup, ref_iterations))))
+                cpu: list[float] = []
+                wall = timing.time_job(reference, 1, 2, ref_iterations, cpu)
+                shares.append(float(np.median(np.asarray(cpu) / np.asarray(wall))))
                 if r < settings.rounds:
-                    say(f"round {r + 1} of {settings.rounds}: {len(jobs)} timings (reference probe {probe_ms[-1]:.3f} ms)")
+                    say(f"round {r + 1} of {settings.rounds}: {len(jobs)} timings (reference probe "
+                        f"{probe_ms[-1]:.3f} ms, CPU share {shares[-1]:.2f})")  # fmt: skip
 
-            result = timing.time_interleaved(jobs, settings.warmup, settings.iterations, settings.rounds, between)
-            return result, probe_ms
+            cpu_ms: dict[int, float] = {}
+            result = timing.time_interleaved(
+                jobs, settings.warmup, settings.iterations, settings.rounds, between, cpu_ms=cpu_ms
+            )
+            return (result, cpu_ms), probe_ms, shares
 
         say(f"timing {len(nets)} networks at {' and '.join(map(str, counts))} thread(s), "
             f"{len(extra)} extra models, the probes")  # fmt: skip
-        times, verdict, attempts = timing.with_retries(
+        (times, cpu_by_index), verdict, attempts = timing.with_retries(
             attempt, load or timing.load_average, cores, settings.retries, settings.tolerance, warn=say
         )
         t = dict(zip(jobs, times, strict=True))
+        # 1-thread CPU time: what the kernels cost, without the time the OS gave other processes
+        cpu_t = {jobs[k]: v for k, v in cpu_by_index.items()}
         if timings is not None:
             timings.update({(p, n): t[(p, n)] for p in extra for n in counts})
+            timings.update({(p, "cpu"): cpu_t[(p, 1)] for p in extra if (p, 1) in cpu_t})
         peak = {"fp32": 2 * conv_macs / (t[(probes["peak_fp32"], threads)] * 1e-3) / 1e9}
         if "peak_int8" in probes:
             peak["int8"] = 2 * conv_macs / (t[(probes["peak_int8"], threads)] * 1e-3) / 1e9
@@ -244,10 +258,10 @@ def calibrate(
             mine = [(p, fam) for p, q, fam in nets if q == prec]
             works = [traced[p][0] for p, _ in mine]
             families = [fam for _, fam in mine]
+            one = [cpu_t.get((p, 1), t[(p, 1)]) if settings.fit_cpu_time else t[(p, 1)] for p, _ in mine]
             kernel_model[prec], fit_stats[prec] = fit_kernel_model(
-                works, [t[(p, 1)] for p, _ in mine], tiles[prec], seed=settings.seed, lanes=vector_width,
-                families=families,
-            )  # fmt: skip
+                works, one, tiles[prec], seed=settings.seed, lanes=vector_width, families=families
+            )
             if threads > 1:
                 thread_model[prec], thread_stats[prec] = fit_thread_model(
                     works, [t[(p, 1)] for p, _ in mine], [t[(p, threads)] for p, _ in mine], kernel_model[prec],
@@ -271,6 +285,7 @@ def calibrate(
         "fit_mape_pct": round(sum(s_["fit_mape_pct"] * s_["networks"] for s_ in every) / networks, 2),
         "fit_within_10pct": round(sum(s_["fit_within_10pct"] * s_["networks"] for s_ in every) / networks, 3),
         "fit": fit_stats,
+        "fit_target": "1-thread CPU time" if settings.fit_cpu_time else "1-thread wall time",
         "stability": {**verdict.to_dict(), "attempts": attempts, "tolerance_pct": 100 * settings.tolerance},
     }
     if thread_stats:

@@ -23,6 +23,7 @@ import numpy as np
 
 DEFAULT_TOLERANCE = 0.05  # probe spread (max - min) / median above which a calibration is not trusted
 BUSY_LOAD_PER_CORE = 0.5  # 1-minute load average per usable core above which the host counts as busy
+MIN_CPU_SHARE = 0.9  # CPU time / wall time of a 1-thread run below which other processes took the core
 
 
 def load_average() -> float:
@@ -44,17 +45,25 @@ def _session(path: Path, threads: int) -> tuple[Any, dict[str, np.ndarray]]:
     return session, feed
 
 
-def time_job(path: Path, threads: int, warmup: int, iterations: int) -> list[float]:
-    """Run times (ms) of one fresh session of ``path`` at ``threads``, after ``warmup`` runs."""
+def time_job(path: Path, threads: int, warmup: int, iterations: int, cpu: list[float] | None = None) -> list[float]:
+    """Run times (ms) of one fresh session of ``path`` at ``threads``, after ``warmup`` runs.
+
+    ``cpu``: appended with the CPU time (ms) of the calling thread per run, which at one thread is the
+    time ORT really computed (it runs a 1-thread session in the caller); the rest of the wall time the
+    OS gave to other processes.
+    """
     session, feed = _session(path, threads)
     for _ in range(max(1, warmup)):
         session.run(None, feed)
     out = []
-    clock = time.perf_counter_ns
+    clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
     for _ in range(iterations):
+        c0 = cpu_clock()
         t0 = clock()
         session.run(None, feed)
         out.append((clock() - t0) / 1e6)
+        if cpu is not None:
+            cpu.append((cpu_clock() - c0) / 1e6)
     return out
 
 
@@ -64,15 +73,18 @@ def time_interleaved(
     iterations: int,
     rounds: int,
     between: Callable[[int], None] | None = None,
+    cpu_ms: dict[int, float] | None = None,
 ) -> list[float]:
     """Median run time (ms) of each (path, threads) job over ``rounds`` interleaved rounds.
 
     A job's session lives for one round only (hundreds of calibration networks would not fit in memory
     at once); ``between(r)`` runs before round 0, between rounds and after the last (r = rounds).
+    ``cpu_ms``: filled with {job index: median CPU time (ms)} for the 1-thread jobs.
     """
     rounds = max(1, rounds)
     per_round = max(1, iterations // rounds)
     samples: list[list[float]] = [[] for _ in jobs]
+    cpu_samples: list[list[float]] = [[] for _ in jobs]
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -82,12 +94,15 @@ def time_interleaved(
             order = range(len(jobs))
             for k in (list(order)[r % max(1, len(jobs)):] + list(order)[: r % max(1, len(jobs))]):
                 path, threads = jobs[k]
-                samples[k].extend(time_job(path, threads, warmup if r == 0 else max(1, warmup // 2), per_round))
+                cpu = cpu_samples[k] if cpu_ms is not None and threads == 1 else None
+                samples[k].extend(time_job(path, threads, warmup if r == 0 else max(1, warmup // 2), per_round, cpu))
         if between is not None:
             between(rounds)
     finally:
         if gc_was_enabled:
             gc.enable()
+    if cpu_ms is not None:
+        cpu_ms.update({k: statistics.median(c) for k, c in enumerate(cpu_samples) if c})
     return [statistics.median(s) for s in samples]
 
 
@@ -100,19 +115,22 @@ class Verdict:
     load_per_core: float  # 1-minute load average per usable core when calibration began (-1: unknown)
     probes_ms: list[float] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    cpu_share: float = 1.0  # lowest CPU time / wall time of the 1-thread reference probe (1 = had a core to itself)
 
     def to_dict(self) -> dict[str, Any]:
         return {"trustworthy": self.trustworthy, "spread_pct": round(self.spread_pct, 2),
                 "load_per_core": round(self.load_per_core, 2), "probes_ms": [round(p, 4) for p in self.probes_ms],
-                "reasons": list(self.reasons)}  # fmt: skip
+                "cpu_share": round(self.cpu_share, 3), "reasons": list(self.reasons)}  # fmt: skip
 
 
 def check_stability(
     probes_ms: Sequence[float], load: float, cores: int, tolerance: float = DEFAULT_TOLERANCE,
-    busy_load_per_core: float = BUSY_LOAD_PER_CORE,
+    busy_load_per_core: float = BUSY_LOAD_PER_CORE, cpu_shares: Sequence[float] = (),
 ) -> Verdict:
-    """Judge one calibration attempt from its reference-probe timings and the host load at its start."""
+    """Judge one calibration attempt from its reference-probe timings, the host load at its start and
+    (``cpu_shares``) the CPU time / wall time of the 1-thread reference probe."""
     probes = [float(p) for p in probes_ms]
+    share = min(cpu_shares) if cpu_shares else 1.0
     spread = (max(probes) - min(probes)) / statistics.median(probes) if len(probes) > 1 else 0.0
     per_core = load / max(1, cores) if load >= 0 else -1.0
     reasons = []
@@ -125,11 +143,15 @@ def check_stability(
         reasons.append(
             f"the host was busy: 1-minute load average {load:.2f} on {cores} cores when calibration began"
         )
-    return Verdict(not reasons, 100 * spread, per_core, probes, reasons)
+    if share < MIN_CPU_SHARE:
+        reasons.append(
+            f"the OS gave {100 * (1 - share):.0f}% of the reference probe's run time to other processes"
+        )
+    return Verdict(not reasons, 100 * spread, per_core, probes, reasons, share)
 
 
 def with_retries(
-    attempt: Callable[[], tuple[Any, list[float]]],
+    attempt: Callable[[], tuple[Any, list[float]] | tuple[Any, list[float], list[float]]],
     load: Callable[[], float],
     cores: int,
     retries: int = 1,
@@ -137,15 +159,15 @@ def with_retries(
     warn: Callable[[str], None] | None = None,
     pause_s: float = 0.0,
 ) -> tuple[Any, Verdict, int]:
-    """Run ``attempt`` (returns its result and its probe timings) until it is trustworthy or ``retries``
+    """Run ``attempt`` (returns its result, its probe timings and optionally the probe's CPU shares) until it is trustworthy or ``retries``
     are spent; warn on every bad attempt. Returns the best attempt's result (the smallest probe spread),
     its verdict and the number of attempts."""
     say = warn or (lambda msg: None)
     best = None
     for n in range(1, retries + 2):
         start_load = load()
-        result, probes = attempt()
-        verdict = check_stability(probes, start_load, cores, tolerance)
+        result, probes, *shares = attempt()
+        verdict = check_stability(probes, start_load, cores, tolerance, cpu_shares=shares[0] if shares else ())
         if best is None or verdict.spread_pct < best[1].spread_pct:
             best = (result, verdict)
         if verdict.trustworthy:

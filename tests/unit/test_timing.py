@@ -76,3 +76,16 @@ def test_calibration_on_a_loaded_host_says_its_fit_is_not_trustworthy():
     assert sum("warning:" in m for m in messages) == 2
     cost = estimate_onnx(random_network(np.random.default_rng(0), max_macs=2e6), profile)
     assert "untrustworthy" in cost.calibration_warning and cost.threads == 1
+
+
+def test_a_probe_that_did_not_get_its_core_is_not_trusted():
+    v = check_stability([1.0, 1.0, 1.0], load=0.1, cores=2, cpu_shares=[1.0, 0.4, 0.95])
+    assert not v.trustworthy and v.cpu_share == pytest.approx(0.4)
+    assert v.reasons == ["the OS gave 60% of the reference probe's run time to other processes"]
+    assert check_stability([1.0, 1.0], load=0.1, cores=2, cpu_shares=[0.97, 0.99]).trustworthy
+
+
+def test_retries_pass_the_probe_cpu_shares_through():
+    calls = iter([({"n": 1}, [1.0, 1.0], [0.5, 0.5]), ({"n": 2}, [1.0, 1.0], [1.0, 0.98])])
+    result, verdict, attempts = with_retries(lambda: next(calls), load=lambda: 0.0, cores=2, retries=1)
+    assert result == {"n": 2} and attempts == 2 and verdict.trustworthy and verdict.cpu_share == pytest.approx(0.98)
