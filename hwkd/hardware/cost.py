@@ -23,6 +23,13 @@ activation traffic, weights, one dispatch), plus ``run_ns`` per inference. The f
 roofline can only assume: that a 1x1 conv, a depthwise conv and an INT8 im2col GEMM each run at their
 own speed, and which channel tile (``channel_tile``) the kernels pad to.
 
+At more than one thread a calibrated profile's ``[calibration.thread_model.<precision>]``
+(hwkd.hardware.threads) turns each layer's 1-thread time into its time at the thread count it was
+fitted at (split or not, per-class speed, fork/join); ``[calibration.memory_model.<precision>]``
+(hwkd.hardware.memory) replaces weights + activations + a flat overhead with fitted runtime memory.
+Every Cost carries the thread count and the profile's held-out errors, so a figure is never shown
+without what to expect of it.
+
 The figures are figures of ONNX Runtime's CPU provider, which hwkd always falls back to. The
 differentiable ``penalty`` prices channels through ``price`` too, so it follows whichever model applies.
 """
