@@ -213,9 +213,11 @@ def calibrate(
 
             def between(r: int) -> None:
                 probe_ms.append(float(np.median(timing.time_job(reference, threads, settings.warmup, ref_iterations))))
+                # CPU share over a block of ~10 x 2-3 ms runs at 1 thread: longer than a scheduler slice,
+                # so other processes taking the core show (a 0.1 ms probe fits inside one slice)
                 cpu: list[float] = []
-                wall = timing.time_job(reference, 1, 2, ref_iterations, cpu)
-                shares.append(float(np.median(np.asarray(cpu) / np.asarray(wall))))
+                wall = timing.time_job(probes["peak_fp32"], 1, 2, 10, cpu)
+                shares.append(float(sum(cpu) / sum(wall)))
                 if r < settings.rounds:
                     say(f"round {r + 1} of {settings.rounds}: {len(jobs)} timings (reference probe "
                         f"{probe_ms[-1]:.3f} ms, CPU share {shares[-1]:.2f})")  # fmt: skip
