@@ -533,11 +533,13 @@ def estimate(
     *,
     precision: str | None = None,
     example_input: Any = None,
+    threads: int | None = None,
 ):
     """The cost model's estimate (latency, memory, MACs, params, per layer) of a model on a profile.
 
     ``model`` is a path to an ONNX file (precision detected from the graph unless given) or an
-    ``nn.Module`` with ``example_input``.
+    ``nn.Module`` with ``example_input``. ``threads``: estimate at this many onnxruntime threads
+    (default: the profile's); the Cost carries the profile's held-out error for that case.
 
     Example::
 
@@ -549,10 +551,12 @@ def estimate(
 
     prof = load_profile(profile) if isinstance(profile, str | os.PathLike) else profile
     if isinstance(model, str | os.PathLike):
-        return cost_model.estimate_onnx(model, prof, precision)
+        return cost_model.estimate_onnx(model, prof, precision, threads=threads)
     if example_input is None:
         raise ConfigError("Estimating a torch module needs example_input.", "Pass a batch of one input.")
-    return cost_model.estimate(model, example_input, prof, precision or "fp32")
+    works = cost_model.trace_torch(model, example_input)
+    params = sum(p.numel() for p in model.parameters())
+    return cost_model.price(works, prof, precision or "fp32", params=params, threads=threads)
 
 
 def calibrate_profile(

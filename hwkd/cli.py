@@ -567,6 +567,14 @@ def profiles_calibrate(
             + ".",
             highlight=False,
         )
+        stability = fit.get("stability", {})
+        if stability.get("trustworthy") is False:
+            err.print(
+                f"[bold yellow]warning[/]: this calibration is not trustworthy after {stability.get('attempts')} "
+                f"attempt(s): {'; '.join(stability.get('reasons', []))}. Calibrate again on an idle host "
+                "(the spread is recorded in [calibration.measured.stability]).",
+                highlight=False,
+            )
 
 
 @app.command()
@@ -575,6 +583,9 @@ def estimate(
     profile: Annotated[str, typer.Option("--profile", "-p", help="Device profile name or path to a .toml.")] = "jetson",
     precision: Annotated[
         str | None, typer.Option(help="fp32 | fp16 | int8 (default: detected from the graph).")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="onnxruntime threads to estimate at (default: the profile's).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
@@ -585,7 +596,7 @@ def estimate(
         from hwkd.hardware.profiles import load_profile
 
         prof = load_profile(profile)
-        cost = api.estimate(model, prof, precision=precision)
+        cost = api.estimate(model, prof, precision=precision, threads=threads)
         if as_json:
             print(json.dumps(cost.to_dict(), indent=2))
             return
@@ -600,11 +611,17 @@ def estimate(
                 row["bound"],
             )  # fmt: skip
         out.print(table)
+        def expected(err_pct):
+            return f"held-out error ±{err_pct:.1f}% MAPE" if err_pct is not None else "error unknown: not calibrated"
+
         out.print(
-            f"latency_ms {cost.latency_ms:.4f}  memory_mb {cost.memory_mb:.3f}  macs {cost.macs:,}  "
-            f"params {cost.params:,}",
+            f"latency_ms {cost.latency_ms:.4f} ({cost.threads} thread{'s' if cost.threads != 1 else ''}; "
+            f"{expected(cost.latency_error_pct)})  memory_mb {cost.memory_mb:.3f} ({expected(cost.memory_error_pct)})  "
+            f"macs {cost.macs:,}  params {cost.params:,}",
             highlight=False,
         )
+        if cost.calibration_warning:
+            err.print(f"[bold yellow]warning[/]: {prof.name}: {cost.calibration_warning}.", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover
