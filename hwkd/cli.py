@@ -168,7 +168,7 @@ def compress(
     memory_budget: Annotated[str | None, typer.Option(help="e.g. 16MB or 50% (of the teacher).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     quant: Annotated[
-        str | None, typer.Option(help="INT8 method: qat, ptq (onnxruntime static PTQ) or auto (more accurate).")
+        str | None, typer.Option(help="INT8 method: qat, ptq (best onnxruntime static-PTQ variant) or auto (best of all on val).")
     ] = None,
     precision: Annotated[str | None, typer.Option(help="Final model precision: int8, fp16 (GPU profiles), fp32.")] = None,
     trust_code: Annotated[bool, typer.Option("--trust-code", help="Allow running module:factory code.")] = False,
