@@ -387,7 +387,7 @@ def _print_bench(record: dict) -> None:
         table.add_row(*cells)
     out.print(table)
     for m in record["models"]:
-        shapes = "; ".join(f"{i['name']} {i['type'].removeprefix('tensor(').rstrip(')')} {i['dims']} ({i['fill']})"
+        shapes = "; ".join(f"{i['name']} {i['type'].removeprefix('tensor(').rstrip(')')} [{', '.join('?' if d is None else str(d) for d in i['dims'])}] ({i['fill']})"
                            for i in m["inputs"])
         mem = "–" if m["peak_memory_mb"] is None else f"{m['peak_memory_mb']:.1f} MB"
         line = (
