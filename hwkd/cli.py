@@ -201,7 +201,7 @@ def compress(
     memory_budget: Annotated[str | None, typer.Option(help="e.g. 16MB or 50% (of the teacher).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     quant: Annotated[
-        str | None, typer.Option(help="INT8 method: qat, ptq (onnxruntime static PTQ) or auto (more accurate).")
+        str | None, typer.Option(help="INT8 method: qat, ptq (best onnxruntime static-PTQ variant) or auto (best of all on val).")
     ] = None,
     precision: Annotated[str | None, typer.Option(help="Final model precision: int8, fp16 (GPU profiles), fp32.")] = None,
     mean: Annotated[
@@ -448,7 +448,7 @@ def _print_bench(record: dict) -> None:
         table.add_row(*cells)
     out.print(table)
     for m in record["models"]:
-        shapes = "; ".join(f"{i['name']} {i['type'].removeprefix('tensor(').rstrip(')')} {i['dims']} ({i['fill']})"
+        shapes = "; ".join(f"{i['name']} {i['type'].removeprefix('tensor(').rstrip(')')} [{', '.join('?' if d is None else str(d) for d in i['dims'])}] ({i['fill']})"
                            for i in m["inputs"])
         mem = "–" if m["peak_memory_mb"] is None else f"{m['peak_memory_mb']:.1f} MB"
         line = (

@@ -207,7 +207,3 @@ def _is_float_tensor(node) -> bool:
     val = node.meta.get("val")
     return isinstance(val, torch.Tensor) and val.dtype.is_floating_point and val.dim() > 0
 
-
-def make_quantizer(family: str = "x86", reduce_range: bool = False) -> OrtQuantizer:
-    """The quantizer for a CPU family (x86 | arm): the same ORT-shaped U8S8 recipe on both."""
-    return OrtQuantizer(family, reduce_range)

@@ -60,7 +60,7 @@ def reduce_range(cfg: QatConfig) -> bool:
     return host_needs_reduce_range() if cfg.reduce_range == "auto" else cfg.reduce_range == "on"
 
 
-def make_quantizer(family: str, is_qat: bool = True, reduce_range: bool = False):
+def make_quantizer(family: str, reduce_range: bool = False):
     """The quantizer hwkd uses for ``family``: Q/DQ where ORT fuses them (hwkd.onnx.quantizer).
 
     Weights are per-channel symmetric INT8 and activations uint8 on every family. ``reduce_range``
