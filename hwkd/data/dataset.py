@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hwkd.data.sources import RawData, load_image_folder, load_npz
+from hwkd.data.sources import RawData, check_finite, load_image_folder, load_npz
 from hwkd.errors import DataError
 
 DEFAULT_IMAGE_SIZE = 32
@@ -212,6 +212,8 @@ def build_dataset(raw: RawData, name: str, size: tuple[int, int], seed: int = 0)
         k: (prep.apply_many(raw.take(i)), y[torch.as_tensor(i)])
         for k, i in zip(("train", "val", "test"), (train, val, test), strict=True)
     }
+    for k, (xs, _) in split.items():  # finite pixels can still overflow float32 when normalized
+        check_finite(xs.numpy(), f"{raw.where} ({k} split, after preprocessing)", what="example")
     return Dataset(
         name=name,
         x_train=split["train"][0],
