@@ -45,8 +45,10 @@ def handle_errors(debug: bool = False):
 
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]")
+    except KeyboardInterrupt as exc:
+        run_dir = getattr(exc, "hwkd_run_dir", None)
+        hint = f"; the run is resumable: hwkd compress --resume {run_dir}" if run_dir else ""
+        err.print(f"[yellow]interrupted[/]{hint}", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
 
 
@@ -138,7 +140,9 @@ def _stage_line(result) -> str:
 
 @app.command()
 def compress(
-    profile: Annotated[str, typer.Option("--profile", "-p", help="Device profile name or path to a .toml.")] = "jetson",
+    profile: Annotated[
+        str | None, typer.Option("--profile", "-p", help="Device profile name or path to a .toml (default jetson).")
+    ] = None,
     teacher: Annotated[
         list[str] | None,
         typer.Option(help="Teacher: state dict (+ --teacher-arch), TorchScript file, or module:factory. Repeat for several."),
@@ -174,9 +178,16 @@ def compress(
     trust_code: Annotated[bool, typer.Option("--trust-code", help="Allow running module:factory code.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty --out directory.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the final report as JSON on stdout.")] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", help="Continue an unfinished run dir from its last complete epoch (--set *.lr only)."),
+    ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
 ):
-    """Distill, prune, quantize (INT8 QAT), export to ONNX and benchmark a model for a device."""
+    """Distill, prune, quantize (INT8 QAT), export to ONNX and benchmark a model for a device.
+
+    Exit codes: 0 done; 1 a gate failed; 2 bad input; 3 training diverged (resumable); 130 interrupted.
+    """
     with handle_errors(debug):
         overrides = parse_sets(set_)
         if stages is not None:
@@ -191,26 +202,43 @@ def compress(
         from hwkd import api
 
         progress = RichProgress(err)
-        if not as_json:
-            err.print(f"[bold]hwkd {__version__}[/] compress  profile={profile}  data={data or 'embedded digits'}")
-        result = api.compress(
-            profile,
-            teacher=teacher or None,
-            teacher_arch=teacher_arch,
-            teacher_weights=teacher_weights,
-            data=data,
-            student=student,
-            out=out_dir,
-            config=config,
-            overrides=overrides,
-            image_size=image_size,
-            latency_budget=latency_budget,
-            memory_budget=memory_budget,
-            trust_code=trust_code,
-            overwrite=overwrite,
-            progress=progress,
-            on_stage_done=lambda r, s=None: err.print(_stage_line(r), highlight=False),
-        )
+        on_done = lambda r, s=None: err.print(_stage_line(r), highlight=False)  # noqa: E731
+        if resume is not None:
+            if out_dir is not None and Path(out_dir).resolve() != Path(resume).resolve():
+                raise ConfigError("--resume continues the run in its own directory; leave --out out.")
+            given = {
+                "profile": profile, "teacher": teacher or None, "teacher_arch": teacher_arch,
+                "teacher_weights": teacher_weights, "data": data, "student": student, "config": config,
+                "image_size": image_size, "latency_budget": latency_budget, "memory_budget": memory_budget,
+            }  # fmt: skip
+            if not as_json:
+                err.print(f"[bold]hwkd {__version__}[/] compress --resume {resume}")
+            result = api.resume(
+                resume, overrides=overrides, inputs=given, trust_code=trust_code, progress=progress,
+                on_stage_done=on_done,
+            )  # fmt: skip
+        else:
+            profile = profile or "jetson"
+            if not as_json:
+                err.print(f"[bold]hwkd {__version__}[/] compress  profile={profile}  data={data or 'embedded digits'}")
+            result = api.compress(
+                profile,
+                teacher=teacher or None,
+                teacher_arch=teacher_arch,
+                teacher_weights=teacher_weights,
+                data=data,
+                student=student,
+                out=out_dir,
+                config=config,
+                overrides=overrides,
+                image_size=image_size,
+                latency_budget=latency_budget,
+                memory_budget=memory_budget,
+                trust_code=trust_code,
+                overwrite=overwrite,
+                progress=progress,
+                on_stage_done=on_done,
+            )
         if as_json:
             print(json.dumps(result.report, indent=2, default=str))
         else:
@@ -511,7 +539,9 @@ def profiles_calibrate(
 @app.command()
 def estimate(
     model: Annotated[Path, typer.Argument(help="ONNX model file.")],
-    profile: Annotated[str, typer.Option("--profile", "-p", help="Device profile name or path to a .toml.")] = "jetson",
+    profile: Annotated[
+        str | None, typer.Option("--profile", "-p", help="Device profile name or path to a .toml (default jetson).")
+    ] = None,
     precision: Annotated[
         str | None, typer.Option(help="fp32 | fp16 | int8 (default: detected from the graph).")
     ] = None,

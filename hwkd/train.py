@@ -63,18 +63,27 @@ def fit(
     warmup_epochs: float = 0.0,
     extra_params: list[torch.nn.Parameter] | None = None,
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+    checkpoint=None,
+    checkpoint_tag: str = "",
 ) -> list[dict[str, float]]:
     """Train ``model`` in place; return one history row per epoch (mean loss terms, val accuracy, lr).
 
     ``extra_params`` are trained beside the model's (e.g. KD adapters that are not part of the model).
     ``on_epoch_start(epoch)`` may return a mapping (e.g. the scheduled KD temperature), logged in that
     epoch's row; ``on_epoch_end(row)`` sees each finished row (e.g. its ``val_loss``).
+    ``checkpoint`` (hwkd.checkpoint.StageCheckpoint) gets the full training state at the end of each
+    epoch, and a saved state with the same ``checkpoint_tag`` is continued from. A NaN/inf loss raises
+    DivergedError before the bad step is applied.
     """
     cfg = train_cfg or TrainConfig()
     modes = modes or Modes()
     gen = torch.Generator().manual_seed(seed)
     n_batches = max(1, math.ceil(len(dataset.x_train) / cfg.batch_size))
     total = epochs * n_batches
+    # --- resume (issue 12): weights go back before the optimizer and penalty see the parameters --------
+    saved = checkpoint.resume_point(checkpoint_tag) if checkpoint is not None else None
+    if saved is not None:
+        _restore_weights(model, extra_params, saved)
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
     # Weight decay on conv/linear weights only: decaying BN scales and biases hurts small models.
     decay = [p for p in params if p.ndim > 1]
@@ -86,10 +95,14 @@ def fit(
         nesterov=True,
     )
     history: list[dict[str, float]] = []
-    step = 0
+    step = start_epoch = 0
+    if saved is not None:
+        start_epoch, step, history = _restore_training(saved, opt, gen, penalty_fn, on_epoch_end)
     task = progress.task(description, total) if progress else contextlib.nullcontext(lambda n=1, **kw: None)
     with task as advance:
-        for epoch in range(epochs):
+        if start_epoch:
+            advance(start_epoch * n_batches)
+        for epoch in range(start_epoch, epochs):
             logged = on_epoch_start(epoch) if on_epoch_start else None
             modes.train(model)
             sums: dict[str, float] = {}
@@ -107,6 +120,8 @@ def fit(
                     penalty = penalty_fn(model)
                     terms = {**terms, "penalty": penalty}
                     loss = loss + penalty_weight * penalty
+                if not torch.isfinite(loss.detach()):
+                    raise _diverged(description, float(loss.detach()), epoch, step, opt, checkpoint)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
@@ -125,8 +140,71 @@ def fit(
             history.append(row)
             if on_epoch_end:
                 on_epoch_end(row)
+            if checkpoint is not None:
+                _save_epoch(checkpoint, checkpoint_tag, epoch + 1, step, model, extra_params, opt, gen, penalty_fn, history)
     modes.eval(model)
     return history
+
+
+# --- checkpoint / resume / divergence helpers of fit (issue 12) -------------------------------------------
+
+
+def _restore_weights(model, extra_params, saved) -> None:
+    """Copy saved weights in place (the penalty and KD adapters hold references to these tensors)."""
+    model.load_state_dict(saved["model"]["state_dict"])
+    with torch.no_grad():
+        for p, v in zip(extra_params or [], saved.get("extra_params", []), strict=True):
+            p.copy_(v)
+
+
+def _restore_training(saved, opt, gen, penalty_fn, on_epoch_end):
+    """Optimizer, RNG, penalty and schedule state; returns (start epoch, step, history so far)."""
+    from hwkd.checkpoint import set_rng_state
+
+    opt.load_state_dict(saved["optimizer"])
+    set_rng_state(saved["rng"], gen)
+    if saved.get("penalty") is not None and hasattr(penalty_fn, "load_state_dict"):
+        penalty_fn.load_state_dict(saved["penalty"])
+    history = [dict(row) for row in saved["history"]]
+    for row in history:  # schedule state (e.g. the adaptive temperature's val losses) replays from history
+        if on_epoch_end:
+            on_epoch_end(row)
+    return int(saved["epoch"]), int(saved["step"]), history
+
+
+def _save_epoch(checkpoint, tag, epoch, step, model, extra_params, opt, gen, penalty_fn, history) -> None:
+    from hwkd.checkpoint import model_payload, rng_state
+
+    checkpoint.save(
+        tag,
+        epoch=epoch,
+        step=step,
+        model=model_payload(model),
+        extra_params=[p.detach().cpu().clone() for p in extra_params or []],
+        optimizer=opt.state_dict(),
+        rng=rng_state(gen),
+        penalty=penalty_fn.state_dict() if hasattr(penalty_fn, "state_dict") else None,
+        history=history,
+    )
+
+
+def _diverged(description, value, epoch, step, opt, checkpoint):
+    from hwkd.errors import DivergedError
+
+    lr = opt.param_groups[0]["lr"]
+    kept = (
+        f"the checkpoint of the last good epoch ({epoch}) is kept in {checkpoint.path}"
+        if checkpoint is not None and epoch > 0
+        else "no epoch of this stage had finished, so it restarts from its beginning"
+    )
+    return DivergedError(
+        f"Training diverged in {description}: the loss became {value} at epoch {epoch + 1}, step {step + 1} "
+        f"(learning rate {lr:.3g}); {kept}.",
+        "Resume with a lower learning rate (or a smaller train.grad_clip).",
+        epoch=epoch,
+        step=step,
+        lr=lr,
+    )
 
 
 def distill_loss_fn(kd_loss, teachers: list[torch.nn.Module], weights: list[float]):

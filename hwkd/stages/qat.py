@@ -290,6 +290,8 @@ def run(state: PipelineState, cfg: QatConfig, ctx: RunContext) -> tuple[Pipeline
         description=f"qat int8 ({family})",
         on_epoch_start=on_epoch_start,
         modes=modes,
+        checkpoint=ctx.checkpoint("qat"),  # fake-quant scales and observer on/off flags are buffers
+        checkpoint_tag="qat",
     )
     converted = convert(prepared)
     ds = state.dataset
