@@ -52,6 +52,25 @@ def handle_errors(debug: bool = False):
         raise typer.Exit(130) from None
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a scheduler or torchrun stopping the job) stops a run like Ctrl-C: resumable, marked so."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _version(value: bool):
     if value:
         out.print(f"hwkd {__version__}")
@@ -188,7 +207,7 @@ def compress(
 
     Exit codes: 0 done; 1 a gate failed; 2 bad input; 3 training diverged (resumable); 130 interrupted.
     """
-    with handle_errors(debug):
+    with handle_errors(debug), sigterm_as_interrupt():
         overrides = parse_sets(set_)
         if stages is not None:
             overrides["stages"] = [s.strip() for s in stages.split(",") if s.strip()]

@@ -143,3 +143,22 @@ def test_divergence_exits_3_and_resumes_with_a_lower_lr(tmp_path):
     m = manifest(run)
     assert m["status"] == "complete" and m["config"]["distill"]["lr"] == 0.05
     assert m["resumed"][0]["status_before"] == "diverged"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_marks_the_run_interrupted_and_resumable(tmp_path, sig):
+    data, cache = tiny_npz(tmp_path / "tiny.npz"), tmp_path / "cache"
+    run = tmp_path / "run"
+    args = [*settings(data), "--stages", "distill", "--set", "distill.epochs=200", "--out", str(run)]
+    proc = subprocess.Popen([sys.executable, "-m", "hwkd", "compress", *args], env=env(cache), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 600
+    while not (run / "stages" / "distill" / "last.pt").exists() and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, stderr[-2000:]
+    assert f"hwkd compress --resume {run}" in stderr.replace("\n", "") and "Traceback" not in stderr
+    m = manifest(run)
+    assert m["status"] == "interrupted" and "distill" in m["error"]
