@@ -119,7 +119,11 @@ def test_inf_loss_in_the_first_epoch_says_the_stage_restarts(tiny_dataset):
 
 def test_qat_fake_quant_state_resumes_into_a_freshly_prepared_graph(tiny_dataset, tmp_path):
     """QAT replays by preparing the graph again and loading last.pt: scales and observer flags are buffers."""
-    from torchao.quantization.pt2e import disable_observer, move_exported_model_to_eval, move_exported_model_to_train
+    from torchao.quantization.pt2e import (
+        disable_observer,
+        move_exported_model_to_eval,
+        move_exported_model_to_train,
+    )
 
     from hwkd.stages import qat
     from hwkd.train import Modes
