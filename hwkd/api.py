@@ -20,11 +20,11 @@ from hwkd import __version__
 from hwkd.config import PipelineConfig, merge
 from hwkd.errors import ConfigError
 from hwkd.pipeline import (  # noqa: F401  (re-exported: the API's argument helpers live with the orchestrator)
-    check_run_dir,
     parse_teacher_weights,
     resolve_teacher_weights,
     versions,
 )
+from hwkd.rundir import check_run_dir  # noqa: F401
 
 
 @dataclass

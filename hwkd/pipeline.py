@@ -125,44 +125,6 @@ def run_stages(
 
 # --- the orchestrator: build the state, run the stages, write the manifest; resume a run ----------------
 
-RUN_ARTIFACTS = ("manifest.json", "report.json", "report.md", "report.html", "model.onnx", "model_fp32.onnx", "teacher.onnx")
-RUN_ARTIFACTS += ("model_qat.onnx", "model_ptq.onnx", "model_fp16.onnx")
-# Inputs a resumed run takes from the manifest; given again, they must be the same.
-INPUT_KEYS = (
-    "profile", "teacher", "teacher_arch", "teacher_weights", "data", "student",
-    "image_size", "latency_budget", "memory_budget", "config",
-)  # fmt: skip
-RESUMABLE = ("running", "interrupted", "failed", "diverged")  # a SIGKILLed run stays "running"
-
-
-def check_run_dir(out, overwrite: bool) -> Path:
-    """The run dir to use; refuse to mix a new run into an old one unless told to. Creates nothing."""
-    import datetime as _dt
-
-    from hwkd.errors import ConfigError
-
-    run_dir = Path(out) if out else Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {str(run_dir)!r} exists and is not a directory.", "Choose another --out.")
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise ConfigError(
-            f"Run directory {str(run_dir)!r} already exists and is not empty.",
-            f"Choose another --out, pass --overwrite to replace its contents, or --resume {run_dir} to "
-            "continue it.",
-        )
-    return run_dir
-
-
-def clear_run_dir(run_dir: Path) -> None:
-    """Create the run dir, removing a previous run's artifacts so none can pass for this run's."""
-    import shutil
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in RUN_ARTIFACTS:
-        (run_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "stages", ignore_errors=True)
-
-
 def parse_teacher_weights(spec, n_teachers: int):
     """``None``/"equal" -> equal weights; "auto" stays "auto"; "0.6,0.4" or a list -> normalized floats."""
     from hwkd.errors import ConfigError
@@ -219,20 +181,6 @@ def versions() -> dict[str, str]:
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
     }
-
-
-def input_fingerprints(inputs: dict[str, Any], profile_source: str | None) -> dict[str, str | None]:
-    """Content fingerprints of every file a run reads (profile, teachers, data, student, recipe)."""
-    from hwkd.checkpoint import path_fingerprint
-
-    teachers = inputs.get("teacher")
-    teachers = [teachers] if isinstance(teachers, str) else list(teachers or [])
-    prints = {"profile": path_fingerprint(profile_source)}
-    for i, src in enumerate(teachers):
-        prints[f"teacher[{i}]"] = path_fingerprint(src)
-    for key in ("data", "student", "config"):
-        prints[key] = path_fingerprint(inputs.get(key))
-    return prints
 
 
 @dataclass
@@ -319,6 +267,7 @@ def compress(
 
     from hwkd import __version__
     from hwkd.checkpoint import config_sha256, weights_fingerprint
+    from hwkd.rundir import INPUT_KEYS, check_run_dir, clear_run_dir, input_fingerprints
 
     started = time.time()
     logging.getLogger("torchao").setLevel(logging.ERROR)  # optional CUDA kernels it cannot load here
@@ -377,6 +326,13 @@ def resume(
     from hwkd.checkpoint import config_sha256, weights_fingerprint
     from hwkd.config import PipelineConfig, merge
     from hwkd.errors import ConfigError
+    from hwkd.rundir import (
+        INPUT_KEYS,
+        RESUMABLE,
+        check_resume_overrides,
+        check_same_inputs,
+        input_fingerprints,
+    )
 
     started = time.time()
     logging.getLogger("torchao").setLevel(logging.ERROR)
@@ -400,11 +356,11 @@ def resume(
             f"--resume: the config in {str(path)!r} was edited after the run started.",
             "Change settings on resume with --set (learning rates only), or start a new run.",
         )
-    _check_resume_overrides(manifest["config"], overrides or {})
+    check_resume_overrides(manifest["config"], overrides or {})
     cfg = PipelineConfig.from_dict(merge(manifest["config"], overrides or {}), f"{path} + --set")
     saved_inputs = {k: manifest["inputs"].get(k) for k in INPUT_KEYS}
     saved_inputs["profile"] = manifest["inputs"].get("profile_source") or manifest["inputs"]["profile"]
-    _check_same_inputs(manifest, inputs or {})
+    check_same_inputs(manifest, inputs or {})
     now = versions()
     for key in ("hwkd", "torch", "torchao", "torch_pruning"):
         if manifest["versions"].get(key) != now[key]:
@@ -423,7 +379,8 @@ def resume(
                 "Restore the file the run started with, or start a new run.",
             )
     log, progress = log or globals()["log"], progress or Progress()
-    run = _build(saved_inputs, cfg, prof, trust_code or bool(manifest["inputs"].get("trust_code")), progress, log)
+    # --trust-code is never taken from a manifest: a run dir from elsewhere must not run code unasked.
+    run = _build(saved_inputs, cfg, prof, trust_code, progress, log)
     if weights_fingerprint(run.teachers) != manifest["fingerprints"].get("teacher_weights"):
         raise ConfigError(
             "--resume: the teacher's weights differ from those the run started with (for the built-in teacher: "
@@ -444,50 +401,6 @@ def _now() -> str:
     import datetime as _dt
 
     return _dt.datetime.now().isoformat(timespec="seconds")
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
-def _check_resume_overrides(saved: dict[str, Any], overrides: dict[str, Any]) -> None:
-    """On resume only learning rates may change (to continue past a divergence); name any other key."""
-    from hwkd.config import merge
-    from hwkd.errors import ConfigError
-
-    before, after = _flatten(saved), _flatten(merge(saved, overrides))
-    for key in sorted(set(before) | set(after)):
-        if before.get(key) != after.get(key) and not key.endswith(".lr"):
-            raise ConfigError(
-                f"--resume continues a run with the config it started with, but --set would change {key} "
-                f"({before.get(key)!r} -> {after.get(key)!r}).",
-                "Only learning rates (distill.lr, prune.lr, qat.lr) may change on resume; start a new run "
-                "to change anything else.",
-            )
-
-
-def _check_same_inputs(manifest: dict[str, Any], given: dict[str, Any]) -> None:
-    from hwkd.errors import ConfigError
-
-    saved = manifest["inputs"]
-    for key, value in given.items():
-        if value is None or key not in INPUT_KEYS:
-            continue
-        old = saved.get(key)
-        same = str(value) == str(old) or (key == "profile" and str(value) == str(saved.get("profile_source")))
-        if isinstance(old, list) and not isinstance(value, str):
-            same = [str(v) for v in value] == [str(v) for v in old]
-        if not same:
-            raise ConfigError(
-                f"--resume: --{key.replace('_', '-')} {value!r} differs from the run's ({old!r}).",
-                "Leave it out: a resumed run uses the inputs recorded in its manifest.",
-            )
 
 
 def _execute(run: _Run, run_dir: Path, manifest: dict, progress, on_stage_done, log, resume: bool) -> dict:
