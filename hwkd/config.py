@@ -30,6 +30,23 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """How images become tensors: the teacher's preprocessing (flags --mean, --std, --resize, --crop,
+    --interpolation, --channel-order) and the data loader. Empty / 0 values mean "default" (see
+    hwkd.data.preprocess: the teacher architecture's documented normalisation, else fitted)."""
+
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    resize: int = 0  # 0 = --image-size or the source's default; with crop: the shorter side
+    crop: int = 0  # center crop (square) after the resize; 0 = none
+    interpolation: str = ""  # nearest | bilinear | bicubic; "" = bilinear (timm: its pretrained_cfg's)
+    channel_order: str = "rgb"  # rgb | bgr
+    augment: str = "auto"  # auto (affine for digits/.npz, crop_flip for image folders) | affine | crop_flip | none
+    workers: int = -1  # DataLoader worker processes; -1 = auto (0 for in-memory arrays)
+    stats_images: int = 2000  # training images the fitted mean/std of an image folder is computed on
+
+
+@dataclass(frozen=True)
 class TeacherConfig:
     """The built-in teacher, trained when no --teacher is given (cached, keyed by this config)."""
 
@@ -113,7 +130,10 @@ class BenchConfig:
 class PipelineConfig:
     stages: tuple[str, ...] = STAGE_ORDER
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps
+    amp: str = "off"  # bf16 | fp16 | off: torch.autocast mixed precision, CUDA only
+    allow_weak_teacher: bool = False  # go on when a teacher scores below 1.5x chance on val
+    data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -191,6 +211,12 @@ _OPEN_FRACTION = Range(0.0, 1.0, lo_open=True, hi_open=True)  # (0, 1)
 # (tests/unit/test_config.py checks that none is missing); tuple keys apply the range to each item.
 RANGES: dict[str, Range] = {
     "seed": Range(0, 2**32 - 1),  # scikit-learn's split takes 0 .. 2**32 - 1
+    "data.mean": Range(),  # any finite value (NaN / inf would poison every input)
+    "data.std": _POSITIVE,
+    "data.resize": _ge(0, "0 = --image-size or the source's default"),
+    "data.crop": _ge(0, "0 = no crop"),
+    "data.workers": _ge(-1, "-1 = auto"),
+    "data.stats_images": _ge(1),
     "train.batch_size": _ge(1),
     "train.weight_decay": _ge(0),
     "train.grad_clip": _ge(0, "0 = no clipping"),

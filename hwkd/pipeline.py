@@ -38,7 +38,7 @@ class PipelineState:
 
     @property
     def example_input(self):
-        return self.dataset.x_val[:1]
+        return self.dataset.example_input()
 
 
 @dataclass
@@ -71,7 +71,8 @@ class Progress:
 @dataclass
 class RunContext:
     run_dir: Path
-    device: str = "cpu"
+    device: str = "cpu"  # where training runs (hwkd.accel.resolve_device); export and bench stay on the CPU
+    amp: str = "off"
     seed: int = 0
     log: logging.Logger = log
     progress: Progress = field(default_factory=Progress)
@@ -156,9 +157,9 @@ def resolve_teacher_weights(spec, teachers, dataset) -> list[float]:
     if weights != "auto":
         return weights
     from hwkd.kd.losses import accuracy_weights
-    from hwkd.train import accuracy
+    from hwkd.train import split_accuracy
 
-    return accuracy_weights([accuracy(t, dataset.x_val, dataset.y_val) for t in teachers], dataset.num_classes)
+    return accuracy_weights([split_accuracy(t, dataset, "val") for t in teachers], dataset.num_classes)
 
 
 def versions() -> dict[str, str]:
@@ -190,6 +191,7 @@ class _Run:
     cfg: Any
     inputs: dict[str, Any]
     profile: Any
+    device: Any
     dataset: Any
     teachers: list[Any]
     teacher_spec: dict[str, Any]
@@ -201,6 +203,7 @@ class _Run:
 
 def _check_up_front(inputs: dict[str, Any], cfg):
     """Everything that can be checked without data or training: bad input fails in seconds."""
+    from hwkd import accel
     from hwkd.hardware.budget import parse_latency, parse_memory
     from hwkd.hardware.profiles import load_profile
     from hwkd.stages.export import check_precision
@@ -214,40 +217,47 @@ def _check_up_front(inputs: dict[str, Any], cfg):
     teachers = inputs.get("teacher")
     n = 1 if isinstance(teachers, str) else max(1, len(teachers or []))
     parse_teacher_weights(inputs.get("teacher_weights"), n)  # fail before any training
-    return cfg, prof
+    device = accel.resolve_device(cfg.device)
+    accel.check_amp(cfg.amp, device)
+    return cfg, prof, device
 
 
-def _build(inputs: dict[str, Any], cfg, prof, trust_code: bool, progress, log) -> _Run:
+def _build(inputs: dict[str, Any], cfg, prof, device, trust_code: bool, progress, log) -> _Run:
     """Load the data and the teacher(s), build the student: the same on a fresh and a resumed run."""
     import torch
 
     from hwkd.data import check_compatible, load_dataset
+    from hwkd.data.checks import check_teachers
     from hwkd.models.loaders import build_student, load_teacher
     from hwkd.teacher import builtin_teacher
 
     torch.manual_seed(cfg.seed)
     teacher = inputs.get("teacher")
     sources = [teacher] if isinstance(teacher, str) else list(teacher or [])
-    dataset = load_dataset(inputs.get("data"), image_size=inputs.get("image_size"), seed=cfg.seed)
+    arch = inputs.get("teacher_arch")
+    dataset = load_dataset(inputs.get("data"), inputs.get("image_size"), cfg.seed, cfg.data, arch, user_teacher=bool(sources))
     c = dataset.input_shape[0]
     if not sources:
-        model, spec, info = builtin_teacher(dataset, cfg.seed, cfg.teacher, cfg.train, progress, log)
+        model, spec, info = builtin_teacher(dataset, cfg.seed, cfg.teacher, cfg.train, progress, log, device=device,
+                                            amp=cfg.amp)  # fmt: skip
         teachers = [model]
     else:
-        loaded = [load_teacher(s, inputs.get("teacher_arch"), dataset.num_classes, c, trust_code) for s in sources]
+        loaded = [load_teacher(s, arch, dataset.num_classes, c, trust_code) for s in sources]
         teachers = [m for m, _ in loaded]
         spec, info = loaded[0][1], {"source": sources[0]}
     for model in teachers:
         check_compatible(model, dataset)
+    if sources:  # before any training: a teacher near chance means the preprocessing is wrong
+        info["val_accuracy_check"] = check_teachers(teachers, sources, dataset, cfg.allow_weak_teacher, log)
     weights = resolve_teacher_weights(inputs.get("teacher_weights"), teachers, dataset)
     # Seeded again so the student's initial weights do not depend on whether the teacher was cached
     # (training it draws from the same generator): a resumed run rebuilds exactly the same student.
     torch.manual_seed(cfg.seed)
     student, student_spec = build_student(
-        inputs.get("student"), teachers[0], spec, dataset.num_classes, c, trust_code, dataset.x_val[:1]
+        inputs.get("student"), teachers[0], spec, dataset.num_classes, c, trust_code, dataset.example_input()
     )
     check_compatible(student, dataset)
-    return _Run(cfg, inputs, prof, dataset, teachers, spec, info, weights, student, student_spec)
+    return _Run(cfg, inputs, prof, device, dataset, teachers, spec, info, weights, student, student_spec)
 
 
 def compress(
@@ -273,10 +283,10 @@ def compress(
     logging.getLogger("torchao").setLevel(logging.ERROR)  # optional CUDA kernels it cannot load here
     inputs = {k: inputs.get(k) for k in INPUT_KEYS}
     inputs["config"] = str(inputs["config"]) if inputs.get("config") else None
-    cfg, prof = _check_up_front(inputs, cfg)
+    cfg, prof, device = _check_up_front(inputs, cfg)
     run_dir = check_run_dir(out, overwrite)
     log, progress = log or globals()["log"], progress or Progress()
-    run = _build(inputs, cfg, prof, trust_code, progress, log)
+    run = _build(inputs, cfg, prof, device, trust_code, progress, log)
     clear_run_dir(run_dir)
     manifest = {
         "status": "running",
@@ -293,6 +303,8 @@ def compress(
         "seed": cfg.seed,
         "versions": versions(),
         "dataset": run.dataset.summary(),
+        "preprocessing": run.dataset.preprocessing.to_dict(),
+        "device": str(device),
         "teacher": {"spec": run.teacher_spec, **{k: v for k, v in run.teacher_info.items() if k != "history"}},
         "teacher_weights": run.weights,
         "student_spec": run.student_spec,
@@ -369,7 +381,7 @@ def resume(
                 "its checkpoints may not load the same way.",
                 "Resume with the versions it started with, or start a new run.",
             )
-    cfg, prof = _check_up_front(saved_inputs, cfg)
+    cfg, prof, device = _check_up_front(saved_inputs, cfg)
     prints = input_fingerprints(saved_inputs, str(prof.source))
     for key, value in prints.items():
         if value != manifest["fingerprints"].get(key):
@@ -380,7 +392,7 @@ def resume(
             )
     log, progress = log or globals()["log"], progress or Progress()
     # --trust-code is never taken from a manifest: a run dir from elsewhere must not run code unasked.
-    run = _build(saved_inputs, cfg, prof, trust_code, progress, log)
+    run = _build(saved_inputs, cfg, prof, device, trust_code, progress, log)
     if weights_fingerprint(run.teachers) != manifest["fingerprints"].get("teacher_weights"):
         raise ConfigError(
             "--resume: the teacher's weights differ from those the run started with (for the built-in teacher: "
@@ -419,9 +431,9 @@ def _execute(run: _Run, run_dir: Path, manifest: dict, progress, on_stage_done, 
     from hwkd.stages.common import model_metrics, out_channels
 
     cfg, dataset, prof, inputs = run.cfg, run.dataset, run.profile, run.inputs
-    ctx = RunContext(run_dir=run_dir, device=cfg.device, seed=cfg.seed, log=log, progress=progress, train=cfg.train,
-                     resume=resume)  # fmt: skip
-    teacher_cost = estimate(run.teachers[0], dataset.x_val[:1], prof, precision="fp32")
+    ctx = RunContext(run_dir=run_dir, device=str(run.device), amp=cfg.amp, seed=cfg.seed, log=log, progress=progress,
+                     train=cfg.train, resume=resume)  # fmt: skip
+    teacher_cost = estimate(run.teachers[0], dataset.example_input(), prof, precision="fp32")
     budget = resolve_budget(
         prof,
         latency=inputs.get("latency_budget"),
@@ -447,7 +459,7 @@ def _execute(run: _Run, run_dir: Path, manifest: dict, progress, on_stage_done, 
     metadata = onnx_metadata(__version__, prof.name, dataset)
     teacher_onnx = run_dir / "teacher.onnx"
     try:
-        export_onnx(run.teachers[0], dataset.x_val[:1], teacher_onnx, {**metadata, "hwkd.role": "teacher"})
+        export_onnx(run.teachers[0], dataset.example_input(), teacher_onnx, {**metadata, "hwkd.role": "teacher"})
         state.onnx["teacher"] = teacher_onnx
     except Exception as exc:  # a TorchScript teacher may not export; the run still goes on
         log.warning("teacher could not be exported to ONNX, so its latency is not measured: %s", exc)
@@ -465,7 +477,7 @@ def _execute(run: _Run, run_dir: Path, manifest: dict, progress, on_stage_done, 
             stage_dir = ctx.stage_dir(result.name)
             ckpt = save_model(stage_dir / "model.pt", state_now.student, state_now.student_spec)
             onnx_path = export_onnx(
-                state_now.student, dataset.x_val[:1], stage_dir / "model.onnx", {**metadata, "hwkd.stage": result.name}
+                state_now.student, dataset.example_input(), stage_dir / "model.onnx", {**metadata, "hwkd.stage": result.name}
             )
             state_now.checkpoints[result.name] = ckpt
             state_now.onnx[result.name] = onnx_path

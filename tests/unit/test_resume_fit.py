@@ -88,7 +88,7 @@ def test_a_checkpoint_of_another_fit_is_not_continued(tiny_dataset, tmp_path):
 def test_nan_loss_stops_at_once_and_keeps_the_last_good_epoch(tiny_dataset, tmp_path):
     path = tmp_path / "last.pt"
     calls = {"n": 0}
-    batches_per_epoch = -(-len(tiny_dataset.x_train) // CFG.batch_size)
+    batches_per_epoch = len(tiny_dataset.loader("train", train=True, batch_size=CFG.batch_size))
 
     def loss_fn(m, xb, yb):
         calls["n"] += 1
@@ -129,7 +129,7 @@ def test_qat_fake_quant_state_resumes_into_a_freshly_prepared_graph(tiny_dataset
     from hwkd.train import Modes
 
     fp32 = _cnn().eval()
-    example = tiny_dataset.x_train[:2]
+    example = tiny_dataset.sample("train", 2)[0]
     modes = Modes(train=move_exported_model_to_train, eval=move_exported_model_to_eval)
     path = tmp_path / "last.pt"
     prepared, _ = qat.prepare_qat(fp32, example, "x86")
@@ -139,6 +139,6 @@ def test_qat_fake_quant_state_resumes_into_a_freshly_prepared_graph(tiny_dataset
     again, _ = qat.prepare_qat(fp32, example, "x86")
     fit(again, tiny_dataset, epochs=2, lr=0.01, loss_fn=LOSS, train_cfg=CFG, modes=modes,
         checkpoint=StageCheckpoint.load(path), checkpoint_tag="qat")  # fmt: skip  (nothing left to train)
-    x = tiny_dataset.x_val
+    x = tiny_dataset.sample("val", 8)[0]
     with torch.no_grad():
         assert torch.equal(qat.convert(prepared)(x), qat.convert(again)(x))
