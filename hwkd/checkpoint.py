@@ -61,6 +61,10 @@ class StageCheckpoint:
 
     def save(self, tag: str, **state: Any) -> Path:
         """Write one epoch's state atomically (a crash mid-write leaves the previous epoch's file)."""
+        from hwkd.distributed import is_main
+
+        if not is_main():  # under torchrun only rank 0 writes; every rank holds the same state
+            return self.path
         payload = {"format": FORMAT, "tag": tag, **state, "stage_state": self.stage_state}
         return torch_save(self.path, payload)
 

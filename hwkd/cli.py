@@ -311,6 +311,8 @@ def compress(
                 progress=progress,
                 on_stage_done=on_done,
             )
+        if result.report is None:
+            return  # a torchrun rank other than 0: rank 0 reports
         if as_json:
             print(json.dumps(result.report, indent=2, default=str))
         else:

@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hwkd import distributed
+
 log = logging.getLogger("hwkd")
+TRAINING_STAGES = ("distill", "prune", "qat")  # what every torchrun rank runs; export and bench: rank 0
 
 
 @dataclass
@@ -120,6 +123,8 @@ def run_stages(
         results.append(result)
         if on_stage_done is not None:
             on_stage_done(result, state)
+        if name in TRAINING_STAGES:  # torchrun: the other ranks wait while rank 0 writes its artifacts
+            distributed.barrier()
     ctx.stage = None
     return state, results
 
@@ -284,10 +289,14 @@ def compress(
     inputs = {k: inputs.get(k) for k in INPUT_KEYS}
     inputs["config"] = str(inputs["config"]) if inputs.get("config") else None
     cfg, prof, device = _check_up_front(inputs, cfg)
+    device = distributed.init_from_env(device)  # torchrun: join the group, one device per rank
     run_dir = check_run_dir(out, overwrite)
-    log, progress = log or globals()["log"], progress or Progress()
+    distributed.barrier()  # every rank checked the run dir before rank 0 creates it
+    log, progress, on_stage_done = _for_this_rank(log, progress, on_stage_done)
     run = _build(inputs, cfg, prof, device, trust_code, progress, log)
-    clear_run_dir(run_dir)
+    if distributed.is_main():
+        clear_run_dir(run_dir)
+    distributed.barrier()
     manifest = {
         "status": "running",
         "hwkd_version": __version__,
@@ -301,6 +310,7 @@ def compress(
         "config": cfg.to_dict(),
         "config_sha256": config_sha256(cfg.to_dict()),
         "seed": cfg.seed,
+        "world_size": distributed.world_size(),
         "versions": versions(),
         "dataset": run.dataset.summary(),
         "preprocessing": run.dataset.preprocessing.to_dict(),
@@ -314,6 +324,14 @@ def compress(
     report = _execute(run, run_dir, manifest, progress, on_stage_done, log, resume=False)
     _finish(run_dir, manifest, started)
     return run_dir, report
+
+
+def _for_this_rank(log, progress, on_stage_done):
+    """Rank 0 reports; other torchrun ranks stay quiet (they train the same model)."""
+    log = log or globals()["log"]
+    if not distributed.is_main():
+        return log, Progress(), None
+    return log, progress or Progress(), on_stage_done
 
 
 def resume(
@@ -390,7 +408,8 @@ def resume(
                 "run started (its content fingerprint differs).",
                 "Restore the file the run started with, or start a new run.",
             )
-    log, progress = log or globals()["log"], progress or Progress()
+    device = distributed.init_from_env(device)
+    log, progress, on_stage_done = _for_this_rank(log, progress, on_stage_done)
     # --trust-code is never taken from a manifest: a run dir from elsewhere must not run code unasked.
     run = _build(saved_inputs, cfg, prof, device, trust_code, progress, log)
     if weights_fingerprint(run.teachers) != manifest["fingerprints"].get("teacher_weights"):
@@ -402,7 +421,8 @@ def resume(
     manifest.setdefault("resumed", []).append(
         {"at": _now(), "status_before": status, "overrides": overrides or {}, "stages_done": list(manifest["stages_done"])}
     )
-    manifest.update(status="running", config=cfg.to_dict(), config_sha256=config_sha256(cfg.to_dict()))
+    manifest.update(status="running", config=cfg.to_dict(), config_sha256=config_sha256(cfg.to_dict()),
+                    world_size=distributed.world_size())  # fmt: skip
     manifest.pop("error", None)
     report = _execute(run, run_dir, manifest, progress, on_stage_done, log, resume=True)
     _finish(run_dir, manifest, started)
@@ -420,7 +440,7 @@ def _execute(run: _Run, run_dir: Path, manifest: dict, progress, on_stage_done, 
     import dataclasses
 
     from hwkd import __version__
-    from hwkd.artifacts import save_model, write_json
+    from hwkd.artifacts import save_model
     from hwkd.errors import DivergedError
     from hwkd.hardware.budget import resolve_budget
     from hwkd.hardware.cost import estimate
@@ -444,7 +464,7 @@ def _execute(run: _Run, run_dir: Path, manifest: dict, progress, on_stage_done, 
         precision="int8" if "qat" in cfg.stages else "fp32",
     )
     manifest["budget"] = dataclasses.asdict(budget)
-    write_json(run_dir / "manifest.json", manifest)
+    _write_manifest(run_dir, manifest)
     state = PipelineState(
         student=run.student,
         student_spec=run.student_spec,
@@ -459,8 +479,9 @@ def _execute(run: _Run, run_dir: Path, manifest: dict, progress, on_stage_done, 
     metadata = onnx_metadata(__version__, prof.name, dataset)
     teacher_onnx = run_dir / "teacher.onnx"
     try:
-        export_onnx(run.teachers[0], dataset.example_input(), teacher_onnx, {**metadata, "hwkd.role": "teacher"})
-        state.onnx["teacher"] = teacher_onnx
+        if distributed.is_main():  # only rank 0 writes files
+            export_onnx(run.teachers[0], dataset.example_input(), teacher_onnx, {**metadata, "hwkd.role": "teacher"})
+            state.onnx["teacher"] = teacher_onnx
     except Exception as exc:  # a TorchScript teacher may not export; the run still goes on
         log.warning("teacher could not be exported to ONNX, so its latency is not measured: %s", exc)
     teacher_metrics = model_metrics(run.teachers[0], state)
@@ -469,7 +490,9 @@ def _execute(run: _Run, run_dir: Path, manifest: dict, progress, on_stage_done, 
     done_before = set(manifest["stages_done"])
 
     def after_stage(result, state_now):
-        """Checkpoint the student after a training stage and export it for benchmarking."""
+        """Checkpoint the student after a training stage and export it for benchmarking (rank 0)."""
+        if not distributed.is_main():
+            return
         if result.name in done_before:  # replayed from its checkpoint: keep the time it really took
             result.seconds = manifest["stage_seconds"].get(result.name, result.seconds)
         manifest["stage_seconds"][result.name] = round(result.seconds, 2)
@@ -485,16 +508,17 @@ def _execute(run: _Run, run_dir: Path, manifest: dict, progress, on_stage_done, 
             result.metrics["model_size_mb"] = model_size_mb(onnx_path)
         if result.name not in manifest["stages_done"]:
             manifest["stages_done"].append(result.name)
-        write_json(run_dir / "manifest.json", manifest)
+        _write_manifest(run_dir, manifest)
         if on_stage_done:
             on_stage_done(result)
 
-    stages = [(name, get_stage(name), getattr(cfg, name)) for name in cfg.stages]
+    names = [n for n in cfg.stages if distributed.is_main() or n in TRAINING_STAGES]
+    stages = [(name, get_stage(name), getattr(cfg, name)) for name in names]
     try:
         state, results = run_stages(state, stages, ctx, on_stage_done=after_stage)
     except DivergedError as exc:
         manifest.update(status="diverged", error=exc.problem, diverged={"stage": ctx.stage, "epoch": exc.epoch + 1})
-        write_json(run_dir / "manifest.json", manifest)
+        _write_manifest(run_dir, manifest)
         key = f"{ctx.stage}.lr" if ctx.stage in ("distill", "prune", "qat") else "distill.lr"
         lower = getattr(getattr(cfg, ctx.stage, cfg.distill), "lr", cfg.distill.lr) / 10
         raise DivergedError(
@@ -505,14 +529,16 @@ def _execute(run: _Run, run_dir: Path, manifest: dict, progress, on_stage_done, 
         ) from None  # fmt: skip
     except KeyboardInterrupt as exc:
         manifest.update(status="interrupted", error=f"interrupted (Ctrl-C) during {ctx.stage}")
-        write_json(run_dir / "manifest.json", manifest)
+        _write_manifest(run_dir, manifest)
         exc.hwkd_run_dir = run_dir  # the CLI names it in the resume hint
         raise
     except BaseException as exc:
         # The run dir stays for inspection, but its manifest says plainly that it did not finish.
         manifest.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        write_json(run_dir / "manifest.json", manifest)
+        _write_manifest(run_dir, manifest)
         raise
+    if not distributed.is_main():
+        return None  # rank 0 alone exports, benchmarks and reports
     report = build_report(
         run_dir=run_dir,
         profile=prof,
@@ -527,9 +553,20 @@ def _execute(run: _Run, run_dir: Path, manifest: dict, progress, on_stage_done, 
     return report
 
 
-def _finish(run_dir: Path, manifest: dict, started: float) -> None:
+def _write_manifest(run_dir: Path, manifest: dict) -> None:
     from hwkd.artifacts import write_json
 
-    manifest.update(status="complete", finished=_now())
-    manifest["wall_seconds"] = round(manifest.get("wall_seconds", 0.0) + time.time() - started, 1)
-    write_json(run_dir / "manifest.json", manifest)
+    if distributed.is_main():
+        write_json(run_dir / "manifest.json", manifest)
+
+
+def _finish(run_dir: Path, manifest: dict, started: float) -> None:
+    main = distributed.is_main()
+    if distributed.active():  # the other ranks are done after the training stages
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    if main:
+        manifest.update(status="complete", finished=_now())
+        manifest["wall_seconds"] = round(manifest.get("wall_seconds", 0.0) + time.time() - started, 1)
+        _write_manifest(run_dir, manifest)

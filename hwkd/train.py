@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hwkd import accel
+from hwkd import accel, distributed
 from hwkd.config import TrainConfig
 from hwkd.data.loading import set_epoch
 
@@ -130,6 +130,7 @@ def fit(
     saved = checkpoint.resume_point(checkpoint_tag) if checkpoint is not None else None
     if saved is not None:
         _restore_weights(model, extra_params, saved)
+    net = distributed.wrap(model, dev)  # DDP under torchrun (issue 12), else the model itself
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
     # Weight decay on conv/linear weights only: decaying BN scales and biases hurts small models.
     decay = [p for p in params if p.ndim > 1]
@@ -164,16 +165,17 @@ def fit(
                     for group in opt.param_groups:
                         group["lr"] = lr_at(step, total, lr, int(warmup_epochs * n_batches))
                     with accel.autocast(dev, amp):
-                        terms = loss_fn(model, xb, yb)
+                        terms = loss_fn(net, xb, yb)
                         loss = terms["loss"]
                         if penalty_fn is not None and penalty_weight > 0:
                             penalty = penalty_fn(model)
                             terms = {**terms, "penalty": penalty}
                             loss = loss + penalty_weight * penalty
-                    if not torch.isfinite(loss.detach()):  # before the bad step reaches the weights
+                    if distributed.any_rank(not torch.isfinite(loss.detach()), dev):  # before the step reaches the weights
                         raise _diverged(description, float(loss.detach()), epoch, step, opt, checkpoint)
                     opt.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()  # no-op scaling unless fp16 on CUDA
+                    distributed.average_gradients(extra_params or [])  # DDP averages only the model's
                     if cfg.grad_clip:
                         scaler.unscale_(opt)
                         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

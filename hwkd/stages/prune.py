@@ -14,6 +14,7 @@ import torch
 import torch_pruning as tp
 
 from hwkd.config import PruneConfig
+from hwkd.distributed import sync_model
 from hwkd.errors import ConfigError
 from hwkd.hardware.cost import estimate
 from hwkd.hardware.penalty import BudgetPenalty, channel_groups, dependency_graph
@@ -154,6 +155,7 @@ def _prune_by_ratio(model, state, cfg, ctx, loss_fn, round_to) -> list[dict]:
         if cfg.importance == "taylor":
             _accumulate_gradients(model, loss_fn, state.dataset)
         pruner.step()
+        sync_model(model)  # torchrun: rank 0's pruning decision is every rank's
         model.zero_grad(set_to_none=True)
         macs, params = tp.utils.count_ops_and_params(model, example)
         row = {"step": step + 1, "params": int(params), "macs": int(macs)}
@@ -202,6 +204,7 @@ def _prune_to_budget(model, state, cfg, ctx, loss_fn, round_to) -> tuple[list[di
             round_to=round_to, max_layer_ratio=cfg.max_layer_ratio,
         )  # fmt: skip
         model.zero_grad(set_to_none=True)
+        sync_model(model)  # torchrun: rank 0's pruning decision is every rank's
         after = estimate(model, example, profile, precision)
         row = {
             "step": step,
