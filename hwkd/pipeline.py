@@ -233,6 +233,7 @@ def _build(inputs: dict[str, Any], cfg, prof, device, trust_code: bool, progress
 
     from hwkd.data import check_compatible, load_dataset
     from hwkd.data.checks import check_teachers
+    from hwkd.errors import DivergedError
     from hwkd.models.loaders import build_student, load_teacher
     from hwkd.teacher import builtin_teacher
 
@@ -243,8 +244,12 @@ def _build(inputs: dict[str, Any], cfg, prof, device, trust_code: bool, progress
     dataset = load_dataset(inputs.get("data"), inputs.get("image_size"), cfg.seed, cfg.data, arch, user_teacher=bool(sources))
     c = dataset.input_shape[0]
     if not sources:
-        model, spec, info = builtin_teacher(dataset, cfg.seed, cfg.teacher, cfg.train, progress, log, device=device,
-                                            amp=cfg.amp)  # fmt: skip
+        try:
+            model, spec, info = builtin_teacher(dataset, cfg.seed, cfg.teacher, cfg.train, progress, log,
+                                                device=device, amp=cfg.amp)  # fmt: skip
+        except DivergedError as exc:  # no run dir exists yet: there is nothing to resume
+            raise DivergedError(exc.problem, f"Start again with a lower --set teacher.lr (now {cfg.teacher.lr:g}).",
+                                epoch=exc.epoch, step=exc.step, lr=exc.lr) from None  # fmt: skip
         teachers = [model]
     else:
         loaded = [load_teacher(s, arch, dataset.num_classes, c, trust_code) for s in sources]
