@@ -613,9 +613,7 @@ def profiles_calibrate(
 @app.command()
 def estimate(
     model: Annotated[Path, typer.Argument(help="ONNX model file.")],
-    profile: Annotated[
-        str | None, typer.Option("--profile", "-p", help="Device profile name or path to a .toml (default jetson).")
-    ] = None,
+    profile: Annotated[str, typer.Option("--profile", "-p", help="Device profile name or path to a .toml.")] = "jetson",
     precision: Annotated[
         str | None, typer.Option(help="fp32 | fp16 | int8 (default: detected from the graph).")
     ] = None,
