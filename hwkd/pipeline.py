@@ -379,8 +379,12 @@ def resume(
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--resume: {str(path)!r} is not valid JSON ({exc}).") from exc
-    status = manifest.get("status")
-    if status not in RESUMABLE or "config" not in manifest:
+    status = manifest.get("status") if isinstance(manifest, dict) else None
+    missing = [k for k in ("config", "inputs", "versions", "fingerprints", "stages_done") if k not in (manifest or {})]
+    if missing and status in RESUMABLE:
+        raise ConfigError(f"--resume: {str(path)!r} lacks {missing} (written by an older hwkd, or edited).",
+                          "Start a new run with another --out (or --overwrite).")  # fmt: skip
+    if status not in RESUMABLE:
         raise ConfigError(
             f"--resume {str(run_dir)!r}: the run's status is {status!r}; only a run that did not finish "
             f"({', '.join(RESUMABLE)}) can be resumed.",
