@@ -10,12 +10,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
-import logging
 import os
-import platform
-import sys
-import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +19,12 @@ from typing import Any
 from hwkd import __version__
 from hwkd.config import PipelineConfig, merge
 from hwkd.errors import ConfigError
+from hwkd.pipeline import (  # noqa: F401  (re-exported: the API's argument helpers live with the orchestrator)
+    parse_teacher_weights,
+    resolve_teacher_weights,
+    versions,
+)
+from hwkd.rundir import check_run_dir  # noqa: F401
 
 
 @dataclass
@@ -50,85 +51,6 @@ def resolve_config(recipe: str | os.PathLike | None = None, overrides: dict[str,
     data = merge(load_recipe(recipe), overrides or {})
     where = f"recipe {recipe}" if recipe else "config"
     return PipelineConfig.from_dict(data, where)
-
-
-def versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import torch
-    import torch_pruning
-    import torchao
-
-    return {
-        "hwkd": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchao": torchao.__version__,
-        "torch_pruning": getattr(torch_pruning, "__version__", "unknown"),
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-    }
-
-
-def check_run_dir(out: str | os.PathLike | None, overwrite: bool) -> Path:
-    """The run dir to use; refuse to mix a new run into an old one unless told to. Creates nothing."""
-    run_dir = Path(out) if out else Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {str(run_dir)!r} exists and is not a directory.", "Choose another --out.")
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise ConfigError(
-            f"Run directory {str(run_dir)!r} already exists and is not empty.",
-            "Choose another --out, or pass --overwrite to replace its contents.",
-        )
-    return run_dir
-
-
-RUN_ARTIFACTS = ("manifest.json", "report.json", "report.md", "report.html", "model.onnx", "model_fp32.onnx", "teacher.onnx")
-RUN_ARTIFACTS += ("model_qat.onnx", "model_ptq.onnx", "model_fp16.onnx")
-
-
-def clear_run_dir(run_dir: Path) -> None:
-    """Create the run dir, removing a previous run's artifacts so none can pass for this run's."""
-    import shutil
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in RUN_ARTIFACTS:
-        (run_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "stages", ignore_errors=True)
-
-
-def parse_teacher_weights(spec: str | list[float] | None, n_teachers: int) -> list[float] | str:
-    """``None``/"equal" -> equal weights; "auto" stays "auto"; "0.6,0.4" or a list -> normalized floats."""
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "equal"):
-        return [1.0 / n_teachers] * n_teachers
-    if isinstance(spec, str) and spec.strip().lower() == "auto":
-        return "auto"
-    try:
-        values = [float(v) for v in (spec.split(",") if isinstance(spec, str) else spec)]
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"--teacher-weights {spec!r} is not a comma-separated list of numbers.",
-            "Example: --teacher-weights 0.6,0.4 (or auto, from each teacher's validation accuracy).",
-        ) from None
-    if len(values) != n_teachers or any(v < 0 or v != v for v in values) or sum(values) <= 0:
-        raise ConfigError(
-            f"--teacher-weights {spec!r} must give {n_teachers} non-negative weight(s), not all zero, one "
-            f"per --teacher.",
-            "Example: --teacher-weights 0.6,0.4 for two teachers, or auto.",
-        )
-    total = sum(values)
-    return [v / total for v in values]
-
-
-def resolve_teacher_weights(spec, teachers, dataset) -> list[float]:
-    """Teacher weights for KD; "auto" weighs each teacher by its validation accuracy above chance."""
-    weights = parse_teacher_weights(spec, len(teachers))
-    if weights != "auto":
-        return weights
-    from hwkd.kd.losses import accuracy_weights
-    from hwkd.train import split_accuracy
-
-    return accuracy_weights([split_accuracy(t, dataset, "val") for t in teachers], dataset.num_classes)
 
 
 def compress(
@@ -159,192 +81,58 @@ def compress(
     ``teacher_weights`` is a list, ``"0.6,0.4"``, ``"equal"`` (default) or ``"auto"`` (from each
     teacher's validation accuracy). ``teacher_arch`` / ``student`` name architectures: a zoo name,
     ``torchvision:NAME``, ``timm:NAME`` (the ``hwkd[vision]`` extra) or ``pkg.mod:fn`` (``trust_code``);
-    ``student_weights`` is a state dict or hwkd checkpoint to start the student from.
+    ``student_weights`` is a state dict or hwkd checkpoint to start the student from. The
+    orchestration lives in ``hwkd.pipeline``.
     """
-    import torch
+    from hwkd import pipeline
 
-    from hwkd import accel
-    from hwkd.artifacts import save_model, write_json
-    from hwkd.data import check_compatible, load_dataset
-    from hwkd.data.checks import check_teachers
-    from hwkd.hardware.budget import parse_latency, parse_memory, resolve_budget
-    from hwkd.hardware.cost import estimate
-    from hwkd.hardware.profiles import load_profile
-    from hwkd.kd.losses import make_kd_loss
-    from hwkd.models.loaders import build_student, load_teacher
-    from hwkd.onnx.export import export_onnx, model_size_mb, onnx_metadata
-    from hwkd.pipeline import PipelineState, Progress, RunContext, run_stages
-    from hwkd.pipeline import log as default_log
-    from hwkd.report.build import build_report, write_reports
-    from hwkd.stages import get_stage
-    from hwkd.stages.common import model_metrics, out_channels
-    from hwkd.teacher import builtin_teacher
-
-    started = time.time()
-    # torchao logs a warning for each optional CUDA kernel library it cannot load on a CPU-only host.
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-    from hwkd.quiet import quiet_torchao_import
-
-    quiet_torchao_import()
-    # Everything that can be checked without training is checked first, so bad input fails in seconds.
-    cfg = resolve_config(config, overrides)
-    prof = load_profile(profile)
-    from hwkd.stages.export import check_precision
-
-    cfg = check_precision(cfg, prof)  # --quant / --precision checked up front; fp16/fp32 skip qat
-    if latency_budget is not None:
-        parse_latency(latency_budget)
-    if memory_budget is not None:
-        parse_memory(memory_budget)
-    device = accel.resolve_device(cfg.device)
-    accel.check_amp(cfg.amp, device)
-    run_dir = check_run_dir(out, overwrite)
-    log = log or default_log
-    progress = progress or Progress()
-    torch.manual_seed(cfg.seed)
-
-    teacher_sources = [teacher] if isinstance(teacher, str) else list(teacher or [])
-    parse_teacher_weights(teacher_weights, max(1, len(teacher_sources)))  # fail before any training
-    dataset = load_dataset(data, image_size, cfg.seed, cfg.data, teacher_arch, user_teacher=bool(teacher_sources))
-    c = dataset.input_shape[0]
-    if not teacher_sources:
-        teacher_model, teacher_spec, teacher_info = builtin_teacher(
-            dataset, cfg.seed, cfg.teacher, cfg.train, progress, log, device=device, amp=cfg.amp
-        )
-        teacher_models = [teacher_model]
-    else:
-        loaded = [load_teacher(src, teacher_arch, dataset.num_classes, c, trust_code) for src in teacher_sources]
-        teacher_models = [m for m, _ in loaded]
-        teacher_model, teacher_spec = loaded[0]
-        teacher_info = {"source": teacher_sources[0]}
-    for model in teacher_models:
-        check_compatible(model, dataset)
-    if teacher_sources:  # before any training: a teacher near chance means the preprocessing is wrong
-        scores = check_teachers(teacher_models, teacher_sources, dataset, cfg.allow_weak_teacher, log)
-        teacher_info["val_accuracy_check"] = scores
-    weights = resolve_teacher_weights(teacher_weights, teacher_models, dataset)
-    student_model, student_spec = build_student(
-        student, teacher_model, teacher_spec, dataset.num_classes, c, trust_code, dataset.example_input(),
-        weights=student_weights,
-    )  # fmt: skip
-    check_compatible(student_model, dataset)
-    if "prune" in cfg.stages or cfg.distill.penalty_weight > 0:
-        from hwkd.models.depgraph import unprunable_layers
-
-        unprunable_layers(student_model, dataset.example_input(), check_groups=True)  # fails here, before training
-
-    clear_run_dir(run_dir)
-    ctx = RunContext(run_dir=run_dir, device=str(device), amp=cfg.amp, seed=cfg.seed, log=log, progress=progress,
-                     train=cfg.train)  # fmt: skip
-    teacher_cost = estimate(teacher_model, dataset.example_input(), prof, precision="fp32")
-    budget = resolve_budget(
-        prof,
-        latency=latency_budget,
-        memory=memory_budget,
-        teacher_latency_ms=teacher_cost.latency_ms,
-        teacher_memory_mb=teacher_cost.memory_mb,
-        # the budget is for the deployed model: INT8 when QAT runs, so pruning estimates at that precision
-        precision="int8" if "qat" in cfg.stages else "fp32",
-    )
-    manifest = {
-        "status": "running",
-        "hwkd_version": __version__,
-        "command": sys.argv,
-        "started": _dt.datetime.now().isoformat(timespec="seconds"),
-        "inputs": {
-            "profile": prof.name,
-            "profile_source": str(prof.source),
-            "teacher": teacher,
-            "teacher_arch": teacher_arch,
-            "teacher_weights": teacher_weights,
-            "data": data,
-            "student": student,
-            "student_weights": student_weights,
-            "image_size": image_size,
-            "latency_budget": latency_budget,
-            "memory_budget": memory_budget,
-            "config": str(config) if config else None,
-        },
-        "config": cfg.to_dict(),
-        "seed": cfg.seed,
-        "versions": versions(),
-        "dataset": dataset.summary(),
-        "preprocessing": dataset.preprocessing.to_dict(),
-        "device": str(device),
-        "teacher": {"spec": teacher_spec, **{k: v for k, v in teacher_info.items() if k != "history"}},
-        "teacher_weights": weights,
-        "student_spec": student_spec,
-        "budget": dataclasses.asdict(budget),
-        "stage_seconds": {},
+    cfg = resolve_config(config, overrides)  # first: a bad number fails before anything loads
+    inputs = {
+        "profile": profile,
+        "teacher": teacher,
+        "teacher_arch": teacher_arch,
+        "teacher_weights": teacher_weights,
+        "data": data,
+        "student": student,
+        "student_weights": student_weights,
+        "image_size": image_size,
+        "latency_budget": latency_budget,
+        "memory_budget": memory_budget,
+        "config": config,
     }
-    write_json(run_dir / "manifest.json", manifest)
-
-    state = PipelineState(
-        student=student_model,
-        student_spec=student_spec,
-        teachers=teacher_models,
-        teacher_weights=weights,
-        dataset=dataset,
-        profile=prof,
-        budget=budget,
-        kd=make_kd_loss(cfg.distill.kd, cfg.distill.temperature, cfg.distill.alpha).logits_only(),
-        channels={"student_initial": out_channels(student_model)},
-    )
-    metadata = onnx_metadata(__version__, prof.name, dataset)
-    teacher_onnx = run_dir / "teacher.onnx"
-    try:
-        export_onnx(teacher_model, dataset.example_input(), teacher_onnx, {**metadata, "hwkd.role": "teacher"})
-        state.onnx["teacher"] = teacher_onnx
-    except Exception as exc:  # a TorchScript teacher may not export; the run still goes on
-        log.warning("teacher could not be exported to ONNX, so its latency is not measured: %s", exc)
-    teacher_metrics = model_metrics(teacher_model, state)
-    if teacher_onnx.exists():
-        teacher_metrics["model_size_mb"] = model_size_mb(teacher_onnx)
-
-    def after_stage(result, state_now):
-        """Checkpoint the student after a training stage and export it for benchmarking."""
-        manifest["stage_seconds"][result.name] = round(result.seconds, 2)
-        if result.name in ("distill", "prune"):
-            stage_dir = ctx.stage_dir(result.name)
-            ckpt = save_model(stage_dir / "model.pt", state_now.student, state_now.student_spec)
-            onnx_path = export_onnx(
-                state_now.student, dataset.example_input(), stage_dir / "model.onnx", {**metadata, "hwkd.stage": result.name}
-            )
-            state_now.checkpoints[result.name] = ckpt
-            state_now.onnx[result.name] = onnx_path
-            result.artifacts.update({"checkpoint": ctx.rel(ckpt), "onnx": ctx.rel(onnx_path)})
-            result.metrics["model_size_mb"] = model_size_mb(onnx_path)
-        write_json(run_dir / "manifest.json", manifest)
-        if on_stage_done:
-            on_stage_done(result)
-
-    stages = [(name, get_stage(name), getattr(cfg, name)) for name in cfg.stages]
-    try:
-        state, results = run_stages(state, stages, ctx, on_stage_done=after_stage)
-    except BaseException as exc:
-        # The run dir stays for inspection, but its manifest says plainly that it did not finish.
-        manifest.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        write_json(run_dir / "manifest.json", manifest)
-        raise
-
-    report = build_report(
-        run_dir=run_dir,
-        profile=prof,
-        budget=budget,
-        dataset=dataset,
-        teacher_metrics=teacher_metrics,
-        results=results,
-        state=state,
-        versions=manifest["versions"],
-    )
-    write_reports(run_dir, report)
-    manifest.update(
-        status="complete",
-        finished=_dt.datetime.now().isoformat(timespec="seconds"),
-        wall_seconds=round(time.time() - started, 1),
-    )
-    write_json(run_dir / "manifest.json", manifest)
+    run_dir, report = pipeline.compress(
+        inputs, cfg, out=out, overwrite=overwrite, trust_code=trust_code,
+        progress=progress, on_stage_done=on_stage_done, log=log,
+    )  # fmt: skip
     return CompressResult(run_dir=run_dir, report=report)
+
+
+def resume(
+    run_dir: str | os.PathLike,
+    *,
+    overrides: dict[str, Any] | None = None,
+    inputs: dict[str, Any] | None = None,
+    trust_code: bool = False,
+    progress=None,
+    on_stage_done=None,
+    log=None,
+) -> CompressResult:
+    """Continue an unfinished run (killed, Ctrl-C, diverged) from the last complete epoch.
+
+    ``overrides`` may change learning rates only (e.g. ``{"distill": {"lr": 0.01}}`` after a
+    divergence); ``inputs`` given again (profile, teacher, data, ...) must equal the run's.
+
+    Example::
+
+        hwkd.api.resume("runs/demo", overrides={"distill": {"lr": 0.01}})
+    """
+    from hwkd import pipeline
+
+    run_dir, report = pipeline.resume(
+        run_dir, overrides=overrides, inputs=inputs, trust_code=trust_code,
+        progress=progress, on_stage_done=on_stage_done, log=log,
+    )  # fmt: skip
+    return CompressResult(run_dir=Path(run_dir), report=report)
 
 
 BENCH_FORMAT = "hwkd.bench/1"

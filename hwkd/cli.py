@@ -45,9 +45,30 @@ def handle_errors(debug: bool = False):
 
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]")
+    except KeyboardInterrupt as exc:
+        run_dir = getattr(exc, "hwkd_run_dir", None)
+        hint = f"; the run is resumable: hwkd compress --resume {run_dir}" if run_dir else ""
+        err.print(f"[yellow]interrupted[/]{hint}", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a scheduler or torchrun stopping the job) stops a run like Ctrl-C: resumable, marked so."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _version(value: bool):
@@ -164,7 +185,9 @@ def _stage_line(result) -> str:
 
 @app.command()
 def compress(
-    profile: Annotated[str, typer.Option("--profile", "-p", help="Device profile name or path to a .toml.")] = "jetson",
+    profile: Annotated[
+        str | None, typer.Option("--profile", "-p", help="Device profile name or path to a .toml (default jetson).")
+    ] = None,
     teacher: Annotated[
         list[str] | None,
         typer.Option(help="Teacher: state dict (+ --teacher-arch), TorchScript file, or module:factory. Repeat for several."),
@@ -222,10 +245,17 @@ def compress(
     trust_code: Annotated[bool, typer.Option("--trust-code", help="Allow running module:factory code.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty --out directory.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the final report as JSON on stdout.")] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", help="Continue an unfinished run dir from its last complete epoch (--set *.lr only)."),
+    ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
 ):
-    """Distill, prune, quantize (INT8 QAT), export to ONNX and benchmark a model for a device."""
-    with handle_errors(debug):
+    """Distill, prune, quantize (INT8 QAT), export to ONNX and benchmark a model for a device.
+
+    Exit codes: 0 done; 1 a gate failed; 2 bad input; 3 training diverged (resumable); 130 interrupted.
+    """
+    with handle_errors(debug), sigterm_as_interrupt():
         overrides = parse_sets(set_)
         if stages is not None:
             overrides["stages"] = [s.strip() for s in stages.split(",") if s.strip()]
@@ -251,27 +281,47 @@ def compress(
         from hwkd import api
 
         progress = RichProgress(err)
-        if not as_json:
-            err.print(f"[bold]hwkd {__version__}[/] compress  profile={profile}  data={data or 'embedded digits'}")
-        result = api.compress(
-            profile,
-            teacher=teacher or None,
-            teacher_arch=teacher_arch,
-            teacher_weights=teacher_weights,
-            data=data,
-            student=student,
-            student_weights=str(student_weights) if student_weights else None,
-            out=out_dir,
-            config=config,
-            overrides=overrides,
-            image_size=image_size,
-            latency_budget=latency_budget,
-            memory_budget=memory_budget,
-            trust_code=trust_code,
-            overwrite=overwrite,
-            progress=progress,
-            on_stage_done=lambda r, s=None: err.print(_stage_line(r), highlight=False),
-        )
+        on_done = lambda r, s=None: err.print(_stage_line(r), highlight=False)  # noqa: E731
+        if resume is not None:
+            if out_dir is not None and Path(out_dir).resolve() != Path(resume).resolve():
+                raise ConfigError("--resume continues the run in its own directory; leave --out out.")
+            given = {
+                "profile": profile, "teacher": teacher or None, "teacher_arch": teacher_arch,
+                "teacher_weights": teacher_weights, "data": data, "student": student,
+                "student_weights": str(student_weights) if student_weights else None, "config": config,
+                "image_size": image_size, "latency_budget": latency_budget, "memory_budget": memory_budget,
+            }  # fmt: skip
+            if not as_json:
+                err.print(f"[bold]hwkd {__version__}[/] compress --resume {resume}")
+            result = api.resume(
+                resume, overrides=overrides, inputs=given, trust_code=trust_code, progress=progress,
+                on_stage_done=on_done,
+            )  # fmt: skip
+        else:
+            profile = profile or "jetson"
+            if not as_json:
+                err.print(f"[bold]hwkd {__version__}[/] compress  profile={profile}  data={data or 'embedded digits'}")
+            result = api.compress(
+                profile,
+                teacher=teacher or None,
+                teacher_arch=teacher_arch,
+                teacher_weights=teacher_weights,
+                data=data,
+                student=student,
+                student_weights=str(student_weights) if student_weights else None,
+                out=out_dir,
+                config=config,
+                overrides=overrides,
+                image_size=image_size,
+                latency_budget=latency_budget,
+                memory_budget=memory_budget,
+                trust_code=trust_code,
+                overwrite=overwrite,
+                progress=progress,
+                on_stage_done=on_done,
+            )
+        if result.report is None:
+            return  # a torchrun rank other than 0: rank 0 reports
         if as_json:
             print(json.dumps(result.report, indent=2, default=str))
         else:

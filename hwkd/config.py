@@ -8,6 +8,7 @@ be repeated exactly.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -150,10 +151,136 @@ class PipelineConfig:
                 f"Unknown stage {unknown[0]!r} in {where}.", f"Stages are: {', '.join(STAGE_ORDER)}."
             )
         order = [s for s in STAGE_ORDER if s in cfg.stages]
-        return dataclasses.replace(cfg, stages=tuple(order))
+        cfg = dataclasses.replace(cfg, stages=tuple(order))
+        check_ranges(cfg, where)
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of one numeric key: ``lo``/``hi`` bounds (None = open), inclusive or not."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # True: value > lo; False: value >= lo
+    hi_open: bool = False
+    meaning: str = ""  # e.g. "0 = skip the stage", shown in the error
+
+    def admits(self, value: float) -> bool:
+        try:
+            value = float(value)
+        except (OverflowError, TypeError, ValueError):  # an int past float range is never a sane value
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.lo is not None and not (value > self.lo if self.lo_open else value >= self.lo):
+            return False
+        return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+
+    def describe(self) -> str:
+        def num(v: float) -> str:
+            return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+        lo = None if self.lo is None else f"{num(self.lo)} {'<' if self.lo_open else '<='} value"
+        hi = None if self.hi is None else f"value {'<' if self.hi_open else '<='} {num(self.hi)}"
+        if lo and hi:
+            text = f"{lo}{hi[5:]}"
+        elif lo:
+            text = f"value {'>' if self.lo_open else '>='} {num(self.lo)}"
+        else:
+            text = hi or "a finite number"
+        return text + (f" ({self.meaning})" if self.meaning else "")
+
+
+def _ge(lo: float, meaning: str = "") -> Range:
+    return Range(lo=lo, meaning=meaning)
+
+
+def _gt(lo: float, meaning: str = "") -> Range:
+    return Range(lo=lo, lo_open=True, meaning=meaning)
+
+
+_POSITIVE = _gt(0)
+_FRACTION = Range(0.0, 1.0)  # [0, 1]
+_OPEN_FRACTION = Range(0.0, 1.0, lo_open=True, hi_open=True)  # (0, 1)
+
+# Every numeric key of every config, with its allowed values. A new numeric key must be added here
+# (tests/unit/test_config.py checks that none is missing); tuple keys apply the range to each item.
+RANGES: dict[str, Range] = {
+    "seed": Range(0, 2**32 - 1),  # scikit-learn's split takes 0 .. 2**32 - 1
+    "data.mean": Range(),  # any finite value (NaN / inf would poison every input)
+    "data.std": _POSITIVE,
+    "data.resize": _ge(0, "0 = --image-size or the source's default"),
+    "data.crop": _ge(0, "0 = no crop"),
+    "data.workers": _ge(-1, "-1 = auto"),
+    "data.stats_images": _ge(1),
+    "train.batch_size": _ge(1),
+    "train.weight_decay": _ge(0),
+    "train.grad_clip": _ge(0, "0 = no clipping"),
+    "teacher.epochs": _ge(1),
+    "teacher.lr": _POSITIVE,
+    "distill.epochs": _ge(0, "0 = skip distillation training"),
+    "distill.lr": _POSITIVE,
+    "distill.temperature": _POSITIVE,
+    "distill.alpha": _FRACTION,
+    "distill.penalty_weight": _ge(0, "0 = off"),
+    "distill.temperature_end": _POSITIVE,
+    "distill.temperatures": _POSITIVE,
+    "distill.temperature_weights": _ge(0),
+    "distill.alpha_end": _FRACTION,
+    "distill.schedule_warmup": _FRACTION,
+    "prune.ratio": _OPEN_FRACTION,
+    "prune.steps": _ge(1),
+    "prune.recovery_epochs": _ge(0, "0 = no recovery training"),
+    "prune.lr": _POSITIVE,
+    "prune.round_to": _ge(0, "0 = the profile's channel rounding"),
+    "prune.max_layer_ratio": _OPEN_FRACTION,
+    "prune.penalty_weight": _ge(0, "0 = off"),
+    "qat.epochs": _ge(0, "0 = no QAT training: onnxruntime static PTQ makes the INT8 model"),
+    "qat.lr": _POSITIVE,
+    "qat.freeze_observers_at": _FRACTION,
+    "qat.freeze_bn_at": _FRACTION,
+    "export.opset": Range(13, 23),  # torch.onnx's dynamo exporter and the QDQ ops hwkd writes
+    "export.min_top1_agreement": _FRACTION,
+    "export.ptq_calibration_images": _ge(1),
+    "bench.warmup": _ge(0),
+    "bench.iterations": _ge(1),
+    "bench.rounds": _ge(1),
+}
+
+
+def numeric_keys(cls: type = None, prefix: str = "") -> list[str]:
+    """Dotted names of every int / float (or tuple of them) field, nested configs included."""
+    cls = cls or PipelineConfig
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += numeric_keys(tp, f"{prefix}{f.name}.")
+        elif tp in (int, float) or (typing.get_origin(tp) is tuple and typing.get_args(tp)[0] in (int, float)):
+            keys.append(prefix + f.name)
+    return keys
+
+
+def check_ranges(cfg: Any, where: str = "config") -> None:
+    """Raise ConfigError naming the first key whose value is outside its range (before any training)."""
+    for key, rng in RANGES.items():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        items = value if isinstance(value, tuple) else (value,)
+        for i, item in enumerate(items):
+            if not rng.admits(item):
+                name = f"{key}[{i}]" if isinstance(value, tuple) else key
+                shown = repr(item) if len(repr(item)) <= 40 else f"{repr(item)[:20]}... ({len(repr(item))} digits)"
+                raise ConfigError(
+                    f"{name} = {shown} is out of range in {where}: it must be {rng.describe()}.",
+                    f"Fix it in the recipe or with --set {key}=VALUE.",
+                )
 
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:

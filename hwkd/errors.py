@@ -39,3 +39,17 @@ class ModelError(HwkdError):
 
 class StageError(HwkdError):
     """A stage could not do its job on this input (e.g. ONNX parity broke); names the stage."""
+
+
+class DivergedError(HwkdError):
+    """A training loss became NaN or inf: the stage stopped, its last good epoch checkpoint is kept.
+
+    Exit code 3 (not 2: the input was valid, the optimisation blew up), so scripts can retry with a
+    lower learning rate via ``hwkd compress --resume RUN_DIR --set STAGE.lr=...``.
+    """
+
+    exit_code = 3
+
+    def __init__(self, problem: str, fix: str | None = None, *, epoch: int = 0, step: int = 0, lr: float = 0.0):
+        super().__init__(problem, fix)
+        self.epoch, self.step, self.lr = epoch, step, lr

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hwkd import accel
+from hwkd import accel, distributed
 from hwkd.config import TrainConfig
 from hwkd.data.loading import set_epoch
 
@@ -100,6 +100,8 @@ def fit(
     device=None,
     amp: str = "off",
     modules: list[torch.nn.Module] | tuple = (),
+    checkpoint=None,
+    checkpoint_tag: str = "",
 ) -> list[dict[str, float]]:
     """Train ``model`` in place; return one history row per epoch (mean loss terms, val accuracy, lr).
 
@@ -109,6 +111,9 @@ def fit(
     ``device`` (None = cpu) is where the model, ``modules`` (teachers, KD adapters) and batches go
     for the run; everything is moved back to the CPU at the end (export runs on onnxruntime there).
     ``amp`` (bf16 | fp16 | off) is torch.autocast on CUDA. Epoch e's batches depend only on (seed, e).
+    ``checkpoint`` (hwkd.checkpoint.StageCheckpoint) gets the full training state at the end of each
+    epoch, and a saved state with the same ``checkpoint_tag`` is continued from (exactly, since epoch
+    e's batches depend on (seed, e) only). A NaN/inf loss raises DivergedError before the bad step.
     """
     cfg = train_cfg or TrainConfig()
     modes = modes or Modes()
@@ -121,6 +126,11 @@ def fit(
     loader = dataset.loader("train", train=True, augment=cfg.augment, batch_size=cfg.batch_size, seed=seed, device=dev)
     n_batches = max(1, len(loader))
     total = epochs * n_batches
+    # --- resume (issue 12): weights go back before the optimizer and penalty see the parameters --------
+    saved = checkpoint.resume_point(checkpoint_tag) if checkpoint is not None else None
+    if saved is not None:
+        _restore_weights(model, extra_params, saved)
+    net = distributed.wrap(model, dev)  # DDP under torchrun (issue 12), else the model itself
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
     # Weight decay on conv/linear weights only: decaying BN scales and biases hurts small models.
     decay = [p for p in params if p.ndim > 1]
@@ -133,11 +143,15 @@ def fit(
     )
     scaler = accel.grad_scaler(dev, amp)
     history: list[dict[str, float]] = []
-    step = 0
+    step = start_epoch = 0
+    if saved is not None:
+        start_epoch, step, history = _restore_training(saved, opt, scaler, penalty_fn, on_epoch_end)
     task = progress.task(description, total) if progress else contextlib.nullcontext(lambda n=1, **kw: None)
     try:
         with task as advance:
-            for epoch in range(epochs):
+            if start_epoch:
+                advance(start_epoch * n_batches)
+            for epoch in range(start_epoch, epochs):
                 set_epoch(loader, epoch)  # the shuffle and augmentations of epoch e depend on (seed, e) only
                 logged = on_epoch_start(epoch) if on_epoch_start else None
                 modes.train(model)
@@ -151,14 +165,17 @@ def fit(
                     for group in opt.param_groups:
                         group["lr"] = lr_at(step, total, lr, int(warmup_epochs * n_batches))
                     with accel.autocast(dev, amp):
-                        terms = loss_fn(model, xb, yb)
+                        terms = loss_fn(net, xb, yb)
                         loss = terms["loss"]
                         if penalty_fn is not None and penalty_weight > 0:
                             penalty = penalty_fn(model)
                             terms = {**terms, "penalty": penalty}
                             loss = loss + penalty_weight * penalty
+                    if distributed.any_rank(not torch.isfinite(loss.detach()), dev):  # before the step reaches the weights
+                        raise _diverged(description, float(loss.detach()), epoch, step, opt, checkpoint)
                     opt.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()  # no-op scaling unless fp16 on CUDA
+                    distributed.average_gradients(extra_params or [])  # DDP averages only the model's
                     if cfg.grad_clip:
                         scaler.unscale_(opt)
                         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -178,6 +195,9 @@ def fit(
                 history.append(row)
                 if on_epoch_end:
                     on_epoch_end(row)
+                if checkpoint is not None:
+                    _save_epoch(checkpoint, checkpoint_tag, epoch + 1, step, model, extra_params, opt, scaler,
+                                penalty_fn, history)  # fmt: skip
     finally:
         if cuda:
             with contextlib.suppress(Exception):
@@ -185,6 +205,70 @@ def fit(
         _to_device([model, *modules], "cpu")  # export, estimate and bench run on the CPU
     modes.eval(model)
     return history
+
+
+# --- checkpoint / resume / divergence helpers of fit (issue 12) -------------------------------------------
+
+
+def _restore_weights(model, extra_params, saved) -> None:
+    """Copy saved weights in place (the penalty and KD adapters hold references to these tensors)."""
+    model.load_state_dict(saved["model"]["state_dict"])
+    with torch.no_grad():
+        for p, v in zip(extra_params or [], saved.get("extra_params", []), strict=True):
+            p.copy_(v)
+
+
+def _restore_training(saved, opt, scaler, penalty_fn, on_epoch_end):
+    """Optimizer, AMP scaler, RNG, penalty and schedule state; returns (start epoch, step, history)."""
+    from hwkd.checkpoint import set_rng_state
+
+    opt.load_state_dict(saved["optimizer"])
+    if saved.get("scaler") and hasattr(scaler, "load_state_dict"):
+        scaler.load_state_dict(saved["scaler"])
+    set_rng_state(saved["rng"])
+    if saved.get("penalty") is not None and hasattr(penalty_fn, "load_state_dict"):
+        penalty_fn.load_state_dict(saved["penalty"])
+    history = [dict(row) for row in saved["history"]]
+    for row in history:  # schedule state (e.g. the adaptive temperature's val losses) replays from history
+        if on_epoch_end:
+            on_epoch_end(row)
+    return int(saved["epoch"]), int(saved["step"]), history
+
+
+def _save_epoch(checkpoint, tag, epoch, step, model, extra_params, opt, scaler, penalty_fn, history) -> None:
+    from hwkd.checkpoint import model_payload, rng_state
+
+    checkpoint.save(
+        tag,
+        epoch=epoch,
+        step=step,
+        model=model_payload(model),
+        extra_params=[p.detach().cpu().clone() for p in extra_params or []],
+        optimizer=opt.state_dict(),
+        scaler=scaler.state_dict() if hasattr(scaler, "state_dict") and scaler.is_enabled() else None,
+        rng=rng_state(),
+        penalty=penalty_fn.state_dict() if hasattr(penalty_fn, "state_dict") else None,
+        history=history,
+    )
+
+
+def _diverged(description, value, epoch, step, opt, checkpoint):
+    from hwkd.errors import DivergedError
+
+    lr = opt.param_groups[0]["lr"]
+    kept = (
+        f"the checkpoint of the last good epoch ({epoch}) is kept in {checkpoint.path}"
+        if checkpoint is not None and epoch > 0
+        else "no epoch of this stage had finished, so it restarts from its beginning"
+    )
+    return DivergedError(
+        f"Training diverged in {description}: the loss became {value} at epoch {epoch + 1}, step {step + 1} "
+        f"(learning rate {lr:.3g}); {kept}.",
+        "Resume with a lower learning rate (or a smaller train.grad_clip).",
+        epoch=epoch,
+        step=step,
+        lr=lr,
+    )
 
 
 def distill_loss_fn(kd_loss, teachers: list[torch.nn.Module], weights: list[float]):

@@ -124,16 +124,24 @@ class EpochBatchSampler(Sampler):
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, -1)))
 
     def __iter__(self):
+        from hwkd.distributed import shard, world_size
+
         order = self.order().tolist()
+        ranks = world_size() if self.shuffle else 1  # evaluation: every rank sees the whole split
         for start in range(0, self.n, self.batch_size):
             chunk = order[start : start + self.batch_size]
-            if len(chunk) < self.drop_below:
+            if len(chunk) < self.drop_below * ranks:  # under torchrun every rank needs drop_below
                 continue
-            yield [(self.epoch, p) for p in chunk]
+            # torchrun: each rank takes its share of the same global training batch (a DistributedSampler
+            # over the (seed, epoch) shuffle), so N processes train on the batches one process would.
+            yield [(self.epoch, p) for p in (shard(chunk) if ranks > 1 else chunk)]
 
     def __len__(self) -> int:
+        from hwkd.distributed import world_size
+
         full, rest = divmod(self.n, self.batch_size)
-        return full + (1 if rest and rest >= self.drop_below else 0)
+        ranks = world_size() if self.shuffle else 1
+        return full + (1 if rest and rest >= self.drop_below * ranks else 0)
 
 
 def _as_is(batch):

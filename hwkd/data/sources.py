@@ -56,6 +56,28 @@ class RawData:
         return self.images[idx]
 
 
+def check_finite(x, where: str, offset: int = 0, what: str = "image") -> None:
+    """Raise DataError naming ``where`` and the example index if ``x`` (a batch, N first) holds NaN/inf.
+
+    Works on one item (pass its index as ``offset`` and a batch of one) or on a whole array, so a lazy
+    dataset can call it per decoded item and an in-memory one once at load; NaN pixels otherwise
+    surface minutes later as a traceback deep inside fake-quant.
+    """
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "fc":
+        return  # integer / bool pixels are always finite
+    finite = np.isfinite(arr.reshape(len(arr), -1)) if arr.ndim > 1 else np.isfinite(arr)[:, None]
+    bad = np.flatnonzero(~finite.all(axis=1))
+    if len(bad):
+        first = int(bad[0])
+        value = arr.reshape(len(arr), -1)[first][~finite[first]][0]
+        raise DataError(
+            f"{what.capitalize()} {offset + first} of {where!r} holds a non-finite value ({value}); "
+            f"{len(bad)} {what}(s) in all do.",
+            "Fix or drop those examples (NaN / inf pixels cannot be trained on or quantized).",
+        )
+
+
 def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
@@ -248,6 +270,7 @@ def load_npz(path: Path) -> RawData:
             f"In {where!r}, 'x' has {len(x)} examples but 'y' has shape {tuple(y.shape)}.",
             "'y' must be a 1-D array with one label per image in 'x'.",
         )
+    check_finite(x, where)
     images = _to_nchw(x, where)
     scale = _scale_for(x.dtype)
 

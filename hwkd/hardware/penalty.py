@@ -167,6 +167,16 @@ class BudgetPenalty:
             count = sum(m.numel() for m in mags)
         self.g0 = max(total / max(count, 1), 1e-8)
 
+    def state_dict(self) -> dict[str, float]:
+        """What was fixed when the penalty was built (the normaliser and starting estimate), for resume.
+
+        Rebuilt from a partly trained model these would differ, so a resumed epoch would see another loss.
+        """
+        return {"g0": self.g0, "latency_ms": self.latency_ms, "memory_mb": self.memory_mb}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.g0, self.latency_ms, self.memory_mb = state["g0"], state["latency_ms"], state["memory_mb"]
+
     def gates(self) -> tuple[float, float]:
         """(latency, memory) gates in [0, 1]: 0 once the estimate, with dead channels removed, fits."""
         saved_ms = saved_mb = 0.0

@@ -65,6 +65,8 @@ def run(state: PipelineState, cfg: DistillConfig, ctx: RunContext) -> tuple[Pipe
             device=ctx.device,
             amp=ctx.amp,
             modules=[*state.teachers, kd.adapters],
+            checkpoint=ctx.checkpoint("distill"),
+            checkpoint_tag="distill",
         )
     finally:
         kd.detach()  # no hooks may stay on the student: pruning and export trace it next

@@ -14,6 +14,7 @@ import torch
 import torch_pruning as tp
 
 from hwkd.config import PruneConfig
+from hwkd.distributed import sync_model
 from hwkd.errors import ConfigError
 from hwkd.hardware.cost import estimate
 from hwkd.hardware.penalty import BudgetPenalty, channel_groups, dependency_graph
@@ -95,10 +96,16 @@ def run(state: PipelineState, cfg: PruneConfig, ctx: RunContext) -> tuple[Pipeli
     return dataclasses.replace(state, student=model, channels=channels, kd=kd), result
 
 
-def _recover(model, state, cfg, ctx, loss_fn, step: int, label: str) -> list[dict]:
-    """KD recovery after a pruning step, with the budget penalty rebuilt for the new shape."""
+def _recover(model, state, cfg, ctx, loss_fn, step: int, label: str, stage_state=None) -> list[dict]:
+    """KD recovery after a pruning step, with the budget penalty rebuilt for the new shape.
+
+    ``stage_state`` (the step and the rows before it) is saved with each recovery epoch, so a resumed
+    run restores the pruned structure and skips the steps already done.
+    """
     if cfg.recovery_epochs <= 0:
         return []
+    checkpoint = ctx.checkpoint("prune")
+    checkpoint.stage_state = {"mode": cfg.mode, "step": step, **(stage_state or {})}
     penalty = None
     if cfg.penalty_weight > 0:
         penalty = BudgetPenalty(model, state.example_input, state.profile, state.budget,
@@ -118,7 +125,27 @@ def _recover(model, state, cfg, ctx, loss_fn, step: int, label: str) -> list[dic
         device=ctx.device,
         amp=ctx.amp,
         modules=state.teachers,
+        checkpoint=checkpoint,
+        checkpoint_tag=f"step {step}",
     )
+
+
+def _resume_point(model, ctx, cfg) -> dict | None:
+    """Budget mode: put the saved pruned structure and weights back; return the saved stage state.
+
+    Ratio mode replays its steps instead (torch-pruning's pruner keeps per-step state of its own): the
+    steps before the saved one recompute exactly (same weights, same seeds) and the saved one continues.
+    """
+    from hwkd.artifacts import apply_structure, assign_tensors
+
+    ckpt = ctx.checkpoint("prune")
+    saved = ckpt.saved_stage_state
+    if not saved or saved.get("mode") != "budget" or cfg.mode != "budget":
+        return None
+    apply_structure(model, ckpt.saved["model"]["structure"])
+    assign_tensors(model, ckpt.saved["model"]["state_dict"])
+    ctx.log.info("prune: resuming at step %d from %s", saved["step"], ckpt.path)
+    return saved
 
 
 def _prune_by_ratio(model, state, cfg, ctx, loss_fn, round_to) -> list[dict]:
@@ -138,6 +165,7 @@ def _prune_by_ratio(model, state, cfg, ctx, loss_fn, round_to) -> list[dict]:
         if cfg.importance == "taylor":
             _accumulate_gradients(model, loss_fn, state.dataset)
         pruner.step()
+        sync_model(model)  # torchrun: rank 0's pruning decision is every rank's
         model.zero_grad(set_to_none=True)
         macs, params = tp.utils.count_ops_and_params(model, example)
         row = {"step": step + 1, "params": int(params), "macs": int(macs)}
@@ -161,7 +189,15 @@ def _prune_to_budget(model, state, cfg, ctx, loss_fn, round_to) -> tuple[list[di
     start = estimate(model, example, profile, precision)
     history: list[dict] = []
     total_steps = cfg.steps + max(3, cfg.steps)
+    resumed = _resume_point(model, ctx, cfg)
     for step in range(1, total_steps + 1):
+        if resumed is not None and step < resumed["step"]:
+            continue  # done before the run stopped; its row is in the saved history
+        if resumed is not None and step == resumed["step"]:
+            history, row = [dict(r) for r in resumed["history"]], dict(resumed["row"])
+            resumed = None
+            _finish_step(model, state, cfg, ctx, loss_fn, step, row, history)
+            continue
         cost = estimate(model, example, profile, precision)
         if cost.latency_ms <= budget.latency_ms and cost.memory_mb <= budget.memory_mb:
             break
@@ -178,6 +214,7 @@ def _prune_to_budget(model, state, cfg, ctx, loss_fn, round_to) -> tuple[list[di
             round_to=round_to, max_layer_ratio=cfg.max_layer_ratio,
         )  # fmt: skip
         model.zero_grad(set_to_none=True)
+        sync_model(model)  # torchrun: rank 0's pruning decision is every rank's
         after = estimate(model, example, profile, precision)
         row = {
             "step": step,
@@ -192,11 +229,7 @@ def _prune_to_budget(model, state, cfg, ctx, loss_fn, round_to) -> tuple[list[di
         if plan["removed"] == 0:
             history.append(row)
             break  # nothing left that saves anything: every group is at its floor
-        epochs = _recover(model, state, cfg, ctx, loss_fn, step, f"prune step {step} recovery")
-        if epochs:
-            row.update({k: v for k, v in epochs[-1].items() if k not in ("epoch",) and k not in row})
-            row["recovery"] = epochs
-        history.append(row)
+        _finish_step(model, state, cfg, ctx, loss_fn, step, row, history)
     final = estimate(model, example, profile, precision)
     extra = {
         "budget_latency_ms": budget.latency_ms,
@@ -209,6 +242,16 @@ def _prune_to_budget(model, state, cfg, ctx, loss_fn, round_to) -> tuple[list[di
         "penalty_weight": cfg.penalty_weight,
     }
     return history, extra
+
+
+def _finish_step(model, state, cfg, ctx, loss_fn, step: int, row: dict, history: list[dict]) -> None:
+    """Recover after a budget-mode step and append its row (the recovery's last epoch, then every epoch)."""
+    before = {"history": history, "row": row}
+    epochs = _recover(model, state, cfg, ctx, loss_fn, step, f"prune step {step} recovery", before)
+    if epochs:
+        row.update({k: v for k, v in epochs[-1].items() if k not in ("epoch",) and k not in row})
+        row["recovery"] = epochs
+    history.append(row)
 
 
 def prune_step(

@@ -150,9 +150,12 @@ def run(state: PipelineState, cfg: QatConfig, ctx: RunContext) -> tuple[Pipeline
     )
 
     method = quant_method(cfg)
-    if method == "ptq":
-        # The user chose onnxruntime's static PTQ: no fake-quant training; export quantizes the FP32 model.
+    if method == "ptq" or cfg.epochs == 0:
+        # The user chose onnxruntime's static PTQ (or qat.epochs = 0: no fake-quant training), so
+        # export quantizes the FP32 model; observers that never saw data would give garbage scales.
         result = StageResult("qat", metrics={"method": "ptq", "precision": "int8", "trained": False})
+        if method != "ptq":
+            result.metrics["note"] = "qat.epochs = 0: no QAT training; onnxruntime static PTQ makes model.onnx"
         return dataclasses.replace(state, quantized=None, quant_method="ptq", reduce_range=reduce_range(cfg)), result
     family = quantizer_family(cfg, state.profile)
     fp32 = copy.deepcopy(state.student).eval()
@@ -202,6 +205,8 @@ def run(state: PipelineState, cfg: QatConfig, ctx: RunContext) -> tuple[Pipeline
         device=ctx.device,  # fake-quant training on the device; convert and export on the CPU
         amp=ctx.amp,
         modules=[fp32],
+        checkpoint=ctx.checkpoint("qat"),  # fake-quant scales and observer on/off flags are buffers
+        checkpoint_tag="qat",
     )
     try:
         converted = convert(prepared)

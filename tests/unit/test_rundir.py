@@ -1,0 +1,48 @@
+"""What a resumed run must find unchanged: config (learning rates may change), inputs, file contents."""
+
+from __future__ import annotations
+
+import pytest
+
+from hwkd.config import PipelineConfig
+from hwkd.errors import ConfigError
+from hwkd.rundir import check_resume_overrides, check_same_inputs, input_fingerprints
+
+SAVED = PipelineConfig().to_dict()
+
+
+def test_learning_rates_may_change_on_resume():
+    check_resume_overrides(SAVED, {"distill": {"lr": 0.01}, "prune": {"lr": 0.001}, "qat": {"lr": 1e-4}})
+
+
+@pytest.mark.parametrize(("over", "needle"), [({"distill": {"epochs": 99}}, "distill.epochs (14 -> 99)"),
+                                              ({"seed": 1}, "seed (0 -> 1)"),
+                                              ({"stages": ["distill"]}, "stages")])  # fmt: skip
+def test_any_other_change_is_refused_by_name(over, needle):
+    with pytest.raises(ConfigError, match="Only learning rates") as info:
+        check_resume_overrides(SAVED, over)
+    assert needle in str(info.value)
+
+
+def test_inputs_given_again_must_match():
+    manifest = {"inputs": {"profile": "rpi4", "profile_source": "/p/rpi4.toml", "data": "a.npz", "teacher": ["t.pt"]}}
+    check_same_inputs(manifest, {"profile": "rpi4", "data": "a.npz", "teacher": ["t.pt"], "student": None})
+    check_same_inputs(manifest, {"profile": "/p/rpi4.toml"})
+    with pytest.raises(ConfigError, match="--data 'b.npz' differs"):
+        check_same_inputs(manifest, {"data": "b.npz"})
+    with pytest.raises(ConfigError, match="--teacher"):
+        check_same_inputs(manifest, {"teacher": ["u.pt"]})
+
+
+def test_fingerprints_follow_file_content(tmp_path):
+    data = tmp_path / "d.npz"
+    data.write_bytes(b"one")
+    folder = tmp_path / "imgs"
+    (folder / "cat").mkdir(parents=True)
+    (folder / "cat" / "1.png").write_bytes(b"x")
+    first = input_fingerprints({"data": str(data), "teacher": [str(folder)], "student": "0.5x"}, None)
+    assert first["student"] is None and first["profile"] is None and first["data"].startswith("sha256:")
+    data.write_bytes(b"two")
+    (folder / "cat" / "2.png").write_bytes(b"y")
+    second = input_fingerprints({"data": str(data), "teacher": [str(folder)]}, None)
+    assert second["data"] != first["data"] and second["teacher[0]"] != first["teacher[0]"]
