@@ -2,10 +2,9 @@
 
 The 5k folder is symlinks (500 per class) under a temporary directory, never a copy. Each run is
 ``/usr/bin/time -v nice -n 10 python -m hwkd compress ...`` with a user teacher (so no built-in
-teacher is trained), the distill stage only and one epoch. ``Maximum resident set size`` of GNU time
-is the largest RSS of the process tree's biggest member (the main process here; DataLoader workers are
-smaller), not the sum over workers: both are reported, the workers' from ``ps`` is not, so read it as
-"the main process".
+teacher is trained), the distill stage only and one epoch. GNU time's ``Maximum resident set size`` is
+the RSS of the biggest single process of the tree (the main one here; DataLoader workers are smaller
+and share most of their pages with it), not a sum over processes.
 
     python benchmarks/compress_memory.py --data /work/shared/data/cifar10/train
 """
