@@ -125,8 +125,9 @@ def main() -> None:
         "target_ratio": 0.9,
         "notes": [
             "hwkd's time includes its per-epoch validation pass over 80 val images; the plain loop has none.",
-            "The host is shared with other sessions (2 cores, load average above 5 during the run): absolute "
-            "images/s are low and noisy; the interleaved rounds and the ratio of medians are the result.",
+            f"The host is shared with other sessions (1-minute load average {os.getloadavg()[0]:.1f} at the end, "
+            f"{os.cpu_count()} cores): absolute images/s are noisy; the interleaved rounds and the ratio of medians "
+            "are the result.",
         ],
         "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__},
     }

@@ -28,7 +28,7 @@ TINY = [
 ]
 
 
-def run_cli(*args, env=None, timeout=600):
+def run_cli(*args, env=None, timeout=int(os.environ.get("HWKD_E2E_TIMEOUT", "600"))):  # raise it on a loaded host
     return subprocess.run(
         [sys.executable, "-m", "hwkd", *args],
         capture_output=True,
