@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -86,22 +87,29 @@ def train(args: argparse.Namespace) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     gen = torch.Generator().manual_seed(args.seed)
     loader = DataLoader(train_set, batch_size=128, shuffle=True, drop_last=True, generator=gen)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, epochs=args.epochs,
-                                                steps_per_epoch=len(loader), pct_start=0.25)
-    start, history, train_s = 0, [], 0.0
+    steps = len(loader)
+    start, history, train_s, cpu_s, replans, plan = 0, [], 0.0, 0.0, [], args.epochs or 15
+    sched = one_cycle(opt, args.lr, plan, steps, 0)
     ckpt = out / "last.pt"
     if args.resume and ckpt.exists():
         state = torch.load(ckpt, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"])
         start, history, train_s = state["epoch"], state["history"], state["train_s"]
-        print(f"resumed at epoch {start}", flush=True)
+        cpu_s, replans = state.get("cpu_s", 0.0), state.get("replans", [])
+        plan = state["planned_epochs"] if args.epochs is None else args.epochs
+        if plan == state["planned_epochs"]:
+            sched.load_state_dict(state["sched"])
+        else:
+            sched = one_cycle(opt, args.lr, plan, steps, start * steps)
+            replans.append({"at_epoch": start, "from": state["planned_epochs"], "to": plan, "why": "resume"})
+        print(f"resumed at epoch {start} (plan {plan} epochs, lr {sched.get_last_lr()[0]:.4f})", flush=True)
     loss_fn = nn.CrossEntropyLoss()
-    for epoch in range(start, args.epochs):
+    epoch = start
+    while epoch < plan:
         model.train()
-        t_ep, seen, loss_sum = time.time(), 0, 0.0
+        t_ep, c_ep, seen, loss_sum = time.time(), time.process_time(), 0, 0.0
         for x, y in loader:
             loss = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
@@ -110,20 +118,42 @@ def train(args: argparse.Namespace) -> None:
             sched.step()
             seen += len(y)
             loss_sum += loss.item() * len(y)
-        dt = time.time() - t_ep
+        dt, dc = time.time() - t_ep, time.process_time() - c_ep
         train_s += dt
+        cpu_s += dc
         val_acc = evaluate(model, val_set)
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "val_acc": val_acc,
-               "epoch_s": round(dt, 1), "images_per_s": round(seen / dt, 1),
-               "lr_end": sched.get_last_lr()[0], "utc": time.strftime("%H:%M:%S", time.gmtime())}
+        epoch += 1
+        row = {"epoch": epoch, "train_loss": loss_sum / seen, "val_acc": val_acc,
+               "epoch_s": round(dt, 1), "cpu_s": round(dc, 1), "images_per_s": round(seen / dt, 1),
+               "lr_end": sched.get_last_lr()[0], "plan": plan, "utc": time.strftime("%H:%M:%S", time.gmtime())}
         history.append(row)
+        if args.deadline and epoch < plan:  # shrink the plan to what fits before the deadline
+            left = args.deadline - time.time() - 120
+            fits = epoch + max(1, int(left // max(dt, 1.0)))
+            if fits < plan:
+                replans.append({"at_epoch": epoch, "from": plan, "to": fits, "why": "deadline"})
+                plan = fits
+                sched = one_cycle(opt, args.lr, plan, steps, epoch * steps)
+                row["replanned_to"] = plan
         log.write(json.dumps(row) + "\n")
         log.flush()
         print(row, flush=True)
         atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                     "gen": gen.get_state(), "epoch": epoch + 1, "history": history, "train_s": train_s,
-                     "planned_epochs": args.epochs, "args": {k: str(v) for k, v in vars(args).items()}},
-                    ckpt)
+                     "gen": gen.get_state(), "epoch": epoch, "history": history, "train_s": train_s,
+                     "cpu_s": cpu_s, "planned_epochs": plan, "replans": replans,
+                     "args": {k: str(v) for k, v in vars(args).items()}}, ckpt)
+
+
+def one_cycle(opt, lr: float, epochs: int, steps: int, done: int):
+    """OneCycleLR over ``epochs`` (warm-up 25%), fast-forwarded by ``done`` steps (a re-planned run)."""
+    for group in opt.param_groups:  # a fresh plan starts from the base values
+        group.pop("initial_lr", None)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=epochs, steps_per_epoch=steps, pct_start=0.25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
+        for _ in range(done):
+            sched.step()
+    return sched
 
 
 def finalise(args: argparse.Namespace) -> None:
@@ -140,7 +170,8 @@ def finalise(args: argparse.Namespace) -> None:
         "params": sum(p.numel() for p in model.parameters()),
         "val_acc": evaluate(model, val_set), "test_acc": evaluate(model, test_set),
         "epochs": state["epoch"], "planned_epochs": state["planned_epochs"],
-        "train_s": round(state["train_s"], 1),
+        "replans": state.get("replans", []),
+        "train_s": round(state["train_s"], 1), "cpu_s": round(state.get("cpu_s", 0.0), 1),
         "recipe": {"batch": 128, "optimizer": "SGD momentum 0.9 nesterov wd 5e-4",
                    "schedule": f"OneCycleLR max_lr {state['args']['lr']} pct_start 0.25 over planned epochs",
                    "augmentation": "RandomCrop(32, padding=4) + RandomHorizontalFlip (transforms.v2)",
@@ -159,13 +190,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--split", type=Path, default=Path("/tmp/cifar10_split"))
     ap.add_argument("--out", type=Path, default=Path("/tmp/cifar10_teacher"))
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=None, help="planned epochs (default 15; on --resume: as saved)")
+    ap.add_argument("--deadline", default=None, help="UTC HH:MM: shrink the one-cycle plan to end before it")
     ap.add_argument("--lr", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--finalise", action="store_true")
     args = ap.parse_args()
+    if args.deadline:
+        hh, mm = map(int, args.deadline.split(":"))
+        now = time.gmtime()
+        args.deadline = time.time() + ((hh * 60 + mm) - (now.tm_hour * 60 + now.tm_min)) * 60 - now.tm_sec
+    if args.epochs is None and not args.resume:
+        args.epochs = 15
     finalise(args) if args.finalise else train(args)
 
 
