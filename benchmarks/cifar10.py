@@ -52,8 +52,8 @@ MEAN_STD = ["--mean", ",".join(map(str, teacher_mod.MEAN)), "--std", ",".join(ma
 PROTOCOLS = {
     "full": {"per_class": None, "profiles": ["rpi4", "jetson"], "hw_profile": "rpi4", "budgets": [10, 20, 30, 50],
              "kd_epochs": 40, "kd_seeds": [0, 1, 2], "kd_lr": 0.05, "student": ["mobilenetv2", 1.0],
-             "hwkd_sets": [], "bench_rounds": 5},
-    "quick": {"per_class": {"train": 200, "val": 50, "test": 50}, "profiles": ["rpi4", "jetson"],
+             "hwkd_sets": [], "bench_rounds": 5, "grid_step": 0.05},
+    "quick": {"per_class": {"train": 100, "val": 50, "test": 50}, "grid_step": 0.1, "profiles": ["rpi4", "jetson"],
               "hw_profile": "rpi4", "budgets": [10, 20, 30, 50], "kd_epochs": 2, "kd_seeds": [0], "kd_lr": 0.05,
               "student": ["mobilenetv2", 1.0], "bench_rounds": 3,
               "hwkd_sets": ["distill.epochs=1", "prune.recovery_epochs=1", "qat.epochs=1",
@@ -141,7 +141,7 @@ def hwkd_compress(args, proto: dict, split_dir: Path, teacher_pt: Path, profile:
     rep = json.loads(proc.stdout)
     keys = ("accuracy", "params", "macs", "measured_latency_ms", "estimated_latency_ms", "model_size_mb")
     stages = [{"name": s["name"], "seconds": s.get("seconds"), "accuracy": s.get("accuracy"),
-               "epochs": len(s.get("history") or [])} for s in rep["stages"]]  # fmt: skip
+               "epochs": stage_epochs(s)} for s in rep["stages"]]  # fmt: skip
     return {
         "command": shown, "returncode": 0, "wall_s": round(wall, 1), "run_dir": str(run_dir),
         "teacher": {k: rep["teacher"].get(k) for k in keys},
@@ -150,6 +150,14 @@ def hwkd_compress(args, proto: dict, split_dir: Path, teacher_pt: Path, profile:
         "train_epochs": sum(s["epochs"] for s in stages if s["name"] in ("distill", "prune", "qat")),
         "model": str(run_dir / "model.onnx"),
     }  # fmt: skip
+
+
+def stage_epochs(stage: dict) -> int:
+    """Training epochs a stage ran: prune's history has one row per step, each with its recovery epochs."""
+    rows = stage.get("history") or []
+    if stage["name"] == "prune":
+        return sum(len(r.get("recovery") or []) for r in rows)
+    return len(rows) if stage["name"] in ("distill", "qat") else 0
 
 
 def step_pipeline(args, proto, split_dir, teacher_pt, out: dict) -> None:
@@ -215,8 +223,10 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
     calibration = peer.calibration_images(plain_train)
     targets = {f"{b}_{arm}": Path(r[f"hwkd_penalty_{arm}"]["model"]) for b, r in hw["budgets"].items()
                for arm in ("on", "off") if r[f"hwkd_penalty_{arm}"]["returncode"] == 0}  # fmt: skip
-    log(f"peer: timing the uniform-pruning grid ({len(peer.GRID)} ratios) with {len(targets)} hwkd models")
-    grid = peer.latency_grid(teacher, example, calibration, args.work / "peer_grid", targets, proto["bench_rounds"])
+    log(f"peer: timing the uniform-pruning grid (step {proto['grid_step']}) with {len(targets)} hwkd models")
+    ratios = tuple(round(proto["grid_step"] * i, 2) for i in range(round(0.95 / proto["grid_step"]) + 1))
+    grid = peer.latency_grid(teacher, example, calibration, args.work / "peer_grid", targets, proto["bench_rounds"],
+                             ratios)  # fmt: skip
     hw["peer_grid_ms"] = {f"{r:.2f}": ms for r, ms in grid["grid"].items()}
     finals = dict(targets)
     for b, r in hw["budgets"].items():
@@ -263,6 +273,8 @@ def main() -> int:
     ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     ap.add_argument("--work", type=Path, default=Path("/tmp/hwkd-cifar10"), help="runs, symlink split, exports")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (training)")
+    ap.add_argument("--budgets", default=None, help="override the protocol's latency budgets, e.g. 10,50 (%% of teacher)")
+    ap.add_argument("--profiles", default=None, help="override the pipeline step's profiles, e.g. rpi4")
     args = ap.parse_args()
     args.started = time.time()
     torch.set_num_threads(args.threads)
@@ -273,7 +285,11 @@ def main() -> int:
     if not (args.data / "airplane").is_dir():
         ap.error(f"--data {args.data} is not the CIFAR-10 image folder (expected <class>/*.jpg subfolders)")
     proto_name = "quick" if args.quick else "full"
-    proto = PROTOCOLS[proto_name]
+    proto = dict(PROTOCOLS[proto_name])
+    if args.budgets:
+        proto["budgets"] = [int(b) for b in args.budgets.split(",")]
+    if args.profiles:
+        proto["profiles"] = [p.strip() for p in args.profiles.split(",")]
     stem = "cifar10_quick" if args.quick else "cifar10"
     prior = RESULTS / f"{stem}.json"
     out = json.loads(prior.read_text()) if prior.exists() else {}  # steps not re-run are kept

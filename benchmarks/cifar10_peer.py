@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import time
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from hwkd.train import lr_at
 
-GRID = tuple(round(0.05 * i, 2) for i in range(20))  # 0.0 .. 0.95
+GRID = tuple(round(0.05 * i, 2) for i in range(20))  # 0.0 .. 0.95 (the full protocol's grid)
 CALIBRATION_IMAGES = 256
 
 
@@ -50,8 +52,9 @@ def export_int8(model: torch.nn.Module, example: torch.Tensor, calibration: np.n
     out.parent.mkdir(parents=True, exist_ok=True)
     fp32, pre = out.with_suffix(".fp32.onnx"), out.with_suffix(".pre.onnx")
     model.eval()
-    torch.onnx.export(model, (example,), str(fp32), dynamo=True, input_names=["input"],
-                      dynamic_shapes={"x": {0: torch.export.Dim("batch")}})  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
+        torch.onnx.export(model, (example,), str(fp32), dynamo=True, input_names=["input"],
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}})  # fmt: skip
     quant_pre_process(str(fp32), str(pre))
 
     class Reader(CalibrationDataReader):
@@ -81,13 +84,14 @@ def onnx_accuracy(path: Path, data, batch_size: int = 500) -> float:
     return correct / n
 
 
-def latency_grid(teacher, example, calibration, work: Path, targets: dict[str, Path], rounds: int = 5) -> dict:
-    """Export the uniformly pruned teacher at every GRID ratio (INT8) and time them with the targets,
+def latency_grid(teacher, example, calibration, work: Path, targets: dict[str, Path], rounds: int = 5,
+                 grid: tuple[float, ...] = GRID) -> dict:
+    """Export the uniformly pruned teacher at every ``grid`` ratio (INT8) and time them with the targets,
     interleaved; return ``{"grid": {ratio: p50}, "targets": {name: p50}}`` in ms (batch 1, this host)."""
     from hwkd import ortbench
 
     paths = {}
-    for r in GRID:
+    for r in grid:
         paths[r] = export_int8(prune_uniform(teacher, r, example), example, calibration[:32], work / f"grid_{r:.2f}.onnx")
     stats = ortbench.measure([*paths.values(), *targets.values()], iterations=100, warmup=10, rounds=rounds)
     return {"grid": {r: stats[p].p50 for r, p in paths.items()},
@@ -121,7 +125,7 @@ def fine_tune(model, train_set, *, epochs: int, lr: float = 0.02, batch_size: in
             loss.backward()
             opt.step()
             step += 1
-            loss_sum += float(loss) * len(y)
+            loss_sum += loss.item() * len(y)
             seen += len(y)
         history.append({"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "seconds": round(time.time() - t0, 1)})
     model.eval()
