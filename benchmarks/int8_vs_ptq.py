@@ -96,22 +96,22 @@ def part2(iterations: int, rounds: int) -> list[dict]:
         model = ZOO.get("mobilenetv2")(ds.num_classes, 1, width=width)
         model.train()
         with torch.no_grad():
-            for i in range(0, 256, 64):
-                model(ds.x_train[i : i + 64])
+            for xb, _ in ds.eval_batches("train", 64, limit=256):
+                model(xb)
         model.eval()
-        cost = estimate(model, ds.x_val[:1], load_profile("jetson"))
+        cost = estimate(model, ds.example_input(), load_profile("jetson"))
         macs, params = cost.macs, cost.params
         with tempfile.TemporaryDirectory(prefix="hwkd-xover-") as tmp:
             tmp = Path(tmp)
-            ox.export_onnx(model, ds.x_val[:1], tmp / "fp32.onnx", {}, name="FP32")
+            ox.export_onnx(model, ds.example_input(), tmp / "fp32.onnx", {}, name="FP32")
             seven_bit = qat.host_needs_reduce_range()  # as the pipeline does with qat.reduce_range=auto
-            prepared, _ = qat.prepare_qat(model, ds.x_train[:2], "arm", seven_bit)
+            prepared, _ = qat.prepare_qat(model, ds.example_input(2), "arm", seven_bit)
             with torch.no_grad():
-                for i in range(0, 256, 64):
-                    prepared(ds.x_train[i : i + 64])
-            ox.export_onnx(qat.convert(prepared), ds.x_val[:1], tmp / "hwkd.onnx", {}, name="INT8")
+                for xb, _ in ds.eval_batches("train", 64, limit=256):
+                    prepared(xb)
+            ox.export_onnx(qat.convert(prepared), ds.example_input(), tmp / "hwkd.onnx", {}, name="INT8")
             ptq.quantize_ptq(
-                tmp / "fp32.onnx", tmp / "ptq.onnx", ptq.calibration_images(ds.x_train, 256), reduce_range=seven_bit
+                tmp / "fp32.onnx", tmp / "ptq.onnx", ds.sample("train", 256)[0].numpy(), reduce_range=seven_bit
             )
             paths = [tmp / "fp32.onnx", tmp / "hwkd.onnx", tmp / "ptq.onnx"]
             stats = ortbench.measure(paths, batch=1, iterations=iterations, rounds=rounds, threads=0)

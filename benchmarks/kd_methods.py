@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import multiprocessing
 import statistics
 import sys
@@ -27,8 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from hwkd.config import DistillConfig, TeacherConfig, TrainConfig
-from hwkd.data import load_dataset
-from hwkd.data.augment import iterate_batches, random_affine
+from hwkd.data import load_dataset, set_epoch
 from hwkd.kd.losses import make_kd_loss
 from hwkd.kd.schedules import KDSchedule
 from hwkd.models.zoo import ZOO
@@ -64,7 +62,7 @@ class Run:
         torch.manual_seed(seed)  # same initial student for every method of a seed
         self.student = ZOO.get(STUDENT[0])(dataset.num_classes, dataset.input_shape[0], STUDENT[1])
         self.kd = make_kd_loss(self.cfg.kd, self.cfg.temperature, self.cfg.alpha)
-        extra = self.kd.attach(self.student, [teacher], dataset.x_val[:2])
+        extra = self.kd.attach(self.student, [teacher], dataset.example_input(2))
         self.on_start, self.on_end = schedule_hooks(self.kd, KDSchedule.from_config(self.cfg), epochs)
         self.params = [p for p in self.student.parameters() if p.requires_grad] + extra
         decay = [p for p in self.params if p.ndim > 1]
@@ -78,8 +76,8 @@ class Run:
 
 def run_seed(dataset, teacher, seed, epochs, methods, train_cfg, lr) -> dict[str, dict]:
     runs = [Run(n, o, dataset, teacher, epochs, seed, train_cfg, lr) for n, o in methods.items()]
-    gen = torch.Generator().manual_seed(seed)
-    n_batches = max(1, math.ceil(len(dataset.x_train) / train_cfg.batch_size))
+    loader = dataset.loader("train", train=True, batch_size=train_cfg.batch_size, seed=seed)  # shuffled + affine
+    n_batches = max(1, len(loader))
     total, step = epochs * n_batches, 0
     for epoch in range(epochs):
         logged = {r.name: r.on_start(epoch) for r in runs}
@@ -87,10 +85,8 @@ def run_seed(dataset, teacher, seed, epochs, methods, train_cfg, lr) -> dict[str
         seen = 0
         for r in runs:
             r.student.train()
-        for xb, yb in iterate_batches(dataset.x_train, dataset.y_train, train_cfg.batch_size, True, gen):
-            if len(xb) < 2:
-                continue
-            xb = random_affine(xb, gen)
+        set_epoch(loader, epoch)
+        for xb, yb in loader:
             lr_now = lr_at(step, total, lr, n_batches)  # one warm-up epoch, as the distill stage
             with torch.no_grad():
                 t_logits = teacher(xb)  # fills every method's teacher taps
@@ -107,17 +103,17 @@ def run_seed(dataset, teacher, seed, epochs, methods, train_cfg, lr) -> dict[str
             seen += len(xb)
             step += 1
         for r in runs:
-            logits = predict(r.student, dataset.x_val)
+            logits, y_val = predict(r.student, dataset.eval_batches("val")), dataset.targets("val")
             row = {"epoch": epoch + 1, **logged[r.name], **{k: v / seen for k, v in sums[r.name].items()}}
-            row["val_accuracy"] = (logits.argmax(1) == dataset.y_val).float().mean().item()
-            row["val_loss"] = F.cross_entropy(logits, dataset.y_val).item()
+            row["val_accuracy"] = (logits.argmax(1) == y_val).float().mean().item()
+            row["val_loss"] = F.cross_entropy(logits, y_val).item()
             r.on_end(row)
             r.history.append(row)
     out = {}
     for r in runs:
         r.kd.detach()
         out[r.name] = {
-            "test_accuracy": accuracy(r.student, dataset.x_test, dataset.y_test),
+            "test_accuracy": accuracy(r.student, dataset.eval_batches("test")),
             "val_accuracy": r.history[-1]["val_accuracy"],
             "history": r.history,
         }
@@ -175,7 +171,7 @@ def main() -> None:
     teacher, _, info = builtin_teacher(dataset, 0, TeacherConfig(), train_cfg)
     if args.smoke:
         args.seeds, args.epochs = 1, 1
-        dataset.x_train, dataset.y_train = dataset.x_train[:256], dataset.y_train[:256]
+        dataset.splits["train"] = dataset.splits["train"][:256]
     per_method: dict[str, list[float]] = {name: [] for name in METHODS}
     histories: dict[str, dict] = {}
     job = functools.partial(_seed_job, dataset, teacher, args.epochs, train_cfg, args.lr, args.threads)
@@ -203,11 +199,11 @@ def main() -> None:
         "student": f"{STUDENT[0]} width {STUDENT[1]}",
         "student_params": sum(p.numel() for p in student.parameters()),
         "teacher_params": sum(p.numel() for p in teacher.parameters()),
-        "teacher_test_accuracy": accuracy(teacher, dataset.x_test, dataset.y_test),
+        "teacher_test_accuracy": accuracy(teacher, dataset.eval_batches("test")),
         "teacher_val_accuracy": info.get("val_accuracy"),
         "epochs": args.epochs,
         "seeds": list(range(args.seeds)),
-        "test_size": len(dataset.y_test),
+        "test_size": dataset.split_size("test"),
         "wall_seconds": time.time() - started,
         "host": f"{platform.processor() or platform.machine()}, {args.jobs} process(es) x {args.threads} thread(s)",
         "command": " ".join(["python benchmarks/kd_methods.py", *sys.argv[1:]]),

@@ -1,7 +1,7 @@
 """Score an hwkd model.onnx on scikit-learn's digits using only what the ONNX file says about itself.
 
 No hwkd and no torch: the preprocessing comes from the model's ``hwkd.preprocessing`` metadata
-(scale raw pixels, resize with PIL, normalize), as a deployer's code would do it.
+(resize and center-crop with PIL, scale, channel order, normalize), as a deployer's code would do it.
 
     python examples/score_onnx_digits.py runs/demo/model.onnx
 """
@@ -20,19 +20,30 @@ from sklearn.datasets import load_digits
 PIL_FILTERS = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "bicubic": Image.BICUBIC}
 
 
-def preprocess(raw: np.ndarray, meta: dict) -> np.ndarray:
-    """raw: N x H x W pixel values -> N x 1 x H' x W' float32 model input."""
+def _resize(img: Image.Image, meta: dict) -> Image.Image:
+    """resize ("exact" to H x W, or "shorter": the shorter side, aspect kept), then the center crop."""
     h, w = meta["resize"]
-    scaled = raw.astype(np.float32) * meta["scale"]
-    resized = np.stack(
-        [
-            np.asarray(Image.fromarray(img, mode="F").resize((w, h), PIL_FILTERS[meta["interpolation"]]))
-            for img in scaled
-        ]
-    )
+    if meta.get("resize_mode", "exact") == "shorter":
+        short = h
+        h, w = (short, int(short * img.width / img.height)) if img.height <= img.width else (int(short * img.height / img.width), short)
+    img = img.resize((w, h), PIL_FILTERS[meta["interpolation"]])
+    if meta.get("crop"):
+        ch, cw = meta["crop"]
+        top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+        img = img.crop((left, top, left + cw, top + ch))
+    return img
+
+
+def preprocess(raw: np.ndarray, meta: dict) -> np.ndarray:
+    """raw: N x H x W pixel values -> N x 1 x H' x W' float32 model input, as the metadata says:
+    resize -> center crop -> x * scale -> channel order -> (x - mean) / std."""
+    scaled = raw.astype(np.float32) * meta["scale"]  # scale is linear: before or after the resize is the same
+    resized = np.stack([np.asarray(_resize(Image.fromarray(img, mode="F"), meta)) for img in scaled])[:, None]
+    if meta.get("channel_order", "rgb") == "bgr":
+        resized = resized[:, ::-1]
     mean = np.asarray(meta["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
     std = np.asarray(meta["std"], dtype=np.float32).reshape(1, -1, 1, 1)
-    return ((resized[:, None] - mean) / std).astype(np.float32)
+    return ((resized - mean) / std).astype(np.float32)
 
 
 def main() -> None:

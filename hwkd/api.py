@@ -126,9 +126,9 @@ def resolve_teacher_weights(spec, teachers, dataset) -> list[float]:
     if weights != "auto":
         return weights
     from hwkd.kd.losses import accuracy_weights
-    from hwkd.train import accuracy
+    from hwkd.train import split_accuracy
 
-    return accuracy_weights([accuracy(t, dataset.x_val, dataset.y_val) for t in teachers], dataset.num_classes)
+    return accuracy_weights([split_accuracy(t, dataset, "val") for t in teachers], dataset.num_classes)
 
 
 def compress(
@@ -160,8 +160,10 @@ def compress(
     """
     import torch
 
+    from hwkd import accel
     from hwkd.artifacts import save_model, write_json
     from hwkd.data import check_compatible, load_dataset
+    from hwkd.data.checks import check_teachers
     from hwkd.hardware.budget import parse_latency, parse_memory, resolve_budget
     from hwkd.hardware.cost import estimate
     from hwkd.hardware.profiles import load_profile
@@ -188,6 +190,8 @@ def compress(
         parse_latency(latency_budget)
     if memory_budget is not None:
         parse_memory(memory_budget)
+    device = accel.resolve_device(cfg.device)
+    accel.check_amp(cfg.amp, device)
     run_dir = check_run_dir(out, overwrite)
     log = log or default_log
     progress = progress or Progress()
@@ -195,11 +199,11 @@ def compress(
 
     teacher_sources = [teacher] if isinstance(teacher, str) else list(teacher or [])
     parse_teacher_weights(teacher_weights, max(1, len(teacher_sources)))  # fail before any training
-    dataset = load_dataset(data, image_size=image_size, seed=cfg.seed)
+    dataset = load_dataset(data, image_size, cfg.seed, cfg.data, teacher_arch, user_teacher=bool(teacher_sources))
     c = dataset.input_shape[0]
     if not teacher_sources:
         teacher_model, teacher_spec, teacher_info = builtin_teacher(
-            dataset, cfg.seed, cfg.teacher, cfg.train, progress, log
+            dataset, cfg.seed, cfg.teacher, cfg.train, progress, log, device=device, amp=cfg.amp
         )
         teacher_models = [teacher_model]
     else:
@@ -209,15 +213,19 @@ def compress(
         teacher_info = {"source": teacher_sources[0]}
     for model in teacher_models:
         check_compatible(model, dataset)
+    if teacher_sources:  # before any training: a teacher near chance means the preprocessing is wrong
+        scores = check_teachers(teacher_models, teacher_sources, dataset, cfg.allow_weak_teacher, log)
+        teacher_info["val_accuracy_check"] = scores
     weights = resolve_teacher_weights(teacher_weights, teacher_models, dataset)
     student_model, student_spec = build_student(
-        student, teacher_model, teacher_spec, dataset.num_classes, c, trust_code, dataset.x_val[:1]
+        student, teacher_model, teacher_spec, dataset.num_classes, c, trust_code, dataset.example_input()
     )
     check_compatible(student_model, dataset)
 
     clear_run_dir(run_dir)
-    ctx = RunContext(run_dir=run_dir, device=cfg.device, seed=cfg.seed, log=log, progress=progress, train=cfg.train)
-    teacher_cost = estimate(teacher_model, dataset.x_val[:1], prof, precision="fp32")
+    ctx = RunContext(run_dir=run_dir, device=str(device), amp=cfg.amp, seed=cfg.seed, log=log, progress=progress,
+                     train=cfg.train)  # fmt: skip
+    teacher_cost = estimate(teacher_model, dataset.example_input(), prof, precision="fp32")
     budget = resolve_budget(
         prof,
         latency=latency_budget,
@@ -249,6 +257,8 @@ def compress(
         "seed": cfg.seed,
         "versions": versions(),
         "dataset": dataset.summary(),
+        "preprocessing": dataset.preprocessing.to_dict(),
+        "device": str(device),
         "teacher": {"spec": teacher_spec, **{k: v for k, v in teacher_info.items() if k != "history"}},
         "teacher_weights": weights,
         "student_spec": student_spec,
@@ -271,7 +281,7 @@ def compress(
     metadata = onnx_metadata(__version__, prof.name, dataset)
     teacher_onnx = run_dir / "teacher.onnx"
     try:
-        export_onnx(teacher_model, dataset.x_val[:1], teacher_onnx, {**metadata, "hwkd.role": "teacher"})
+        export_onnx(teacher_model, dataset.example_input(), teacher_onnx, {**metadata, "hwkd.role": "teacher"})
         state.onnx["teacher"] = teacher_onnx
     except Exception as exc:  # a TorchScript teacher may not export; the run still goes on
         log.warning("teacher could not be exported to ONNX, so its latency is not measured: %s", exc)
@@ -286,7 +296,7 @@ def compress(
             stage_dir = ctx.stage_dir(result.name)
             ckpt = save_model(stage_dir / "model.pt", state_now.student, state_now.student_spec)
             onnx_path = export_onnx(
-                state_now.student, dataset.x_val[:1], stage_dir / "model.onnx", {**metadata, "hwkd.stage": result.name}
+                state_now.student, dataset.example_input(), stage_dir / "model.onnx", {**metadata, "hwkd.stage": result.name}
             )
             state_now.checkpoints[result.name] = ckpt
             state_now.onnx[result.name] = onnx_path

@@ -94,6 +94,32 @@ def kd_overrides(overrides: dict, kd, temperature, temperature_schedule, alpha) 
     return {**overrides, "distill": {**overrides.get("distill", {}), **flags}}
 
 
+def run_overrides(overrides: dict, *, mean, std, resize, crop, interpolation, channel_order, device, amp,
+                  allow_weak_teacher) -> dict:
+    """Fold the preprocessing / device flags into the overrides (flags win over --set and the recipe)."""
+    from hwkd.data.preprocess import parse_floats
+
+    data = {
+        "mean": list(parse_floats(mean, "--mean")) if mean is not None else None,
+        "std": list(parse_floats(std, "--std")) if std is not None else None,
+        "resize": resize,
+        "crop": crop,
+        "interpolation": interpolation,
+        "channel_order": channel_order,
+    }
+    data = {k: v for k, v in data.items() if v is not None}
+    out = dict(overrides)
+    if data:
+        out["data"] = {**out.get("data", {}), **data}
+    if device is not None:
+        out["device"] = device
+    if amp is not None:
+        out["amp"] = amp
+    if allow_weak_teacher:
+        out["allow_weak_teacher"] = True
+    return out
+
+
 class RichProgress:
     """hwkd.pipeline.Progress drawn with rich: one bar per training task, kept after it finishes."""
 
@@ -171,6 +197,21 @@ def compress(
         str | None, typer.Option(help="INT8 method: qat, ptq (onnxruntime static PTQ) or auto (more accurate).")
     ] = None,
     precision: Annotated[str | None, typer.Option(help="Final model precision: int8, fp16 (GPU profiles), fp32.")] = None,
+    mean: Annotated[
+        str | None, typer.Option(help="The teacher's normalisation mean per channel, e.g. 0.485,0.456,0.406.")
+    ] = None,
+    std: Annotated[str | None, typer.Option(help="The teacher's normalisation std, e.g. 0.229,0.224,0.225.")] = None,
+    resize: Annotated[
+        int | None, typer.Option(help="Resize images to NxN (with --crop: the shorter side to N, aspect kept).")
+    ] = None,
+    crop: Annotated[int | None, typer.Option(help="Center crop NxN after --resize (e.g. --resize 256 --crop 224).")] = None,
+    interpolation: Annotated[str | None, typer.Option(help="Resize interpolation: bilinear | bicubic | nearest.")] = None,
+    channel_order: Annotated[str | None, typer.Option(help="rgb | bgr (teachers trained on OpenCV-loaded images).")] = None,
+    device: Annotated[str | None, typer.Option(help="Training device: auto | cpu | cuda | cuda:N | mps.")] = None,
+    amp: Annotated[str | None, typer.Option(help="Mixed precision on CUDA: bf16 | fp16 | off.")] = None,
+    allow_weak_teacher: Annotated[
+        bool, typer.Option("--allow-weak-teacher", help="Go on when a teacher scores near chance on val.")
+    ] = False,
     trust_code: Annotated[bool, typer.Option("--trust-code", help="Allow running module:factory code.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty --out directory.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the final report as JSON on stdout.")] = False,
@@ -188,6 +229,18 @@ def compress(
             overrides.setdefault("qat", {})["method"] = quant
         if precision is not None:
             overrides.setdefault("export", {})["precision"] = precision
+        overrides = run_overrides(
+            overrides,
+            mean=mean,
+            std=std,
+            resize=resize,
+            crop=crop,
+            interpolation=interpolation,
+            channel_order=channel_order,
+            device=device,
+            amp=amp,
+            allow_weak_teacher=allow_weak_teacher,
+        )
         from hwkd import api
 
         progress = RichProgress(err)

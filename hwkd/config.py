@@ -29,6 +29,23 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """How images become tensors: the teacher's preprocessing (flags --mean, --std, --resize, --crop,
+    --interpolation, --channel-order) and the data loader. Empty / 0 values mean "default" (see
+    hwkd.data.preprocess: the teacher architecture's documented normalisation, else fitted)."""
+
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    resize: int = 0  # 0 = --image-size or the source's default; with crop: the shorter side
+    crop: int = 0  # center crop (square) after the resize; 0 = none
+    interpolation: str = ""  # nearest | bilinear | bicubic; "" = bilinear (timm: its pretrained_cfg's)
+    channel_order: str = "rgb"  # rgb | bgr
+    augment: str = "auto"  # auto (affine for digits/.npz, crop_flip for image folders) | affine | crop_flip | none
+    workers: int = -1  # DataLoader worker processes; -1 = auto (0 for in-memory arrays)
+    stats_images: int = 2000  # training images the fitted mean/std of an image folder is computed on
+
+
+@dataclass(frozen=True)
 class TeacherConfig:
     """The built-in teacher, trained when no --teacher is given (cached, keyed by this config)."""
 
@@ -112,7 +129,10 @@ class BenchConfig:
 class PipelineConfig:
     stages: tuple[str, ...] = STAGE_ORDER
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps
+    amp: str = "off"  # bf16 | fp16 | off: torch.autocast mixed precision, CUDA only
+    allow_weak_teacher: bool = False  # go on when a teacher scores below 1.5x chance on val
+    data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)

@@ -235,14 +235,24 @@ def _numpy(x: Any) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def _chunks(x: Any, batch_size: int):
+    """An array / tensor -> float32 NumPy chunks; an iterable of x or (x, y) batches -> its x batches."""
+    if hasattr(x, "shape"):
+        x = _numpy(x)
+        yield from (x[i : i + batch_size] for i in range(0, len(x), batch_size))
+        return
+    for batch in x:
+        yield _numpy(batch[0] if isinstance(batch, tuple | list) else batch)
+
+
 def onnx_predict(path: str | Path, x: Any, batch_size: int = 256) -> np.ndarray:
-    """Logits of the ONNX model at ``path`` on ``x`` (array or tensor, NCHW), with ORT on the CPU."""
+    """Logits of the ONNX model at ``path`` on ``x`` (array or tensor, NCHW, or an iterable of
+    batches such as ``dataset.eval_batches("test")``), with ORT on the CPU."""
     session = _session(path)
     in_name = session.get_inputs()[0].name
-    x = _numpy(x)
-    if len(x) == 0:
+    outs = [session.run(None, {in_name: xb})[0] for xb in _chunks(x, batch_size) if len(xb)]
+    if not outs:
         raise StageError("onnx_predict got an empty input.")
-    outs = [session.run(None, {in_name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
     return np.concatenate(outs, axis=0)
 
 
@@ -250,14 +260,14 @@ def _torch_predict(model: Any, x: Any, batch_size: int = 256) -> np.ndarray:
     import torch
 
     _set_eval(model)
-    x = torch.as_tensor(x, dtype=torch.float32)
     with torch.no_grad():
-        outs = [model(x[i : i + batch_size]).detach().cpu() for i in range(0, len(x), batch_size)]
+        outs = [model(torch.from_numpy(xb)).detach().cpu() for xb in _chunks(x, batch_size)]
     return torch.cat(outs).numpy().astype(np.float32)
 
 
 def parity(torch_model: Any, onnx_path: str | Path, x: Any) -> dict[str, float]:
-    """Compare PyTorch and ONNX Runtime on ``x``: top-1 agreement (fraction) and logit differences."""
+    """Compare PyTorch and ONNX Runtime on ``x`` (inputs or an iterable of batches): top-1 agreement
+    (fraction) and logit differences."""
     ref = _torch_predict(torch_model, x)
     got = onnx_predict(onnx_path, x)
     if ref.shape != got.shape:
@@ -281,9 +291,20 @@ def parity(torch_model: Any, onnx_path: str | Path, x: Any) -> dict[str, float]:
     }
 
 
-def accuracy(onnx_path: str | Path, x: Any, y: Any) -> float:
-    """Top-1 accuracy of the ONNX model on (x, y)."""
-    logits = onnx_predict(onnx_path, x)
+def accuracy(onnx_path: str | Path, x: Any, y: Any = None) -> float:
+    """Top-1 accuracy of the ONNX model on (x, y), or on an iterable of (x, y) batches if ``y`` is None."""
+    if y is None:  # one pass over the batches: each is decoded once
+        ys: list = []
+
+        def inputs():
+            for xb, yb in x:
+                ys.append(np.asarray(yb))
+                yield xb
+
+        logits = onnx_predict(onnx_path, inputs())
+        y = np.concatenate(ys)
+    else:
+        logits = onnx_predict(onnx_path, x)
     y = y.detach().cpu().numpy() if hasattr(y, "detach") else np.asarray(y)
     return float(np.mean(logits.argmax(1) == y.reshape(-1)))
 

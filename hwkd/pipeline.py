@@ -38,7 +38,7 @@ class PipelineState:
 
     @property
     def example_input(self):
-        return self.dataset.x_val[:1]
+        return self.dataset.example_input()
 
 
 @dataclass
@@ -71,7 +71,8 @@ class Progress:
 @dataclass
 class RunContext:
     run_dir: Path
-    device: str = "cpu"
+    device: str = "cpu"  # where training runs (hwkd.accel.resolve_device); export and bench stay on the CPU
+    amp: str = "off"
     seed: int = 0
     log: logging.Logger = log
     progress: Progress = field(default_factory=Progress)

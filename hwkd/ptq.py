@@ -7,7 +7,7 @@ per-channel symmetric INT8 weights, INT8 activations (MinMax calibration), after
 
 Example::
 
-    quantize_ptq("run/model_fp32.onnx", "run/model_ptq.onnx", dataset.x_train[:256])
+    quantize_ptq("run/model_fp32.onnx", "run/model_ptq.onnx", dataset.sample("train", 256)[0])
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from hwkd.onnx_export import set_metadata
 CALIBRATION_BATCH = 32
 
 
-def calibration_images(x_train: Any, count: int, seed: int = 0) -> np.ndarray:
+def calibration_images(x_train: Any, count: int, seed: int = 0) -> np.ndarray:  # in-memory tensors (benchmarks)
     """``count`` training images (a fixed random subset), float32 NCHW: the calibration set of both
     the PTQ peer and (for comparison) what hwkd's QAT observers saw first."""
     x = x_train.detach().cpu().numpy() if hasattr(x_train, "detach") else np.asarray(x_train)

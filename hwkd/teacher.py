@@ -17,7 +17,7 @@ from hwkd.artifacts import load_model, save_model
 from hwkd.config import TeacherConfig, TrainConfig
 from hwkd.kd.losses import make_kd_loss
 from hwkd.models.loaders import build_from_spec
-from hwkd.train import accuracy, distill_loss_fn, fit
+from hwkd.train import distill_loss_fn, fit, split_accuracy
 
 
 def cache_dir() -> Path:
@@ -25,10 +25,7 @@ def cache_dir() -> Path:
 
 
 def dataset_fingerprint(dataset) -> str:
-    h = hashlib.sha256()
-    for t in (dataset.x_train, dataset.y_train, dataset.x_val, dataset.y_val):
-        h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return dataset.fingerprint()
 
 
 def zoo_code_fingerprint() -> str:
@@ -52,7 +49,9 @@ def teacher_key(spec: dict, dataset, seed: int, cfg: TeacherConfig, train_cfg: T
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def builtin_teacher(dataset, seed: int, cfg: TeacherConfig, train_cfg: TrainConfig, progress=None, log=None):
+def builtin_teacher(
+    dataset, seed: int, cfg: TeacherConfig, train_cfg: TrainConfig, progress=None, log=None, device=None, amp="off"
+):
     """Return (teacher, spec, info); trains and caches it the first time for this data and config."""
     c, _, _ = dataset.input_shape
     spec = {
@@ -79,8 +78,10 @@ def builtin_teacher(dataset, seed: int, cfg: TeacherConfig, train_cfg: TrainConf
         progress=progress,
         description="train built-in teacher (first use, then cached)",
         warmup_epochs=1,
+        device=device,
+        amp=amp,
     )
-    extra = {"val_accuracy": accuracy(model, dataset.x_val, dataset.y_val), "epochs": cfg.epochs}
+    extra = {"val_accuracy": split_accuracy(model, dataset, "val"), "epochs": cfg.epochs}
     save_model(path, model, spec, extra={**extra, "history": history})
     if log:
         log.info("built-in teacher cached at %s", path)

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hwkd import accel
 from hwkd.config import TrainConfig
-from hwkd.data.augment import iterate_batches, random_affine
+from hwkd.data.loading import set_epoch
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0) -> float:
@@ -35,14 +36,47 @@ class Modes:
     eval: Callable[[torch.nn.Module], None] = field(default=lambda m: m.eval())
 
 
+def _batches(x, batch_size: int):
+    """A tensor -> its chunks; an iterable of x or (x, y) batches (a DataLoader) -> its x batches."""
+    if isinstance(x, torch.Tensor):
+        yield from (x[i : i + batch_size] for i in range(0, len(x), batch_size))
+        return
+    for batch in x:
+        yield batch[0] if isinstance(batch, tuple | list) else batch
+
+
 @torch.no_grad()
-def predict(model, x: torch.Tensor, batch_size: int = 256, modes: Modes | None = None) -> torch.Tensor:
+def predict(model, x, batch_size: int = 256, modes: Modes | None = None, device=None) -> torch.Tensor:
+    """Logits (on the CPU) for a tensor of inputs or an iterable of batches (``dataset.eval_batches``)."""
     (modes or Modes()).eval(model)
-    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    outs = [model(xb if on_cpu else xb.to(device, non_blocking=True)).float().cpu() for xb in _batches(x, batch_size)]
+    return torch.cat(outs)
 
 
-def accuracy(model, x: torch.Tensor, y: torch.Tensor, modes: Modes | None = None) -> float:
-    return (predict(model, x, modes=modes).argmax(1) == y).float().mean().item()
+def accuracy(model, x, y: torch.Tensor | None = None, modes: Modes | None = None, device=None) -> float:
+    """Top-1 accuracy on (x, y) tensors, or on an iterable of (x, y) batches when ``y`` is None."""
+    if y is None:
+        hits = total = 0
+        (modes or Modes()).eval(model)
+        with torch.no_grad():
+            for xb, yb in x:
+                out = model(xb if device is None else xb.to(device))
+                hits += int((out.argmax(1).cpu() == yb).sum())
+                total += len(yb)
+        return hits / max(1, total)
+    return (predict(model, x, modes=modes, device=device).argmax(1) == y).float().mean().item()
+
+
+def split_accuracy(model, dataset, split: str, modes: Modes | None = None, device=None) -> float:
+    """Top-1 accuracy on a whole split of a dataset, streamed."""
+    return accuracy(model, dataset.eval_batches(split, device=device), modes=modes, device=device)
+
+
+def _to_device(modules, device) -> None:
+    for m in modules:
+        if m is not None:
+            m.to(device)
 
 
 def fit(
@@ -63,17 +97,29 @@ def fit(
     warmup_epochs: float = 0.0,
     extra_params: list[torch.nn.Parameter] | None = None,
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+    device=None,
+    amp: str = "off",
+    modules: list[torch.nn.Module] | tuple = (),
 ) -> list[dict[str, float]]:
     """Train ``model`` in place; return one history row per epoch (mean loss terms, val accuracy, lr).
 
     ``extra_params`` are trained beside the model's (e.g. KD adapters that are not part of the model).
     ``on_epoch_start(epoch)`` may return a mapping (e.g. the scheduled KD temperature), logged in that
     epoch's row; ``on_epoch_end(row)`` sees each finished row (e.g. its ``val_loss``).
+    ``device`` (None = cpu) is where the model, ``modules`` (teachers, KD adapters) and batches go
+    for the run; everything is moved back to the CPU at the end (export runs on onnxruntime there).
+    ``amp`` (bf16 | fp16 | off) is torch.autocast on CUDA. Epoch e's batches depend only on (seed, e).
     """
     cfg = train_cfg or TrainConfig()
     modes = modes or Modes()
-    gen = torch.Generator().manual_seed(seed)
-    n_batches = max(1, math.ceil(len(dataset.x_train) / cfg.batch_size))
+    dev = torch.device(device or "cpu")
+    cuda = dev.type == "cuda"
+    _to_device([model, *modules], dev)
+    if cuda:
+        with contextlib.suppress(Exception):  # exported (QAT) graphs may not take a memory format
+            model.to(memory_format=torch.channels_last)
+    loader = dataset.loader("train", train=True, augment=cfg.augment, batch_size=cfg.batch_size, seed=seed, device=dev)
+    n_batches = max(1, len(loader))
     total = epochs * n_batches
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
     # Weight decay on conv/linear weights only: decaying BN scales and biases hurts small models.
@@ -85,46 +131,58 @@ def fit(
         momentum=0.9,
         nesterov=True,
     )
+    scaler = accel.grad_scaler(dev, amp)
     history: list[dict[str, float]] = []
     step = 0
     task = progress.task(description, total) if progress else contextlib.nullcontext(lambda n=1, **kw: None)
-    with task as advance:
-        for epoch in range(epochs):
-            logged = on_epoch_start(epoch) if on_epoch_start else None
-            modes.train(model)
-            sums: dict[str, float] = {}
-            seen = 0
-            for xb, yb in iterate_batches(dataset.x_train, dataset.y_train, cfg.batch_size, True, gen):
-                if len(xb) < 2:  # BatchNorm in training mode cannot use a batch of one
-                    continue
-                if cfg.augment:
-                    xb = random_affine(xb, gen)
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, total, lr, int(warmup_epochs * n_batches))
-                terms = loss_fn(model, xb, yb)
-                loss = terms["loss"]
-                if penalty_fn is not None and penalty_weight > 0:
-                    penalty = penalty_fn(model)
-                    terms = {**terms, "penalty": penalty}
-                    loss = loss + penalty_weight * penalty
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                step += 1
-                for name, value in terms.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach()) * len(xb)
-                seen += len(xb)
-                advance(1, loss=float(loss.detach()))
-            row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **(logged or {})}
-            row.update({k: v / max(1, seen) for k, v in sums.items()})
-            val_logits = predict(model, dataset.x_val, modes=modes)
-            row["val_accuracy"] = (val_logits.argmax(1) == dataset.y_val).float().mean().item()
-            row["val_loss"] = torch.nn.functional.cross_entropy(val_logits, dataset.y_val).item()
-            history.append(row)
-            if on_epoch_end:
-                on_epoch_end(row)
+    try:
+        with task as advance:
+            for epoch in range(epochs):
+                set_epoch(loader, epoch)  # the shuffle and augmentations of epoch e depend on (seed, e) only
+                logged = on_epoch_start(epoch) if on_epoch_start else None
+                modes.train(model)
+                sums: dict[str, float] = {}
+                seen = 0
+                for xb, yb in loader:
+                    if dev.type != "cpu":
+                        fmt = torch.channels_last if cuda and xb.ndim == 4 else torch.preserve_format
+                        xb = xb.to(dev, non_blocking=True, memory_format=fmt)
+                        yb = yb.to(dev, non_blocking=True)
+                    for group in opt.param_groups:
+                        group["lr"] = lr_at(step, total, lr, int(warmup_epochs * n_batches))
+                    with accel.autocast(dev, amp):
+                        terms = loss_fn(model, xb, yb)
+                        loss = terms["loss"]
+                        if penalty_fn is not None and penalty_weight > 0:
+                            penalty = penalty_fn(model)
+                            terms = {**terms, "penalty": penalty}
+                            loss = loss + penalty_weight * penalty
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()  # no-op scaling unless fp16 on CUDA
+                    if cfg.grad_clip:
+                        scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    scaler.step(opt)
+                    scaler.update()
+                    step += 1
+                    for name, value in terms.items():
+                        sums[name] = sums.get(name, 0.0) + float(value.detach()) * len(xb)
+                    seen += len(xb)
+                    advance(1, loss=float(loss.detach()))
+                row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **(logged or {})}
+                row.update({k: v / max(1, seen) for k, v in sums.items()})
+                val_logits = predict(model, dataset.eval_batches("val", device=dev), modes=modes, device=dev)
+                y_val = dataset.targets("val")
+                row["val_accuracy"] = (val_logits.argmax(1) == y_val).float().mean().item()
+                row["val_loss"] = torch.nn.functional.cross_entropy(val_logits, y_val).item()
+                history.append(row)
+                if on_epoch_end:
+                    on_epoch_end(row)
+    finally:
+        if cuda:
+            with contextlib.suppress(Exception):
+                model.to(memory_format=torch.contiguous_format)
+        _to_device([model, *modules], "cpu")  # export, estimate and bench run on the CPU
     modes.eval(model)
     return history
 

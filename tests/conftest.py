@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import types
 
 import pytest
 import torch
@@ -39,18 +38,16 @@ def make_tiny_dataset(n_per_class: int = 12, classes: int = 3, size: int = 8, ch
     x, y = x[perm], y[perm]
     n = len(x)
     a, b = int(0.6 * n), int(0.8 * n)
-    return types.SimpleNamespace(
-        name="tiny",
-        x_train=x[:a],
-        y_train=y[:a],
-        x_val=x[a:b],
-        y_val=y[a:b],
-        x_test=x[b:],
-        y_test=y[b:],
-        labels=[str(i) for i in range(classes)],
-        input_shape=(channels, size, size),
-        num_classes=classes,
-    )
+    from hwkd.data import Dataset
+
+    splits = {"train": (x[:a], y[:a]), "val": (x[a:b], y[a:b]), "test": (x[b:], y[b:])}
+    return Dataset.from_tensors("tiny", splits, [str(i) for i in range(classes)])
+
+
+def split_tensors(dataset, split: str):
+    """(x, y) of a whole (small) split, for assertions; hwkd itself never materialises a split."""
+    batches = list(dataset.eval_batches(split))
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
 
 
 @pytest.fixture

@@ -1,14 +1,12 @@
-"""Batched, CPU-friendly augmentation and batching over in-memory tensors.
+"""The digits' augmentation: a random affine of a whole batch in one ``affine_grid`` + ``grid_sample``.
 
-Datasets here are small enough to live in memory as tensors, so there are no DataLoader workers: a
-batch is an index into the tensor, and augmentation is one ``affine_grid`` + ``grid_sample`` call for
-the whole batch (no per-image Python loops).
+Natural images get torchvision's RandomResizedCrop + flip instead (hwkd.data.loading); the affine
+stays for digits and other in-memory arrays, where a flip would change the class (2 vs 5).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -46,25 +44,3 @@ def random_affine(
     )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def iterate_batches(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    batch_size: int,
-    shuffle: bool,
-    generator: torch.Generator | None = None,
-    drop_last: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(xb, yb)`` mini-batches; a seeded ``generator`` makes the shuffle reproducible."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n = x.shape[0]
-    order = torch.randperm(n, generator=generator) if shuffle else None
-    stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        if order is None:
-            yield x[start : start + batch_size], y[start : start + batch_size]
-        else:
-            idx = order[start : start + batch_size]
-            yield x[idx], y[idx]

@@ -1,7 +1,8 @@
-"""Readers that turn a user's data (image folder, .npz arrays) into raw pixels plus labels.
+"""Readers that turn a user's data into raw pixels plus labels: .npz arrays in memory, image folders
+as a list of files (decoded one item at a time by the loader, never all at once).
 
-They stop at raw pixels on purpose: scaling, resizing and normalization are one ``Preprocessing`` applied
-in ``hwkd.data.dataset``, the same one written into the exported ONNX model's metadata.
+They stop at raw pixels on purpose: scaling, resizing and normalization are one ``Preprocessing``
+(hwkd.data.preprocess), the same one written into the exported ONNX model's metadata.
 """
 
 from __future__ import annotations
@@ -59,11 +60,63 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
-def load_image_folder(root: Path) -> RawData:
-    """Read ``root/<class>/*.png|jpg|...`` (nested folders allowed); class names are the folder names.
+@dataclass
+class FileList:
+    """An image folder as paths and labels, nothing decoded: images are read per item by the loader.
 
-    Images become grayscale ("L") when every image is grayscale, else RGB, so a folder of mixed images
-    still yields one channel count.
+    ``paths`` is a NumPy bytes array (not a list of str) so DataLoader workers forked from the main
+    process do not copy it page by page through Python refcounts. ``mode`` is "L" when every image is
+    grayscale, else "RGB"; ``sizes`` holds each image's (H, W) from its header.
+    """
+
+    paths: np.ndarray
+    y: np.ndarray
+    labels: list[str]
+    mode: str
+    where: str
+    sizes: np.ndarray  # (N, 2) int32
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.mode == "L" else 3
+
+    def native_size(self) -> tuple[int, int] | None:
+        if len(self.sizes) and (self.sizes == self.sizes[0]).all():
+            return int(self.sizes[0, 0]), int(self.sizes[0, 1])
+        return None
+
+    def path(self, i: int) -> str:
+        return self.paths[int(i)].decode("utf-8", "surrogateescape")
+
+
+SPLIT_DIRS = ("train", "val", "test")
+
+
+def folder_layout(root: Path) -> dict[str, Path] | None:
+    """``{"train": root/train, "val": root/val[, "test": root/test]}`` for an ImageNet-style layout
+    (``valid`` / ``validation`` also name the validation folder), ``{"train": ...}`` for a folder with
+    only ``train/``, else None (a plain class-per-subfolder folder)."""
+    sub = {d.name.lower(): d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
+    if "train" not in sub or not any(d.is_dir() for d in sub["train"].iterdir()):
+        return None
+    layout = {"train": sub["train"]}
+    for name, key in (("val", "val"), ("valid", "val"), ("validation", "val"), ("test", "test")):
+        if name in sub and key not in layout:
+            layout[key] = sub[name]
+    extra = set(sub) - {"train", "val", "valid", "validation", "test"}
+    if extra and "val" not in layout:
+        return None  # "train" is one class among others
+    return layout
+
+
+def list_image_folder(root: Path, labels: list[str] | None = None) -> FileList:
+    """List ``root/<class>/*.png|jpg|...`` (nested folders allowed); class names are the folder names.
+
+    Only image headers are read (mode and size), so listing 50,000 files takes seconds and no pixels.
+    ``labels`` fixes the class order (a val/ folder uses train/'s classes).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -81,44 +134,66 @@ def load_image_folder(root: Path) -> RawData:
         )
         raise DataError(problem, layout)
     empty = [name for name, v in files.items() if not v]
-    if empty:
+    if empty and labels is None:
         raise DataError(
             f"The class folder {str(root / empty[0])!r} contains no images.",
             "Remove it or add images to it; every subfolder of the image folder is a class.",
         )
-    if len(files) < 2:
-        raise DataError(
-            f"The image folder {where!r} has a single class ({class_dirs[0].name!r}); classification "
-            "needs at least 2.",
-            layout,
-        )
-
-    images: list[Image.Image] = []
+    if labels is None:
+        labels = list(files)
+        if len(labels) < 2:
+            raise DataError(
+                f"The image folder {where!r} has a single class ({class_dirs[0].name!r}); classification "
+                "needs at least 2.",
+                layout,
+            )
+    else:
+        unknown = [name for name, v in files.items() if v and name not in labels]
+        if unknown:
+            raise DataError(
+                f"The folder {str(root / unknown[0])!r} is a class that the train/ folder does not have.",
+                "Every class folder of val/ and test/ must also be in train/ (same names).",
+            )
+    paths: list[str] = []
     y: list[int] = []
-    for label, name in enumerate(files):
-        for path in files[name]:
+    sizes: list[tuple[int, int]] = []
+    gray = True
+    for name, group in files.items():
+        for path in group:
             try:
-                with Image.open(path) as im:
-                    im.load()
-                    images.append(im.copy())
+                with Image.open(path) as im:  # lazy: reads the header only
+                    sizes.append((im.height, im.width))
+                    gray = gray and im.mode in _GRAY_MODES
             except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
                 raise DataError(
                     f"Cannot read the image file {str(path)!r} ({type(exc).__name__}: {exc}).",
                     "Delete or replace the file; it is not a readable image.",
                 ) from exc
-            y.append(label)
-
-    mode = "L" if all(im.mode in _GRAY_MODES for im in images) else "RGB"
-    arrays = []
-    for im in images:
-        a = np.asarray(im.convert(mode), dtype=np.float32)
-        arrays.append(a[None] if a.ndim == 2 else np.ascontiguousarray(a.transpose(2, 0, 1)))
-    stacked: np.ndarray | list[np.ndarray] = arrays
-    if len({a.shape for a in arrays}) == 1:
-        stacked = np.stack(arrays)
-    return RawData(
-        images=stacked, y=np.asarray(y, dtype=np.int64), labels=list(files), scale=1.0 / 255.0, where=where
+            paths.append(str(path))
+            y.append(labels.index(name))
+    return FileList(
+        paths=np.array([p.encode("utf-8", "surrogateescape") for p in paths]),
+        y=np.asarray(y, dtype=np.int64),
+        labels=list(labels),
+        mode="L" if gray else "RGB",
+        where=where,
+        sizes=np.asarray(sizes, dtype=np.int32).reshape(-1, 2),
     )
+
+
+def read_image(path: str, mode: str) -> np.ndarray:
+    """Decode one image file into a uint8 CHW array in ``mode`` ("L" or "RGB")."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            a = np.asarray(im.convert(mode), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise DataError(
+            f"Cannot read the image file {path!r} ({type(exc).__name__}: {exc}).",
+            "Delete or replace the file; it is not a readable image.",
+        ) from exc
+    return a[None] if a.ndim == 2 else np.ascontiguousarray(a.transpose(2, 0, 1))
 
 
 def _to_nchw(x: np.ndarray, where: str) -> np.ndarray:

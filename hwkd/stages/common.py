@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from hwkd.train import Modes, accuracy
+from hwkd.train import Modes, split_accuracy
 
 
 def out_channels(model: torch.nn.Module) -> dict[str, int]:
@@ -31,8 +31,8 @@ def model_metrics(model: torch.nn.Module, state, modes: Modes | None = None) -> 
     ds = state.dataset
     cost = estimate(model, state.example_input, state.profile, precision="fp32")
     return {
-        "accuracy": accuracy(model, ds.x_test, ds.y_test, modes),
-        "val_accuracy": accuracy(model, ds.x_val, ds.y_val, modes),
+        "accuracy": split_accuracy(model, ds, "test", modes),
+        "val_accuracy": split_accuracy(model, ds, "val", modes),
         "params": cost.params,
         "macs": cost.macs,
         "estimated_latency_ms": cost.latency_ms,

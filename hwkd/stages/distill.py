@@ -62,6 +62,9 @@ def run(state: PipelineState, cfg: DistillConfig, ctx: RunContext) -> tuple[Pipe
             on_epoch_end=on_end,
             penalty_fn=penalty,
             penalty_weight=cfg.penalty_weight,
+            device=ctx.device,
+            amp=ctx.amp,
+            modules=[*state.teachers, kd.adapters],
         )
     finally:
         kd.detach()  # no hooks may stay on the student: pruning and export trace it next

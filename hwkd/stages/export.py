@@ -82,19 +82,19 @@ def run(state: PipelineState, cfg: ExportConfig, ctx: RunContext) -> tuple[Pipel
         ox.export_onnx(state.student, x, work / FP32_NAME, meta, cfg.opset, name="FP32 student")
         seconds["fp32"] = round(time.perf_counter() - t0, 2)
         advance()
-        par = {"fp32": ox.parity(state.student, work / FP32_NAME, ds.x_test)}
+        par = {"fp32": ox.parity(state.student, work / FP32_NAME, ds.eval_batches("test"))}
         advance()
         if qat:
             t0 = time.perf_counter()
             ox.export_onnx(state.quantized, x, work / QAT_NAME, meta, cfg.opset, name="INT8 student")
             seconds["int8"] = round(time.perf_counter() - t0, 2)
-            par["int8"] = ox.parity(state.quantized, work / QAT_NAME, ds.x_test)
+            par["int8"] = ox.parity(state.quantized, work / QAT_NAME, ds.eval_batches("test"))
         if int8:
             advance()
             from hwkd import ptq
 
             t0 = time.perf_counter()
-            images = ptq.calibration_images(ds.x_train, cfg.ptq_calibration_images, ctx.seed)
+            images = ds.sample("train", cfg.ptq_calibration_images, ctx.seed)[0].numpy()
             ptq.quantize_ptq(work / FP32_NAME, work / PTQ_NAME, images, reduce_range=state.reduce_range)
             seconds["ptq"] = round(time.perf_counter() - t0, 2)
             advance()
@@ -104,7 +104,7 @@ def run(state: PipelineState, cfg: ExportConfig, ctx: RunContext) -> tuple[Pipel
             t0 = time.perf_counter()
             ox.convert_fp16(work / FP32_NAME, work / FP16_NAME)
             seconds["fp16"] = round(time.perf_counter() - t0, 2)
-            par["fp16"] = ox.parity(state.student, work / FP16_NAME, ds.x_test)
+            par["fp16"] = ox.parity(state.student, work / FP16_NAME, ds.eval_batches("test"))
             advance()
     _check_parity(par, cfg.min_top1_agreement, ctx.rel(work))
 
@@ -133,8 +133,8 @@ def run(state: PipelineState, cfg: ExportConfig, ctx: RunContext) -> tuple[Pipel
     executed = ox.ort_executed_ops(final_path)
     metrics = {
         "precision": precision,
-        "accuracy": ox.accuracy(final_path, ds.x_test, ds.y_test),
-        "fp32_accuracy": ox.accuracy(fp32_path, ds.x_test, ds.y_test),
+        "accuracy": ox.accuracy(final_path, ds.eval_batches("test")),
+        "fp32_accuracy": ox.accuracy(fp32_path, ds.eval_batches("test")),
         "parity": par,
         "quant_nodes": ox.count_quant_nodes(final_path),
         "executed_ops": dict(executed.most_common(TOP_OPS)),
@@ -170,16 +170,16 @@ def _compare_int8(state: PipelineState, method: str, work: Path, qat: bool, ds, 
     """
     from hwkd.hardware.cost import estimate
 
-    fp32_logits = ox.onnx_predict(work / FP32_NAME, ds.x_test)
+    fp32_logits = ox.onnx_predict(work / FP32_NAME, ds.eval_batches("test"))
     paths = {"fp32": work / FP32_NAME, "ptq": work / PTQ_NAME}
     if qat:
         paths = {"fp32": work / FP32_NAME, "qat": work / QAT_NAME, "ptq": work / PTQ_NAME}
     models = {}
     for label, path in paths.items():
-        logits = ox.onnx_predict(path, ds.x_test)
+        logits = ox.onnx_predict(path, ds.eval_batches("test"))
         models[label] = {
-            "accuracy": ox.accuracy(path, ds.x_test, ds.y_test),
-            "val_accuracy": ox.accuracy(path, ds.x_val, ds.y_val),
+            "accuracy": float((logits.argmax(1) == ds.targets("test").numpy()).mean()),
+            "val_accuracy": ox.accuracy(path, ds.eval_batches("val")),
             "model_size_mb": round(ox.model_size_mb(path), 4),
             "top1_agreement_with_fp32": float((logits.argmax(1) == fp32_logits.argmax(1)).mean()),
         }

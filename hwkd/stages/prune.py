@@ -38,10 +38,8 @@ def _accumulate_gradients(model, loss_fn, dataset, batches: int = 4, batch_size:
     """Taylor importance needs weight gradients of the task loss; a few batches are enough."""
     model.eval()
     model.zero_grad(set_to_none=True)
-    for i in range(batches):
-        xb = dataset.x_train[i * batch_size : (i + 1) * batch_size]
-        yb = dataset.y_train[i * batch_size : (i + 1) * batch_size]
-        if len(xb) == 0:
+    for i, (xb, yb) in enumerate(dataset.eval_batches("train", batch_size, limit=batches * batch_size)):
+        if i >= batches:
             break
         loss_fn(model, xb, yb)["loss"].backward()
 
@@ -107,6 +105,9 @@ def _recover(model, state, cfg, ctx, loss_fn, step: int, label: str) -> list[dic
         description=label,
         penalty_fn=penalty,
         penalty_weight=cfg.penalty_weight,
+        device=ctx.device,
+        amp=ctx.amp,
+        modules=state.teachers,
     )
 
 

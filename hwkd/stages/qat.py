@@ -22,7 +22,7 @@ from hwkd.errors import ConfigError, StageError
 from hwkd.kd.losses import make_kd_loss
 from hwkd.pipeline import PipelineState, RunContext, StageResult
 from hwkd.registry import Registry
-from hwkd.train import Modes, accuracy, distill_loss_fn, fit
+from hwkd.train import Modes, distill_loss_fn, fit, split_accuracy
 
 QUANTIZERS: Registry = Registry("quantizer")
 
@@ -256,7 +256,7 @@ def run(state: PipelineState, cfg: QatConfig, ctx: RunContext) -> tuple[Pipeline
     family = quantizer_family(cfg, state.profile)
     fp32 = copy.deepcopy(state.student).eval()
     seven_bit = reduce_range(cfg)
-    prepared, bn_folded = prepare_qat(state.student, state.dataset.x_train[:2], family, seven_bit)
+    prepared, bn_folded = prepare_qat(state.student, state.dataset.example_input(2), family, seven_bit)
 
     bn_frozen = {"on": False}
 
@@ -287,13 +287,16 @@ def run(state: PipelineState, cfg: QatConfig, ctx: RunContext) -> tuple[Pipeline
         description=f"qat int8 ({family})",
         on_epoch_start=on_epoch_start,
         modes=modes,
+        device=ctx.device,  # fake-quant training on the device; convert and export on the CPU
+        amp=ctx.amp,
+        modules=[fp32],
     )
     converted = convert(prepared)
     ds = state.dataset
     metrics = {
-        "accuracy": accuracy(converted, ds.x_test, ds.y_test, Modes(eval=move_exported_model_to_eval)),
-        "val_accuracy": accuracy(converted, ds.x_val, ds.y_val, Modes(eval=move_exported_model_to_eval)),
-        "fp32_accuracy": accuracy(fp32, ds.x_test, ds.y_test),
+        "accuracy": split_accuracy(converted, ds, "test", Modes(eval=move_exported_model_to_eval)),
+        "val_accuracy": split_accuracy(converted, ds, "val", Modes(eval=move_exported_model_to_eval)),
+        "fp32_accuracy": split_accuracy(fp32, ds, "test"),
         "method": method,
         "quantizer": family,
         "weights": f"per-channel symmetric int8{' (7-bit range, reduce_range)' if seven_bit else ''}",

@@ -128,3 +128,24 @@ def test_help_does_not_import_torch():
 
     code = "import sys, hwkd.cli; assert 'torch' not in sys.modules, 'torch imported at CLI import'"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_weak_teacher_is_refused_before_training(tmp_path):
+    """A teacher at chance (here: all weights zero, so always class 0) names the preprocessing flags."""
+    from hwkd.models.zoo import ZOO
+
+    teacher = ZOO.get("cnn")(num_classes=10, in_channels=1)
+    torch.save({k: torch.zeros_like(v) for k, v in teacher.state_dict().items()}, tmp_path / "t.pt")
+    code, text = invoke("compress", "--teacher", str(tmp_path / "t.pt"), "--teacher-arch", "cnn",
+                        "--out", str(tmp_path / "o"))  # fmt: skip
+    assert_clean_error(code, text, "t.pt", "below 1.5x chance", "preprocessing", "--mean", "--allow-weak-teacher")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a GPU")
+def test_unavailable_device_and_cpu_amp_are_refused(tmp_path):
+    code, text = invoke("compress", "--device", "cuda", "--out", str(tmp_path / "o"))
+    assert_clean_error(code, text, "--device cuda", "--device cpu")
+    code, text = invoke("compress", "--device", "cpu", "--amp", "bf16", "--out", str(tmp_path / "o"))
+    assert_clean_error(code, text, "--amp bf16", "CUDA")
+    assert not (tmp_path / "o").exists()

@@ -163,6 +163,7 @@ def test_bring_your_own_npz_and_state_dict_teacher(tmp_path):
     proc = run_cli(
         "compress", "--profile", "x86-avx2", "--data", str(data), "--teacher", str(tmp_path / "teacher.pt"),
         "--teacher-arch", "cnn", "--student", "0.5x", "--stages", "distill,prune,export",
+        "--allow-weak-teacher",  # an untrained teacher: the check before training would refuse it
         "--set", "distill.epochs=2", "--set", "prune.steps=1", "--set", "prune.recovery_epochs=1",
         "--out", str(out),
     )

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from hwkd.data import Dataset, Preprocessing, check_compatible, iterate_batches, load_dataset, random_affine
+from hwkd.data import Dataset, Preprocessing, check_compatible, load_dataset, random_affine
 from hwkd.data.dataset import MIN_PER_CLASS, split_indices
 from hwkd.data.digits import load_digits_raw
 from hwkd.errors import DataError
 from hwkd.models.zoo import ZOO
+from tests.conftest import split_tensors
 
 torch.set_num_threads(2)
 
@@ -32,12 +33,12 @@ def test_digits_shapes_and_split_sizes(digits):
     assert digits.name == "digits"
     assert digits.input_shape == (1, 32, 32) and digits.num_classes == 10
     assert digits.labels == [str(i) for i in range(10)]
-    sizes = (len(digits.y_train), len(digits.y_val), len(digits.y_test))
+    sizes = tuple(digits.split_size(k) for k in ("train", "val", "test"))
     assert sum(sizes) == 1797 and sizes == (1257, 270, 270)
-    for x in (digits.x_train, digits.x_val, digits.x_test):
-        assert x.dtype == torch.float32 and x.shape[1:] == (1, 32, 32)
-    assert digits.y_train.dtype == torch.int64
-    assert digits.summary() == {
+    for split in ("train", "val", "test"):
+        x, y = split_tensors(digits, split)
+        assert x.dtype == torch.float32 and x.shape[1:] == (1, 32, 32) and y.dtype == torch.int64
+    assert {k: v for k, v in digits.summary().items() if k != "notes"} == {
         "name": "digits",
         "train": 1257,
         "val": 270,
@@ -46,21 +47,23 @@ def test_digits_shapes_and_split_sizes(digits):
         "num_classes": 10,
     }
     # normalized with train statistics
-    assert abs(digits.x_train.mean().item()) < 1e-3 and abs(digits.x_train.std().item() - 1) < 1e-3
+    x_train = split_tensors(digits, "train")[0]
+    assert abs(x_train.mean().item()) < 1e-3 and abs(x_train.std().item() - 1) < 1e-3
 
 
 def test_digits_split_is_stratified(digits):
     total = np.bincount(load_digits_raw().y, minlength=10)
-    for y, frac in ((digits.y_train, 0.70), (digits.y_val, 0.15), (digits.y_test, 0.15)):
+    for y, frac in ((digits.targets("train"), 0.70), (digits.targets("val"), 0.15), (digits.targets("test"), 0.15)):
         counts = np.bincount(y.numpy(), minlength=10)
         assert np.all(np.abs(counts - frac * total) <= 1.5)
 
 
 def test_digits_split_is_deterministic_by_seed(digits):
     again = load_dataset("digits", seed=0)
-    assert torch.equal(again.x_val, digits.x_val) and torch.equal(again.y_test, digits.y_test)
+    assert torch.equal(split_tensors(again, "val")[0], split_tensors(digits, "val")[0])
+    assert torch.equal(again.targets("test"), digits.targets("test"))
     other = load_dataset("digits", seed=1)
-    assert not torch.equal(other.y_val, digits.y_val)
+    assert not torch.equal(other.targets("val"), digits.targets("val"))
     assert other.preprocessing.resize == digits.preprocessing.resize
 
 
@@ -69,21 +72,21 @@ def test_preprocessing_apply_reproduces_stored_tensors(digits):
     train, val, test = split_indices(raw.y, 0, "digits")
     prep = Preprocessing.from_json(digits.preprocessing.to_json())
     assert prep == digits.preprocessing
-    for idx, x in ((train, digits.x_train), (val, digits.x_val), (test, digits.x_test)):
-        assert torch.equal(prep.apply(raw.images[idx]), x)
+    for idx, split in ((train, "train"), (val, "val"), (test, "test")):
+        assert torch.equal(prep.apply(raw.images[idx]), split_tensors(digits, split)[0])
     # what an external script does with the JSON metadata alone, on NHW raw pixels
     meta = json.loads(digits.preprocessing.to_json())
     assert meta["scale"] == 1 / 16 and meta["resize"] == [32, 32] and meta["interpolation"] == "bilinear"
     x = torch.tensor(raw.images[val][:, 0]).unsqueeze(1) * meta["scale"]
     x = F.interpolate(x, size=meta["resize"], mode=meta["interpolation"], align_corners=False)
     x = (x - torch.tensor(meta["mean"]).view(1, -1, 1, 1)) / torch.tensor(meta["std"]).view(1, -1, 1, 1)
-    assert torch.equal(x, digits.x_val)
+    assert torch.equal(x, split_tensors(digits, "val")[0])
 
 
 def test_digits_image_size(digits):
     ds = load_dataset(None, image_size=16)
     assert ds.input_shape == (1, 16, 16) and ds.preprocessing.resize == (16, 16)
-    assert torch.equal(ds.y_val, digits.y_val)
+    assert torch.equal(ds.targets("val"), digits.targets("val"))
 
 
 # --- image folders and npz --------------------------------------------------------------------------
@@ -105,8 +108,10 @@ def test_image_folder_rgb(tmp_path):
     ds = load_dataset(str(root))
     assert ds.name == "imgs" and ds.labels == ["cat", "dog"]
     assert ds.input_shape == (3, 32, 32) and len(ds.preprocessing.mean) == 3
-    assert len(ds.y_train) + len(ds.y_val) + len(ds.y_test) == 2 * MIN_PER_CLASS
-    assert set(ds.y_val.tolist()) == {0, 1} and set(ds.y_test.tolist()) == {0, 1}
+    assert sum(ds.split_size(k) for k in ("train", "val", "test")) == 2 * MIN_PER_CLASS
+    assert set(ds.targets("val").tolist()) == {0, 1} and set(ds.targets("test").tolist()) == {0, 1}
+    x, _ = split_tensors(ds, "train")
+    assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32
     assert ds.preprocessing.scale == pytest.approx(1 / 255)
 
 
@@ -131,7 +136,10 @@ def test_image_folder_preprocessing_matches_tensors(tmp_path):
         ]
     )
     _, val, _ = split_indices(labels, 0, "g")
-    assert torch.equal(ds.preprocessing.apply(raw[val]), ds.x_val)
+    # image files are resized per image as uint8 (antialiased, as PIL does), then normalised per batch
+    assert ds.preprocessing.antialias
+    expected = ds.preprocessing.apply(raw[val].astype(np.uint8))
+    torch.testing.assert_close(split_tensors(ds, "val")[0], expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW", "NHW"])
@@ -251,7 +259,7 @@ class _TupleModel(nn.Module):
 
 
 def test_random_affine(digits):
-    x = digits.x_train[:16]
+    x = digits.sample("train", 16)[0]
     out = random_affine(x, torch.Generator().manual_seed(0))
     assert out.shape == x.shape and out.dtype == x.dtype
     assert not torch.allclose(out, x)
@@ -261,15 +269,3 @@ def test_random_affine(digits):
     # no-op settings give back the input (up to interpolation rounding)
     same = random_affine(x, torch.Generator(), degrees=0, translate=0, scale=(1.0, 1.0))
     torch.testing.assert_close(same, x, atol=1e-5, rtol=0)
-
-
-def test_iterate_batches():
-    x, y = torch.arange(10).float()[:, None], torch.arange(10)
-    batches = list(iterate_batches(x, y, 4, shuffle=False))
-    assert [len(b[1]) for b in batches] == [4, 4, 2]
-    assert torch.equal(torch.cat([b[1] for b in batches]), y)
-    shuffled = list(iterate_batches(x, y, 4, shuffle=True, generator=torch.Generator().manual_seed(0)))
-    ys = torch.cat([b[1] for b in shuffled])
-    assert sorted(ys.tolist()) == list(range(10)) and not torch.equal(ys, y)
-    assert all(torch.equal(bx[:, 0].long(), by) for bx, by in shuffled)  # pairs stay aligned
-    assert [len(b[1]) for b in iterate_batches(x, y, 4, shuffle=False, drop_last=True)] == [4, 4]

@@ -1,6 +1,5 @@
 """KD interfaces: the distill stage with schedules and feature KD, CLI flags, teacher weights."""
 
-import types
 
 import pytest
 import torch
@@ -102,7 +101,10 @@ def test_teacher_weight_parsing():
 
 
 def test_auto_teacher_weights_follow_validation_accuracy():
-    ds = types.SimpleNamespace(x_val=torch.zeros(4, 2), y_val=torch.tensor([0, 0, 1, 1]), num_classes=2)
+    from hwkd.data import Dataset
+
+    x, y = torch.zeros(4, 1, 2, 2), torch.tensor([0, 0, 1, 1])
+    ds = Dataset.from_tensors("two", {"train": (x, y), "val": (x, y), "test": (x, y)})
 
     class Fixed(nn.Module):
         def __init__(self, preds):

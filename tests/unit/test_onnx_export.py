@@ -48,18 +48,25 @@ class DataDependent(nn.Module):
 
 
 def _dataset(n: int = 48, seed: int = 0):
+    import dataclasses
+
+    from hwkd.data import Dataset
+
     g = torch.Generator().manual_seed(seed)
-    prep = {"scale": 1 / 255, "resize": [16, 16], "interpolation": "bilinear", "mean": [0.5], "std": [0.25]}
-    return types.SimpleNamespace(
-        x_test=torch.randn(n, 1, 16, 16, generator=g),
-        y_test=torch.randint(0, 4, (n,), generator=g),
-        x_val=torch.randn(8, 1, 16, 16, generator=g),
-        y_val=torch.randint(0, 4, (8,), generator=g),
-        x_train=torch.randn(64, 1, 16, 16, generator=g),  # PTQ calibration images
-        labels=LABELS,
-        input_shape=(1, 16, 16),
-        preprocessing=types.SimpleNamespace(to_json=lambda: json.dumps(prep)),
-    )
+    splits = {
+        "test": (torch.randn(n, 1, 16, 16, generator=g), torch.randint(0, 4, (n,), generator=g)),
+        "val": (torch.randn(8, 1, 16, 16, generator=g), torch.randint(0, 4, (8,), generator=g)),
+        "train": (torch.randn(64, 1, 16, 16, generator=g), torch.randint(0, 4, (64,), generator=g)),  # PTQ calibration
+    }
+    ds = Dataset.from_tensors("tiny", splits, LABELS)
+    # the metadata records this recipe; the tensors above stand for its output
+    ds.preprocessing = dataclasses.replace(ds.preprocessing, scale=1 / 255, mean=(0.5,), std=(0.25,))
+    ds._example = splits["val"][0][:1]
+    return ds
+
+
+def _x(ds, split="test"):
+    return torch.cat([b[0] for b in ds.eval_batches(split)])
 
 
 def _profile():
@@ -123,7 +130,7 @@ def fp32(tmp_path_factory, ds):
     model = _trained_like(TinyNet())
     path = tmp_path_factory.mktemp("fp32") / "model_fp32.onnx"
     meta = ox.onnx_metadata("9.9.9", "test-device", ds)
-    ox.export_onnx(model, ds.x_val[:1], path, meta)
+    ox.export_onnx(model, ds.example_input(), path, meta)
     return model, path
 
 
@@ -131,7 +138,7 @@ def fp32(tmp_path_factory, ds):
 def int8(tmp_path_factory, ds):
     quantized = _int8(_trained_like(TinyNet()))
     path = tmp_path_factory.mktemp("int8") / "model.onnx"
-    ox.export_onnx(quantized, ds.x_val[:1], path, ox.onnx_metadata("9.9.9", "test-device", ds))
+    ox.export_onnx(quantized, ds.example_input(), path, ox.onnx_metadata("9.9.9", "test-device", ds))
     return quantized, path
 
 
@@ -176,23 +183,23 @@ def test_fp32_export_has_named_io_and_dynamic_batch(fp32):
 
 def test_fp32_parity_is_exact(fp32, ds):
     model, path = fp32
-    par = ox.parity(model, path, ds.x_test)
+    par = ox.parity(model, path, _x(ds))
     assert par["top1_agreement"] == 1.0 and par["disagreements"] == 0
     assert par["max_abs_diff"] < 1e-4
-    assert par["samples"] == len(ds.x_test)
+    assert par["samples"] == ds.split_size("test")
 
 
 def test_accuracy_matches_pytorch(fp32, ds):
     model, path = fp32
     with torch.no_grad():
-        expected = (model(ds.x_test).argmax(1) == ds.y_test).float().mean().item()
-    assert ox.accuracy(path, ds.x_test, ds.y_test) == pytest.approx(expected)
+        expected = (model(_x(ds)).argmax(1) == ds.targets("test")).float().mean().item()
+    assert ox.accuracy(path, ds.eval_batches("test")) == pytest.approx(expected)
 
 
 def test_predict_batches_large_inputs(fp32, ds):
     _, path = fp32
-    whole = ox.onnx_predict(path, ds.x_test, batch_size=1000)
-    chunked = ox.onnx_predict(path, ds.x_test, batch_size=7)
+    whole = ox.onnx_predict(path, _x(ds), batch_size=1000)
+    chunked = ox.onnx_predict(path, _x(ds), batch_size=7)
     np.testing.assert_allclose(whole, chunked, atol=1e-5)
 
 
@@ -210,13 +217,13 @@ def test_int8_export_has_qdq_and_ort_runs_integer_conv(int8, ds):
     assert counts["QuantizeLinear"] > 0 and counts["DequantizeLinear"] > 0
     executed = ox.ort_executed_ops(path)
     assert executed["QLinearConv"] >= 1
-    assert ox.parity(quantized, path, ds.x_test)["top1_agreement"] >= 0.95
+    assert ox.parity(quantized, path, _x(ds))["top1_agreement"] >= 0.95
     assert json.loads(ox.read_metadata(path)["hwkd.labels"]) == LABELS
 
 
 def test_parity_detects_a_different_model(fp32, ds):
     model, path = fp32
-    par = ox.parity(_negated(model), path, ds.x_test)
+    par = ox.parity(_negated(model), path, _x(ds))
     assert par["top1_agreement"] < 0.95
     assert par["max_abs_diff"] > 1e-2
     assert par["disagreements"] == round((1 - par["top1_agreement"]) * par["samples"]) > 0
@@ -244,7 +251,7 @@ def test_failed_export_creates_nothing(tmp_path):
 
 def test_metadata_values_must_be_strings(tmp_path, ds):
     with pytest.raises(StageError, match="strings"):
-        ox.export_onnx(TinyNet().eval(), ds.x_val[:1], tmp_path / "m.onnx", {"hwkd.version": 1})
+        ox.export_onnx(TinyNet().eval(), ds.example_input(), tmp_path / "m.onnx", {"hwkd.version": 1})
     assert not (tmp_path / "m.onnx").exists()
 
 

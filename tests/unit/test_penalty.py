@@ -90,7 +90,7 @@ def test_training_with_the_penalty_shrinks_bn_scales(profile, tiny_dataset):
     from hwkd.train import fit
 
     model = ZOO.get("cnn")(num_classes=3, in_channels=1, width=1.0)
-    x = tiny_dataset.x_val[:1]
+    x = tiny_dataset.example_input()
     base = estimate(model, x, profile).latency_ms
     penalty = BudgetPenalty(model, x, profile, Budget(latency_ms=0.3 * base, memory_mb=1e6), precision="fp32")
 
@@ -156,7 +156,7 @@ def test_budget_prune_stage_meets_budget_and_logs_penalty(profile, tiny_dataset,
     torch.manual_seed(0)
     student = ZOO.get("cnn")(num_classes=3, in_channels=1, width=2.0)
     teacher = ZOO.get("cnn")(num_classes=3, in_channels=1, width=1.0).eval()
-    x = tiny_dataset.x_val[:1]
+    x = tiny_dataset.example_input()
     start = estimate(student, x, profile, "fp32").latency_ms
     budget = Budget(latency_ms=0.75 * start, memory_mb=1e6, precision="fp32")
     state = PipelineState(

@@ -9,7 +9,7 @@ def test_cache_key_changes_with_everything_that_shapes_the_teacher(tiny_dataset,
     assert base != teacher_key(spec, tiny_dataset, 1, TeacherConfig(), TrainConfig())
     assert base != teacher_key(spec, tiny_dataset, 0, TeacherConfig(epochs=3), TrainConfig())
     assert base != teacher_key(spec, tiny_dataset, 0, TeacherConfig(), TrainConfig(batch_size=32))
-    tiny_dataset.x_train = tiny_dataset.x_train + 1.0
+    tiny_dataset.source.images = tiny_dataset.source.images + 1.0  # other pixels, same shapes
     assert base != teacher_key(spec, tiny_dataset, 0, TeacherConfig(), TrainConfig())
 
 

@@ -86,7 +86,7 @@ def _tiny_cnn(classes=3):
 def test_fit_learns_and_logs_history(tiny_dataset):
     torch.manual_seed(0)
     model = _tiny_cnn()
-    before = accuracy(model, tiny_dataset.x_val, tiny_dataset.y_val)
+    before = accuracy(model, tiny_dataset.eval_batches("val"))
     loss_fn = distill_loss_fn(make_kd_loss("none", 1.0, 0.0), [], [])
     history = fit(
         model, tiny_dataset, epochs=15, lr=0.1, loss_fn=loss_fn, train_cfg=TrainConfig(batch_size=8, augment=False)
@@ -117,7 +117,8 @@ def test_distill_loss_fn_runs_teachers_without_grad(tiny_dataset):
     teacher = _tiny_cnn().eval()
     student = _tiny_cnn()
     fn = distill_loss_fn(make_kd_loss("hinton", 4.0, 0.5), [teacher], [1.0])
-    out = fn(student, tiny_dataset.x_train[:4], tiny_dataset.y_train[:4])
+    xb, yb = tiny_dataset.sample("train", 4)
+    out = fn(student, xb, yb)
     out["loss"].backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert any(p.grad is not None for p in student.parameters())
