@@ -161,7 +161,7 @@ def stage_epochs(stage: dict) -> int:
 
 
 def step_pipeline(args, proto, split_dir, teacher_pt, out: dict) -> None:
-    out["pipeline"] = {}
+    out.setdefault("pipeline", {})  # profiles run earlier (another invocation) are kept
     for profile in proto["profiles"]:
         res = hwkd_compress(args, proto, split_dir, teacher_pt, profile, args.work / f"pipeline_{profile}")
         out["pipeline"][profile] = res
@@ -208,8 +208,10 @@ def step_kd(args, proto, split_dir, teacher_pt, out: dict) -> None:
 def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
     sets = load_sets(split_dir)
     example = torch.zeros(1, 3, 32, 32)
-    hw: dict = {"profile": proto["hw_profile"], "budgets": {}}
-    out["hw"] = hw
+    hw: dict = out.get("hw") or {}
+    if hw.get("profile") != proto["hw_profile"]:
+        hw = {"profile": proto["hw_profile"], "budgets": {}}
+    out["hw"] = hw  # budgets run earlier (another invocation) are kept, and re-timed with the new ones
     t0 = time.time()
     for b in proto["budgets"]:
         row = hw["budgets"][str(b)] = {}
@@ -222,7 +224,8 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
     plain_train = teacher_mod.DecodedFolder(split_dir / "train", teacher_mod.transforms(False))
     calibration = peer.calibration_images(plain_train)
     targets = {f"{b}_{arm}": Path(r[f"hwkd_penalty_{arm}"]["model"]) for b, r in hw["budgets"].items()
-               for arm in ("on", "off") if r[f"hwkd_penalty_{arm}"]["returncode"] == 0}  # fmt: skip
+               for arm in ("on", "off") if r[f"hwkd_penalty_{arm}"]["returncode"] == 0
+               and Path(r[f"hwkd_penalty_{arm}"]["model"]).exists()}  # fmt: skip
     log(f"peer: timing the uniform-pruning grid (step {proto['grid_step']}) with {len(targets)} hwkd models")
     ratios = tuple(round(proto["grid_step"] * i, 2) for i in range(round(0.95 / proto["grid_step"]) + 1))
     grid = peer.latency_grid(teacher, example, calibration, args.work / "peer_grid", targets, proto["bench_rounds"],
@@ -232,6 +235,9 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
     for b, r in hw["budgets"].items():
         on = r["hwkd_penalty_on"]
         if on["returncode"] != 0:
+            continue
+        if "peer" in r and int(b) not in proto["budgets"] and Path(r["peer"]["model"]).exists():
+            finals[f"{b}_peer"] = Path(r["peer"]["model"])  # from an earlier invocation
             continue
         ratio = peer.match_ratio(grid["grid"], grid["targets"][f"{b}_on"])
         model = peer.prune_uniform(teacher, ratio, example)
@@ -295,8 +301,11 @@ def main() -> int:
     out = json.loads(prior.read_text()) if prior.exists() else {}  # steps not re-run are kept
     from hwkd import ortbench
 
+    command = " ".join(["python benchmarks/cifar10.py", *sys.argv[1:]])
+    earlier = out.get("meta", {}).get("invocations", [])
     out["meta"] = {"protocol": proto_name, "settings": proto, "steps_run": steps, "host": ortbench.host_info(),
-                   "command": " ".join(["python benchmarks/cifar10.py", *sys.argv[1:]]),
+                   "command": command, "invocations": [*earlier, {"command": command, "steps": steps,
+                   "started_utc": time.strftime("%H:%M:%S", time.gmtime())}],
                    "torch": torch.__version__, "threads": args.threads,
                    "step_wall_s": out.get("meta", {}).get("step_wall_s", {})}  # fmt: skip
     split_dir = step_split(args, proto, out)

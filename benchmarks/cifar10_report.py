@@ -29,9 +29,13 @@ def header(r: dict) -> list[str]:
     lines = [
         f"# CIFAR-10 benchmark — {'QUICK protocol (a smoke run on a subset, NOT the benchmark)' if quick else 'full protocol'}",
         "",
-        f"Command: `{meta['command']}`  ",
-        f"Host: {h.get('cpu')}, {h.get('cores', '?')} cores shared with other sessions (load average "
-        f"{h.get('load_average')} at start), torch {meta['torch']}, {meta['threads']} torch thread(s), nice'd. "
+        "Commands (each invocation adds its steps to the same results; earlier steps are kept):",
+        "",
+        *([f"    {inv['command']}    # {inv.get('started_utc', '')} UTC" for inv in meta.get("invocations", [])]
+          or [f"    {meta['command']}"]),
+        "",
+        f"Host: {h.get('cpu')}, {h.get('usable_cores', '?')} cores shared with other sessions (load average "
+        f"{h.get('load_average_1min')} at start), torch {meta['torch']}, {meta['threads']} torch thread(s), nice'd. "
         "Latencies are onnxruntime p50 at batch 1 on this host, interleaved rounds; treat them as ratios.",
         "",
         "**Protocol.** Data: the 50,000 CIFAR-10 training JPEGs, split once (seed 14, stratified) into train "
