@@ -44,9 +44,10 @@ def header(r: dict) -> list[str]:
         + ". Teacher: zoo `resnet20` trained on train only. Student: zoo "
         f"`{s['student'][0]}` width {s['student'][1]} (hwkd's default). KD table: {s['kd_epochs']} epochs, seeds "
         f"{s['kd_seeds']}, random crop 32 pad 4 + flip, batch 128, lr {s['kd_lr']} cosine with 1 warm-up epoch. "
-        f"Pipeline: `hwkd compress` through the CLI, profiles {s['profiles']}"
+        f"Pipeline: `hwkd compress` through the CLI, profiles {list(r.get('pipeline') or s['profiles'])}"
         + (f", with `--set {' --set '.join(s['hwkd_sets'])}`" if s["hwkd_sets"] else ", hwkd's defaults")
-        + f". Hardware-aware vs peer: profile {s['hw_profile']}, budgets {s['budgets']}% of the teacher.",
+        + f". Hardware-aware vs peer: profile {s['hw_profile']}, budgets "
+        f"{[int(b) for b in (r.get('hw') or {}).get('budgets', {})] or s['budgets']}% of the teacher.",
         "",
         "**Measured cost** (wall seconds per step, this host): "
         + (", ".join(f"{k} {v:.0f} s" for k, v in meta.get("step_wall_s", {}).items()) or "–")
@@ -164,6 +165,8 @@ def hw_section(r: dict, plot: Path) -> list[str]:
         d_peer = f"{100 * (acc_on - pe['accuracy']):+.2f}" if pe and acc_on is not None else "–"
         d_off = f"{100 * (acc_on - acc_off):+.2f}" if acc_on is not None and acc_off is not None else "–"
         peer_cell = f"{pe['ratio']:.2f} / {cell(pe)}" if pe else "–"
+        if pe and on.get("paired_p50_ms") and pe.get("paired_p50_ms") and pe["paired_p50_ms"] > on["paired_p50_ms"]:
+            peer_cell += " (slower: no grid ratio reached hwkd's latency)"
         lines.append(f"| {b}% | {cell(on)} | {cell(off)} | {peer_cell} | {d_peer} | {d_off} |")
     if plot.exists():
         lines += ["", f"![accuracy vs measured latency]({plot.name})"]
