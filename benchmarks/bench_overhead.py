@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 from onnx_graphs import detector, text_classifier  # noqa: E402
 
 import hwkd  # noqa: E402
-from hwkd import api, ortbench  # noqa: E402
+from hwkd import api  # noqa: E402
+from hwkd.onnx import bench as ortbench  # noqa: E402
 
 
 def conv_stack(path: Path, width: int = 32, depth: int = 6, seed: int = 0) -> Path:

@@ -20,8 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from hwkd import api, ortbench
+from hwkd import api
 from hwkd.artifacts import atomic_write, write_json
+from hwkd.onnx import bench as ortbench
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -139,6 +139,7 @@ def compress(
     teacher_weights: str | list[float] | None = None,
     data: str | None = None,
     student: str | None = None,
+    student_weights: str | None = None,
     out: str | os.PathLike | None = None,
     config: str | os.PathLike | None = None,
     overrides: dict[str, Any] | None = None,
@@ -156,7 +157,9 @@ def compress(
     With no ``teacher`` and ``data``, runs on the embedded default (scikit-learn digits and a built-in
     ResNet teacher trained on first use and cached). ``teacher`` may be a list (multi-teacher KD);
     ``teacher_weights`` is a list, ``"0.6,0.4"``, ``"equal"`` (default) or ``"auto"`` (from each
-    teacher's validation accuracy).
+    teacher's validation accuracy). ``teacher_arch`` / ``student`` name architectures: a zoo name,
+    ``torchvision:NAME``, ``timm:NAME`` (the ``hwkd[vision]`` extra) or ``pkg.mod:fn`` (``trust_code``);
+    ``student_weights`` is a state dict or hwkd checkpoint to start the student from.
     """
     import torch
 
@@ -169,7 +172,7 @@ def compress(
     from hwkd.hardware.profiles import load_profile
     from hwkd.kd.losses import make_kd_loss
     from hwkd.models.loaders import build_student, load_teacher
-    from hwkd.onnx_export import export_onnx, model_size_mb, onnx_metadata
+    from hwkd.onnx.export import export_onnx, model_size_mb, onnx_metadata
     from hwkd.pipeline import PipelineState, Progress, RunContext, run_stages
     from hwkd.pipeline import log as default_log
     from hwkd.report.build import build_report, write_reports
@@ -180,6 +183,9 @@ def compress(
     started = time.time()
     # torchao logs a warning for each optional CUDA kernel library it cannot load on a CPU-only host.
     logging.getLogger("torchao").setLevel(logging.ERROR)
+    from hwkd.quiet import quiet_torchao_import
+
+    quiet_torchao_import()
     # Everything that can be checked without training is checked first, so bad input fails in seconds.
     cfg = resolve_config(config, overrides)
     prof = load_profile(profile)
@@ -218,9 +224,14 @@ def compress(
         teacher_info["val_accuracy_check"] = scores
     weights = resolve_teacher_weights(teacher_weights, teacher_models, dataset)
     student_model, student_spec = build_student(
-        student, teacher_model, teacher_spec, dataset.num_classes, c, trust_code, dataset.example_input()
-    )
+        student, teacher_model, teacher_spec, dataset.num_classes, c, trust_code, dataset.example_input(),
+        weights=student_weights,
+    )  # fmt: skip
     check_compatible(student_model, dataset)
+    if "prune" in cfg.stages or cfg.distill.penalty_weight > 0:
+        from hwkd.models.depgraph import unprunable_layers
+
+        unprunable_layers(student_model, dataset.example_input(), check_groups=True)  # fails here, before training
 
     clear_run_dir(run_dir)
     ctx = RunContext(run_dir=run_dir, device=str(device), amp=cfg.amp, seed=cfg.seed, log=log, progress=progress,
@@ -248,6 +259,7 @@ def compress(
             "teacher_weights": teacher_weights,
             "data": data,
             "student": student,
+            "student_weights": student_weights,
             "image_size": image_size,
             "latency_budget": latency_budget,
             "memory_budget": memory_budget,
@@ -380,7 +392,7 @@ def benchmark(
         rec = hwkd.benchmark(["a.onnx", "b.onnx"], batches=[1, 8], shapes={"height": (640,)})
         print(rec["latency_ms"]["p50"], [r["p50_ratio"] for r in rec["results"]])
     """
-    from hwkd import ortbench
+    from hwkd.onnx import bench as ortbench
 
     if not models:
         raise ConfigError("hwkd bench needs at least one ONNX model.", "Example: hwkd bench model.onnx")
@@ -521,11 +533,13 @@ def estimate(
     *,
     precision: str | None = None,
     example_input: Any = None,
+    threads: int | None = None,
 ):
     """The cost model's estimate (latency, memory, MACs, params, per layer) of a model on a profile.
 
     ``model`` is a path to an ONNX file (precision detected from the graph unless given) or an
-    ``nn.Module`` with ``example_input``.
+    ``nn.Module`` with ``example_input``. ``threads``: estimate at this many onnxruntime threads
+    (default: the profile's); the Cost carries the profile's held-out error for that case.
 
     Example::
 
@@ -537,10 +551,12 @@ def estimate(
 
     prof = load_profile(profile) if isinstance(profile, str | os.PathLike) else profile
     if isinstance(model, str | os.PathLike):
-        return cost_model.estimate_onnx(model, prof, precision)
+        return cost_model.estimate_onnx(model, prof, precision, threads=threads)
     if example_input is None:
         raise ConfigError("Estimating a torch module needs example_input.", "Pass a batch of one input.")
-    return cost_model.estimate(model, example_input, prof, precision or "fp32")
+    works = cost_model.trace_torch(model, example_input)
+    params = sum(p.numel() for p in model.parameters())
+    return cost_model.price(works, prof, precision or "fp32", params=params, threads=threads)
 
 
 def calibrate_profile(

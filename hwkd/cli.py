@@ -180,10 +180,17 @@ def compress(
         str | None, typer.Option(help="constant | linear | adaptive | multi (see docs).")
     ] = None,
     alpha: Annotated[float | None, typer.Option(help="Weight of the soft (teacher) loss; 1 - alpha on the labels.")] = None,
-    teacher_arch: Annotated[str | None, typer.Option(help="Zoo architecture of a state-dict teacher.")] = None,
+    teacher_arch: Annotated[
+        str | None,
+        typer.Option(help="Architecture of a state-dict teacher: torchvision:NAME, timm:NAME, a zoo name, or module:factory."),
+    ] = None,
     data: Annotated[str | None, typer.Option(help="Image folder (one subfolder per class) or .npz with x/y.")] = None,
     student: Annotated[
-        str | None, typer.Option(help="Zoo name, module:factory, or a width multiplier of the teacher (0.5x).")
+        str | None,
+        typer.Option(help="torchvision:NAME, timm:NAME, a zoo name, module:factory, or a width of the teacher (0.5x)."),
+    ] = None,
+    student_weights: Annotated[
+        Path | None, typer.Option(help="State dict (or hwkd checkpoint) to start the student from; default fresh.")
     ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default runs/<time>).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="Recipe TOML (same keys as --set).")] = None,
@@ -194,7 +201,7 @@ def compress(
     memory_budget: Annotated[str | None, typer.Option(help="e.g. 16MB or 50% (of the teacher).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     quant: Annotated[
-        str | None, typer.Option(help="INT8 method: qat, ptq (onnxruntime static PTQ) or auto (more accurate).")
+        str | None, typer.Option(help="INT8 method: qat, ptq (best onnxruntime static-PTQ variant) or auto (best of all on val).")
     ] = None,
     precision: Annotated[str | None, typer.Option(help="Final model precision: int8, fp16 (GPU profiles), fp32.")] = None,
     mean: Annotated[
@@ -253,6 +260,7 @@ def compress(
             teacher_weights=teacher_weights,
             data=data,
             student=student,
+            student_weights=str(student_weights) if student_weights else None,
             out=out_dir,
             config=config,
             overrides=overrides,
@@ -382,7 +390,7 @@ def bench(
     """Time ONNX models with onnxruntime on this host: p50/p90/p99, mean, std, throughput, memory."""
     with handle_errors(debug):
         from hwkd import api
-        from hwkd.ortinputs import parse_input_flags, parse_shape_flags
+        from hwkd.onnx.inputs import parse_input_flags, parse_shape_flags
 
         batches = _int_list(batch, "--batch")
         if iterations is not None and duration is not None:
@@ -440,7 +448,7 @@ def _print_bench(record: dict) -> None:
         table.add_row(*cells)
     out.print(table)
     for m in record["models"]:
-        shapes = "; ".join(f"{i['name']} {i['type'].removeprefix('tensor(').rstrip(')')} {i['dims']} ({i['fill']})"
+        shapes = "; ".join(f"{i['name']} {i['type'].removeprefix('tensor(').rstrip(')')} [{', '.join('?' if d is None else str(d) for d in i['dims'])}] ({i['fill']})"
                            for i in m["inputs"])
         mem = "–" if m["peak_memory_mb"] is None else f"{m['peak_memory_mb']:.1f} MB"
         line = (
@@ -559,6 +567,14 @@ def profiles_calibrate(
             + ".",
             highlight=False,
         )
+        stability = fit.get("stability", {})
+        if stability.get("trustworthy") is False:
+            err.print(
+                f"[bold yellow]warning[/]: this calibration is not trustworthy after {stability.get('attempts')} "
+                f"attempt(s): {'; '.join(stability.get('reasons', []))}. Calibrate again on an idle host "
+                "(the spread is recorded in [calibration.measured.stability]).",
+                highlight=False,
+            )
 
 
 @app.command()
@@ -567,6 +583,9 @@ def estimate(
     profile: Annotated[str, typer.Option("--profile", "-p", help="Device profile name or path to a .toml.")] = "jetson",
     precision: Annotated[
         str | None, typer.Option(help="fp32 | fp16 | int8 (default: detected from the graph).")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="onnxruntime threads to estimate at (default: the profile's).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
@@ -577,7 +596,7 @@ def estimate(
         from hwkd.hardware.profiles import load_profile
 
         prof = load_profile(profile)
-        cost = api.estimate(model, prof, precision=precision)
+        cost = api.estimate(model, prof, precision=precision, threads=threads)
         if as_json:
             print(json.dumps(cost.to_dict(), indent=2))
             return
@@ -592,11 +611,17 @@ def estimate(
                 row["bound"],
             )  # fmt: skip
         out.print(table)
+        def expected(err_pct):
+            return f"held-out error ±{err_pct:.1f}% MAPE" if err_pct is not None else "error unknown: not calibrated"
+
         out.print(
-            f"latency_ms {cost.latency_ms:.4f}  memory_mb {cost.memory_mb:.3f}  macs {cost.macs:,}  "
-            f"params {cost.params:,}",
+            f"latency_ms {cost.latency_ms:.4f} ({cost.threads} thread{'s' if cost.threads != 1 else ''}; "
+            f"{expected(cost.latency_error_pct)})  memory_mb {cost.memory_mb:.3f} ({expected(cost.memory_error_pct)})  "
+            f"macs {cost.macs:,}  params {cost.params:,}",
             highlight=False,
         )
+        if cost.calibration_warning:
+            err.print(f"[bold yellow]warning[/]: {prof.name}: {cost.calibration_warning}.", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,21 +1,24 @@
 """``hwkd profiles calibrate``: measure this host with onnxruntime and write a profile that predicts it.
 
-Run it on the target itself. It times, with hwkd.ortbench (interleaved rounds, medians):
+Run it on the target itself. It times (interleaved rounds, medians; hwkd.hardware.timing over hwkd.onnx.bench):
 
 1. a long-reduction conv per precision (FP32, INT8 QDQ): the throughput the CPU reaches, ``peak_gflops``;
 2. a large elementwise Add: the memory bandwidth onnxruntime sees;
 3. a chain of tiny ops: the fixed cost of dispatching one kernel;
 4. one 3x3 conv at 1..8 x the vector width of output channels: the channel tile each precision's
    kernels pad to (16 for INT8 on AVX2, where 8 channels cost as much as 16);
-5. a set of random networks (plain, 1x1, depthwise-separable, inverted residual, residual; 8-256
-   channels, 16-128 pixels; FP32 and INT8) built directly as ONNX graphs.
+5. networks of four families (hwkd.hardware.calib_graphs: random blocks; ResNet basic / bottleneck
+   stages; inverted residuals with SE and hardswish / SiLU; grouped convs and concat branches), FP32 and
+   INT8, at one thread and, when the profile runs more, at its thread count;
+6. the peak memory growth of a few of them (and of two large probes) in fresh processes.
 
-(1)-(3) become the profile's hardware figures. The kernel model that ``cost.price`` uses on a
-calibrated profile (ns per unit of each cost.FEATURES entry, per precision) is fitted to (5) by
-non-negative least squares on relative error, with the GEMM half-efficiency reduction ``k_half``
-chosen on a grid. The fit's own error and a 5-fold cross-validated error are written into
-``[calibration.measured]`` so a reader sees how well the profile describes its host. Nothing from the
-models it will later predict is used.
+(1)-(3) become the profile's hardware figures. The 1-thread kernel model (``cost.FEATURES``) is fitted to
+the 1-thread timings of (5), the thread model (hwkd.hardware.threads) to the timings at the profile's
+thread count, the memory model (hwkd.hardware.memory) to (6). The held-out error written into
+``[calibration.measured]`` leaves out a whole *family* at a time: what to expect on architectures the
+fit has not seen. A reference probe timed before, between and after the rounds, and the host's load,
+say whether the timings can be trusted (hwkd.hardware.timing): a bad attempt is warned about and
+retried, and the profile records the spread. Nothing from the models it will later predict is used.
 
 Example::
 
@@ -27,9 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import itertools
 import logging
-import math
 import os
 import platform
 import tempfile
@@ -41,188 +42,46 @@ from typing import Any
 import numpy as np
 
 from hwkd.errors import ConfigError
+from hwkd.hardware.calib_graphs import (
+    FAMILIES,
+    OPSET,
+    _Graph,
+    bandwidth_network,
+    overhead_network,
+    random_network,
+    throughput_network,
+)
+from hwkd.hardware.fit import (
+    K_HALF_GRID,
+    feature_matrix,
+    fit_channel_tile,
+    fit_kernel_model,
+    fit_thread_model,
+)
 
-OPSET = 17
 _MB = 2**20
 
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """How much to measure; the defaults take about two minutes on an idle two-core host."""
+    """How much to measure; the defaults take about five minutes on an idle two-core host at 2 threads."""
 
-    networks: int = 192  # random networks per precision for the fit (fewer: a noisier fit)
+    networks: int = 160  # networks per precision for the fit, spread over the families
     warmup: int = 10
     iterations: int = 60
     rounds: int = 3
     precisions: tuple[str, ...] = ("fp32", "int8")
     seed: int = 0
     threads: int = 0  # onnxruntime intra-op threads; 0 = every usable core (written into the profile)
+    memory_networks: int = 8  # networks per precision whose peak memory is measured (fresh processes)
+    retries: int = 1  # re-measurements when the reference probe or the host load says the timings are bad
+    tolerance: float = 0.05  # probe spread above which timings are not trusted
+    # fit the 1-thread kernel model to each network's CPU time rather than its wall time: on a shared
+    # host the two differ by the time the OS gave other processes, which is not the model's cost
+    fit_cpu_time: bool = True
 
 
-TINY = CalibrationSettings(networks=3, warmup=2, iterations=6, rounds=2)
-
-
-# ---------------------------------------------------------------------------------------------- graphs
-
-
-class _Graph:
-    """A small builder of FP32 ONNX graphs with random (fixed-seed) weights."""
-
-    def __init__(self, shape: tuple[int, ...], rng: np.random.Generator):
-        from onnx import TensorProto, helper
-
-        self.helper, self.tp = helper, TensorProto
-        self.rng = rng
-        self.nodes, self.inits = [], []
-        self.shape = shape  # current activation shape (N, C, H, W)
-        self.inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))]
-        self.cur = "x"
-        self.n = 0
-        self.macs = 0
-        self.activation = "Relu"
-
-    def _name(self, prefix: str) -> str:
-        self.n += 1
-        return f"{prefix}{self.n}"
-
-    def _const(self, array: np.ndarray) -> str:
-        from onnx import numpy_helper
-
-        name = self._name("w")
-        self.inits.append(numpy_helper.from_array(array.astype(np.float32), name))
-        return name
-
-    def conv(self, cout: int, k: int = 3, stride: int = 1, depthwise: bool = False, relu: bool = True) -> str:
-        n, c, h, w = self.shape
-        groups = c if depthwise else 1
-        cout = c if depthwise else cout
-        fan_in = (c // groups) * k * k
-        weight = self.rng.standard_normal((cout, c // groups, k, k)) * math.sqrt(2.0 / fan_in)
-        bias = self.rng.standard_normal(cout) * 0.1
-        out = self._name("conv")
-        self.nodes.append(
-            self.helper.make_node(
-                "Conv", [self.cur, self._const(weight), self._const(bias)], [out],
-                kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4, group=groups,
-            )
-        )  # fmt: skip
-        self.cur = out
-        self.shape = (n, cout, (h + 2 * (k // 2) - k) // stride + 1, (w + 2 * (k // 2) - k) // stride + 1)
-        self.macs += self.shape[1] * self.shape[2] * self.shape[3] * fan_in
-        if relu:
-            self.activate()
-        return self.cur
-
-    def activate(self) -> str:
-        """The graph's activation: Relu, or Clip(0, 6) (ReLU6, which runtimes fuse less cheaply)."""
-        if self.activation == "Relu":
-            return self.unary("Relu")
-        out = self._name("clip")
-        lo, hi = self._const(np.array(0.0)), self._const(np.array(6.0))
-        self.nodes.append(self.helper.make_node("Clip", [self.cur, lo, hi], [out]))
-        self.cur = out
-        return out
-
-    def unary(self, op: str) -> str:
-        out = self._name(op.lower())
-        self.nodes.append(self.helper.make_node(op, [self.cur], [out]))
-        self.cur = out
-        return out
-
-    def add(self, other: str, relu: bool = False) -> str:
-        out = self._name("add")
-        self.nodes.append(self.helper.make_node("Add", [self.cur, other], [out]))
-        self.cur = out
-        if relu:
-            self.activate()
-        return out
-
-    def head(self, classes: int = 10) -> None:
-        self.unary("GlobalAveragePool")
-        flat = self._name("flat")
-        self.nodes.append(self.helper.make_node("Flatten", [self.cur], [flat]))
-        c = self.shape[1]
-        weight = self.rng.standard_normal((c, classes)) * 0.1
-        out = self._name("logits")
-        self.nodes.append(
-            self.helper.make_node("Gemm", [flat, self._const(weight), self._const(np.zeros(classes))], [out])
-        )
-        self.cur = out
-        self.shape = (self.shape[0], classes)
-
-    def model(self) -> Any:
-        h = self.helper
-        graph = h.make_graph(
-            self.nodes, "calib", self.inputs, [h.make_tensor_value_info(self.cur, self.tp.FLOAT, list(self.shape))],
-            initializer=self.inits,
-        )  # fmt: skip
-        model = h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET)])
-        model.ir_version = 8
-        return model
-
-
-def random_network(rng: np.random.Generator, max_macs: float = 300e6) -> Any:
-    """A random CNN: a stem, 2-10 blocks of a random kind and width, a pooled linear head.
-
-    Spans what the cost model is asked about (8-256 channels, some off the usual multiples; 16-128
-    pixels; RGB and grey inputs; plain, 1x1, separable, inverted-residual and residual blocks; ReLU or
-    ReLU6), and is
-    redrawn until it has at most ``max_macs`` multiply-accumulates, so calibration stays quick.
-    """
-    widths = (8, 12, 16, 24, 32, 40, 48, 64, 96, 128, 192, 256)
-    while True:
-        res = int(rng.choice((16, 24, 32, 48, 64, 96, 128)))
-        cin = int(rng.choice((1, 3, 3, 4, 8)))
-        g = _Graph((1, cin, res, res), rng)
-        g.activation = str(rng.choice(("Relu", "Clip")))
-        g.conv(int(rng.choice(widths[:7])), 3, int(rng.choice((1, 2))))
-        for _ in range(int(rng.integers(2, 11))):
-            kind = rng.choice(("plain", "pointwise", "separable", "inverted", "residual"))
-            stride = 2 if g.shape[2] >= 8 and rng.random() < 0.35 else 1
-            cout = int(rng.choice(widths))
-            if kind == "plain":
-                g.conv(cout, 3, stride)
-            elif kind == "pointwise":
-                g.conv(cout, 1, 1)
-            elif kind == "separable":
-                g.conv(0, 3, stride, depthwise=True)
-                g.conv(cout, 1, 1)
-            elif kind == "inverted":
-                skip, c = g.cur, g.shape[1]
-                g.conv(c * int(rng.choice((2, 4, 6))), 1, 1)
-                g.conv(0, 3, 1, depthwise=True)
-                g.conv(c, 1, 1, relu=False)
-                g.add(skip)
-            else:
-                skip, c = g.cur, g.shape[1]
-                g.conv(c, 3, 1)
-                g.conv(c, 3, 1, relu=False)
-                g.add(skip, relu=True)
-        g.head()
-        if g.macs <= max_macs:
-            return g.model()
-
-
-def throughput_network(precision_hint: str, rng: np.random.Generator) -> tuple[Any, int]:
-    """One long-reduction 3x3 conv (reduction 576): close to the best a CPU GEMM reaches. (model, MACs)"""
-    g = _Graph((1, 64, 56, 56), rng)
-    g.conv(64, 3, 1, relu=False)
-    return g.model(), 64 * 56 * 56 * 64 * 9
-
-
-def bandwidth_network(rng: np.random.Generator, elements: int = 4 * 2**20) -> tuple[Any, int]:
-    """x + x on a 16 MB tensor: two reads and a write per element, far beyond the caches. (model, bytes)"""
-    g = _Graph((1, elements // 1024, 32, 32), rng)
-    g.add("x")
-    return g.model(), 3 * elements * 4
-
-
-def overhead_network(rng: np.random.Generator, ops: int) -> Any:
-    """``ops`` Relu/Neg kernels on an 8-element tensor: what they cost is dispatch alone."""
-    g = _Graph((1, 8, 1, 1), rng)
-    for i in range(ops):
-        g.unary("Neg" if i % 2 else "Relu")
-    return g.model()
+TINY = CalibrationSettings(networks=4, warmup=2, iterations=6, rounds=2, memory_networks=0, retries=0)
 
 
 def quantize(fp32_path: Path, out_path: Path, rng: np.random.Generator) -> Path:
@@ -254,97 +113,7 @@ def quantize(fp32_path: Path, out_path: Path, rng: np.random.Generator) -> Path:
     return out_path
 
 
-# ---------------------------------------------------------------------------------------------- fit
-
-# Reduction lengths at which a 1x1 / k x k GEMM reaches half its peak, tried in turn: the one
-# nonlinear figure of the kernel model, so a grid and a linear fit per point beat a nonlinear solver.
-K_HALF_GRID = (0.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
-# Work (FLOPs, or values) at which a kernel reaches half its parallel speed-up; tried with > 1 thread.
-GRAIN_GRID = (1e4, 3e4, 1e5, 3e5, 1e6, 3e6, 1e7)
-
-
-def feature_matrix(
-    works_list: list[list], tile: int, k_half: float, lanes: int = 8, threads: int = 1, grain: float = 0.0
-) -> np.ndarray:
-    """Per network, its layers' kernel-model features summed (columns: cost.FEATURES, then 1 per run)."""
-    from hwkd.hardware.cost import FEATURES, layer_features
-
-    rows = []
-    for works in works_list:
-        total = dict.fromkeys(FEATURES, 0.0)
-        for w in works:
-            for key, value in layer_features(w, tile, k_half, lanes, threads, grain).items():
-                total[key] += value
-        rows.append([total[k] for k in FEATURES] + [1.0])
-    return np.asarray(rows, dtype=np.float64)
-
-
-def _relative_nnls(x: np.ndarray, y: np.ndarray, rounds: int = 4) -> np.ndarray:
-    """Non-negative coefficients minimising the *relative* error of x @ c against y, robustly.
-
-    Rows are divided by y (a 10% miss weighs the same on a 0.05 ms and a 5 ms network); a few
-    reweighting rounds shrink the pull of networks missed by more than 10% (Huber weights), so one
-    network timed during a burst of load does not drag the rest.
-    """
-    from scipy.optimize import nnls
-
-    a = x / y[:, None]
-    scale = np.abs(a).max(axis=0)
-    scale[scale == 0] = 1.0
-    weights = np.ones(len(y))
-    coef = np.zeros(x.shape[1])
-    for _ in range(rounds):
-        sol, _ = nnls(a / scale * weights[:, None], weights, maxiter=50 * x.shape[1])
-        coef = sol / scale
-        rel = np.abs(x @ coef / y - 1.0)
-        weights = np.sqrt(1.0 / np.maximum(1.0, rel / 0.1))
-    return coef
-
-
-def _huber(rel: np.ndarray, delta: float = 0.1) -> float:
-    return float(np.where(rel <= delta, 0.5 * rel**2, delta * (rel - 0.5 * delta)).sum())
-
-
-def fit_kernel_model(
-    works_list: list[list], measured_ms: list[float], tile: int, folds: int = 5, seed: int = 0, lanes: int = 8,
-    threads: int = 1,
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Fit one precision's kernel model to networks timed on the host: (model table, fit statistics).
-
-    Returns ns per unit of every cost.FEATURES entry, ``run_ns``, the chosen ``k_half`` and the tile;
-    the statistics are the fit's error on its own networks and a ``folds``-fold cross-validated error,
-    which is what to expect on networks it has not seen.
-    """
-    from hwkd.hardware.cost import FEATURES
-
-    y = np.asarray(measured_ms, dtype=np.float64) * 1e6  # ns
-    best = None
-    for k_half, grain in itertools.product(K_HALF_GRID, GRAIN_GRID if threads > 1 else (0.0,)):
-        x = feature_matrix(works_list, tile, k_half, lanes, threads, grain)
-        coef = _relative_nnls(x, y)
-        loss = _huber(np.abs(x @ coef / y - 1.0))
-        if best is None or loss < best[0]:
-            best = (loss, k_half, grain, x, coef)
-    _, k_half, grain, x, coef = best
-    rel = np.abs(x @ coef / y - 1.0)
-    cv = np.full(len(y), np.nan)
-    if folds > 1 and len(y) >= 2 * folds:
-        order = np.random.default_rng(seed).permutation(len(y))
-        for fold in np.array_split(order, folds):
-            train = np.setdiff1d(order, fold)
-            cv[fold] = np.abs(x[fold] @ _relative_nnls(x[train], y[train]) / y[fold] - 1.0)
-    model = {k: float(v) for k, v in zip(FEATURES, coef[:-1], strict=True)}
-    model.update(run_ns=float(coef[-1]), k_half=float(k_half), channel_tile=int(tile), threads=int(threads))
-    if threads > 1:
-        model["grain"] = float(grain)
-    stats = {
-        "networks": len(y),
-        "fit_mape_pct": round(float(rel.mean() * 100), 2),
-        "fit_within_10pct": round(float((rel <= 0.10).mean()), 3),
-    }
-    if not np.isnan(cv).any():
-        stats.update(cv_mape_pct=round(float(cv.mean() * 100), 2), cv_within_10pct=round(float((cv <= 0.10).mean()), 3))
-    return model, stats
+# ---------------------------------------------------------------------------------------------- probes
 
 
 def tile_probe_networks(vector_width: int, rng: np.random.Generator) -> list[tuple[Any, int]]:
@@ -357,21 +126,6 @@ def tile_probe_networks(vector_width: int, rng: np.random.Generator) -> list[tup
     return out
 
 
-def fit_channel_tile(channels: list[int], measured_ms: list[float], candidates: tuple[int, ...]) -> int:
-    """The channel multiple the kernels pad to: the candidate t for which latency ~ a + b * roundup(c, t)
-    fits best (relative error); a larger tile must fit clearly (25%) better to be chosen."""
-    y = np.asarray(measured_ms, dtype=np.float64)
-    best_tile, best_err = candidates[0], math.inf
-    for tile in sorted(candidates):
-        padded = np.array([math.ceil(c / tile) * tile for c in channels], dtype=np.float64)
-        a = np.stack([np.ones_like(padded), padded], axis=1) / y[:, None]
-        coef, *_ = np.linalg.lstsq(a, np.ones_like(y), rcond=None)
-        err = float(np.sqrt(np.mean((a @ coef - 1.0) ** 2)))
-        if err < 0.75 * best_err:
-            best_tile, best_err = tile, err
-    return best_tile
-
-
 # ---------------------------------------------------------------------------------------------- run
 
 
@@ -381,19 +135,22 @@ def calibrate(
     base: str = "",
     log: Callable[[str], None] | None = None,
     also_time: Sequence[Path] = (),
-    timings: dict[Path, float] | None = None,
+    timings: dict[Any, float] | None = None,
+    load: Callable[[], float] | None = None,
 ) -> Any:
     """Measure this host and return a complete, validated Profile (write it with dump_profile_toml).
 
-    ``also_time``: ONNX files to time in the same interleaved rounds as the random networks (their p50
-    in ms goes into ``timings``; they play no part in the fit). For benchmarks that compare estimates
-    with measurements without the host's drift in speed between two runs getting in the way.
+    ``also_time``: ONNX files to time in the same interleaved rounds as the networks, at every thread
+    count calibration times (their p50 in ms goes into ``timings[(path, threads)]``; they play no part
+    in the fit), so a benchmark compares estimates with measurements taken under the same host load.
+    ``load``: the host-load reading (default: the 1-minute load average), replaceable in tests.
     """
     import onnx
 
-    from hwkd import ortbench
+    from hwkd.hardware import timing
     from hwkd.hardware.onnx_trace import trace_onnx
     from hwkd.hardware.profiles import load_profile, profile_from_dict
+    from hwkd.onnx import bench as ortbench
 
     say = log or (lambda msg: None)
     bad = [p for p in settings.precisions if p not in ("fp32", "int8")]
@@ -403,18 +160,13 @@ def calibrate(
         raise ConfigError("Calibration needs at least one network and one iteration.")
     host = ortbench.host_info()
     threads = ortbench.effective_threads(settings.threads)
+    cores = ortbench.effective_threads(0)
     arm = platform.machine().lower() in ("aarch64", "arm64") or platform.machine().lower().startswith("arm")
     base_profile = load_profile(base or ("rpi5" if arm else "x86-avx2"))
     flags = set(host["cpu_flags"])
     vector_width = 16 if "avx512f" in flags else 8 if ("avx2" in flags or not arm) else 4
     rng = np.random.default_rng(settings.seed)
-
-    def timed(paths: list[Path]) -> dict[Path, float]:
-        stats = ortbench.measure(
-            paths, warmup=settings.warmup, iterations=settings.iterations, rounds=settings.rounds,
-            threads=threads, seed=settings.seed,
-        )  # fmt: skip
-        return {p: s.p50 for p, s in stats.items()}
+    counts = (1, threads) if threads > 1 else (1,)
 
     with tempfile.TemporaryDirectory(prefix="hwkd-calibrate-") as tmp:
         root = Path(tmp)
@@ -424,7 +176,7 @@ def calibrate(
             onnx.save(model, path)
             return path
 
-        say("measuring peak throughput, memory bandwidth and dispatch overhead")
+        say("building the probes and the networks")
         conv_model, conv_macs = throughput_network("fp32", rng)
         conv32 = save(conv_model, "peak_fp32")
         probes = {"peak_fp32": conv32}
@@ -440,64 +192,125 @@ def calibrate(
             tile_paths["fp32"].append((fp32, channels))
             if "int8" in settings.precisions:
                 tile_paths["int8"].append((quantize(fp32, root / f"tile{i}_int8.onnx", rng), channels))
-        t = timed([*probes.values(), *(p for pairs in tile_paths.values() for p, _ in pairs)])
-        peak = {"fp32": 2 * conv_macs / (t[probes["peak_fp32"]] * 1e-3) / 1e9}
+        nets: list[tuple[Path, str, str]] = []  # (path, precision, family)
+        for i in range(settings.networks):
+            family = FAMILIES[i % len(FAMILIES)]
+            fp32 = save(random_network(rng, family=family), f"net{i}_fp32")
+            nets.append((fp32, "fp32", family))
+            if "int8" in settings.precisions:
+                nets.append((quantize(fp32, root / f"net{i}_int8.onnx", rng), "int8", family))
+        reference = save(random_network(np.random.default_rng(1234), max_macs=30e6), "reference")
+        extra = [Path(p) for p in also_time]
+        fixed = [*probes.values(), *(p for pairs in tile_paths.values() for p, _ in pairs)]
+        jobs = [(p, threads) for p in fixed]
+        jobs += [(probes[k], 1) for k in ("peak_fp32", "peak_int8") if k in probes and threads > 1]
+        jobs += [(p, n) for p, _, _ in nets for n in counts] + [(p, n) for p in extra for n in counts]
+        ref_iterations = max(5, settings.iterations // 2)
+
+        def attempt() -> tuple[tuple[list[float], dict[int, float]], list[float], list[float]]:
+            probe_ms: list[float] = []
+            shares: list[float] = []
+
+            def between(r: int) -> None:
+                probe_ms.append(float(np.median(timing.time_job(reference, threads, settings.warmup, ref_iterations))))
+                # CPU share over a block of ~10 x 2-3 ms runs at 1 thread: longer than a scheduler slice,
+                # so other processes taking the core show (a 0.1 ms probe fits inside one slice)
+                cpu: list[float] = []
+                wall = timing.time_job(probes["peak_fp32"], 1, 2, 10, cpu)
+                shares.append(float(sum(cpu) / sum(wall)))
+                if r < settings.rounds:
+                    say(f"round {r + 1} of {settings.rounds}: {len(jobs)} timings (reference probe "
+                        f"{probe_ms[-1]:.3f} ms, CPU share {shares[-1]:.2f})")  # fmt: skip
+
+            cpu_ms: dict[int, float] = {}
+            result = timing.time_interleaved(
+                jobs, settings.warmup, settings.iterations, settings.rounds, between, cpu_ms=cpu_ms
+            )
+            return (result, cpu_ms), probe_ms, shares
+
+        say(f"timing {len(nets)} networks at {' and '.join(map(str, counts))} thread(s), "
+            f"{len(extra)} extra models, the probes")  # fmt: skip
+        (times, cpu_by_index), verdict, attempts = timing.with_retries(
+            attempt, load or timing.load_average, cores, settings.retries, settings.tolerance, warn=say
+        )
+        t = dict(zip(jobs, times, strict=True))
+        # 1-thread CPU time: what the kernels cost, without the time the OS gave other processes
+        cpu_t = {jobs[k]: v for k, v in cpu_by_index.items()}
+        if timings is not None:
+            timings.update({(p, n): t[(p, n)] for p in extra for n in counts})
+            timings.update({(p, "cpu"): cpu_t[(p, 1)] for p in extra if (p, 1) in cpu_t})
+        peak = {"fp32": 2 * conv_macs / (t[(probes["peak_fp32"], threads)] * 1e-3) / 1e9}
         if "peak_int8" in probes:
-            peak["int8"] = 2 * conv_macs / (t[probes["peak_int8"]] * 1e-3) / 1e9
-        bandwidth_gbs = bw_bytes / (t[probes["bandwidth"]] * 1e-3) / 1e9
-        op_overhead_us = max(0.05, (t[probes["ops_41"]] - t[probes["ops_1"]]) / 40 * 1e3)
-        run_overhead_us = max(0.0, t[probes["ops_1"]] * 1e3 - op_overhead_us)
+            peak["int8"] = 2 * conv_macs / (t[(probes["peak_int8"], threads)] * 1e-3) / 1e9
+        peak_1 = {k[5:]: 2 * conv_macs / (t[(probes[k], 1)] * 1e-3) / 1e9 for k in probes
+                  if k.startswith("peak_") and (probes[k], 1) in t}  # fmt: skip
+        bandwidth_gbs = bw_bytes / (t[(probes["bandwidth"], threads)] * 1e-3) / 1e9
+        op_overhead_us = max(0.05, (t[(probes["ops_41"], threads)] - t[(probes["ops_1"], threads)]) / 40 * 1e3)
+        run_overhead_us = max(0.0, t[(probes["ops_1"], threads)] * 1e3 - op_overhead_us)
         candidates = (vector_width, 2 * vector_width, 4 * vector_width)
         tiles = {
-            prec: fit_channel_tile([c for _, c in pairs], [t[p] for p, _ in pairs], candidates)
+            prec: fit_channel_tile([c for _, c in pairs], [t[(p, threads)] for p, _ in pairs], candidates)
             for prec, pairs in tile_paths.items()
         }
 
-        say(f"timing {settings.networks} random networks per precision")
-        paths: list[tuple[Path, str]] = []
-        for i in range(settings.networks):
-            fp32 = save(random_network(rng), f"net{i}_fp32")
-            paths.append((fp32, "fp32"))
-            if "int8" in settings.precisions:
-                paths.append((quantize(fp32, root / f"net{i}_int8.onnx", rng), "int8"))
-        extra = [Path(p) for p in also_time]
-        t = timed([p for p, _ in paths] + extra)
-        if timings is not None:
-            timings.update({p: t[p] for p in extra})
-        say("fitting the kernel model")
-        kernel_model, fit_stats = {}, {}
+        say("fitting the kernel, thread and memory models")
+        kernel_model, fit_stats, thread_model, thread_stats = {}, {}, {}, {}
+        traced = {p: trace_onnx(p) for p, _, _ in nets}
         for prec in settings.precisions:
-            mine = [p for p, q in paths if q == prec]
-            works = [trace_onnx(p)[0] for p in mine]
+            mine = [(p, fam) for p, q, fam in nets if q == prec]
+            works = [traced[p][0] for p, _ in mine]
+            families = [fam for _, fam in mine]
+            one = [cpu_t.get((p, 1), t[(p, 1)]) if settings.fit_cpu_time else t[(p, 1)] for p, _ in mine]
             kernel_model[prec], fit_stats[prec] = fit_kernel_model(
-                works, [t[p] for p in mine], tiles[prec], seed=settings.seed, lanes=vector_width, threads=threads
+                works, one, tiles[prec], seed=settings.seed, lanes=vector_width, families=families
             )
+            if threads > 1:
+                thread_model[prec], thread_stats[prec] = fit_thread_model(
+                    works, [t[(p, 1)] for p, _ in mine], [t[(p, threads)] for p, _ in mine], kernel_model[prec],
+                    threads, vector_width, families,
+                )  # fmt: skip
+        memory_model, memory_stats = {}, {}
+        if settings.memory_networks > 0:
+            memory_model, memory_stats = _calibrate_memory(nets, traced, settings, threads, root, rng, say)
 
     every = list(fit_stats.values())
     networks = sum(s_["networks"] for s_ in every)
+    measured: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "host": host["cpu"],
+        "cpu_flags": list(host["cpu_flags"]),
+        "onnxruntime": host["onnxruntime"],
+        "threads": threads,
+        "load_average_1min": host["load_average_1min"] if host["load_average_1min"] is not None else -1.0,
+        "fit_networks": networks,
+        "families": list(FAMILIES),
+        "fit_mape_pct": round(sum(s_["fit_mape_pct"] * s_["networks"] for s_ in every) / networks, 2),
+        "fit_within_10pct": round(sum(s_["fit_within_10pct"] * s_["networks"] for s_ in every) / networks, 3),
+        "fit": fit_stats,
+        "fit_target": "1-thread CPU time" if settings.fit_cpu_time else "1-thread wall time",
+        "stability": {**verdict.to_dict(), "attempts": attempts, "tolerance_pct": 100 * settings.tolerance},
+    }
+    if thread_stats:
+        measured["threads_fit"] = thread_stats
+    if memory_stats:
+        measured["memory"] = memory_stats
     calibration = {
         "runtime_overhead_mb": base_profile.calibration.get("runtime_overhead_mb", 2.0),
         "kernel_model": {prec: {k: _round(v) for k, v in m.items()} for prec, m in kernel_model.items()},
         "probes": {
             "peak_gflops": {k: round(v, 2) for k, v in peak.items()},
+            "peak_gflops_1thread": {k: round(v, 2) for k, v in peak_1.items()},
             "memory_bandwidth_gbs": round(bandwidth_gbs, 3),
             "op_overhead_us": round(op_overhead_us, 3),
             "per_run_overhead_us": round(run_overhead_us, 3),
             "channel_tile": tiles,
         },
-        "measured": {
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "host": host["cpu"],
-            "cpu_flags": list(host["cpu_flags"]),
-            "onnxruntime": host["onnxruntime"],
-            "threads": threads,
-            "load_average_1min": host["load_average_1min"] if host["load_average_1min"] is not None else -1.0,
-            "fit_networks": networks,
-            "fit_mape_pct": round(sum(s_["fit_mape_pct"] * s_["networks"] for s_ in every) / networks, 2),
-            "fit_within_10pct": round(sum(s_["fit_within_10pct"] * s_["networks"] for s_ in every) / networks, 3),
-            "fit": fit_stats,
-        },
+        "measured": measured,
     }
+    if thread_model:
+        calibration["thread_model"] = {prec: {k: _round(v) for k, v in m.items()} for prec, m in thread_model.items()}
+    if memory_model:
+        calibration["memory_model"] = memory_model
     hardware = {
         "cpu_family": "arm" if arm else "x86",
         "cpu_cores": threads,
@@ -525,6 +338,63 @@ def calibrate(
     return profile_from_dict(data, source="<calibrate>")
 
 
+def memory_probe_networks(rng: np.random.Generator) -> list[Any]:
+    """Two networks far larger than the timed ones, so the memory fit spans 224-px models: one
+    weight-heavy (512-channel 3x3 convs at 7 px, ~9M parameters), one activation-heavy (64 channels at 224 px)."""
+    heavy = _Graph((1, 256, 7, 7), rng)
+    for _ in range(4):
+        heavy.conv(512, 3, 1)
+    heavy.head()
+    wide = _Graph((1, 3, 224, 224), rng)
+    wide.conv(64, 3, 1)
+    wide.conv(64, 3, 2)
+    wide.head()
+    return [heavy.model(), wide.model()]
+
+
+def _calibrate_memory(nets, traced, settings, threads, root, rng, say):
+    """Measure peak memory growth of a spread of networks in fresh processes; fit the memory model."""
+    from hwkd.hardware.cost import BYTES_PER_VALUE
+    from hwkd.hardware.memory import fit_memory_model, memory_features
+    from hwkd.hardware.onnx_trace import trace_onnx
+    from hwkd.onnx import bench as ortbench
+
+    probes = []
+    for i, model in enumerate(memory_probe_networks(rng)):
+        import onnx
+
+        fp32 = root / f"mem{i}_fp32.onnx"
+        onnx.save(model, fp32)
+        probes.append((fp32, "fp32"))
+        if "int8" in settings.precisions:
+            probes.append((quantize(fp32, root / f"mem{i}_int8.onnx", rng), "int8"))
+    models, stats = {}, {}
+    for prec in settings.precisions:
+        mine = [p for p, q, _ in nets if q == prec]
+        mine.sort(key=lambda p: traced[p][1])  # by parameter count: take an even spread
+        step = max(1, len(mine) // max(1, settings.memory_networks))
+        chosen = mine[::step][: settings.memory_networks] + [p for p, q in probes if q == prec]
+        say(f"measuring the memory of {len(chosen)} {prec} networks in fresh processes")
+        rows, measured = [], []
+        for p in chosen:
+            works, params, _ = traced[p] if p in traced else trace_onnx(p)
+            shape = {"x": tuple(int(d) for d in _input_dims(p))}
+            result = ortbench.isolated_memory(p, shape, (ortbench.CPU_EP,), threads, warmup=3)
+            if result.get("peak_mb"):
+                rows.append(memory_features(works, BYTES_PER_VALUE[prec], params))
+                measured.append(float(result["peak_mb"]))
+        if len(rows) >= 2:
+            models[prec], stats[prec] = fit_memory_model(rows, measured)
+    return models, stats
+
+
+def _input_dims(path: Path) -> list[int]:
+    import onnx
+
+    dims = onnx.load(path, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_value if d.dim_value > 0 else 1 for d in dims]
+
+
 def _round(value: float) -> float:
     """Six significant figures: enough for a fitted coefficient, short enough to read in the TOML."""
     return float(f"{value:.6g}") if isinstance(value, float) else value
@@ -545,5 +415,7 @@ def _host_memory_mb() -> float | None:
 
 
 __all__ = [
-    "TINY", "CalibrationSettings", "calibrate", "fit_channel_tile", "fit_kernel_model", "random_network",
+    "FAMILIES", "K_HALF_GRID", "OPSET", "TINY", "CalibrationSettings", "bandwidth_network", "calibrate",
+    "feature_matrix", "fit_channel_tile", "fit_kernel_model", "fit_thread_model", "overhead_network",
+    "random_network", "throughput_network",
 ]  # fmt: skip

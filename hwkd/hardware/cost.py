@@ -23,6 +23,13 @@ activation traffic, weights, one dispatch), plus ``run_ns`` per inference. The f
 roofline can only assume: that a 1x1 conv, a depthwise conv and an INT8 im2col GEMM each run at their
 own speed, and which channel tile (``channel_tile``) the kernels pad to.
 
+At more than one thread a calibrated profile's ``[calibration.thread_model.<precision>]``
+(hwkd.hardware.threads) turns each layer's 1-thread time into its time at the thread count it was
+fitted at (split or not, per-class speed, fork/join); ``[calibration.memory_model.<precision>]``
+(hwkd.hardware.memory) replaces weights + activations + a flat overhead with fitted runtime memory.
+Every Cost carries the thread count and the profile's held-out errors, so a figure is never shown
+without what to expect of it.
+
 The figures are figures of ONNX Runtime's CPU provider, which hwkd always falls back to. The
 differentiable ``penalty`` prices channels through ``price`` too, so it follows whichever model applies.
 """
@@ -115,6 +122,12 @@ class Cost:
     weight_mb: float = 0.0
     activation_mb: float = 0.0  # peak live activations
     profile: str = ""
+    threads: int = 1  # onnxruntime threads the latency is estimated at
+    # What to expect of these figures: the profile's cross-validated error (MAPE, %) at this precision and
+    # thread count, None for an uncalibrated profile; and why a calibration is not to be trusted, if so.
+    latency_error_pct: float | None = None
+    memory_error_pct: float | None = None
+    calibration_warning: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -130,16 +143,23 @@ def estimate(model: Any, example_input: Any, profile: Any, precision: str = "fp3
     return price(works, profile, precision, params=params)
 
 
-def estimate_onnx(path_or_model: Any, profile: Any, precision: str | None = None) -> Cost:
+def estimate_onnx(path_or_model: Any, profile: Any, precision: str | None = None, threads: int | None = None) -> Cost:
     """Estimate an ONNX graph (path or ModelProto); precision is detected from the graph when not given."""
     from hwkd.hardware.onnx_trace import trace_onnx
 
     works, params, detected = trace_onnx(path_or_model)
-    return price(works, profile, precision or detected, params=params)
+    return price(works, profile, precision or detected, params=params, threads=threads)
 
 
-def price(works: list[LayerWork], profile: Any, precision: str, params: int | None = None) -> Cost:
-    """Roofline-price traced layers on a profile. ``params`` defaults to the sum over layers."""
+def price(
+    works: list[LayerWork], profile: Any, precision: str, params: int | None = None, threads: int | None = None
+) -> Cost:
+    """Price traced layers on a profile. ``params`` defaults to the sum over layers; ``threads`` to the
+    profile's runtime threads (a calibrated profile prices 1 thread and the thread count it was fitted at)."""
+    from hwkd.hardware.memory import fitted_memory_model, memory_mb
+    from hwkd.hardware.threads import fitted_thread_model, layer_seconds_at
+
+    threads = profile.runtime.threads if threads is None else int(threads)
     nbytes = _bytes_per_value(precision)
     hw = profile.hardware
     peak = _peak_flops(profile, precision)
@@ -153,14 +173,18 @@ def price(works: list[LayerWork], profile: Any, precision: str, params: int | No
     )
     kernel_model = fitted_kernel_model(profile, precision)
     tile = channel_tile(profile, precision)
+    thread_model = fitted_thread_model(profile, precision, threads) if kernel_model is not None else None
     if kernel_model is not None:
-        run_overhead_s = kernel_model["run_ns"] * 1e-9
+        run_overhead_s = (thread_model or kernel_model)["run_ns"] * 1e-9
     rows, total_s, peak_act = [], run_overhead_s, 0
     for w in works:
         traffic = 0 if w.fused else (w.params + w.act_in + w.act_out) * nbytes
         fixed_s = 0.0 if w.fused else overhead_s
         if kernel_model is not None:
             seconds, bound, fixed_s = kernel_seconds(w, kernel_model, tile, hw.vector_width)
+            if thread_model is not None:
+                seconds, sync_s = layer_seconds_at(w, seconds, thread_model)
+                fixed_s = fixed_s * thread_model["ratio_serial"] + sync_s
             if w.fused:
                 bound = "fused"
             else:
@@ -188,9 +212,15 @@ def price(works: list[LayerWork], profile: Any, precision: str, params: int | No
     params = sum(w.params for w in works) if params is None else int(params)
     weight_mb = params * nbytes / _MB
     activation_mb = peak_act * nbytes / _MB
+    memory_model = fitted_memory_model(profile, precision)
+    if memory_model is not None:
+        total_mb = memory_mb(works, memory_model, nbytes, params)
+    else:
+        total_mb = weight_mb + activation_mb + _runtime_overhead_mb(profile)
+    latency_err, memory_err, warning = expected_errors(profile, precision, threads)
     return Cost(
         latency_ms=total_s * 1e3,
-        memory_mb=weight_mb + activation_mb + _runtime_overhead_mb(profile),
+        memory_mb=total_mb,
         macs=sum(w.macs for w in works),
         params=params,
         per_layer=rows,
@@ -198,7 +228,35 @@ def price(works: list[LayerWork], profile: Any, precision: str, params: int | No
         weight_mb=weight_mb,
         activation_mb=activation_mb,
         profile=getattr(profile, "name", ""),
+        threads=threads,
+        latency_error_pct=latency_err,
+        memory_error_pct=memory_err,
+        calibration_warning=warning,
     )
+
+
+def expected_errors(profile: Any, precision: str, threads: int) -> tuple[float | None, float | None, str]:
+    """(latency CV MAPE %, memory CV MAPE %, warning) the profile's calibration recorded for this case.
+
+    The latency figure is the held-out error at ``threads`` (``fit.<precision>`` at 1 thread,
+    ``threads_fit.<precision>`` at the calibrated count); None where the profile has none.
+    """
+    measured = profile.calibration.get("measured", {})
+    if not isinstance(measured, dict):
+        return None, None, ""
+    fits = measured.get("threads_fit" if threads > 1 else "fit", {})
+    if threads > 1 and measured.get("threads") != threads:
+        fits = {}
+    stats = fits.get(precision, {}) if isinstance(fits, dict) else {}
+    latency = stats.get("cv_mape_pct") if isinstance(stats, dict) else None
+    mem = measured.get("memory", {})
+    mem = mem.get(precision, {}) if isinstance(mem, dict) else {}
+    memory = mem.get("cv_mape_pct") if isinstance(mem, dict) else None
+    stability = measured.get("stability", {})
+    warning = ""
+    if isinstance(stability, dict) and stability.get("trustworthy") is False:
+        warning = "calibration flagged untrustworthy: " + "; ".join(stability.get("reasons", []))
+    return latency, memory, warning
 
 
 def layer_seconds(

@@ -46,7 +46,7 @@ _QDQ_FOLDING = {
 }  # fmt: skip
 _CONV_WEIGHT_SLOT = {"Conv": 1, "ConvInteger": 1, "ConvTranspose": 1, "QLinearConv": 3}
 # Ops ONNX Runtime folds into a preceding Conv/Gemm (ConvBNFusion, ConvActivationFusion, MatMulAddFusion).
-_FUSABLE_OPS = {"BatchNormalization", "Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid"}
+_FUSABLE_OPS = {"BatchNormalization", "Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish"}
 _FUSE_PRODUCERS = {"Conv", "QLinearConv", "Gemm", "MatMul"}
 # Ops that pass a constant through unchanged (for finding a weight behind DequantizeLinear etc.).
 _CONST_PASS = {"DequantizeLinear", "Cast", "Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze"}
@@ -126,6 +126,11 @@ def trace_onnx(path_or_model: Any) -> tuple[list[LayerWork], int, str]:
             and data_inputs[0] not in graph_outputs
             and len(data_inputs) == 1
         )
+        # x * Sigmoid(x) (SiLU / Swish): ORT runs the pair as one QuickGelu kernel, the Mul its epilogue
+        fused = fused or (node.op_type == "Mul" and len(data_inputs) == 2 and any(
+            (s := producer.get(a)) is not None and s.op_type == "Sigmoid" and s.input[0] == b
+            for a, b in (data_inputs, data_inputs[::-1])
+        ))  # fmt: skip
         if fused:
             fused_outputs.update(node.output)
         works.append(

@@ -58,9 +58,10 @@ class ChannelGroup:
 
 
 def dependency_graph(model: nn.Module, example_input: Any):
-    import torch_pruning as tp
+    """torch-pruning's graph; layers it cannot follow (``dg.hwkd_unprunable``) are left out of the groups."""
+    from hwkd.models.depgraph import dependency_graph as tolerant_graph
 
-    return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+    return tolerant_graph(model, example_input)
 
 
 def channel_groups(
@@ -81,9 +82,8 @@ def channel_groups(
     nbytes = BYTES_PER_VALUE[precision]
     dg = dg or dependency_graph(model, example_input)
     groups = []
-    for group in dg.get_all_groups(
-        ignored_layers=list(ignored_layers or []), root_module_types=(nn.Conv2d, nn.Conv1d, nn.Linear)
-    ):
+    ignored = [*(ignored_layers or []), *getattr(dg, "hwkd_unprunable", {})]
+    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Conv1d, nn.Linear)):
         root_item = group[0]
         n = len(root_item.idxs)
         ms = mb = 0.0

@@ -1,4 +1,5 @@
-"""Models: the built-in zoo (teacher ``resnet``, student ``mobilenetv2``, tiny ``cnn``) and loaders.
+"""Models: the built-in zoo (teacher ``resnet``, student ``mobilenetv2``, tiny ``cnn``), the registry of model
+sources (``sources``: zoo, torchvision, timm, factory, TorchScript), loaders and the DepGraph wrapper.
 
 Names are imported lazily so that ``import hwkd.models`` (and ``hwkd --help``) does not pull in torch.
 """

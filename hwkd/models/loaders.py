@@ -1,11 +1,8 @@
-"""Where models come from: the zoo, user factories (``pkg.mod:fn``), state dicts and TorchScript files.
-
-Every loaded or built model comes with a *spec*, a small JSON-able dict that says how to rebuild its
-unpruned architecture (``hwkd.artifacts.save_model`` stores it beside the pruned channel structure):
-
-- ``{"kind": "zoo", "name": "resnet", "kwargs": {"num_classes": 10, "in_channels": 1, "width": 1.0}}``
-- ``{"kind": "factory", "ref": "pkg.mod:fn", "kwargs": {}}`` (runs user code: needs ``--trust-code``)
-- ``{"kind": "torchscript", "path": "/abs/teacher.ts"}`` (usable as a teacher, not rebuildable)
+"""Loading teachers and building students from what the user names: an architecture (a zoo name,
+``torchvision:NAME``, ``timm:NAME``, ``pkg.mod:fn``) plus an optional state dict, a TorchScript file, or an
+hwkd checkpoint. Where architectures come from is ``hwkd.models.sources`` (a registry); every model comes
+with the *spec* that rebuilds its unpruned architecture (``hwkd.artifacts.save_model`` stores it beside the
+pruned channel structure).
 """
 
 from __future__ import annotations
@@ -24,9 +21,13 @@ import torch
 from torch import nn
 
 from hwkd.errors import ModelError
+from hwkd.models.depgraph import torch_pruning_errors
+from hwkd.models.sources import build_from_spec, is_factory_ref, parse_ref, spec_for
+from hwkd.models.weights import load_weights, read_state_dict, state_dict_problems, unwrap_state_dict
 from hwkd.models.zoo import DEFAULT_STUDENT, ZOO
 
-_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+__all__ = ["build_from_spec", "build_student", "find_head", "is_factory_ref", "load_teacher", "zoo_spec"]
+
 _WIDTH_RE = re.compile(r"^\s*(\d*\.?\d+)\s*[xX]?\s*$")
 _TRUST_FIX = "Loading a model from Python code runs that code; pass --trust-code if you trust {ref!r}."
 
@@ -35,19 +36,10 @@ def _zoo_list() -> str:
     return ", ".join(ZOO.names())
 
 
-def is_factory_ref(source: str) -> bool:
-    """True for ``pkg.mod:fn`` strings that are not an existing path."""
-    return bool(_FACTORY_RE.match(source)) and not Path(source).exists()
-
-
 def zoo_spec(name: str, num_classes: int, in_channels: int, width: float = 1.0) -> dict[str, Any]:
-    if name not in ZOO:
-        raise ModelError(f"Unknown model {name!r}.", f"The built-in models are: {_zoo_list()}.")
-    return {
-        "kind": "zoo",
-        "name": name,
-        "kwargs": {"num_classes": int(num_classes), "in_channels": int(in_channels), "width": float(width)},
-    }
+    from hwkd.models.sources import SOURCES
+
+    return SOURCES.get("zoo").spec(name, num_classes, in_channels, width)
 
 
 @contextlib.contextmanager
@@ -86,7 +78,7 @@ def resolve_factory(ref: str, trust_code: bool) -> Callable[..., Any]:
     return obj
 
 
-def _call_factory(ref: str, kwargs: dict[str, Any], trust_code: bool) -> nn.Module:
+def call_factory(ref: str, kwargs: dict[str, Any], trust_code: bool) -> nn.Module:
     fn = resolve_factory(ref, trust_code)
     try:
         model = fn(**kwargs)
@@ -95,26 +87,6 @@ def _call_factory(ref: str, kwargs: dict[str, Any], trust_code: bool) -> nn.Modu
     if not isinstance(model, nn.Module):
         raise ModelError(f"The model factory {ref!r} returned {type(model).__name__}, not a torch nn.Module.")
     return model
-
-
-def build_from_spec(spec: dict[str, Any], trust_code: bool = False) -> nn.Module:
-    """Rebuild the unpruned architecture a spec describes (fresh weights). See the module docstring."""
-    kind = spec.get("kind") if isinstance(spec, dict) else None
-    if kind == "zoo":
-        name = spec["name"]
-        if name not in ZOO:
-            raise ModelError(
-                f"Unknown model {name!r} in a model spec.", f"The built-in models are: {_zoo_list()}."
-            )
-        return ZOO.get(name)(**spec.get("kwargs", {}))
-    if kind == "factory":
-        return _call_factory(spec["ref"], dict(spec.get("kwargs", {})), trust_code)
-    if kind == "torchscript":
-        raise ModelError(
-            f"The TorchScript model {spec.get('path')!r} cannot be rebuilt as a trainable module.",
-            "Use a zoo model name or a module:factory for models hwkd has to train or prune.",
-        )
-    raise ModelError(f"Unknown model spec kind {kind!r}.", "Expected 'zoo', 'factory' or 'torchscript'.")
 
 
 def find_head(model: nn.Module, num_classes: int | None = None) -> nn.Module:
@@ -138,96 +110,58 @@ def find_head(model: nn.Module, num_classes: int | None = None) -> nn.Module:
     raise ModelError(f"Cannot find a classifier head (nn.Linear or nn.Conv2d) in {type(model).__name__}.")
 
 
-def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model", "model_state_dict"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-            return {k.removeprefix("module."): v for k, v in obj.items()}  # DataParallel prefixes
-    return None
-
-
-def _state_dict_problems(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
-    """Missing / unexpected keys and shape mismatches between ``state`` and ``model``."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    out = []
-    if missing:
-        out.append(
-            f"missing keys {missing[:4]}" + (f" (+{len(missing) - 4} more)" if len(missing) > 4 else "")
-        )
-    if unexpected:
-        out.append(
-            f"unexpected keys {unexpected[:4]}"
-            + (f" (+{len(unexpected) - 4} more)" if len(unexpected) > 4 else "")
-        )
-    if shapes:
-        out.append(
-            "shape mismatches "
-            + "; ".join(shapes[:3])
-            + (f" (+{len(shapes) - 3} more)" if len(shapes) > 3 else "")
-        )
-    return out
-
-
 def _matching_arches(state: dict[str, torch.Tensor], num_classes: int, in_channels: int) -> list[str]:
     """Zoo names whose default-width architecture accepts ``state`` exactly (for a helpful hint)."""
     out = []
     for name in ZOO.names():
         try:
-            if not _state_dict_problems(ZOO.get(name)(num_classes, in_channels), state):
+            if not state_dict_problems(ZOO.get(name)(num_classes, in_channels), state):
                 out.append(name)
         except Exception:  # a builder that cannot take these arguments is simply not a match
             continue
     return out
 
 
+def _torchscript_hint(path: Path) -> None:
+    if _is_torchscript(path):
+        raise ModelError(
+            f"The teacher {str(path)!r} is a TorchScript file, not a state dict.",
+            "Drop --teacher-arch to load it as TorchScript.",
+        ) from None
+
+
 def _load_state_dict_teacher(
     path: Path, arch: str, num_classes: int, in_channels: int, trust_code: bool
 ) -> tuple[nn.Module, dict[str, Any]]:
+    """Build ``arch`` (a zoo name, ``torchvision:NAME``, ``timm:NAME``, ...) and load the state dict into it."""
     from hwkd.artifacts import torch_load
 
-    spec = zoo_spec(arch, num_classes, in_channels)
+    spec = spec_for(arch, num_classes, in_channels)
     try:
         obj = torch_load(path, "teacher")
     except ModelError:
-        if _is_torchscript(path):
-            raise ModelError(
-                f"The teacher {str(path)!r} is a TorchScript file, not a state dict.",
-                "Drop --teacher-arch to load it as TorchScript.",
-            ) from None
+        _torchscript_hint(path)
         raise
     if isinstance(obj, dict) and obj.get("format") == "hwkd.model/1":
         return _load_hwkd_checkpoint(path, trust_code)
-    state = _unwrap_state_dict(obj)
+    state = unwrap_state_dict(obj)
     if state is None:
         raise ModelError(
             f"The teacher file {str(path)!r} does not hold a state dict (found {type(obj).__name__}).",
             "Save it with torch.save(model.state_dict(), PATH), or as {'state_dict': ...}.",
         )
-    model = build_from_spec(spec)
-    problems = _state_dict_problems(model, state)
-    if problems:
-        others = [a for a in _matching_arches(state, num_classes, in_channels) if a != arch]
+    model = build_from_spec(spec, trust_code)
+    hint = None
+    if spec["kind"] == "zoo" and state_dict_problems(model, state):
+        others = [a for a in _matching_arches(state, num_classes, in_channels) if a != spec["name"]]
         hint = (
             f"It matches --teacher-arch {others[0]}."
             if others
-            else f"Pass the --teacher-arch it was trained as (built-in: {_zoo_list()}) and check the number "
-            f"of classes ({num_classes}) and input channels ({in_channels}) of the data."
+            else f"Pass the --teacher-arch it was trained as (built-in: {_zoo_list()}, or torchvision:NAME / "
+            f"timm:NAME) and check the number of classes ({num_classes}) and input channels ({in_channels}) "
+            "of the data."
         )
-        raise ModelError(
-            f"The state dict {str(path)!r} does not fit the {arch!r} architecture: {'; '.join(problems)}.",
-            hint,
-        )
-    model.load_state_dict(state, strict=True)
+    load_weights(model, state, where=str(path), arch=arch, num_classes=num_classes, hint=hint)
     return model, spec
 
 
@@ -253,8 +187,14 @@ def load_teacher(
     checkpoint. Returns ``(model in eval mode, spec)``.
     """
     path = Path(source).expanduser()
+    named = parse_ref(source) if not path.exists() else None
+    if named is not None and named[0] != "factory":
+        raise ModelError(
+            f"--teacher {source!r} names an architecture, but --teacher takes the trained weights.",
+            f"Pass --teacher WEIGHTS.pt --teacher-arch {source} (hwkd never downloads pretrained weights).",
+        )
     if is_factory_ref(source):
-        model = _call_factory(source, {}, trust_code)
+        model = call_factory(source, {}, trust_code)
         return model.eval(), {"kind": "factory", "ref": source, "kwargs": {}}
     if not path.exists():
         raise ModelError(
@@ -279,18 +219,22 @@ def load_teacher(
                 f"The teacher {str(path)!r} is neither a TorchScript file nor a PyTorch weights file "
                 f"({type(jit_exc).__name__}).",
                 "Pass a TorchScript file (torch.jit.save), or a state dict with --teacher-arch NAME "
-                f"(one of {_zoo_list()}).",
+                f"(torchvision:NAME, timm:NAME or one of {_zoo_list()}).",
             ) from exc
         if isinstance(obj, dict) and obj.get("format") == "hwkd.model/1":
             model, spec = _load_hwkd_checkpoint(path, trust_code)
             return model.eval(), spec
-        state = _unwrap_state_dict(obj)
+        state = unwrap_state_dict(obj)
         matches = _matching_arches(state, num_classes, in_channels) if state is not None else []
         raise ModelError(
             f"The teacher {str(path)!r} is not a TorchScript file"
             + (" (it looks like a state dict)." if state is not None else "."),
             "If it is a state dict, pass --teacher-arch NAME "
-            + (f"(it matches {', '.join(matches)})." if matches else f"(one of {_zoo_list()}).")
+            + (
+                f"(it matches {', '.join(matches)})."
+                if matches
+                else f"(torchvision:NAME, timm:NAME or one of {_zoo_list()})."
+            )
             + " Otherwise export the model with torch.jit.save.",
         ) from jit_exc
     return model.eval(), {"kind": "torchscript", "path": str(path.resolve())}
@@ -309,14 +253,19 @@ def prune_uniform(
     num_classes: int | None = None,
     round_to: int = 8,
 ) -> nn.Module:
-    """Remove ``1 - keep`` of the channels of every prunable layer by L2 magnitude (in place); head kept."""
+    """Remove ``1 - keep`` of the channels of every prunable layer by L2 magnitude (in place); head kept.
+
+    Layers torch-pruning cannot follow (e.g. through a channel shuffle) keep their width.
+    """
     import torch_pruning as tp
+
+    from hwkd.models.depgraph import base_pruner
 
     if keep >= 1.0:
         return model
     was_training = model.training
     model.eval()  # tracing runs a forward; in train mode it would move the BatchNorm statistics
-    pruner = tp.pruner.BasePruner(
+    pruner, _skipped = base_pruner(
         model,
         example_input,
         importance=tp.importance.GroupMagnitudeImportance(p=2),
@@ -324,9 +273,25 @@ def prune_uniform(
         ignored_layers=[find_head(model, num_classes)],
         round_to=round_to,
     )
-    pruner.step()
+    with torch_pruning_errors(model, "pruning the teacher into a width-multiplier student"):
+        pruner.step()
     model.train(was_training)
     return model
+
+
+def _student_from_checkpoint(path: Path, student: str | None, num_classes: int, in_channels: int,
+                             trust_code: bool) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+    """An hwkd checkpoint as --student-weights: its own (possibly pruned) architecture, which must match."""
+    model, spec = _load_hwkd_checkpoint(path, trust_code)
+    if student is not None and parse_ref(student) is not None:
+        wanted = spec_for(student, num_classes, in_channels)
+        if (wanted.get("kind"), wanted.get("name", wanted.get("ref"))) != (spec.get("kind"), spec.get("name", spec.get("ref"))):
+            raise ModelError(
+                f"--student-weights {str(path)!r} is an hwkd checkpoint of {spec.get('kind')}:"
+                f"{spec.get('name', spec.get('ref'))}, not of --student {student!r}.",
+                "Drop --student (the checkpoint names its own architecture) or pass the matching one.",
+            )
+    return model, spec
 
 
 def build_student(
@@ -337,28 +302,43 @@ def build_student(
     in_channels: int,
     trust_code: bool,
     example_input: torch.Tensor,
+    weights: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Build the student: a zoo name (default ``mobilenetv2``), ``pkg.mod:fn``, or a width multiplier of
-    the teacher (``"0.5x"``: the same zoo arch at width x 0.5, or the teacher pruned uniformly to 50%).
+    """Build the student: an architecture (zoo name, default ``mobilenetv2``; ``torchvision:NAME``;
+    ``timm:NAME``; ``pkg.mod:fn``), or a width multiplier of the teacher (``"0.5x"``: the same zoo arch at
+    width x 0.5, or a copy of the teacher pruned uniformly to 50%). ``weights`` is a state dict (or an hwkd
+    checkpoint) to start from instead of fresh weights.
     """
-    if student is None:
-        student = DEFAULT_STUDENT
-    student = student.strip()
-    if student in ZOO:
-        spec = zoo_spec(student, num_classes, in_channels)
-        return build_from_spec(spec), spec
-    if is_factory_ref(student):
-        model = _call_factory(student, {}, trust_code)
-        return model, {"kind": "factory", "ref": student, "kwargs": {}}
-    mult = parse_width(student)
+    if weights is not None:
+        wpath = Path(weights).expanduser()
+        from hwkd.artifacts import torch_load
+
+        obj = torch_load(wpath, "student weights")
+        if isinstance(obj, dict) and obj.get("format") == "hwkd.model/1":
+            return _student_from_checkpoint(wpath, student, num_classes, in_channels, trust_code)
+    text = (student or DEFAULT_STUDENT).strip()
+    parsed = parse_ref(text)
+    if parsed is not None:
+        spec = spec_for(text, num_classes, in_channels)
+        model = build_from_spec(spec, trust_code)
+        if weights is not None:
+            load_weights(model, read_state_dict(wpath, "student weights"), where=str(wpath), arch=text,
+                         num_classes=num_classes)  # fmt: skip
+        return model, spec
+    if weights is not None:
+        raise ModelError(
+            f"--student-weights needs a named student architecture, not {text!r}.",
+            "Pass --student torchvision:NAME, timm:NAME, a built-in model or module:factory with it.",
+        )
+    mult = parse_width(text)
     if mult is None:
         raise ModelError(
-            f"Unknown student {student!r}.",
-            f"Use a built-in model ({_zoo_list()}), module:factory with --trust-code, or a width multiplier "
-            "of the teacher such as 0.5x.",
+            f"Unknown student {text!r}.",
+            f"Use torchvision:NAME, timm:NAME, a built-in model ({_zoo_list()}), module:factory with "
+            "--trust-code, or a width multiplier of the teacher such as 0.5x.",
         )
     if not 0.0 < mult <= 1.0:
-        raise ModelError(f"The student width multiplier {student!r} must be in (0, 1].", "For example 0.5x.")
+        raise ModelError(f"The student width multiplier {text!r} must be in (0, 1].", "For example 0.5x.")
     kind = teacher_spec.get("kind")
     if kind == "zoo":
         kwargs = dict(teacher_spec.get("kwargs", {}))
@@ -369,13 +349,12 @@ def build_student(
             float(kwargs.get("width", 1.0)) * mult,
         )
         return build_from_spec(spec), spec
-    if kind == "factory":
-        if isinstance(teacher, torch.jit.ScriptModule):
-            raise ModelError("A TorchScript teacher cannot be pruned into a student.")
+    if kind in ("factory", "torchvision", "timm") and not isinstance(teacher, torch.jit.ScriptModule):
         model = prune_uniform(copy.deepcopy(teacher), example_input, mult, num_classes)
         return model, copy.deepcopy(teacher_spec)
     raise ModelError(
-        f"A width-multiplier student ({student!r}) needs a teacher hwkd can rebuild, but the teacher is "
+        f"A width-multiplier student ({text!r}) needs a teacher hwkd can rebuild, but the teacher is "
         f"{'a TorchScript file' if kind == 'torchscript' else repr(kind)}.",
-        f"Name the student architecture instead: a built-in model ({_zoo_list()}) or module:factory.",
+        f"Name the student architecture instead: torchvision:NAME, timm:NAME, a built-in model ({_zoo_list()}) "
+        "or module:factory.",
     )

@@ -4,7 +4,7 @@ Every model record holds ``accuracy`` (fraction, test split), ``measured_latency
 at batch 1, on this host), ``estimated_latency_ms`` (the cost model, for the profile's device),
 ``params``, ``macs``, ``model_size_mb`` (ONNX file size), ``estimated_memory_mb`` (the cost model:
 weights plus peak live activations) and ``measured_memory_mb`` (the growth of the process's peak RSS
-while onnxruntime loaded and warmed the model on this host, see hwkd.ortbench.MEMORY_METHOD).
+while onnxruntime loaded and warmed the model on this host, see hwkd.onnx.memory.MEMORY_METHOD).
 """
 
 from __future__ import annotations

@@ -119,36 +119,56 @@ def _distill_terms(report: dict) -> list[str]:
     return out
 
 
-_QUANT_NAMES = {"fp32": "FP32 (model_fp32.onnx)", "qat": "hwkd QAT INT8", "ptq": "onnxruntime static PTQ INT8"}
+_QUANT_NAMES = {
+    "fp32": "FP32 (model_fp32.onnx)",
+    "qat": "hwkd QAT INT8",
+    "ptq": "ORT PTQ, defaults (S8S8)",
+    "ptq_u8s8": "ORT PTQ, U8S8 (docs, x86)",
+    "ptq_tuned": "ORT PTQ, hwkd-tuned",
+}
+
+
+def _executed(e: dict | None) -> str:
+    """'20 integer kernels, FP32: Conv 6, Add 3, 12 Transpose' from hwkd.onnx.check.executed_summary."""
+    if not e:
+        return "–"
+    fp = ", ".join(f"{op} {n}" for op, n in e.get("float_compute", {}).items())
+    return f"{e['integer_kernels']} integer kernels; FP32 compute: {fp or 'none'}; {e['transpose']} Transpose"
 
 
 def _quantization_section(q: dict | None) -> list[str]:
-    """FP32 vs hwkd QAT vs ORT PTQ: accuracy, measured latency, size, and which one model.onnx is."""
+    """FP32 vs hwkd QAT vs each ORT PTQ variant: accuracy, latency, size, what ORT runs, model.onnx."""
     if not q:
         return []
     lines = [
         "",
         "## INT8: hwkd QAT vs onnxruntime PTQ",
         "",
-        f"Same FP32 source (model_fp32.onnx), {q.get('calibration_images')} calibration images for PTQ. "
-        f"model.onnx is **{q['chosen']}**: {q.get('selection')}.",
+        f"Same FP32 source (model_fp32.onnx), {q.get('calibration_images')} calibration images for every PTQ "
+        f"variant. model.onnx is **{q['chosen']}**: {q.get('selection')}.",
         "",
-        "| model | accuracy (test) | accuracy (val) | agreement with FP32 | measured p50 ms (host) | size MB |",
-        "|---|---|---|---|---|---|",
+        "| model | accuracy (test) | accuracy (val) | agreement with FP32 | measured p50 ms (host) | size MB "
+        "| what ORT executes (optimized graph) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, m in q["models"].items():
         name = _QUANT_NAMES.get(label, label) + (" ← model.onnx" if label == q["chosen"] else "")
         lines.append(
             f"| {name} | {_pct(m.get('accuracy'))} | {_pct(m.get('val_accuracy'))} | "
             f"{_pct(m.get('top1_agreement_with_fp32'))} | {_ms(m.get('measured_latency_ms'))} | "
-            f"{_mb(m.get('model_size_mb'))} |"
+            f"{_mb(m.get('model_size_mb'))} | {_executed(m.get('executed')) if label != 'fp32' else '–'} |"
         )
+    recipes = [f"- {_QUANT_NAMES.get(k, k)}: {m['recipe']}" for k, m in q["models"].items() if m.get("recipe")]
+    if recipes:
+        lines += ["", "Recipes:", "", *recipes]
     par = q["models"].get("qat", {}).get("parity_vs_pytorch")
     if par:
+        clear = par.get("clear_top1_agreement", par["top1_agreement"])
         lines += [
             "",
             f"Parity, PyTorch quantized model vs ONNX INT8 on {par['samples']} test images: top-1 agreement "
-            f"**{_pct(par['top1_agreement'])}**, max |logit diff| {par['max_abs_diff']:.4g}, "
-            f"{par['disagreements']} disagreements ({par['near_tie_disagreements']} on near ties).",
+            f"**{_pct(clear)}** on the {par.get('clear_samples', par['samples'])} images with a clear answer "
+            f"({_pct(par['top1_agreement'])} on all; near tie: {par.get('near_tie_rule', 'n/a')}), max |logit diff| "
+            f"{par['max_abs_diff']:.4g}, {par['disagreements']} disagreements ({par['near_tie_disagreements']} on near ties).",
         ]
     return lines

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hwkd import ortbench
 from hwkd.config import BenchConfig
 from hwkd.errors import StageError
+from hwkd.onnx import bench as ortbench
 from hwkd.pipeline import PipelineState, RunContext, StageResult
 
 BATCH = 1

@@ -18,6 +18,7 @@ from hwkd.errors import ConfigError
 from hwkd.hardware.cost import estimate
 from hwkd.hardware.penalty import BudgetPenalty, channel_groups, dependency_graph
 from hwkd.kd.losses import make_kd_loss
+from hwkd.models.depgraph import base_pruner, torch_pruning_errors, unprunable_layers
 from hwkd.models.loaders import find_head
 from hwkd.pipeline import PipelineState, RunContext, StageResult
 from hwkd.registry import Registry
@@ -59,11 +60,20 @@ def run(state: PipelineState, cfg: PruneConfig, ctx: RunContext) -> tuple[Pipeli
     kd = state.kd or make_kd_loss("hinton", 4.0, 0.7)
     loss_fn = distill_loss_fn(kd, state.teachers, state.teacher_weights)
     before = out_channels(model)
-    if cfg.mode == "ratio":
-        history = _prune_by_ratio(model, state, cfg, ctx, loss_fn, round_to)
-        extra = {"ratio": cfg.ratio}
-    else:
-        history, extra = _prune_to_budget(model, state, cfg, ctx, loss_fn, round_to)
+    # Layers torch-pruning cannot follow (e.g. through a channel shuffle) stay as they are; said in the report.
+    unpruned = unprunable_layers(model, state.example_input)
+    if unpruned:
+        ctx.log.warning(
+            "prune: %d layers stay unpruned because %s: %s", len(unpruned), next(iter(unpruned.values())),
+            ", ".join(list(unpruned)[:8]) + (" ..." if len(unpruned) > 8 else ""),
+        )  # fmt: skip
+    with torch_pruning_errors(model, "pruning"):
+        if cfg.mode == "ratio":
+            history = _prune_by_ratio(model, state, cfg, ctx, loss_fn, round_to)
+            extra = {"ratio": cfg.ratio}
+        else:
+            history, extra = _prune_to_budget(model, state, cfg, ctx, loss_fn, round_to)
+    extra["unpruned_layers"] = unpruned
     model.eval()
     after = out_channels(model)
     with torch.no_grad():
@@ -114,7 +124,7 @@ def _recover(model, state, cfg, ctx, loss_fn, step: int, label: str) -> list[dic
 def _prune_by_ratio(model, state, cfg, ctx, loss_fn, round_to) -> list[dict]:
     """The fixed-ratio path: the same fraction of channels in ``steps`` steps, whatever the device."""
     example = state.example_input
-    pruner = tp.pruner.BasePruner(
+    pruner, _unpruned = base_pruner(
         model,
         example,
         importance=IMPORTANCE.get(cfg.importance)(),

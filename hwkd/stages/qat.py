@@ -1,12 +1,15 @@
 """Stage 3: quantization-aware distillation. INT8 fake-quant training (torchao PT2E) of the student,
 with the FP32 student itself as the teacher, so INT8 learns to mimic the model it replaces.
 
-Recipe: weights per-channel symmetric, activations per-tensor (the quantizer's defaults). BatchNorm is
-folded into the convolutions before fake-quant is inserted (the student is already trained, so its BN
-statistics are final); this is also what the deployed graph computes, and it spares torchao's conv-BN
-pattern rewrite, which costs ~25 s per model. Observers are frozen for the last part of training so the
-final epochs fine-tune against fixed quantization grids. Models that torch.fx cannot trace keep their BN
-and go through torchao's own QAT conv-BN handling (slower, same result), with BN frozen late in training.
+Recipe (hwkd.onnx.quantizer): uint8 per-tensor activations, int8 per-channel symmetric weights, Q/DQ
+where onnxruntime's CPU EP fuses them into integer kernels (every conv, linear, add, mul, sigmoid).
+BatchNorm is folded into the convolutions before fake-quant is inserted (the student is already
+trained, so its BN statistics are final); this is also what the deployed graph computes, and it spares
+torchao's conv-BN pattern rewrite, which costs ~25 s per model. Observers are frozen for the last part
+of training so the final epochs fine-tune against fixed quantization grids. Models that torch.fx cannot
+trace keep their BN and go through torchao's own QAT conv-BN handling (slower, same result), with BN
+frozen late in training. If the quantizer cannot handle the student, the run goes on with onnxruntime's
+static PTQ as the INT8 model, and says so.
 """
 
 from __future__ import annotations
@@ -25,114 +28,28 @@ from hwkd.registry import Registry
 from hwkd.train import Modes, distill_loss_fn, fit, split_accuracy
 
 QUANTIZERS: Registry = Registry("quantizer")
+# Both CPU families get the same ORT-shaped recipe (hwkd.onnx.quantizer): uint8 activations, int8
+# per-channel weights. The family is recorded; the recipe does not depend on it (see
+# docs/decisions-issue11.md: torchao's inductor quantizers annotate for torch.compile, not for ORT).
+QUANTIZERS.register("x86")(lambda reduce_range=False: _ort_quantizer("x86", reduce_range))
+QUANTIZERS.register("arm")(lambda reduce_range=False: _ort_quantizer("arm", reduce_range))
 
 
-@QUANTIZERS.register("x86")
-def _x86_quantizer():
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer,
-        get_default_x86_inductor_quantization_config,
-    )
+def _ort_quantizer(family: str, reduce_range: bool):
+    from hwkd.onnx.quantizer import OrtQuantizer
 
-    quantizer = X86InductorQuantizer()
-    quantizer.set_global(get_default_x86_inductor_quantization_config(is_qat=True))
-    return quantizer
-
-
-@QUANTIZERS.register("arm")
-def _arm_quantizer():
-    from torchao.quantization.pt2e.quantizer.arm_inductor_quantizer import (
-        ArmInductorQuantizer,
-        get_default_arm_inductor_quantization_config,
-    )
-
-    quantizer = ArmInductorQuantizer()
-    quantizer.set_global(get_default_arm_inductor_quantization_config(is_qat=True))
-    return quantizer
-
-
-_ACTIVATIONS = ("relu", "relu_", "hardtanh", "hardtanh_", "relu6")
-
-
-def _op_name(node) -> str:
-    target = getattr(node, "target", None)
-    name = getattr(target, "__name__", str(target))  # aten.conv2d.default -> "conv2d.default"
-    return name.split(".")[0]
-
-
-class OrtQuantizer:
-    """The family's inductor quantizer, plus the Q/DQ placement ONNX Runtime needs for integer kernels.
-
-    The inductor quantizers annotate for torch.compile, which fuses a conv with a following residual
-    add in FP32: they leave a conv's output unquantized when it feeds an add (and the last conv before
-    pooling), so the exported ONNX graph has ``DQ -> Conv -> Add`` that ORT can only run as an FP32
-    FusedConv, with Transpose/Q/DQ around it. ORT's QDQ fusions want ``DQ -> op -> Q`` around every
-    conv (activation included) and add, as its own static quantizer writes them. This wrapper keeps the
-    family's recipe (per-channel symmetric weights, its activation dtype) and adds an output
-    quantization spec to every conv or linear pattern (the op, or op -> ReLU/ReLU6) and to every add.
-    """
-
-    def __init__(self, base, act_qspec):
-        self.base = base
-        self.act_qspec = act_qspec
-
-    def transform_for_annotation(self, model):
-        return self.base.transform_for_annotation(model)
-
-    def validate(self, model) -> None:
-        self.base.validate(model)
-
-    def prepare_obs_or_fq_callback(self, model, edge_or_node_to_obs_or_fq) -> None:
-        self.base.prepare_obs_or_fq_callback(model, edge_or_node_to_obs_or_fq)
-
-    def annotate(self, model):
-        from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
-
-        model = self.base.annotate(model)
-        key = "quantization_annotation"
-
-        def pattern_end(node):
-            users = list(node.users)
-            if len(users) == 1 and _op_name(users[0]) in _ACTIVATIONS:
-                return users[0]
-            return node
-
-        def quantize_output(node) -> None:
-            ann = node.meta.get(key)
-            if ann is None:
-                node.meta[key] = QuantizationAnnotation(output_qspec=self.act_qspec, _annotated=True)
-            elif ann.output_qspec is None:
-                ann.output_qspec = self.act_qspec
-                ann._annotated = True
-
-        for node in list(model.graph.nodes):
-            if node.op != "call_function":
-                continue
-            name = _op_name(node)
-            if name in ("conv2d", "linear"):
-                quantize_output(pattern_end(node))
-            elif name in ("add", "add_"):
-                ann = node.meta.get(key)
-                if ann is None:
-                    ann = node.meta[key] = QuantizationAnnotation(_annotated=True)
-                for arg in node.args[:2]:
-                    if isinstance(arg, torch.fx.Node) and ann.input_qspec_map.get(arg) is None:
-                        ann.input_qspec_map[arg] = self.act_qspec
-                ann._annotated = True
-                end = pattern_end(node)
-                quantize_output(end)
-        return model
+    return OrtQuantizer(family, reduce_range)
 
 
 def host_needs_reduce_range() -> bool:
     """True on x86 hosts without VNNI, where ORT's u8s8 kernels (VPMADDUBSW) saturate 8-bit weights."""
     import platform
 
-    from hwkd.ortbench import _cpu_flags
+    from hwkd.onnx.host import cpu_flags
 
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return False
-    flags = set(_cpu_flags())
+    flags = set(cpu_flags())
     return not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
 
 
@@ -143,40 +60,14 @@ def reduce_range(cfg: QatConfig) -> bool:
     return host_needs_reduce_range() if cfg.reduce_range == "auto" else cfg.reduce_range == "on"
 
 
-def make_quantizer(family: str, is_qat: bool = True, reduce_range: bool = False):
-    """The quantizer hwkd uses: the family's inductor recipe with ORT-friendly output quantization.
+def make_quantizer(family: str, reduce_range: bool = False):
+    """The quantizer hwkd uses for ``family``: Q/DQ where ORT fuses them (hwkd.onnx.quantizer).
 
-    Weights are per-channel symmetric INT8 on every family: torchao's ARM QAT recipe quantizes them
-    per tensor ("only per tensor for now"), while a conv's output channels differ in range by orders of
-    magnitude after BN folding and ORT's QLinearConv takes per-channel scales. ``reduce_range`` uses 7
-    bits: onnxruntime recommends it for U8S8 on AVX2/AVX512 without VNNI, where 8-bit weights saturate
-    the int16 pair sums of VPMADDUBSW and ORT's result drifts from the Q/DQ reference (measured here:
-    top-1 agreement 0.91, max |logit diff| 1.7 with 8-bit weights on the default student).
+    Weights are per-channel symmetric INT8 and activations uint8 on every family. ``reduce_range``
+    uses 7-bit weights: onnxruntime recommends it for U8S8 on x86 without VNNI, where 8-bit weights
+    saturate the int16 pair sums of VPMADDUBSW and ORT's result drifts from the Q/DQ reference.
     """
-    base = QUANTIZERS.get(family)()
-    config = base.global_config
-    if config is None:
-        return base
-    base.set_global(_with_per_channel_weights(config, reduce_range))
-    return OrtQuantizer(base, base.global_config.input_activation)
-
-
-def _with_per_channel_weights(config, reduce_range: bool = False):
-    from torchao.quantization.pt2e import FusedMovingAvgObsFakeQuantize, MovingAveragePerChannelMinMaxObserver
-    from torchao.quantization.pt2e.quantizer import QuantizationSpec
-
-    weight = QuantizationSpec(
-        dtype=torch.int8,
-        quant_min=-64 if reduce_range else -128,
-        quant_max=63 if reduce_range else 127,
-        qscheme=torch.per_channel_symmetric,
-        ch_axis=0,  # output channels of conv (oc, ic, kh, kw) and linear (out, in) weights
-        is_dynamic=False,
-        observer_or_fake_quant_ctr=FusedMovingAvgObsFakeQuantize.with_args(
-            observer=MovingAveragePerChannelMinMaxObserver, eps=2**-12
-        ),
-    )
-    return dataclasses.replace(config, weight=weight)
+    return QUANTIZERS.get(family)(reduce_range=reduce_range)
 
 
 QUANT_METHODS = ("qat", "ptq", "auto")
@@ -227,7 +118,17 @@ def prepare_qat(model: torch.nn.Module, example: torch.Tensor, family: str, redu
             f"{str(exc).splitlines()[0][:200]}).",
             "The student must be export-traceable (no data-dependent Python control flow).",
         ) from exc
-    return prepare_qat_pt2e(graph, make_quantizer(family, reduce_range=reduce_range)), folded
+    try:
+        prepared = prepare_qat_pt2e(graph, make_quantizer(family, reduce_range=reduce_range))
+    except StageError:
+        raise
+    except Exception as exc:  # torchao's prepare failed on this graph: say so, no traceback
+        raise StageError(
+            f"qat: torchao could not insert fake-quant into the student ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}).",
+            "Use --quant ptq (onnxruntime static PTQ of the FP32 model) or --precision fp32.",
+        ) from exc
+    return prepared, folded
 
 
 def convert(prepared):
@@ -256,7 +157,18 @@ def run(state: PipelineState, cfg: QatConfig, ctx: RunContext) -> tuple[Pipeline
     family = quantizer_family(cfg, state.profile)
     fp32 = copy.deepcopy(state.student).eval()
     seven_bit = reduce_range(cfg)
-    prepared, bn_folded = prepare_qat(state.student, state.dataset.example_input(2), family, seven_bit)
+    try:
+        prepared, bn_folded = prepare_qat(state.student, state.dataset.example_input(2), family, seven_bit)
+    except StageError as exc:
+        # Handled, not refused: the FP32 model still exports and onnxruntime's PTQ quantizes it; the
+        # qat metrics and the report's INT8 selection say so.
+        ctx.log.warning("qat: %s Falling back to onnxruntime static PTQ.", exc.args[0] if exc.args else exc)
+        result = StageResult("qat", metrics={
+            "method": "ptq", "precision": "int8", "trained": False,
+            "fallback": f"hwkd's quantizer failed on this student; model.onnx is onnxruntime static PTQ. "
+                        f"{exc.args[0] if exc.args else exc}",
+        })
+        return dataclasses.replace(state, quantized=None, quant_method="ptq", reduce_range=seven_bit), result
 
     bn_frozen = {"on": False}
 
@@ -291,7 +203,14 @@ def run(state: PipelineState, cfg: QatConfig, ctx: RunContext) -> tuple[Pipeline
         amp=ctx.amp,
         modules=[fp32],
     )
-    converted = convert(prepared)
+    try:
+        converted = convert(prepared)
+    except Exception as exc:  # torchao's convert on a graph it prepared: its bug, explained
+        raise StageError(
+            f"qat: torchao could not convert the fake-quant student to INT8 ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}).",
+            "Use --quant ptq (onnxruntime static PTQ of the FP32 model) or --precision fp32.",
+        ) from exc
     ds = state.dataset
     metrics = {
         "accuracy": split_accuracy(converted, ds, "test", Modes(eval=move_exported_model_to_eval)),

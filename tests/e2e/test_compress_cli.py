@@ -104,7 +104,8 @@ def test_separate_script_scores_from_metadata_alone(tiny_run):
     from sklearn.datasets import load_digits
 
     from hwkd.data.dataset import Preprocessing
-    from hwkd.onnx_export import onnx_predict, read_metadata
+    from hwkd.onnx.check import onnx_predict
+    from hwkd.onnx.export import read_metadata
 
     out, _, _ = tiny_run
     proc = subprocess.run(
@@ -209,12 +210,18 @@ def test_int8_run_reports_fp32_qat_and_ptq_side_by_side(tiny_run):
     report = json.loads((out / "report.json").read_text())
     q = report["quantization"]
     assert q["method"] == "qat" and q["chosen"] == "qat"
-    assert set(q["models"]) == {"fp32", "qat", "ptq"}
+    assert set(q["models"]) == {"fp32", "qat", "ptq", "ptq_u8s8", "ptq_tuned"}
     for m in q["models"].values():
         assert 0.0 <= m["accuracy"] <= 1.0 and m["measured_latency_ms"] > 0 and m["model_size_mb"] > 0
     assert q["models"]["qat"]["parity_vs_pytorch"]["top1_agreement"] >= 0.9
-    assert (out / "model_ptq.onnx").is_file()
-    assert "hwkd QAT vs onnxruntime PTQ" in (out / "report.md").read_text()
+    # every INT8 model's executed graph is in the report; hwkd's has no FP32 conv/add island
+    for label in ("qat", "ptq", "ptq_u8s8", "ptq_tuned"):
+        assert q["models"][label]["executed"]["integer_kernels"] > 0
+    assert q["models"]["qat"]["executed"]["float_compute"] == {}
+    assert "hwkd-tuned" in q["models"]["ptq_tuned"]["recipe"]
+    assert all((out / f"model_{label}.onnx").is_file() for label in ("ptq", "ptq_u8s8", "ptq_tuned"))
+    md = (out / "report.md").read_text()
+    assert "hwkd QAT vs onnxruntime PTQ" in md and "FP32 compute: none" in md
 
 
 @pytest.mark.parametrize("method", ["ptq", "auto"])
@@ -228,14 +235,17 @@ def test_quant_modes_choose_the_final_model(tiny_run, tmp_path, method):
     assert proc.returncode == 0, proc.stderr[-2000:]
     q = json.loads(proc.stdout)["quantization"]
     assert q["method"] == method
+    ptqs = ("ptq", "ptq_u8s8", "ptq_tuned")
     if method == "ptq":
-        assert q["chosen"] == "ptq" and set(q["models"]) == {"fp32", "ptq"}
+        assert q["chosen"] in ptqs and set(q["models"]) == {"fp32", *ptqs}
+        best = max(q["models"][k]["val_accuracy"] for k in ptqs)
+        assert q["models"][q["chosen"]]["val_accuracy"] == best
         assert not (out / "model_qat.onnx").exists()
     else:
-        val = {k: q["models"][k]["val_accuracy"] for k in ("qat", "ptq")}
-        assert q["chosen"] == ("ptq" if val["ptq"] > val["qat"] else "qat")
-        other = "ptq" if q["chosen"] == "qat" else "qat"
-        assert (out / f"model_{other}.onnx").is_file()
+        val = {k: q["models"][k]["val_accuracy"] for k in ("qat", *ptqs)}
+        assert val[q["chosen"]] == max(val.values())  # auto chooses among all INT8 models
+        for other in set(val) - {q["chosen"]}:
+            assert (out / f"model_{other}.onnx").is_file()
     assert onnx.load(out / "model.onnx").metadata_props
 
 

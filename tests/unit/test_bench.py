@@ -9,9 +9,11 @@ import pytest
 from onnx_graphs import detector, fixed_cnn, text_classifier
 from typer.testing import CliRunner
 
-from hwkd import api, ortbench, ortinputs
+from hwkd import api
 from hwkd.cli import app
 from hwkd.errors import ConfigError
+from hwkd.onnx import bench as ortbench
+from hwkd.onnx import inputs as ortinputs
 
 runner = CliRunner()
 FAST = ["--warmup", "2", "--iterations", "12", "--rounds", "3", "--threads", "1"]
@@ -182,3 +184,35 @@ def test_input_file_feeds_real_data(graphs, tmp_path):
 def test_missing_model_is_exit_2(tmp_path):
     code, _, err = invoke("bench", tmp_path / "nope.onnx")
     assert code == 2 and "nope.onnx" in err
+
+
+def _anonymous_dims_model(path, dim_param):
+    """Like PP-OCR's text classifier: input x [?, 3, ?, ?] (the same anonymous dim_param on N, H, W)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [dim_param, 3, dim_param, dim_param])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [dim_param, 3])
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["y"], axes=[2, 3], keepdims=0)], "cls", [x], [y]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("dim_param", ["?", ""])
+def test_anonymous_dims_are_not_one_shared_symbol(tmp_path, dim_param):
+    path = _anonymous_dims_model(tmp_path / "cls.onnx", dim_param)
+    session, _ = ortbench.make_session(path, ["CPUExecutionProvider"], 1)
+    specs = ortinputs.input_specs(session)
+    assert specs[0].dims == (None, 3, None, None)
+    # H=48 and W=192 differ: two anonymous dims, not one symbol "?"
+    assert ortinputs.resolve_shapes(specs, None, {"x": (1, 3, 48, 192)}) == {"x": (1, 3, 48, 192)}
+    with pytest.raises(ConfigError) as err:
+        ortinputs.resolve_shapes(specs, None, {})
+    assert "--shape x=1,3,<dim2>,<dim3>" in str(err.value) and "<?>" not in str(err.value)
+    assert "named dimension" not in str(err.value)  # there is no name to set
+    rec = api.benchmark([path], shapes={"x": (1, 3, 48, 192)}, batches=[2], warmup=1, iterations=3, rounds=1, threads=1)
+    assert rec["results"][0]["shapes"] == {"x": [2, 3, 48, 192]}

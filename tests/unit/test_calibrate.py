@@ -107,13 +107,23 @@ def test_calibrate_cli_writes_a_profile_that_loads(tmp_path):
         assert all(v >= 0 for v in table.values())
     assert cal["kernel_model"]["fp32"]["channel_tile"] in (8, 16, 32)
     assert prof.runtime.channel_multiple == max(t["channel_tile"] for t in cal["kernel_model"].values())
-    assert cal["measured"]["fit_networks"] == 6 and cal["measured"]["threads"] == 1
+    assert cal["measured"]["fit_networks"] == 8 and cal["measured"]["threads"] == 1
     assert set(cal["measured"]["fit"]) == {"fp32", "int8"}
     assert load_profile(out) == prof and dump_profile_toml(prof)  # round-trips
     # the profile prices any ONNX graph
     path = tmp_path / "m.onnx"
     onnx.save(random_network(np.random.default_rng(3)), path)
     assert estimate_onnx(path, prof).latency_ms > 0
+    stability = cal["measured"]["stability"]
+    assert len(stability["probes_ms"]) == 3 and stability["spread_pct"] >= 0  # start, middle, end
+    # the estimate shows its thread count and the profile's held-out error beside each figure
+    shown = subprocess.run(
+        [sys.executable, "-m", "hwkd", "estimate", str(path), "--profile", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "(1 thread; held-out error ±" in shown.stdout
+    assert f"{cal['measured']['fit']['fp32']['cv_mape_pct']:.1f}% MAPE" in shown.stdout
     # refuses to overwrite without --overwrite
     again = subprocess.run(
         [sys.executable, "-m", "hwkd", "profiles", "calibrate", "--out", str(out), "--quick"],

@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from hwkd import onnx_export as ox
 from hwkd.config import ExportConfig
 from hwkd.errors import StageError
+from hwkd.onnx import check
+from hwkd.onnx import export as ox
 from hwkd.pipeline import PipelineState, RunContext
 from hwkd.stages import export as export_stage
 
@@ -93,31 +94,16 @@ def _negated(model: nn.Module) -> nn.Module:
 
 
 def _int8(model: nn.Module):
-    """A torchao PT2E-converted INT8 GraphModule (X86 quantizer, calibration only: fast in tests).
+    """A torchao PT2E-converted INT8 GraphModule from hwkd's quantizer (BN folded, observers fed a few
+    batches instead of QAT training: fast in tests, the same Q/DQ form as the qat stage)."""
+    from hwkd.stages import qat
 
-    The qat stage uses prepare_qat_pt2e; its converted graph has the same Q/DQ form, but folding
-    conv-BN in QAT convert costs ~30 s of pattern tracing, too slow for a unit test.
-    """
-    from torchao.quantization.pt2e import move_exported_model_to_eval
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer,
-        get_default_x86_inductor_quantization_config,
-    )
-
-    x = torch.randn(4, 1, 16, 16)
-    dyn = ({0: torch.export.Dim("batch", min=1, max=1024)},)
-    gm = torch.export.export(model.eval(), (x,), dynamic_shapes=dyn).module()
-    quantizer = X86InductorQuantizer()
-    quantizer.set_global(get_default_x86_inductor_quantization_config(is_qat=False))
-    prepared = prepare_pt2e(gm, quantizer)
+    prepared, _ = qat.prepare_qat(model.eval(), torch.randn(4, 1, 16, 16), "x86")
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _ in range(4):
             prepared(torch.randn(32, 1, 16, 16, generator=g))
-    converted = convert_pt2e(prepared)
-    move_exported_model_to_eval(converted)
-    return converted
+    return qat.convert(prepared)
 
 
 @pytest.fixture(scope="module")
@@ -177,13 +163,13 @@ def test_fp32_export_has_named_io_and_dynamic_batch(fp32):
     assert [o.name for o in graph.output] == ["logits"]
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     for batch in (1, 5):
-        logits = ox.onnx_predict(path, np.random.default_rng(0).standard_normal((batch, 1, 16, 16)))
+        logits = check.onnx_predict(path, np.random.default_rng(0).standard_normal((batch, 1, 16, 16)))
         assert logits.shape == (batch, 4)
 
 
 def test_fp32_parity_is_exact(fp32, ds):
     model, path = fp32
-    par = ox.parity(model, path, _x(ds))
+    par = check.parity(model, path, _x(ds))
     assert par["top1_agreement"] == 1.0 and par["disagreements"] == 0
     assert par["max_abs_diff"] < 1e-4
     assert par["samples"] == ds.split_size("test")
@@ -193,19 +179,19 @@ def test_accuracy_matches_pytorch(fp32, ds):
     model, path = fp32
     with torch.no_grad():
         expected = (model(_x(ds)).argmax(1) == ds.targets("test")).float().mean().item()
-    assert ox.accuracy(path, ds.eval_batches("test")) == pytest.approx(expected)
+    assert check.accuracy(path, ds.eval_batches("test")) == pytest.approx(expected)
 
 
 def test_predict_batches_large_inputs(fp32, ds):
     _, path = fp32
-    whole = ox.onnx_predict(path, _x(ds), batch_size=1000)
-    chunked = ox.onnx_predict(path, _x(ds), batch_size=7)
+    whole = check.onnx_predict(path, _x(ds), batch_size=1000)
+    chunked = check.onnx_predict(path, _x(ds), batch_size=7)
     np.testing.assert_allclose(whole, chunked, atol=1e-5)
 
 
 def test_fp32_graph_has_no_quant_nodes_and_size_is_reported(fp32):
     _, path = fp32
-    counts = ox.count_quant_nodes(path)
+    counts = check.count_quant_nodes(path)
     assert counts["QuantizeLinear"] == counts["DequantizeLinear"] == counts["integer_ops"] == 0
     assert counts["total_nodes"] > 0
     assert ox.model_size_mb(path) == pytest.approx(path.stat().st_size / 2**20)
@@ -213,17 +199,17 @@ def test_fp32_graph_has_no_quant_nodes_and_size_is_reported(fp32):
 
 def test_int8_export_has_qdq_and_ort_runs_integer_conv(int8, ds):
     quantized, path = int8
-    counts = ox.count_quant_nodes(path)
+    counts = check.count_quant_nodes(path)
     assert counts["QuantizeLinear"] > 0 and counts["DequantizeLinear"] > 0
-    executed = ox.ort_executed_ops(path)
+    executed = check.ort_executed_ops(path)
     assert executed["QLinearConv"] >= 1
-    assert ox.parity(quantized, path, _x(ds))["top1_agreement"] >= 0.95
+    assert check.parity(quantized, path, _x(ds))["top1_agreement"] >= 0.95
     assert json.loads(ox.read_metadata(path)["hwkd.labels"]) == LABELS
 
 
 def test_parity_detects_a_different_model(fp32, ds):
     model, path = fp32
-    par = ox.parity(_negated(model), path, _x(ds))
+    par = check.parity(_negated(model), path, _x(ds))
     assert par["top1_agreement"] < 0.95
     assert par["max_abs_diff"] > 1e-2
     assert par["disagreements"] == round((1 - par["top1_agreement"]) * par["samples"]) > 0
@@ -293,11 +279,14 @@ def test_export_stage_with_int8_model(tmp_path, ds, int8):
         "int8": tmp_path / "model.onnx",
         "qat": tmp_path / "model.onnx",
         "ptq": tmp_path / "model_ptq.onnx",
+        "ptq_u8s8": tmp_path / "model_ptq_u8s8.onnx",
+        "ptq_tuned": tmp_path / "model_ptq_tuned.onnx",
     }
     assert m["quantization"]["chosen"] == "qat"
-    assert set(m["quantization"]["models"]) == {"fp32", "qat", "ptq"}
-    assert ox.count_quant_nodes(tmp_path / "model_ptq.onnx")["QuantizeLinear"] > 0
-    assert ox.count_quant_nodes(tmp_path / "model.onnx")["QuantizeLinear"] > 0
+    assert set(m["quantization"]["models"]) == {"fp32", "qat", "ptq", "ptq_u8s8", "ptq_tuned"}
+    assert m["executed"]["float_compute"] == {} and m["executed"]["integer_kernels"] > 0
+    assert check.count_quant_nodes(tmp_path / "model_ptq.onnx")["QuantizeLinear"] > 0
+    assert check.count_quant_nodes(tmp_path / "model.onnx")["QuantizeLinear"] > 0
     json.dumps(result.to_dict())  # the pipeline writes it as JSON
 
 
@@ -316,6 +305,27 @@ def test_export_stage_rejects_broken_parity(tmp_path, ds, monkeypatch):
         export_stage.run(_state(ds, student, quantized=student), ExportConfig(), ctx)
     msg = str(err.value)
     assert "fp32: top-1 agreement 1.0000" in msg and "int8: top-1 agreement 0." in msg
-    assert "0.9800" in msg
+    assert "images with a clear answer" in msg and "0.9900" in msg
     assert not (tmp_path / "model.onnx").exists() and not (tmp_path / "model_fp32.onnx").exists()
     assert (tmp_path / "stages" / "export" / "model_qat.onnx").exists()  # kept for inspection
+
+
+def test_a_quantizer_failure_falls_back_to_ort_ptq_and_says_so(tmp_path, ds, monkeypatch):
+    """hwkd's quantizer failing on a student is handled: the run ships ORT's PTQ, and the qat metrics
+    and the INT8 selection say why (issue 10: prefer handling over refusing, never a traceback)."""
+    from hwkd.config import QatConfig
+    from hwkd.stages import qat
+
+    def refuse(*args, **kwargs):
+        raise StageError("qat: hwkd's INT8 quantizer could not annotate the student's graph (ValueError: x).")
+
+    monkeypatch.setattr(qat, "prepare_qat", refuse)
+    student = _trained_like(TinyNet())
+    ctx = RunContext(run_dir=tmp_path)
+    state, result = qat.run(_state(ds, student), QatConfig(quantizer="x86"), ctx)
+    assert state.quantized is None and state.quant_method == "ptq"
+    assert "could not annotate" in result.metrics["fallback"] and result.metrics["method"] == "ptq"
+    state, result = export_stage.run(state, ExportConfig(), ctx)
+    q = result.metrics["quantization"]
+    assert q["chosen"] in ("ptq", "ptq_u8s8", "ptq_tuned") and "qat" not in q["models"]
+    assert (tmp_path / "model.onnx").is_file()

@@ -12,9 +12,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from hwkd import ortbench
 from hwkd.config import BenchConfig
 from hwkd.errors import StageError
+from hwkd.onnx import bench as ortbench
 from hwkd.pipeline import PipelineState, Progress, RunContext
 from hwkd.stages import bench as bench_stage
 

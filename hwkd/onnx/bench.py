@@ -11,9 +11,6 @@ slower than ``run`` on onnxruntime 1.32 here, so it is not used; see benchmarks/
 from __future__ import annotations
 
 import gc
-import os
-import platform
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -23,28 +20,16 @@ from typing import Any
 import numpy as np
 
 from hwkd.errors import ConfigError, StageError
+from hwkd.onnx.host import (  # noqa: F401 - part of the timing API callers use
+    CPU_EP,
+    effective_threads,
+    host_info,
+    missing_providers,
+    provider_name,
+    resolve_providers,
+)
+from hwkd.onnx.memory import MEMORY_METHOD, _memory_growth, _memory_kb, isolated_memory  # noqa: F401
 
-CPU_EP = "CPUExecutionProvider"
-
-# Short names a profile may use for execution providers.
-_EP_ALIASES = {
-    "cpu": CPU_EP,
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "trt": "TensorrtExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "xnnpack": "XnnpackExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "nnapi": "NnapiExecutionProvider",
-    "qnn": "QNNExecutionProvider",
-    "dnnl": "DnnlExecutionProvider",
-    "acl": "ACLExecutionProvider",
-    "armnn": "ArmNNExecutionProvider",
-    "rocm": "ROCMExecutionProvider",
-    "migraphx": "MIGraphXExecutionProvider",
-    "directml": "DmlExecutionProvider",
-    "dml": "DmlExecutionProvider",
-}
 
 @dataclass(frozen=True)
 class LatencyStats:
@@ -91,58 +76,6 @@ class LatencyStats:
             **info,
         )
 
-
-def provider_name(name: str) -> str:
-    """The ORT name of an execution provider given by its ORT name or a short alias ("cuda")."""
-    return _EP_ALIASES.get(name.lower().removesuffix("executionprovider"), name)
-
-
-def missing_providers(requested: Sequence[str], available: Sequence[str] | None = None) -> list[str]:
-    """Requested EPs this onnxruntime build lacks (they fall back to the CPU EP)."""
-    if available is None:
-        import onnxruntime as ort
-
-        available = ort.get_available_providers()
-    return [name for name in requested if provider_name(name) not in available]
-
-
-def resolve_providers(requested: Sequence[str], available: Sequence[str] | None = None) -> list[str]:
-    """Requested EPs (ORT names or short aliases) that this onnxruntime has, in order; CPU always last.
-
-    Example: ``resolve_providers(["tensorrt", "cuda"], ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]``
-    """
-    if available is None:
-        import onnxruntime as ort
-
-        available = ort.get_available_providers()
-    out: list[str] = []
-    for name in requested:
-        full = provider_name(name)
-        if full in available and full not in out:
-            out.append(full)
-    if CPU_EP in out:
-        out.remove(CPU_EP)
-    out.append(CPU_EP)
-    return out
-
-
-def effective_threads(threads: int) -> int:
-    """Threads to give ORT: the profile's count, capped at the cores this process may use.
-
-    A device profile may say 6 threads; on a 2-core host that would oversubscribe and time noise.
-    0 or less means all usable cores.
-    """
-    usable = _usable_cores()
-    if threads <= 0:
-        return usable
-    return min(threads, usable)
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def make_session(path: str | Path, providers: Sequence[str], threads: int) -> tuple[Any, list[str]]:
@@ -209,83 +142,6 @@ def _time_for(run: Callable[..., Any], out_names: list[str] | None, feed: dict[s
         if t1 >= deadline:
             return times
 
-
-def _memory_kb() -> tuple[int, int] | None:
-    """(VmRSS, VmHWM) of this process in KiB, from /proc; None where there is no /proc."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            text = fh.read()
-        rss = re.search(r"VmRSS:\s+(\d+)", text)
-        hwm = re.search(r"VmHWM:\s+(\d+)", text)
-        return (int(rss.group(1)), int(hwm.group(1))) if rss and hwm else None
-    except OSError:
-        return None
-
-
-MEMORY_METHOD = {
-    "peak": "growth of the process peak RSS (VmHWM) over loading the session and its warm-up runs",
-    "isolated": "peak RSS (VmHWM) growth of a fresh process over loading the session and its warm-up runs",
-    "resident": "growth of the process RSS over loading the session and its warm-up runs (a lower bound: "
-    "the process peak was set earlier)",
-}
-
-
-def _memory_growth(before: tuple[int, int] | None, after: tuple[int, int] | None) -> dict[str, Any]:
-    """Memory a model took, measured without resetting the process peak (``/usr/bin/time`` reads it).
-
-    When the peak rose while this model loaded and warmed up, the rise over the RSS before is exact;
-    otherwise the resident growth is reported and labelled a lower bound.
-    """
-    if before is None or after is None:
-        return {"peak_mb": None, "method": "not measured (no /proc/self/status on this OS)"}
-    if after[1] > before[1]:
-        return {"peak_mb": round((after[1] - before[0]) / 1024, 2), "method": "peak"}
-    return {"peak_mb": round(max(0, after[0] - before[0]) / 1024, 2), "method": "resident"}
-
-
-def isolated_memory(
-    path: str | Path, shapes: Mapping[str, Sequence[int]], providers: Sequence[str], threads: int, warmup: int = 3
-) -> dict[str, Any]:
-    """Peak memory of one model measured in a fresh Python process (``python -m hwkd.ortbench``).
-
-    In a long process (hwkd compress after training) the peak RSS was set long before, so the
-    in-process figure would only be a lower bound; a fresh process makes it exact.
-    """
-    import json
-    import subprocess
-    import sys
-
-    arg = {"path": str(path), "shapes": {k: list(v) for k, v in shapes.items()}, "providers": list(providers),
-           "threads": threads, "warmup": warmup}
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "hwkd.ortbench", json.dumps(arg)], capture_output=True, text=True, timeout=600
-        )
-        if proc.returncode == 0:
-            return json.loads(proc.stdout.strip().splitlines()[-1])
-        why = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
-        why = str(exc)[:200]
-    return {"peak_mb": None, "method": f"not measured (the measuring process failed: {why})"}
-
-
-def _isolated_main(arg: dict[str, Any]) -> dict[str, Any]:
-    from hwkd import ortinputs
-
-    _warm_ort_env()
-    shapes = {k: tuple(v) for k, v in arg["shapes"].items()}
-    ranges = ortinputs.index_ranges(arg["path"])
-    gc.collect()
-    before = _memory_kb()
-    session, _ = make_session(arg["path"], arg["providers"], arg["threads"])
-    specs = ortinputs.input_specs(session)
-    feed, _ = ortinputs.make_feed_arrays(specs, shapes, np.random.default_rng(0), ranges=ranges)
-    _time_runs(session.run, None, feed, max(1, arg["warmup"]))
-    after = _memory_kb()
-    out = _memory_growth(before, after)
-    if out["method"] == "peak":
-        out["method"] = "isolated"
-    return out
 
 
 def model_file_size_mb(path: str | Path) -> float:
@@ -374,14 +230,14 @@ def bench_models(
     advance: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> list[ModelBench]:
-    """Time every model at every batch, all interleaved in rounds; see hwkd.ortinputs for shapes.
+    """Time every model at every batch, all interleaved in rounds; see hwkd.onnx.inputs for shapes.
 
     ``batches=None`` times each model once at the batch its shapes imply (1 for a dynamic batch).
     ``duration_s`` replaces ``iterations``: each (model, batch) runs for ``duration_s / rounds`` seconds
     in every round. ``on_start(total)`` is called once the plan is known, then ``advance(n)`` after
     each chunk (n = runs; with a duration, total and n count chunks).
     """
-    from hwkd import ortinputs
+    from hwkd.onnx import inputs as ortinputs
 
     if iterations < 1 or any(b < 1 for b in batches or ()) or warmup < 0:
         raise StageError(
@@ -557,60 +413,3 @@ def measure(
     )
     return {m.path: m.runs[0].stats for m in results}
 
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.lower().startswith(("model name", "hardware", "cpu model")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def _cpu_flags() -> list[str]:
-    """The ISA extensions that decide INT8/FP32 kernel speed (VNNI makes INT8 conv much faster)."""
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimd", "asimddp", "i8mm")
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.lower().startswith(("flags", "features")):
-                    have = set(line.split(":", 1)[1].split())
-                    return [f for f in wanted if f in have]
-    except OSError:
-        pass
-    return []
-
-
-def _load_average() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
-
-
-def host_info() -> dict[str, Any]:
-    """What this host is, so a report can say honestly where its latencies were measured."""
-    import onnxruntime as ort
-
-    return {
-        "cpu": _cpu_model(),
-        "cpu_flags": _cpu_flags(),
-        "logical_cores": os.cpu_count() or 1,
-        "usable_cores": _usable_cores(),
-        "machine": platform.machine(),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "onnxruntime": ort.__version__,
-        # Other processes on the host inflate tail latencies; a load above usable_cores means noise.
-        "load_average_1min": _load_average(),
-        "available_providers": list(ort.get_available_providers()),
-    }
-
-
-if __name__ == "__main__":  # python -m hwkd.ortbench '{"path": ..., "shapes": ...}': see isolated_memory
-    import json
-    import sys
-
-    print(json.dumps(_isolated_main(json.loads(sys.argv[1]))))

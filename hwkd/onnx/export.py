@@ -1,11 +1,9 @@
-"""ONNX export (FP32 modules and torchao INT8 GraphModules), metadata, and ONNX Runtime checks.
+"""ONNX export of FP32 modules and torchao INT8 GraphModules, model metadata, and FP16 conversion.
 
 Every exported model has a dynamic batch dimension named ``batch``, one input ``input``, one output
 ``logits``, and carries ``metadata_props`` a deployer needs (hwkd version, profile, preprocessing,
 labels, input shape). Files are written atomically and pass ``onnx.checker`` before they appear.
-
-Timing lives in ``hwkd.ortbench``; this module only runs ONNX Runtime for correctness (parity,
-accuracy) and to inspect which kernels the optimized graph really executes.
+Running the models for correctness lives in ``hwkd.onnx.check``, timing in ``hwkd.onnx.bench``.
 """
 
 from __future__ import annotations
@@ -14,14 +12,10 @@ import contextlib
 import io
 import json
 import logging
-import tempfile
 import warnings
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from hwkd.artifacts import save_with
 from hwkd.errors import StageError
@@ -213,133 +207,6 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def _session(path: str | Path, threads: int = 0, optimized_path: str | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # errors only: the optimizer warns about hardware-specific NCHWc graphs
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    if optimized_path is not None:
-        opts.optimized_model_filepath = optimized_path
-    try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise StageError(f"ONNX Runtime could not load {str(path)!r}: {_first_line(exc)}") from exc
-
-
-def _numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def _chunks(x: Any, batch_size: int):
-    """An array / tensor -> float32 NumPy chunks; an iterable of x or (x, y) batches -> its x batches."""
-    if hasattr(x, "shape"):
-        x = _numpy(x)
-        yield from (x[i : i + batch_size] for i in range(0, len(x), batch_size))
-        return
-    for batch in x:
-        yield _numpy(batch[0] if isinstance(batch, tuple | list) else batch)
-
-
-def onnx_predict(path: str | Path, x: Any, batch_size: int = 256) -> np.ndarray:
-    """Logits of the ONNX model at ``path`` on ``x`` (array or tensor, NCHW, or an iterable of
-    batches such as ``dataset.eval_batches("test")``), with ORT on the CPU."""
-    session = _session(path)
-    in_name = session.get_inputs()[0].name
-    outs = [session.run(None, {in_name: xb})[0] for xb in _chunks(x, batch_size) if len(xb)]
-    if not outs:
-        raise StageError("onnx_predict got an empty input.")
-    return np.concatenate(outs, axis=0)
-
-
-def _torch_predict(model: Any, x: Any, batch_size: int = 256) -> np.ndarray:
-    import torch
-
-    _set_eval(model)
-    with torch.no_grad():
-        outs = [model(torch.from_numpy(xb)).detach().cpu() for xb in _chunks(x, batch_size)]
-    return torch.cat(outs).numpy().astype(np.float32)
-
-
-def parity(torch_model: Any, onnx_path: str | Path, x: Any) -> dict[str, float]:
-    """Compare PyTorch and ONNX Runtime on ``x`` (inputs or an iterable of batches): top-1 agreement
-    (fraction) and logit differences."""
-    ref = _torch_predict(torch_model, x)
-    got = onnx_predict(onnx_path, x)
-    if ref.shape != got.shape:
-        raise StageError(
-            f"ONNX output shape {got.shape} differs from PyTorch's {ref.shape} for {str(onnx_path)!r}."
-        )
-    diff = np.abs(ref - got)
-    max_diff = float(diff.max())
-    disagree = ref.argmax(1) != got.argmax(1)
-    # A disagreement where PyTorch's top-1/top-2 margin is within the logit error is numerical
-    # (INT8 rounding on a near tie), not a broken graph; reports show how many there were.
-    top2 = np.sort(ref, axis=1)[:, -2:] if ref.shape[1] > 1 else np.concatenate([ref, ref], axis=1)
-    near_tie = (top2[:, 1] - top2[:, 0]) <= 2 * max_diff
-    return {
-        "top1_agreement": float(1.0 - disagree.mean()),
-        "max_abs_diff": max_diff,
-        "mean_abs_diff": float(diff.mean()),
-        "samples": int(len(ref)),
-        "disagreements": int(disagree.sum()),
-        "near_tie_disagreements": int((disagree & near_tie).sum()),
-    }
-
-
-def accuracy(onnx_path: str | Path, x: Any, y: Any = None) -> float:
-    """Top-1 accuracy of the ONNX model on (x, y), or on an iterable of (x, y) batches if ``y`` is None."""
-    if y is None:  # one pass over the batches: each is decoded once
-        ys: list = []
-
-        def inputs():
-            for xb, yb in x:
-                ys.append(np.asarray(yb))
-                yield xb
-
-        logits = onnx_predict(onnx_path, inputs())
-        y = np.concatenate(ys)
-    else:
-        logits = onnx_predict(onnx_path, x)
-    y = y.detach().cpu().numpy() if hasattr(y, "detach") else np.asarray(y)
-    return float(np.mean(logits.argmax(1) == y.reshape(-1)))
-
-
-def _is_integer_op(op_type: str) -> bool:
-    return op_type.startswith("QLinear") or op_type.endswith("Integer") or op_type.startswith("QGemm")
-
-
-def count_quant_nodes(path: str | Path) -> dict[str, int]:
-    """Q/DQ and integer-kernel node counts in the graph as exported (before ORT optimizes it)."""
-    import onnx
-
-    ops = Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
-    return {
-        "QuantizeLinear": ops.get("QuantizeLinear", 0),
-        "DequantizeLinear": ops.get("DequantizeLinear", 0),
-        "integer_ops": sum(c for op, c in ops.items() if _is_integer_op(op)),
-        "total_nodes": sum(ops.values()),
-    }
-
-
-def ort_executed_ops(path: str | Path) -> Counter:
-    """Op types of the graph ORT really runs (after its optimizer), e.g. QLinearConv for INT8 models.
-
-    The exported graph holds QuantizeLinear/Conv/DequantizeLinear; ORT fuses those into integer
-    kernels only where it can, so reports should show this, not the exported graph.
-    """
-    import onnx
-
-    with tempfile.TemporaryDirectory(prefix="hwkd-ort-") as tmp:
-        optimized = Path(tmp) / "optimized.onnx"
-        _session(path, optimized_path=str(optimized))
-        graph = onnx.load(str(optimized), load_external_data=False).graph
-        return Counter(n.op_type for n in graph.node)
-
 
 def model_size_mb(path: str | Path) -> float:
     """Size on disk in MiB (2**20 bytes), including an external-data file beside it if there is one."""
@@ -349,6 +216,7 @@ def model_size_mb(path: str | Path) -> float:
     if data.is_file():
         size += data.stat().st_size
     return size / 2**20
+
 
 
 def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> Path:
@@ -379,6 +247,8 @@ def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> Path:
             onnx.checker.check_model(str(tmp))
         except Exception as exc:
             raise StageError(f"The FP16 model converted from {str(fp32_path)!r} is invalid: {_first_line(exc)}") from exc
+        from hwkd.onnx.check import _session
+
         _session(tmp)  # it must load in ONNX Runtime (CPU EP here) before it counts as exported
 
     return save_with(out_path, write)

@@ -70,11 +70,19 @@ class InputSpec:
         return "[" + ", ".join(str(d) if d not in (None, "") else "?" for d in self.dims) + "]"
 
 
+# dim_param values that name nothing: exporters write "?" (and "") for "unknown", and two such dims
+# are not the same size. They are anonymous, like a dim with neither value nor name.
+ANONYMOUS_DIMS = ("", "?")
+
+
 def input_specs(session: Any) -> list[InputSpec]:
-    """The session's inputs; symbolic dims keep their names, unnamed dynamic dims are None."""
+    """The session's inputs; symbolic dims keep their names, anonymous dynamic dims are None."""
     specs = []
     for inp in session.get_inputs():
-        dims = tuple(d if isinstance(d, int) and d > 0 else (d if isinstance(d, str) and d else None) for d in inp.shape)
+        dims = tuple(
+            d if isinstance(d, int) and d > 0 else (d if isinstance(d, str) and d not in ANONYMOUS_DIMS else None)
+            for d in inp.shape
+        )
         specs.append(InputSpec(inp.name, inp.type, dims))
     return specs
 
@@ -125,6 +133,7 @@ def load_input_files(files: Mapping[str, Path]) -> dict[str, np.ndarray]:
 
 
 def _open_dims_message(spec: InputSpec, open_dims: list[int], model: str) -> str:
+    """Which dims are open and the --shape that fills them; anonymous dims are named by position."""
     example = []
     for i, d in enumerate(spec.dims):
         if not spec.is_dynamic(i):
@@ -134,7 +143,7 @@ def _open_dims_message(spec: InputSpec, open_dims: list[int], model: str) -> str
         else:
             example.append(f"<{d or f'dim{i}'}>")
     names = [spec.dims[i] or f"dim{i}" for i in open_dims]
-    named = [n for n in names if not n.startswith("dim")]
+    named = [spec.dims[i] for i in open_dims if spec.dims[i]]
     extra = f" (or set the named dimension{'s' if len(named) > 1 else ''} with " + " ".join(
         f"--shape {n}=N" for n in named
     ) + ")" if named else ""

@@ -1,0 +1,182 @@
+"""Calibration's timing, and how it knows when its numbers are bad.
+
+``time_interleaved`` times (model, threads) jobs in rounds, every job once per round, so a burst of
+host load lands on all of them alike; ``reference`` is called before the first round, between rounds and
+after the last, and times one fixed probe network: if those probe timings disagree by more than
+``tolerance``, or the host was busy when calibration began (1-minute load average above
+``busy_load_per_core`` x cores), ``check_stability`` says so, ``with_retries`` warns and measures again,
+and the profile records the spread and whether the fit is to be trusted.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_TOLERANCE = 0.05  # probe spread (max - min) / median above which a calibration is not trusted
+BUSY_LOAD_PER_CORE = 0.5  # 1-minute load average per usable core above which the host counts as busy
+MIN_CPU_SHARE = 0.9  # CPU time / wall time of a 1-thread run below which other processes took the core
+
+
+def load_average() -> float:
+    """The host's 1-minute load average (-1 where the OS has none)."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return -1.0
+
+
+def _session(path: Path, threads: int) -> tuple[Any, dict[str, np.ndarray]]:
+    from hwkd.onnx import bench as ortbench
+
+    session, _ = ortbench.make_session(path, (ortbench.CPU_EP,), threads)
+    feed = {}
+    for inp in session.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in inp.shape]
+        feed[inp.name] = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    return session, feed
+
+
+def time_job(path: Path, threads: int, warmup: int, iterations: int, cpu: list[float] | None = None) -> list[float]:
+    """Run times (ms) of one fresh session of ``path`` at ``threads``, after ``warmup`` runs.
+
+    ``cpu``: appended with the CPU time (ms) of the calling thread per run, which at one thread is the
+    time ORT really computed (it runs a 1-thread session in the caller); the rest of the wall time the
+    OS gave to other processes.
+    """
+    session, feed = _session(path, threads)
+    for _ in range(max(1, warmup)):
+        session.run(None, feed)
+    out = []
+    clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
+    for _ in range(iterations):
+        c0 = cpu_clock()
+        t0 = clock()
+        session.run(None, feed)
+        out.append((clock() - t0) / 1e6)
+        if cpu is not None:
+            cpu.append((cpu_clock() - c0) / 1e6)
+    return out
+
+
+def time_interleaved(
+    jobs: Sequence[tuple[Path, int]],
+    warmup: int,
+    iterations: int,
+    rounds: int,
+    between: Callable[[int], None] | None = None,
+    cpu_ms: dict[int, float] | None = None,
+) -> list[float]:
+    """Median run time (ms) of each (path, threads) job over ``rounds`` interleaved rounds.
+
+    A job's session lives for one round only (hundreds of calibration networks would not fit in memory
+    at once); ``between(r)`` runs before round 0, between rounds and after the last (r = rounds).
+    ``cpu_ms``: filled with {job index: median CPU time (ms)} for the 1-thread jobs.
+    """
+    rounds = max(1, rounds)
+    per_round = max(1, iterations // rounds)
+    samples: list[list[float]] = [[] for _ in jobs]
+    cpu_samples: list[list[float]] = [[] for _ in jobs]
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            if between is not None:
+                between(r)
+            order = range(len(jobs))
+            for k in (list(order)[r % max(1, len(jobs)):] + list(order)[: r % max(1, len(jobs))]):
+                path, threads = jobs[k]
+                cpu = cpu_samples[k] if cpu_ms is not None and threads == 1 else None
+                samples[k].extend(time_job(path, threads, warmup if r == 0 else max(1, warmup // 2), per_round, cpu))
+        if between is not None:
+            between(rounds)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    if cpu_ms is not None:
+        cpu_ms.update({k: statistics.median(c) for k, c in enumerate(cpu_samples) if c})
+    return [statistics.median(s) for s in samples]
+
+
+@dataclass
+class Verdict:
+    """Whether a calibration's timings can be trusted, and why not."""
+
+    trustworthy: bool
+    spread_pct: float  # (max - min) / median of the reference probe's timings, %
+    load_per_core: float  # 1-minute load average per usable core when calibration began (-1: unknown)
+    probes_ms: list[float] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    cpu_share: float = 1.0  # lowest CPU time / wall time of the 1-thread reference probe (1 = had a core to itself)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"trustworthy": self.trustworthy, "spread_pct": round(self.spread_pct, 2),
+                "load_per_core": round(self.load_per_core, 2), "probes_ms": [round(p, 4) for p in self.probes_ms],
+                "cpu_share": round(self.cpu_share, 3), "reasons": list(self.reasons)}  # fmt: skip
+
+
+def check_stability(
+    probes_ms: Sequence[float], load: float, cores: int, tolerance: float = DEFAULT_TOLERANCE,
+    busy_load_per_core: float = BUSY_LOAD_PER_CORE, cpu_shares: Sequence[float] = (),
+) -> Verdict:
+    """Judge one calibration attempt from its reference-probe timings, the host load at its start and
+    (``cpu_shares``) the CPU time / wall time of the 1-thread reference probe."""
+    probes = [float(p) for p in probes_ms]
+    share = min(cpu_shares) if cpu_shares else 1.0
+    spread = (max(probes) - min(probes)) / statistics.median(probes) if len(probes) > 1 else 0.0
+    per_core = load / max(1, cores) if load >= 0 else -1.0
+    reasons = []
+    if spread > tolerance:
+        reasons.append(
+            f"the reference probe's timings at start, middle and end differ by {100 * spread:.1f}% "
+            f"(more than {100 * tolerance:.0f}%): the host's speed changed during calibration"
+        )
+    if per_core > busy_load_per_core:
+        reasons.append(
+            f"the host was busy: 1-minute load average {load:.2f} on {cores} cores when calibration began"
+        )
+    if share < MIN_CPU_SHARE:
+        reasons.append(
+            f"the OS gave {100 * (1 - share):.0f}% of the reference probe's run time to other processes"
+        )
+    return Verdict(not reasons, 100 * spread, per_core, probes, reasons, share)
+
+
+def with_retries(
+    attempt: Callable[[], tuple[Any, list[float]] | tuple[Any, list[float], list[float]]],
+    load: Callable[[], float],
+    cores: int,
+    retries: int = 1,
+    tolerance: float = DEFAULT_TOLERANCE,
+    warn: Callable[[str], None] | None = None,
+    pause_s: float = 0.0,
+) -> tuple[Any, Verdict, int]:
+    """Run ``attempt`` (returns its result, its probe timings and optionally the probe's CPU shares) until it is trustworthy or ``retries``
+    are spent; warn on every bad attempt. Returns the best attempt's result (the smallest probe spread),
+    its verdict and the number of attempts."""
+    say = warn or (lambda msg: None)
+    best = None
+    for n in range(1, retries + 2):
+        start_load = load()
+        result, probes, *shares = attempt()
+        verdict = check_stability(probes, start_load, cores, tolerance, cpu_shares=shares[0] if shares else ())
+        if best is None or verdict.spread_pct < best[1].spread_pct:
+            best = (result, verdict)
+        if verdict.trustworthy:
+            return result, verdict, n
+        say("warning: " + "; ".join(verdict.reasons) + (" - measuring again" if n <= retries else ""))
+        if n <= retries and pause_s:
+            time.sleep(pause_s)
+    result, verdict = best
+    return result, verdict, retries + 1
+
+
+__all__ = ["Verdict", "check_stability", "load_average", "time_interleaved", "time_job", "with_retries"]

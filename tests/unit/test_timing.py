@@ -1,0 +1,91 @@
+"""Calibration knows when its numbers are bad: probe spread and host load, with injected timings."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from hwkd.hardware.timing import check_stability, with_retries
+
+
+def test_steady_probes_on_an_idle_host_are_trusted():
+    v = check_stability([1.00, 1.02, 0.99], load=0.3, cores=2)
+    assert v.trustworthy and v.reasons == []
+    assert v.spread_pct == pytest.approx(3.0)
+    assert v.load_per_core == pytest.approx(0.15)
+
+
+def test_probes_that_disagree_are_not_trusted():
+    v = check_stability([1.0, 1.3, 1.0], load=0.3, cores=2)
+    assert not v.trustworthy
+    assert v.spread_pct == pytest.approx(30.0)
+    assert "differ by 30.0%" in v.reasons[0]
+
+
+def test_a_busy_host_is_not_trusted_even_with_steady_probes():
+    v = check_stability([1.0, 1.0, 1.0], load=2.5, cores=2)
+    assert not v.trustworthy and len(v.reasons) == 1 and "busy" in v.reasons[0] and "2.50" in v.reasons[0]
+    assert check_stability([1.0, 1.0], load=-1.0, cores=2).trustworthy  # no load average on this OS
+
+
+def _attempts(probe_sets):
+    calls = iter(probe_sets)
+
+    def attempt():
+        probes = next(calls)
+        return {"probes": probes}, probes
+
+    return attempt
+
+
+def test_a_bad_attempt_is_warned_about_and_retried_to_a_good_one():
+    warnings = []
+    result, verdict, attempts = with_retries(
+        _attempts([[1.0, 1.4, 1.0], [1.0, 1.01, 1.0]]), load=lambda: 0.2, cores=2, retries=2, warn=warnings.append
+    )
+    assert attempts == 2 and verdict.trustworthy and result["probes"] == [1.0, 1.01, 1.0]
+    assert len(warnings) == 1 and "measuring again" in warnings[0] and "differ by 40.0%" in warnings[0]
+
+
+def test_when_every_attempt_is_bad_the_steadiest_is_kept_and_flagged():
+    warnings = []
+    result, verdict, attempts = with_retries(
+        _attempts([[1.0, 1.5, 1.0], [1.0, 1.2, 1.0]]), load=lambda: 3.0, cores=2, retries=1, warn=warnings.append
+    )
+    assert attempts == 2 and not verdict.trustworthy
+    assert result["probes"] == [1.0, 1.2, 1.0] and verdict.spread_pct == pytest.approx(20.0)
+    assert any("busy" in r for r in verdict.reasons)
+    assert len(warnings) == 2 and "measuring again" not in warnings[-1]
+
+
+def test_calibration_on_a_loaded_host_says_its_fit_is_not_trustworthy():
+    """A real (tiny) calibration with the load reading injected: the profile and every estimate say so."""
+    import numpy as np
+
+    from hwkd.hardware.calibrate import TINY, calibrate, random_network
+    from hwkd.hardware.cost import estimate_onnx
+
+    settings = dataclasses.replace(TINY, threads=1, precisions=("fp32",), retries=1)
+    messages = []
+    profile = calibrate(name="loaded", settings=settings, log=messages.append, load=lambda: 8.0)
+    stability = profile.calibration["measured"]["stability"]
+    assert stability["trustworthy"] is False and stability["attempts"] == 2
+    assert len(stability["probes_ms"]) == settings.rounds + 1  # start, between rounds, end
+    assert any("busy" in r for r in stability["reasons"])
+    assert sum("warning:" in m for m in messages) == 2
+    cost = estimate_onnx(random_network(np.random.default_rng(0), max_macs=2e6), profile)
+    assert "untrustworthy" in cost.calibration_warning and cost.threads == 1
+
+
+def test_a_probe_that_did_not_get_its_core_is_not_trusted():
+    v = check_stability([1.0, 1.0, 1.0], load=0.1, cores=2, cpu_shares=[1.0, 0.4, 0.95])
+    assert not v.trustworthy and v.cpu_share == pytest.approx(0.4)
+    assert v.reasons == ["the OS gave 60% of the reference probe's run time to other processes"]
+    assert check_stability([1.0, 1.0], load=0.1, cores=2, cpu_shares=[0.97, 0.99]).trustworthy
+
+
+def test_retries_pass_the_probe_cpu_shares_through():
+    calls = iter([({"n": 1}, [1.0, 1.0], [0.5, 0.5]), ({"n": 2}, [1.0, 1.0], [1.0, 0.98])])
+    result, verdict, attempts = with_retries(lambda: next(calls), load=lambda: 0.0, cores=2, retries=1)
+    assert result == {"n": 2} and attempts == 2 and verdict.trustworthy and verdict.cpu_share == pytest.approx(0.98)
