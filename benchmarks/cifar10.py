@@ -251,9 +251,9 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
         finals[f"{b}_peer"] = path
         save(args, out)
     # Every final model timed again in the same interleaved rounds: the latencies the plot compares.
-    from hwkd import ortbench
+    from hwkd.onnx import bench
 
-    stats = ortbench.measure(list(finals.values()), iterations=100, warmup=10, rounds=proto["bench_rounds"])
+    stats = bench.measure(list(finals.values()), iterations=100, warmup=10, rounds=proto["bench_rounds"])
     for key, path in finals.items():
         b, arm = key.split("_")
         entry = hw["budgets"][b]["peer" if arm == "peer" else f"hwkd_penalty_{arm}"]
@@ -299,11 +299,11 @@ def main() -> int:
     stem = "cifar10_quick" if args.quick else "cifar10"
     prior = RESULTS / f"{stem}.json"
     out = json.loads(prior.read_text()) if prior.exists() else {}  # steps not re-run are kept
-    from hwkd import ortbench
+    from hwkd.onnx import host
 
     command = " ".join(["python benchmarks/cifar10.py", *sys.argv[1:]])
     earlier = out.get("meta", {}).get("invocations", [])
-    out["meta"] = {"protocol": proto_name, "settings": proto, "steps_run": steps, "host": ortbench.host_info(),
+    out["meta"] = {"protocol": proto_name, "settings": proto, "steps_run": steps, "host": host.host_info(),
                    "command": command, "invocations": [*earlier, {"command": command, "steps": steps,
                    "started_utc": time.strftime("%H:%M:%S", time.gmtime())}],
                    "torch": torch.__version__, "threads": args.threads,

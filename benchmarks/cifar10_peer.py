@@ -88,12 +88,12 @@ def latency_grid(teacher, example, calibration, work: Path, targets: dict[str, P
                  grid: tuple[float, ...] = GRID) -> dict:
     """Export the uniformly pruned teacher at every ``grid`` ratio (INT8) and time them with the targets,
     interleaved; return ``{"grid": {ratio: p50}, "targets": {name: p50}}`` in ms (batch 1, this host)."""
-    from hwkd import ortbench
+    from hwkd.onnx import bench
 
     paths = {}
     for r in grid:
         paths[r] = export_int8(prune_uniform(teacher, r, example), example, calibration[:32], work / f"grid_{r:.2f}.onnx")
-    stats = ortbench.measure([*paths.values(), *targets.values()], iterations=100, warmup=10, rounds=rounds)
+    stats = bench.measure([*paths.values(), *targets.values()], iterations=100, warmup=10, rounds=rounds)
     return {"grid": {r: stats[p].p50 for r, p in paths.items()},
             "targets": {k: stats[p].p50 for k, p in targets.items()}}  # fmt: skip
 
