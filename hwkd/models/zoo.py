@@ -1,4 +1,4 @@
-"""Built-in model zoo: a ResNet teacher, a MobileNetV2 student and a tiny CNN for tests.
+"""Built-in model zoo: ResNet teachers (a small one and CIFAR ResNet-20), a MobileNetV2 student and a tiny CNN for tests.
 
 Every builder is ``fn(num_classes, in_channels, width=1.0) -> nn.Module``. The models are written so
 that the rest of the pipeline can work on them without special cases:
@@ -183,6 +183,16 @@ def _widths(base: tuple[int, ...], width: float) -> tuple[int, ...]:
 def resnet(num_classes: int, in_channels: int, width: float = 1.0) -> nn.Module:
     """Teacher: ResNet with one BasicBlock per stage, widths (32, 64, 128) x width."""
     return ResNet(num_classes, in_channels, widths=_widths((32, 64, 128), width), blocks=(1, 1, 1))
+
+
+@ZOO.register("resnet20")
+def resnet20(num_classes: int, in_channels: int, width: float = 1.0) -> nn.Module:
+    """CIFAR ResNet-20 (He et al. 2016): 3x3 stem, three BasicBlocks per stage, widths (16, 32, 64) x width.
+
+    ~0.27M parameters, ~41M MACs at 32x32. Shortcuts that change shape are 1x1 conv-bn projections
+    (option B), which DepGraph prunes together with the block.
+    """
+    return ResNet(num_classes, in_channels, widths=_widths((16, 32, 64), width), blocks=(3, 3, 3))
 
 
 @ZOO.register("mobilenetv2")

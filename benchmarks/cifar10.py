@@ -1,0 +1,326 @@
+"""CIFAR-10 benchmark of the whole mission: hwkd's claims on real photographs, one fixed protocol.
+
+    python benchmarks/cifar10.py --data ../shared/data/cifar10/train            # the full protocol
+    python benchmarks/cifar10.py --data ../shared/data/cifar10/train --quick    # subset + few epochs
+    python benchmarks/cifar10.py --data DIR --steps kd                          # one step (others kept)
+
+Steps (each writes benchmarks/results/cifar10[_quick].{json,md,png} as it finishes):
+
+- split:    the committed seeded stratified split of the 50,000 images (train 45k / val 2.5k / test
+            2.5k, ``cifar10_split.py``) materialised as symlink folders ``WORK/split/{train,val,test}``;
+            --quick takes the first 200 / 50 / 50 images per class of each.
+- teacher:  zoo ``resnet20`` trained on train only (``cifar10_teacher.py``); cached: skipped when the
+            committed ``results/cifar10/teacher_resnet20.{pt,json}`` match the split.
+- pipeline: ``hwkd compress --data WORK/split --teacher ... --teacher-arch resnet20 --profile P``
+            through the CLI, for rpi4 and jetson; teacher vs final INT8 (params, MACs, accuracy,
+            measured p50 on this host, estimated p50 on the device).
+- kd:       the KD table (``cifar10_kd.py``): student alone, Hinton T=4, linear T, adaptive T,
+            multi-T, DKD, FitNets, RKD; same student, epochs, augmentation, seeds.
+- hw:       hwkd (budget pruning + penalty + QAT, rpi4) at 10/20/30/50% of the teacher's latency,
+            penalty on and off, against the peer pipeline (``cifar10_peer.py``) at the same measured
+            latency; a Pareto plot of accuracy vs measured latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
+
+import cifar10_kd as kd  # noqa: E402
+import cifar10_peer as peer  # noqa: E402
+import cifar10_report as report  # noqa: E402
+import cifar10_split as split  # noqa: E402
+import cifar10_teacher as teacher_mod  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = RESULTS / "cifar10"
+STEPS = ("split", "teacher", "pipeline", "kd", "hw")
+MEAN_STD = ["--mean", ",".join(map(str, teacher_mod.MEAN)), "--std", ",".join(map(str, teacher_mod.STD))]
+
+# The protocol. Full: hwkd's defaults for the pipeline; the KD table long enough for the student
+# alone to plateau. Quick: the same code on a class-balanced subset, one epoch per stage.
+PROTOCOLS = {
+    "full": {"per_class": None, "profiles": ["rpi4", "jetson"], "hw_profile": "rpi4", "budgets": [10, 20, 30, 50],
+             "kd_epochs": 40, "kd_seeds": [0, 1, 2], "kd_lr": 0.05, "student": ["mobilenetv2", 1.0],
+             "hwkd_sets": [], "bench_rounds": 5, "grid_step": 0.05},
+    "quick": {"per_class": {"train": 100, "val": 50, "test": 50}, "grid_step": 0.1, "profiles": ["rpi4", "jetson"],
+              "hw_profile": "rpi4", "budgets": [10, 20, 30, 50], "kd_epochs": 2, "kd_seeds": [0], "kd_lr": 0.05,
+              "student": ["mobilenetv2", 1.0], "bench_rounds": 3,
+              "hwkd_sets": ["distill.epochs=1", "prune.recovery_epochs=1", "qat.epochs=1",
+                            "bench.iterations=50", "bench.rounds=3"]},
+}  # fmt: skip
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S', time.gmtime())}] {msg}", flush=True)
+
+
+def step_split(args, proto: dict, out: dict) -> Path:
+    lists = split.read_lists(args.data)
+    if proto["per_class"]:
+        lists = {name: subset(paths, proto["per_class"][name]) for name, paths in lists.items()}
+    root = args.work / ("split_quick" if args.quick else "split")
+    split.materialise(args.data, root, lists)
+    out["split"] = {"dir": str(root), "counts": {k: len(v) for k, v in lists.items()},
+                    "sha256_16": {k: split.digest(v) for k, v in lists.items()}}  # fmt: skip
+    return root
+
+
+def subset(paths: list[str], per_class: int) -> list[str]:
+    """The first ``per_class`` images of each class (the lists are sorted): a fixed, balanced subset."""
+    by_class: dict[str, list[str]] = {}
+    for p in paths:
+        by_class.setdefault(p.split("/")[0], []).append(p)
+    return [p for c in sorted(by_class) for p in by_class[c][:per_class]]
+
+
+def teacher_cached() -> dict | None:
+    """The committed teacher's metadata if it was trained on the committed split, else None."""
+    meta_path, pt = CACHE / f"teacher_{teacher_mod.ARCH}.json", CACHE / f"teacher_{teacher_mod.ARCH}.pt"
+    if not (meta_path.exists() and pt.exists()):
+        return None
+    meta = json.loads(meta_path.read_text())
+    committed = json.loads((CACHE / "split.json").read_text())["sha256_16"]
+    return meta if meta.get("arch") == teacher_mod.ARCH and meta.get("split") == committed else None
+
+
+def step_teacher(args, proto: dict, split_dir: Path, out: dict) -> Path:
+    meta = teacher_cached()
+    if meta is None:
+        if args.quick:  # a throwaway 1-epoch teacher on the subset; the protocol's is never replaced by it
+            work = args.work / "teacher_quick"
+            ns = argparse.Namespace(split=split_dir, out=work, epochs=1, lr=0.2, seed=0, threads=args.threads,
+                                    resume=False, finalise=False, deadline=None)  # fmt: skip
+            teacher_mod.train(ns)
+            state = torch.load(work / "last.pt", weights_only=True)
+            torch.save(state["model"], work / "teacher.pt")
+            out["teacher"] = {"cached": False, "note": "1-epoch quick teacher (no committed teacher found)",
+                              "train_s": state["train_s"], "history": state["history"]}  # fmt: skip
+            return work / "teacher.pt"
+        log("teacher: no committed checkpoint matches the split; training it (about 1 h on 1 core)")
+        full_split = args.work / "split"
+        ns = argparse.Namespace(split=full_split, out=args.work / "teacher", epochs=15, lr=0.2, seed=0,
+                                threads=args.threads, resume=True, finalise=False, deadline=None)  # fmt: skip
+        teacher_mod.train(ns)
+        teacher_mod.finalise(ns)
+        meta = teacher_cached()
+    out["teacher"] = {"cached": True, **{k: v for k, v in meta.items() if k != "history"},
+                      "val_curve": [round(r["val_acc"], 4) for r in meta["history"]]}  # fmt: skip
+    return CACHE / f"teacher_{teacher_mod.ARCH}.pt"
+
+
+def hwkd_compress(args, proto: dict, split_dir: Path, teacher_pt: Path, profile: str, run_dir: Path,
+                  extra: list[str] = ()) -> dict:  # fmt: skip
+    """One ``hwkd compress`` through the CLI, as a user types it; returns the report's key figures."""
+    cmd = [sys.executable, "-m", "hwkd", "compress", "--profile", profile, "--data", str(split_dir),
+           "--teacher", str(teacher_pt), "--teacher-arch", teacher_mod.ARCH, *MEAN_STD,
+           "--out", str(run_dir), "--overwrite", "--json", *extra]  # fmt: skip
+    for s in proto["hwkd_sets"]:
+        cmd += ["--set", s]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
+    shown = " ".join(["hwkd compress", *[str(c) for c in cmd[4:]]])
+    log(f"run: {shown}")
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    wall = time.time() - t0
+    (run_dir.parent / f"{run_dir.name}.stderr.log").write_text(proc.stderr)
+    if proc.returncode != 0:
+        log(f"hwkd compress exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+        return {"command": shown, "returncode": proc.returncode, "wall_s": round(wall, 1),
+                "error": proc.stderr.strip()[-2000:]}  # fmt: skip
+    rep = json.loads(proc.stdout)
+    keys = ("accuracy", "params", "macs", "measured_latency_ms", "estimated_latency_ms", "model_size_mb")
+    stages = [{"name": s["name"], "seconds": s.get("seconds"), "accuracy": s.get("accuracy"),
+               "epochs": stage_epochs(s)} for s in rep["stages"]]  # fmt: skip
+    return {
+        "command": shown, "returncode": 0, "wall_s": round(wall, 1), "run_dir": str(run_dir),
+        "teacher": {k: rep["teacher"].get(k) for k in keys},
+        "final": {k: rep["final"].get(k) for k in (*keys, "precision")},
+        "budget": rep.get("budget"), "stages": stages,
+        "train_epochs": sum(s["epochs"] for s in stages if s["name"] in ("distill", "prune", "qat")),
+        "model": str(run_dir / "model.onnx"),
+    }  # fmt: skip
+
+
+def stage_epochs(stage: dict) -> int:
+    """Training epochs a stage ran: prune's history has one row per step, each with its recovery epochs."""
+    rows = stage.get("history") or []
+    if stage["name"] == "prune":
+        return sum(len(r.get("recovery") or []) for r in rows)
+    return len(rows) if stage["name"] in ("distill", "qat") else 0
+
+
+def step_pipeline(args, proto, split_dir, teacher_pt, out: dict) -> None:
+    out.setdefault("pipeline", {})  # profiles run earlier (another invocation) are kept
+    for profile in proto["profiles"]:
+        res = hwkd_compress(args, proto, split_dir, teacher_pt, profile, args.work / f"pipeline_{profile}")
+        out["pipeline"][profile] = res
+        if res["returncode"] == 0 and not args.quick:  # the final INT8 model, committed (metadata inside)
+            target = CACHE / f"{profile}_int8.onnx"
+            target.write_bytes(Path(res["model"]).read_bytes())
+            res["committed_model"] = str(target.relative_to(ROOT))
+        save(args, out)
+
+
+def load_sets(split_dir: Path):
+    return {name: teacher_mod.DecodedFolder(split_dir / name, teacher_mod.transforms(name == "train"))
+            for name in ("train", "val", "test")}  # fmt: skip
+
+
+def load_teacher(teacher_pt: Path) -> torch.nn.Module:
+    from hwkd.models.zoo import ZOO
+
+    model = ZOO.get(teacher_mod.ARCH)(10, 3)
+    model.load_state_dict(torch.load(teacher_pt, weights_only=True))
+    return model.eval()
+
+
+def step_kd(args, proto, split_dir, teacher_pt, out: dict) -> None:
+    sets = load_sets(split_dir)
+    teacher = load_teacher(teacher_pt)
+    student_fn = kd.student_factory(*proto["student"])
+    per_seed, t0 = [], time.time()
+    for seed in proto["kd_seeds"]:
+        per_seed.append(kd.run_seed(sets["train"], sets["val"], sets["test"], teacher, student_fn, seed=seed,
+                                    epochs=proto["kd_epochs"], lr=proto["kd_lr"], methods=kd.METHODS, log=log))  # fmt: skip
+        summary = kd.summarise(per_seed)
+        alone = [s["student_alone"]["history"] for s in per_seed]
+        out["kd"] = {**summary, "seeds_done": proto["kd_seeds"][: len(per_seed)], "epochs": proto["kd_epochs"],
+                     "student": proto["student"], "student_params": sum(p.numel() for p in student_fn().parameters()),
+                     "teacher_test_accuracy": kd.evaluate(teacher, sets["test"])[0],
+                     "student_alone_val_curve": [[round(r["val_accuracy"], 4) for r in h] for h in alone],
+                     "student_alone_plateau_epoch": [kd.plateau_epoch(h) for h in alone],
+                     "recipes": kd.METHODS, "base_recipe": kd.BASE, "wall_s": round(time.time() - t0, 1),
+                     "histories": {n: [s[n]["history"] for s in per_seed] for n in kd.METHODS}}  # fmt: skip
+        save(args, out)
+
+
+def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
+    sets = load_sets(split_dir)
+    example = torch.zeros(1, 3, 32, 32)
+    hw: dict = out.get("hw") or {}
+    if hw.get("profile") != proto["hw_profile"]:
+        hw = {"profile": proto["hw_profile"], "budgets": {}}
+    out["hw"] = hw  # budgets run earlier (another invocation) are kept, and re-timed with the new ones
+    t0 = time.time()
+    for b in proto["budgets"]:
+        row = hw["budgets"][str(b)] = {}
+        for arm, extra in (("on", []), ("off", ["--set", "distill.penalty_weight=0", "--set", "prune.penalty_weight=0"])):
+            row[f"hwkd_penalty_{arm}"] = hwkd_compress(args, proto, split_dir, teacher_pt, proto["hw_profile"],
+                                                       args.work / f"hw_{b}_{arm}", ["--latency-budget", f"{b}%", *extra])  # fmt: skip
+            save(args, out)
+    # The peer: uniformly pruned teacher at the latency of hwkd's model (penalty on), measured together.
+    teacher = load_teacher(teacher_pt)
+    plain_train = teacher_mod.DecodedFolder(split_dir / "train", teacher_mod.transforms(False))
+    calibration = peer.calibration_images(plain_train)
+    targets = {f"{b}_{arm}": Path(r[f"hwkd_penalty_{arm}"]["model"]) for b, r in hw["budgets"].items()
+               for arm in ("on", "off") if r[f"hwkd_penalty_{arm}"]["returncode"] == 0
+               and Path(r[f"hwkd_penalty_{arm}"]["model"]).exists()}  # fmt: skip
+    log(f"peer: timing the uniform-pruning grid (step {proto['grid_step']}) with {len(targets)} hwkd models")
+    ratios = tuple(round(proto["grid_step"] * i, 2) for i in range(round(0.95 / proto["grid_step"]) + 1))
+    grid = peer.latency_grid(teacher, example, calibration, args.work / "peer_grid", targets, proto["bench_rounds"],
+                             ratios)  # fmt: skip
+    hw["peer_grid_ms"] = {f"{r:.2f}": ms for r, ms in grid["grid"].items()}
+    finals = dict(targets)
+    for b, r in hw["budgets"].items():
+        on = r["hwkd_penalty_on"]
+        if on["returncode"] != 0:
+            continue
+        if "peer" in r and int(b) not in proto["budgets"] and Path(r["peer"]["model"]).exists():
+            finals[f"{b}_peer"] = Path(r["peer"]["model"])  # from an earlier invocation
+            continue
+        ratio = peer.match_ratio(grid["grid"], grid["targets"][f"{b}_on"])
+        model = peer.prune_uniform(teacher, ratio, example)
+        t1 = time.time()
+        hist = peer.fine_tune(model, sets["train"], epochs=max(1, on["train_epochs"]))
+        path = peer.export_int8(model, example, calibration, args.work / f"peer_{b}.onnx")
+        params, macs = peer.params_and_macs(model, example)
+        r["peer"] = {"ratio": ratio, "epochs": max(1, on["train_epochs"]), "params": params, "macs": macs,
+                     "accuracy": peer.onnx_accuracy(path, sets["test"]), "fine_tune": hist,
+                     "wall_s": round(time.time() - t1, 1), "model": str(path)}  # fmt: skip
+        finals[f"{b}_peer"] = path
+        save(args, out)
+    # Every final model timed again in the same interleaved rounds: the latencies the plot compares.
+    from hwkd.onnx import bench
+
+    stats = bench.measure(list(finals.values()), iterations=100, warmup=10, rounds=proto["bench_rounds"])
+    for key, path in finals.items():
+        b, arm = key.split("_")
+        entry = hw["budgets"][b]["peer" if arm == "peer" else f"hwkd_penalty_{arm}"]
+        entry["paired_p50_ms"] = stats[Path(path)].p50
+    hw["wall_s"] = round(time.time() - t0, 1)
+    save(args, out)
+
+
+def save(args, out: dict) -> None:
+    stem = "cifar10_quick" if args.quick else "cifar10"
+    out["meta"]["wall_s_so_far"] = round(time.time() - args.started, 1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS / f"{stem}.json.tmp"
+    tmp.write_text(json.dumps(out, indent=1, default=str) + "\n")
+    os.replace(tmp, RESULTS / f"{stem}.json")
+    report.write(out, RESULTS / f"{stem}.md", RESULTS / f"{stem}.png")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True, help="the CIFAR-10 train image folder (<class>/*.jpg)")
+    ap.add_argument("--quick", action="store_true", help="a class-balanced subset and one epoch per stage")
+    ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/hwkd-cifar10"), help="runs, symlink split, exports")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (training)")
+    ap.add_argument("--budgets", default=None, help="override the protocol's latency budgets, e.g. 10,50 (%% of teacher)")
+    ap.add_argument("--profiles", default=None, help="override the pipeline step's profiles, e.g. rpi4")
+    args = ap.parse_args()
+    args.started = time.time()
+    torch.set_num_threads(args.threads)
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    unknown = sorted(set(steps) - set(STEPS))
+    if unknown:
+        ap.error(f"unknown step(s) {unknown}; choose from {','.join(STEPS)}")
+    if not (args.data / "airplane").is_dir():
+        ap.error(f"--data {args.data} is not the CIFAR-10 image folder (expected <class>/*.jpg subfolders)")
+    proto_name = "quick" if args.quick else "full"
+    proto = dict(PROTOCOLS[proto_name])
+    if args.budgets:
+        proto["budgets"] = [int(b) for b in args.budgets.split(",")]
+    if args.profiles:
+        proto["profiles"] = [p.strip() for p in args.profiles.split(",")]
+    stem = "cifar10_quick" if args.quick else "cifar10"
+    prior = RESULTS / f"{stem}.json"
+    out = json.loads(prior.read_text()) if prior.exists() else {}  # steps not re-run are kept
+    from hwkd.onnx import host
+
+    command = " ".join(["python benchmarks/cifar10.py", *sys.argv[1:]])
+    earlier = out.get("meta", {}).get("invocations", [])
+    out["meta"] = {"protocol": proto_name, "settings": proto, "steps_run": steps, "host": host.host_info(),
+                   "command": command, "invocations": [*earlier, {"command": command, "steps": steps,
+                   "started_utc": time.strftime("%H:%M:%S", time.gmtime())}],
+                   "torch": torch.__version__, "threads": args.threads,
+                   "step_wall_s": out.get("meta", {}).get("step_wall_s", {})}  # fmt: skip
+    split_dir = step_split(args, proto, out)
+    teacher_pt = step_teacher(args, proto, split_dir, out)
+    for name, fn in (("pipeline", step_pipeline), ("kd", step_kd), ("hw", step_hw)):
+        if name in steps:
+            t0 = time.time()
+            log(f"step {name}")
+            fn(args, proto, split_dir, teacher_pt, out)
+            out["meta"]["step_wall_s"][name] = round(time.time() - t0, 1)
+            save(args, out)
+    save(args, out)
+    log(f"done in {time.time() - args.started:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

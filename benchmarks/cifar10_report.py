@@ -1,0 +1,216 @@
+"""Markdown + Pareto plot of ``benchmarks/cifar10.py``'s results (only what was measured; gaps say so)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.2f}%"
+
+
+def _ms(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def _k(v) -> str:
+    return "–" if v is None else f"{v / 1e3:.1f}k"
+
+
+def _m(v) -> str:
+    return "–" if v is None else f"{v / 1e6:.2f}M"
+
+
+def header(r: dict) -> list[str]:
+    meta = r["meta"]
+    quick = meta["protocol"] == "quick"
+    h = meta["host"]
+    s = meta["settings"]
+    lines = [
+        f"# CIFAR-10 benchmark — {'QUICK protocol (a smoke run on a subset, NOT the benchmark)' if quick else 'full protocol'}",
+        "",
+        "Commands (each invocation adds its steps to the same results; earlier steps are kept):",
+        "",
+        *([f"    {inv['command']}    # {inv.get('started_utc', '')} UTC" for inv in meta.get("invocations", [])]
+          or [f"    {meta['command']}"]),
+        "",
+        f"Host: {h.get('cpu')}, {h.get('usable_cores', '?')} cores shared with other sessions (load average "
+        f"{h.get('load_average_1min')} at start), torch {meta['torch']}, {meta['threads']} torch thread(s), nice'd. "
+        "Latencies are onnxruntime p50 at batch 1 on this host, interleaved rounds; treat them as ratios.",
+        "",
+        "**Protocol.** Data: the 50,000 CIFAR-10 training JPEGs, split once (seed 14, stratified) into train "
+        "45,000 / val 2,500 / test 2,500 (`benchmarks/results/cifar10/split_*.txt`)"
+        + (f"; this quick run uses the first {s['per_class']} images per class of each split" if quick else "")
+        + ". Teacher: zoo `resnet20` trained on train only. Student: zoo "
+        f"`{s['student'][0]}` width {s['student'][1]} (hwkd's default). KD table: {s['kd_epochs']} epochs, seeds "
+        f"{s['kd_seeds']}, random crop 32 pad 4 + flip, batch 128, lr {s['kd_lr']} cosine with 1 warm-up epoch. "
+        f"Pipeline: `hwkd compress` through the CLI, profiles {list(r.get('pipeline') or s['profiles'])}"
+        + (f", with `--set {' --set '.join(s['hwkd_sets'])}`" if s["hwkd_sets"] else ", hwkd's defaults")
+        + f". Hardware-aware vs peer: profile {s['hw_profile']}, budgets "
+        f"{[int(b) for b in (r.get('hw') or {}).get('budgets', {})] or s['budgets']}% of the teacher.",
+        "",
+        "**Measured cost** (wall seconds per step, this host): "
+        + (", ".join(f"{k} {v:.0f} s" for k, v in meta.get("step_wall_s", {}).items()) or "–")
+        + f"; this invocation {meta.get('wall_s_so_far', 0):.0f} s.",
+        "",
+    ]
+    return lines
+
+
+def teacher_section(r: dict) -> list[str]:
+    t = r.get("teacher")
+    if not t:
+        return []
+    if not t.get("cached"):
+        return ["## Teacher", "", f"{t.get('note')}; trained {t.get('train_s', 0):.0f} s.", ""]
+    return [
+        "## Teacher",
+        "",
+        "| arch | params | epochs | train time | val acc | test acc |",
+        "|---|---|---|---|---|---|",
+        f"| {t['arch']} | {t['params']} | {t['epochs']} | {t['train_s'] / 60:.1f} min ({t['recipe']['threads']} thread) "
+        f"| {_pct(t['val_acc'])} | {_pct(t['test_acc'])} |",
+        "",
+        f"Recipe: {t['recipe']['optimizer']}, {t['recipe']['schedule']}, {t['recipe']['augmentation']}, batch "
+        f"{t['recipe']['batch']}. Val accuracy per epoch: {', '.join(f'{100 * v:.1f}' for v in t['val_curve'])}."
+        + (f" Re-planned: {t['replans']}." if t.get("replans") else ""),
+        "",
+    ]
+
+
+def pipeline_section(r: dict) -> list[str]:
+    p = r.get("pipeline")
+    if not p:
+        return ["## Default pipeline", "", "Not run in this invocation.", ""]
+    lines = ["## Default pipeline (`hwkd compress`, CLI)", "",
+             "| profile | model | accuracy | params | MACs | p50 ms (host) | est. ms (device) | wall |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    goals = []
+    for prof, res in p.items():
+        if res["returncode"] != 0:
+            lines.append(f"| {prof} | failed (exit {res['returncode']}) | | | | | | {res['wall_s']:.0f} s |")
+            continue
+        for label in ("teacher", "final"):
+            m = res[label]
+            name = label if label == "teacher" else f"final ({m.get('precision')})"
+            lines.append(f"| {prof} | {name} | {_pct(m['accuracy'])} | {_k(m['params'])} | {_m(m['macs'])} | "
+                         f"{_ms(m['measured_latency_ms'])} | {_ms(m['estimated_latency_ms'])} | "
+                         f"{res['wall_s']:.0f} s |")  # fmt: skip
+        t, f = res["teacher"], res["final"]
+        if t["params"] and f["params"] and t["accuracy"] and f["accuracy"] is not None:
+            red, keep = 1 - f["params"] / t["params"], f["accuracy"] / t["accuracy"]
+            goals.append(f"- {prof}: {100 * red:.1f}% fewer parameters (goal >= 90%: {'met' if red >= 0.9 else 'NOT met'}), "
+                         f"{100 * keep:.1f}% of the teacher's accuracy (goal >= 95%: {'met' if keep >= 0.95 else 'NOT met'}).")  # fmt: skip
+    lines += ["", *goals, "", "Commands:", ""] + [f"    {res['command']}" for res in p.values()] + [""]
+    return lines
+
+
+def kd_section(r: dict) -> list[str]:
+    k = r.get("kd")
+    if not k:
+        return ["## Distillation side by side", "", "Not run in this invocation.", ""]
+    base = k["methods"]["student_alone"]["mean"]
+    lines = [
+        "## Distillation side by side",
+        "",
+        f"Student {k['student'][0]} width {k['student'][1]} ({k['student_params']} params), teacher test accuracy "
+        f"{_pct(k['teacher_test_accuracy'])}; {k['epochs']} epochs, seeds {k['seeds_done']}, mean ± std over "
+        f"seeds (test split). Wall {k['wall_s']:.0f} s. Base recipe: "
+        + ", ".join(f"{a}={b}" for a, b in k["base_recipe"].items()) + ".",
+        "",
+        "| method | recipe | test accuracy | vs student alone | per seed |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in sorted(k["methods"].items(), key=lambda kv: -kv[1]["mean"]):
+        recipe = ", ".join(f"{a}={b}" for a, b in k["recipes"][name].items())
+        lines.append(f"| {name} | {recipe} | {100 * m['mean']:.2f} ± {100 * m['std']:.2f} | "
+                     f"{100 * (m['mean'] - base):+.2f} | {', '.join(f'{100 * s:.2f}' for s in m['seeds'])} |")  # fmt: skip
+    lines += [
+        "",
+        f"Adaptive T minus fixed T=4: {k['adaptive_minus_T4_points']:+.2f} points. Best method: {k['best_method']}.",
+        f"Student alone, val accuracy per epoch (per seed): {k['student_alone_val_curve']}; plateau epoch "
+        f"(gain < 0.5 point over 3 epochs): {k['student_alone_plateau_epoch']}.",
+        "",
+    ]
+    return lines
+
+
+def hw_section(r: dict, plot: Path) -> list[str]:
+    hw = r.get("hw")
+    if not hw or not hw.get("budgets"):
+        return ["## Hardware-aware vs the peer pipeline", "", "Not run in this invocation.", ""]
+    lines = [
+        "## Hardware-aware vs the peer pipeline",
+        "",
+        f"Profile {hw['profile']}. hwkd: `hwkd compress --latency-budget B%` (penalty on = defaults; off = "
+        "`--set distill.penalty_weight=0 --set prune.penalty_weight=0`). Peer: the teacher pruned uniformly "
+        "by torch-pruning's MagnitudePruner to hwkd's (penalty on) measured latency, fine-tuned with CE for the "
+        "same epochs, onnxruntime quantize_static defaults. p50: every final model re-timed in the same "
+        "interleaved rounds.",
+        "",
+        "| budget | hwkd on: acc / p50 ms | hwkd off: acc / p50 ms | peer: ratio / acc / p50 ms | on − peer | on − off |",
+        "|---|---|---|---|---|---|",
+    ]
+    for b, row in hw["budgets"].items():
+        on, off, pe = row.get("hwkd_penalty_on", {}), row.get("hwkd_penalty_off", {}), row.get("peer")
+
+        def cell(x):
+            if not x or x.get("returncode", 0) != 0:
+                return "failed" if x else "–"
+            acc = x["final"]["accuracy"] if "final" in x else x["accuracy"]
+            return f"{_pct(acc)} / {_ms(x.get('paired_p50_ms'))}"
+
+        acc_on = on.get("final", {}).get("accuracy")
+        acc_off = off.get("final", {}).get("accuracy")
+        d_peer = f"{100 * (acc_on - pe['accuracy']):+.2f}" if pe and acc_on is not None else "–"
+        d_off = f"{100 * (acc_on - acc_off):+.2f}" if acc_on is not None and acc_off is not None else "–"
+        peer_cell = f"{pe['ratio']:.2f} / {cell(pe)}" if pe else "–"
+        if pe and on.get("paired_p50_ms") and pe.get("paired_p50_ms") and pe["paired_p50_ms"] > on["paired_p50_ms"]:
+            peer_cell += " (slower: no grid ratio reached hwkd's latency)"
+        lines.append(f"| {b}% | {cell(on)} | {cell(off)} | {peer_cell} | {d_peer} | {d_off} |")
+    if plot.exists():
+        lines += ["", f"![accuracy vs measured latency]({plot.name})"]
+    return [*lines, ""]
+
+
+def plot_pareto(r: dict, path: Path) -> None:
+    hw = r.get("hw")
+    if not hw or not hw.get("budgets"):
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[float, float, str]]] = {"hwkd (penalty on)": [], "hwkd (penalty off)": [], "peer": []}
+    for b, row in hw["budgets"].items():
+        for label, key in (("hwkd (penalty on)", "hwkd_penalty_on"), ("hwkd (penalty off)", "hwkd_penalty_off"), ("peer", "peer")):
+            x = row.get(key)
+            if x and x.get("paired_p50_ms") is not None:
+                acc = x["final"]["accuracy"] if "final" in x else x["accuracy"]
+                series[label].append((x["paired_p50_ms"], 100 * acc, f"{b}%"))
+    if not any(series.values()):
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (label, pts), marker in zip(series.items(), ("o", "s", "^"), strict=True):
+        pts.sort()
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
+            for x, y, t in pts:
+                ax.annotate(t, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("measured p50 latency, ms (onnxruntime, batch 1, this host)")
+    ax.set_ylabel("test accuracy, %")
+    ax.set_title(f"CIFAR-10, {r['meta']['protocol']} protocol: accuracy vs latency")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(r: dict, md: Path, png: Path) -> None:
+    plot_pareto(r, png)
+    text = "\n".join(header(r) + teacher_section(r) + pipeline_section(r) + kd_section(r) + hw_section(r, png))
+    tmp = md.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(md)
