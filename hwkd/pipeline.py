@@ -452,6 +452,22 @@ def resume(
     return run_dir, report
 
 
+def _is_interrupt(exc: BaseException) -> bool:
+    """True when ``exc`` comes from a Ctrl-C / SIGTERM: raised while handling one, or a DataLoader
+    worker killed by the signal that stops the whole process group."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        if isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc) and (
+            "Terminated" in str(exc) or "Interrupt" in str(exc)
+        ):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
 def _now() -> str:
     import datetime as _dt
 
@@ -556,6 +572,12 @@ def _execute(run: _Run, run_dir: Path, manifest: dict, progress, on_stage_done, 
         exc.hwkd_run_dir = run_dir  # the CLI names it in the resume hint
         raise
     except BaseException as exc:
+        if _is_interrupt(exc):  # e.g. the DataLoader's workers died of the same SIGTERM / Ctrl-C
+            manifest.update(status="interrupted", error=f"interrupted during {ctx.stage}")
+            _write_manifest(run_dir, manifest)
+            stop = KeyboardInterrupt()
+            stop.hwkd_run_dir = run_dir
+            raise stop from None
         # The run dir stays for inspection, but its manifest says plainly that it did not finish.
         manifest.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         _write_manifest(run_dir, manifest)
