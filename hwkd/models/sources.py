@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import abc
 import difflib
 import re
 from typing import Any
@@ -38,17 +39,19 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
-class ModelSource:
+class ModelSource(abc.ABC):
     """One place architectures come from. Subclasses fill in ``spec`` and ``build``."""
 
     kind: str = ""
     rebuildable = True  # can hwkd build a fresh, trainable copy (needed to train, prune and reload)?
 
+    @abc.abstractmethod
     def spec(self, name: str, num_classes: int, in_channels: int) -> dict[str, Any]:
-        raise NotImplementedError
+        """The JSON-able spec that rebuilds this architecture (see hwkd.models.loaders)."""
 
+    @abc.abstractmethod
     def build(self, spec: dict[str, Any], trust_code: bool = False) -> nn.Module:
-        raise NotImplementedError
+        """A fresh model from ``spec``."""
 
     def preprocessing(self, spec: dict[str, Any]) -> dict[str, Any] | None:
         """The normalisation the architecture is documented with; None when it has none of its own."""
