@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 RUN_ARTIFACTS = ("manifest.json", "report.json", "report.md", "report.html", "model.onnx", "model_fp32.onnx", "teacher.onnx")
-RUN_ARTIFACTS += ("model_qat.onnx", "model_ptq.onnx", "model_fp16.onnx")
+RUN_ARTIFACTS += ("model_qat.onnx", "model_fp16.onnx")  # + one model_<variant>.onnx per ORT PTQ variant
 # Inputs a resumed run takes from the manifest; given again, they must be the same.
 INPUT_KEYS = (
     "profile", "teacher", "teacher_arch", "teacher_weights", "data", "student", "student_weights",
@@ -42,8 +42,10 @@ def clear_run_dir(run_dir: Path) -> None:
     """Create the run dir, removing a previous run's artifacts so none can pass for this run's."""
     import shutil
 
+    from hwkd.onnx.ptq import VARIANTS  # the export stage writes model_<variant>.onnx for each
+
     run_dir.mkdir(parents=True, exist_ok=True)
-    for name in RUN_ARTIFACTS:
+    for name in (*RUN_ARTIFACTS, *(f"model_{label}.onnx" for label in VARIANTS)):
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / "stages", ignore_errors=True)
 

@@ -6,7 +6,8 @@ import pytest
 
 from hwkd.config import PipelineConfig
 from hwkd.errors import ConfigError
-from hwkd.rundir import check_resume_overrides, check_same_inputs, input_fingerprints
+from hwkd.onnx.ptq import VARIANTS
+from hwkd.rundir import check_resume_overrides, check_same_inputs, clear_run_dir, input_fingerprints
 
 SAVED = PipelineConfig().to_dict()
 
@@ -46,3 +47,16 @@ def test_fingerprints_follow_file_content(tmp_path):
     (folder / "cat" / "2.png").write_bytes(b"y")
     second = input_fingerprints({"data": str(data), "teacher": [str(folder)]}, None)
     assert second["data"] != first["data"] and second["teacher[0]"] != first["teacher[0]"]
+
+
+def test_clear_run_dir_removes_every_ptq_variant_and_the_stage_dirs(tmp_path):
+    names = ["model.onnx", "model_fp32.onnx", "model_qat.onnx", *(f"model_{v}.onnx" for v in VARIANTS)]
+    assert "model_ptq_u8s8.onnx" in names and "model_ptq_tuned.onnx" in names
+    for name in names:
+        (tmp_path / name).write_bytes(b"old run")
+    (tmp_path / "stages" / "distill").mkdir(parents=True)
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    clear_run_dir(tmp_path)
+    assert [n for n in names if (tmp_path / n).exists()] == []
+    assert not (tmp_path / "stages").exists()
+    assert (tmp_path / "notes.txt").read_text() == "the user's own file"
