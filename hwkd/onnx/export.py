@@ -19,6 +19,7 @@ from typing import Any
 
 from hwkd.artifacts import save_with
 from hwkd.errors import StageError
+from hwkd.onnx import rewrite
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -152,6 +153,7 @@ def export_onnx(
         ) from exc
 
     _strip_debug_metadata(proto.graph)
+    rewrite.global_average_pool(proto)
     set_metadata(proto, {**{p.key: p.value for p in proto.metadata_props}, **metadata})
 
     def write(tmp: Path) -> None:

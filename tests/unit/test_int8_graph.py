@@ -92,6 +92,9 @@ def test_silu_and_squeeze_excite_run_as_integer_kernels(tmp_path):
     assert ex["ops"].get("QLinearConv") == 4, ex
     assert ex["ops"].get("QLinearSigmoid", 0) >= 4 and ex["ops"].get("QLinearMul", 0) >= 3, ex
     assert ex["float_compute"] == {}, ex
+    # the squeeze-excite pooling is integer too (exported as ReduceMean, rewritten to GlobalAveragePool);
+    # only the head's keepdim=False mean stays a float ReduceMean
+    assert ex["ops"].get("QLinearGlobalAveragePool") == 1 and ex["ops"].get("ReduceMean") == 1, ex
 
 
 def test_a_quantizer_failure_is_a_stage_error_not_a_traceback(monkeypatch):
