@@ -38,6 +38,7 @@ class PipelineState:
     onnx: dict[str, Path] = field(default_factory=dict)  # "teacher", "<stage>", "fp32", "int8" -> file
     checkpoints: dict[str, Path] = field(default_factory=dict)  # stage -> hwkd model checkpoint
     channels: dict[str, dict[str, int]] = field(default_factory=dict)  # snapshot -> layer -> out channels
+    exported: dict[str, Path] = field(default_factory=dict)  # export_key (weights, opset) -> FP32 ONNX written
 
     @property
     def example_input(self):
@@ -484,7 +485,7 @@ def _execute(run: _Run, run_dir: Path, manifest: dict, progress, on_stage_done, 
     from hwkd.hardware.budget import resolve_budget
     from hwkd.hardware.cost import estimate
     from hwkd.kd.losses import make_kd_loss
-    from hwkd.onnx.export import export_onnx, model_size_mb, onnx_metadata
+    from hwkd.onnx.export import export_key, export_onnx, model_size_mb, onnx_metadata
     from hwkd.report.build import build_report, write_reports
     from hwkd.stages import get_stage
     from hwkd.stages.common import model_metrics, out_channels
@@ -543,6 +544,7 @@ def _execute(run: _Run, run_dir: Path, manifest: dict, progress, on_stage_done, 
             )
             state_now.checkpoints[result.name] = ckpt
             state_now.onnx[result.name] = onnx_path
+            state_now.exported[export_key(state_now.student)] = onnx_path
             result.artifacts.update({"checkpoint": ctx.rel(ckpt), "onnx": ctx.rel(onnx_path)})
             result.metrics["model_size_mb"] = model_size_mb(onnx_path)
         if result.name not in manifest["stages_done"]:

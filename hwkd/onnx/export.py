@@ -95,12 +95,15 @@ def set_metadata(proto, props: dict[str, str]) -> None:
         entry.key, entry.value = key, value
 
 
+DEFAULT_OPSET = 18
+
+
 def export_onnx(
     model: Any,
     example_input: Any,
     path: str | Path,
     metadata: dict[str, str],
-    opset: int = 18,
+    opset: int = DEFAULT_OPSET,
     *,
     name: str | None = None,
 ) -> Path:
@@ -167,6 +170,43 @@ def export_onnx(
             ) from exc
 
     return save_with(path, write)
+
+
+def export_key(model: Any, opset: int = DEFAULT_OPSET) -> str:
+    """What identifies an FP32 export: the weights (``weights_fingerprint``) and the opset."""
+    return f"{weights_fingerprint(model)}/opset{opset}"
+
+
+def weights_fingerprint(model: Any) -> str:
+    """A digest of a module's parameters and buffers (names, shapes, dtypes, values).
+
+    Two modules with the same fingerprint export to the same ONNX graph, so a model already exported
+    by an earlier stage (the pruned student, which QAT leaves unchanged) is copied, not re-exported:
+    the dynamo exporter is the slowest step of an export (tens of seconds on a torchvision model).
+    """
+    import hashlib
+
+    import torch
+
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(type(model).__name__.encode())
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        digest.update(t.numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def copy_with_metadata(src: str | Path, path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write the ONNX model at ``src`` to ``path`` (atomically) with hwkd's metadata replaced by ``metadata``."""
+    import onnx
+
+    proto = onnx.load(str(src))
+    kept = {p.key: p.value for p in proto.metadata_props if not p.key.startswith("hwkd.")}
+    set_metadata(proto, {**kept, **metadata})
+    return save_with(Path(path), lambda tmp: onnx.save_model(proto, str(tmp)))
 
 
 def _strip_debug_metadata(graph: Any) -> None:

@@ -92,7 +92,14 @@ def run(state: PipelineState, cfg: ExportConfig, ctx: RunContext) -> tuple[Pipel
 
     with ctx.progress.task("export to ONNX", total=steps) as advance:
         t0 = time.perf_counter()
-        ox.export_onnx(state.student, x, work / FP32_NAME, meta, cfg.opset, name="FP32 student")
+        earlier = state.exported.get(ox.export_key(state.student, cfg.opset))
+        if earlier is not None and Path(earlier).is_file():
+            # the same weights a training stage already exported (QAT trains a copy): copy, don't re-trace
+            ox.copy_with_metadata(earlier, work / FP32_NAME, meta)
+            reused = ctx.rel(Path(earlier))
+        else:
+            ox.export_onnx(state.student, x, work / FP32_NAME, meta, cfg.opset, name="FP32 student")
+            reused = None
         seconds["fp32"] = round(time.perf_counter() - t0, 2)
         advance()
         par = {"fp32": check.parity(state.student, work / FP32_NAME, test_x)}
@@ -158,6 +165,7 @@ def run(state: PipelineState, cfg: ExportConfig, ctx: RunContext) -> tuple[Pipel
         "model_size_mb": round(ox.model_size_mb(final_path), 4),
         "fp32_model_size_mb": round(ox.model_size_mb(fp32_path), 4),
         "export_seconds": seconds,
+        "fp32_copied_from": reused,  # the stage export with the same weights, or None (exported here)
         "opset": cfg.opset,
     }
     if quant:

@@ -93,8 +93,21 @@ def test_onnx_carries_metadata_and_int8_nodes(tiny_run):
     assert json.loads(props["hwkd.labels"]) == [str(i) for i in range(10)]
     ops = {n.op_type for n in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    fp32_ops = {n.op_type for n in onnx.load(out / "model_fp32.onnx").graph.node}
-    assert "QuantizeLinear" not in fp32_ops
+    fp32 = onnx.load(out / "model_fp32.onnx")
+    assert "QuantizeLinear" not in {n.op_type for n in fp32.graph.node}
+
+
+def test_fp32_model_is_the_pruned_students_export_copied_not_retraced(tiny_run):
+    """QAT trains a copy, so the FP32 student after prune is the one exported at the end: its stage
+    export is copied (the dynamo exporter is the slowest part of export), with the run's metadata."""
+    out, _, _ = tiny_run
+    report = json.loads((out / "report.json").read_text())
+    export = next(s for s in report["stages"] if s["name"] == "export")
+    assert export["details"]["fp32_copied_from"] == "stages/prune/model.onnx"
+    fp32, staged = onnx.load(out / "model_fp32.onnx"), onnx.load(out / "stages" / "prune" / "model.onnx")
+    assert fp32.graph == staged.graph
+    props = {p.key: p.value for p in fp32.metadata_props}
+    assert "hwkd.stage" not in props and props["hwkd.profile"] == "jetson-orin-nano"
 
 
 def test_separate_script_scores_from_metadata_alone(tiny_run):
