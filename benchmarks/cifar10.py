@@ -190,9 +190,10 @@ def step_kd(args, proto, split_dir, teacher_pt, out: dict) -> None:
     teacher = load_teacher(teacher_pt)
     student_fn = kd.student_factory(*proto["student"])
     per_seed, t0 = [], time.time()
+    methods = {name: kd.METHODS[name] for name in proto.get("kd_methods") or kd.METHODS}
     for seed in proto["kd_seeds"]:
         per_seed.append(kd.run_seed(sets["train"], sets["val"], sets["test"], teacher, student_fn, seed=seed,
-                                    epochs=proto["kd_epochs"], lr=proto["kd_lr"], methods=kd.METHODS, log=log))  # fmt: skip
+                                    epochs=proto["kd_epochs"], lr=proto["kd_lr"], methods=methods, log=log))  # fmt: skip
         summary = kd.summarise(per_seed)
         alone = [s["student_alone"]["history"] for s in per_seed]
         out["kd"] = {**summary, "seeds_done": proto["kd_seeds"][: len(per_seed)], "epochs": proto["kd_epochs"],
@@ -200,7 +201,7 @@ def step_kd(args, proto, split_dir, teacher_pt, out: dict) -> None:
                      "teacher_test_accuracy": kd.evaluate(teacher, sets["test"])[0],
                      "student_alone_val_curve": [[round(r["val_accuracy"], 4) for r in h] for h in alone],
                      "student_alone_plateau_epoch": [kd.plateau_epoch(h) for h in alone],
-                     "recipes": kd.METHODS, "base_recipe": kd.BASE, "wall_s": round(time.time() - t0, 1),
+                     "recipes": methods, "base_recipe": kd.BASE, "wall_s": round(time.time() - t0, 1),
                      "histories": {n: [s[n]["history"] for s in per_seed] for n in kd.METHODS}}  # fmt: skip
         save(args, out)
 
@@ -281,6 +282,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (training)")
     ap.add_argument("--budgets", default=None, help="override the protocol's latency budgets, e.g. 10,50 (%% of teacher)")
     ap.add_argument("--profiles", default=None, help="override the pipeline step's profiles, e.g. rpi4")
+    ap.add_argument("--kd-methods", default=None, help="override the KD table's methods (student_alone is always in)")
+    ap.add_argument("--kd-epochs", type=int, default=None, help="override the KD table's epochs")
+    ap.add_argument("--kd-seeds", default=None, help="override the KD table's seeds, e.g. 0")
     args = ap.parse_args()
     args.started = time.time()
     torch.set_num_threads(args.threads)
@@ -296,6 +300,16 @@ def main() -> int:
         proto["budgets"] = [int(b) for b in args.budgets.split(",")]
     if args.profiles:
         proto["profiles"] = [p.strip() for p in args.profiles.split(",")]
+    if args.kd_methods:
+        chosen = ["student_alone", *[m.strip() for m in args.kd_methods.split(",") if m.strip() != "student_alone"]]
+        bad = sorted(set(chosen) - set(kd.METHODS))
+        if bad:
+            ap.error(f"unknown KD method(s) {bad}; choose from {','.join(kd.METHODS)}")
+        proto["kd_methods"] = chosen
+    if args.kd_epochs:
+        proto["kd_epochs"] = args.kd_epochs
+    if args.kd_seeds:
+        proto["kd_seeds"] = [int(x) for x in args.kd_seeds.split(",")]
     stem = "cifar10_quick" if args.quick else "cifar10"
     prior = RESULTS / f"{stem}.json"
     out = json.loads(prior.read_text()) if prior.exists() else {}  # steps not re-run are kept

@@ -108,6 +108,8 @@ def test_fp32_model_is_the_pruned_students_export_copied_not_retraced(tiny_run):
     assert fp32.graph == staged.graph
     props = {p.key: p.value for p in fp32.metadata_props}
     assert "hwkd.stage" not in props and props["hwkd.profile"] == "jetson-orin-nano"
+    bench = next(s for s in report["stages"] if s["name"] == "bench")["details"]["latency"]
+    assert bench["fp32"] == bench["prune"], "one graph is timed once, whatever its file name"
 
 
 def test_separate_script_scores_from_metadata_alone(tiny_run):
