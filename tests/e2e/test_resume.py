@@ -150,8 +150,11 @@ def test_ctrl_c_or_sigterm_marks_the_run_interrupted_and_resumable(tmp_path, sig
     data, cache = tiny_npz(tmp_path / "tiny.npz"), tmp_path / "cache"
     run = tmp_path / "run"
     args = [*settings(data), "--stages", "distill", "--set", "distill.epochs=200", "--out", str(run)]
+    # A shell starts background jobs (`pytest &`) with SIGINT ignored and children inherit that; give
+    # hwkd the default disposition a terminal's Ctrl-C meets, whatever started pytest.
     proc = subprocess.Popen([sys.executable, "-m", "hwkd", "compress", *args], env=env(cache), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 600
     while not (run / "stages" / "distill" / "last.pt").exists() and time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read()[-2000:]
