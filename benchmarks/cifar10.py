@@ -202,7 +202,7 @@ def step_kd(args, proto, split_dir, teacher_pt, out: dict) -> None:
                      "student_alone_val_curve": [[round(r["val_accuracy"], 4) for r in h] for h in alone],
                      "student_alone_plateau_epoch": [kd.plateau_epoch(h) for h in alone],
                      "recipes": methods, "base_recipe": kd.BASE, "wall_s": round(time.time() - t0, 1),
-                     "histories": {n: [s[n]["history"] for s in per_seed] for n in kd.METHODS}}  # fmt: skip
+                     "histories": {n: [s[n]["history"] for s in per_seed] for n in methods}}  # fmt: skip
         save(args, out)
 
 
