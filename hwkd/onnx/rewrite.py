@@ -16,14 +16,17 @@ from typing import Any
 import numpy as np
 
 
-def _constant_values(graph: Any) -> dict[str, np.ndarray]:
+def _constant(graph: Any, name: str) -> np.ndarray | None:
+    """The value of ``name`` if it is an initializer or a Constant node's output, else None."""
     from onnx import numpy_helper
 
-    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer if init.dims in ([], [1], [2])}
+    for init in graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
     for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return values
+        if node.op_type == "Constant" and node.output[0] == name and node.attribute[0].name == "value":
+            return numpy_helper.to_array(node.attribute[0].t)
+    return None
 
 
 def _ranks(graph: Any) -> dict[str, int]:
@@ -35,9 +38,9 @@ def _ranks(graph: Any) -> dict[str, int]:
     return ranks
 
 
-def _reduce_axes(node: Any, constants: dict[str, np.ndarray]) -> list[int] | None:
+def _reduce_axes(graph: Any, node: Any) -> list[int] | None:
     if len(node.input) > 1 and node.input[1]:  # opset >= 18: axes is an input
-        axes = constants.get(node.input[1])
+        axes = _constant(graph, node.input[1])
         return None if axes is None else [int(a) for a in np.ravel(axes)]
     for attr in node.attribute:
         if attr.name == "axes":
@@ -54,7 +57,6 @@ def global_average_pool(proto: Any) -> int:
     from onnx import helper
 
     graph = proto.graph
-    constants = _constant_values(graph)
     ranks = _ranks(graph)
     count = 0
     dropped: set[str] = set()
@@ -64,7 +66,7 @@ def global_average_pool(proto: Any) -> int:
         if ranks.get(node.input[0]) != 4:
             continue
         keepdims = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
-        axes = _reduce_axes(node, constants)
+        axes = _reduce_axes(graph, node)
         if keepdims != 1 or axes is None or sorted(a % 4 for a in axes) != [2, 3]:
             continue
         pool = helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=node.name or None)

@@ -38,11 +38,11 @@ def run(state: PipelineState, cfg: BenchConfig, ctx: RunContext) -> tuple[Pipeli
     providers = tuple(runtime.providers)
     # One graph is timed once: a file listed under two labels, or two files that differ only in
     # metadata (model_fp32.onnx is a copy of the pruned student's stage export).
-    by_graph = {label: _graph_digest(Path(path)) for label, path in labels.items()}
-    first_path = {}
-    for label, digest in by_graph.items():
-        first_path.setdefault(digest, Path(labels[label]))
-    unique = list(first_path.values())
+    digests = {path: _graph_digest(path) for path in dict.fromkeys(Path(p) for p in labels.values())}
+    timed = {}  # graph digest -> the first file carrying it, the one that is timed
+    for path, digest in digests.items():
+        timed.setdefault(digest, path)
+    unique = list(timed.values())
 
     with ctx.progress.task("benchmark (onnxruntime)", total=len(unique) * cfg.iterations) as advance:
         models = ortbench.bench_models(
@@ -62,8 +62,8 @@ def run(state: PipelineState, cfg: BenchConfig, ctx: RunContext) -> tuple[Pipeli
         m.memory = ortbench.isolated_memory(m.path, m.runs[0].shapes, providers, m.threads, cfg.warmup)
     stats = {p: m.runs[0].stats for p, m in by_path.items()}
     latency = {}
-    for label in labels:
-        m = by_path[first_path[by_graph[label]]]
+    for label, path in labels.items():
+        m = by_path[timed[digests[Path(path)]]]
         latency[label] = {
             **m.runs[0].stats.to_dict(),
             "peak_memory_mb": m.memory["peak_mb"],
