@@ -24,10 +24,12 @@ Steps (each writes benchmarks/results/cifar10[_quick].{json,md,png} as it finish
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -189,19 +191,23 @@ def step_kd(args, proto, split_dir, teacher_pt, out: dict) -> None:
     sets = load_sets(split_dir)
     teacher = load_teacher(teacher_pt)
     student_fn = kd.student_factory(*proto["student"])
-    per_seed, t0 = [], time.time()
+    t0 = time.time()
     methods = {name: kd.METHODS[name] for name in proto.get("kd_methods") or kd.METHODS}
+    done = kd.earlier_seeds(out.get("kd"), proto["kd_epochs"], list(methods))  # seeds run by other invocations
+    wall = (out.get("kd") or {}).get("wall_s", 0.0) if done else 0.0
     for seed in proto["kd_seeds"]:
-        per_seed.append(kd.run_seed(sets["train"], sets["val"], sets["test"], teacher, student_fn, seed=seed,
-                                    epochs=proto["kd_epochs"], lr=proto["kd_lr"], methods=methods, log=log))  # fmt: skip
+        done[seed] = kd.run_seed(sets["train"], sets["val"], sets["test"], teacher, student_fn, seed=seed,
+                                 epochs=proto["kd_epochs"], lr=proto["kd_lr"], methods=methods, log=log)  # fmt: skip
+        seeds = sorted(done)
+        per_seed = [done[s] for s in seeds]
         summary = kd.summarise(per_seed)
         alone = [s["student_alone"]["history"] for s in per_seed]
-        out["kd"] = {**summary, "seeds_done": proto["kd_seeds"][: len(per_seed)], "epochs": proto["kd_epochs"],
+        out["kd"] = {**summary, "seeds_done": seeds, "epochs": proto["kd_epochs"],
                      "student": proto["student"], "student_params": sum(p.numel() for p in student_fn().parameters()),
                      "teacher_test_accuracy": kd.evaluate(teacher, sets["test"])[0],
                      "student_alone_val_curve": [[round(r["val_accuracy"], 4) for r in h] for h in alone],
                      "student_alone_plateau_epoch": [kd.plateau_epoch(h) for h in alone],
-                     "recipes": methods, "base_recipe": kd.BASE, "wall_s": round(time.time() - t0, 1),
+                     "recipes": methods, "base_recipe": kd.BASE, "wall_s": round(wall + time.time() - t0, 1),
                      "histories": {n: [s[n]["history"] for s in per_seed] for n in methods}}  # fmt: skip
         save(args, out)
 
@@ -214,12 +220,23 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
         hw = {"profile": proto["hw_profile"], "budgets": {}}
     out["hw"] = hw  # budgets run earlier (another invocation) are kept, and re-timed with the new ones
     t0 = time.time()
+    arms = (("on", []), ("off", ["--set", "distill.penalty_weight=0", "--set", "prune.penalty_weight=0"]))
+    runs = [(b, arm, extra) for b in proto["budgets"] for arm, extra in arms]
     for b in proto["budgets"]:
-        row = hw["budgets"][str(b)] = {}
-        for arm, extra in (("on", []), ("off", ["--set", "distill.penalty_weight=0", "--set", "prune.penalty_weight=0"])):
-            row[f"hwkd_penalty_{arm}"] = hwkd_compress(args, proto, split_dir, teacher_pt, proto["hw_profile"],
-                                                       args.work / f"hw_{b}_{arm}", ["--latency-budget", f"{b}%", *extra])  # fmt: skip
+        hw["budgets"][str(b)] = {}
+
+    def one(run) -> None:
+        b, arm, extra = run
+        result = hwkd_compress(args, proto, split_dir, teacher_pt, proto["hw_profile"], args.work / f"hw_{b}_{arm}",
+                               ["--latency-budget", f"{b}%", *extra])  # fmt: skip
+        with _SAVE_LOCK:
+            hw["budgets"][str(b)][f"hwkd_penalty_{arm}"] = result
             save(args, out)
+
+    # --jobs runs that many hwkd compress processes at once (each with --threads): their own measured
+    # latencies are then taken on a shared host, which is why every final model is re-timed alone below
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        list(pool.map(one, runs))
     # The peer: uniformly pruned teacher at the latency of hwkd's model (penalty on), measured together.
     teacher = load_teacher(teacher_pt)
     plain_train = teacher_mod.DecodedFolder(split_dir / "train", teacher_mod.transforms(False))
@@ -263,14 +280,37 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
     save(args, out)
 
 
+_SAVE_LOCK = threading.RLock()  # save() runs from the hw step's threads too
+
+
+def merged_with_disk(disk: dict, out: dict, steps: list[str]) -> dict:
+    """``out`` over what is on disk, keeping the steps another invocation (running at the same time)
+    saved: this invocation owns only the steps it runs (and, of the pipeline, only its profiles)."""
+    merged = {**out, **{k: v for k, v in disk.items() if k not in steps and k != "meta"}}
+    if "pipeline" in steps:
+        merged["pipeline"] = {**disk.get("pipeline", {}), **out.get("pipeline", {})}
+    meta, disk_meta = dict(out["meta"]), disk.get("meta", {})
+    seen = {(i["command"], i["started_utc"]) for i in meta.get("invocations", [])}
+    meta["invocations"] = [*meta.get("invocations", []),
+                           *(i for i in disk_meta.get("invocations", []) if (i["command"], i["started_utc"]) not in seen)]  # fmt: skip
+    meta["step_wall_s"] = {**disk_meta.get("step_wall_s", {}), **meta.get("step_wall_s", {})}
+    merged["meta"] = meta
+    return merged
+
+
 def save(args, out: dict) -> None:
     stem = "cifar10_quick" if args.quick else "cifar10"
     out["meta"]["wall_s_so_far"] = round(time.time() - args.started, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS / f"{stem}.json.tmp"
-    tmp.write_text(json.dumps(out, indent=1, default=str) + "\n")
-    os.replace(tmp, RESULTS / f"{stem}.json")
-    report.write(out, RESULTS / f"{stem}.md", RESULTS / f"{stem}.png")
+    target = RESULTS / f"{stem}.json"
+    with _SAVE_LOCK:
+        data = out
+        if target.exists():
+            data = merged_with_disk(json.loads(target.read_text()), out, args.step_list)
+        tmp = RESULTS / f"{stem}.json.tmp.{os.getpid()}"
+        tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+        os.replace(tmp, target)
+        report.write(data, RESULTS / f"{stem}.md", RESULTS / f"{stem}.png")
 
 
 def main() -> int:
@@ -280,6 +320,7 @@ def main() -> int:
     ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     ap.add_argument("--work", type=Path, default=Path("/tmp/hwkd-cifar10"), help="runs, symlink split, exports")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (training)")
+    ap.add_argument("--jobs", type=int, default=1, help="hwkd compress runs at once in the hw step")
     ap.add_argument("--budgets", default=None, help="override the protocol's latency budgets, e.g. 10,50 (%% of teacher)")
     ap.add_argument("--profiles", default=None, help="override the pipeline step's profiles, e.g. rpi4")
     ap.add_argument("--kd-methods", default=None, help="override the KD table's methods (student_alone is always in)")
@@ -289,6 +330,7 @@ def main() -> int:
     args.started = time.time()
     torch.set_num_threads(args.threads)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    args.step_list = steps
     unknown = sorted(set(steps) - set(STEPS))
     if unknown:
         ap.error(f"unknown step(s) {unknown}; choose from {','.join(STEPS)}")

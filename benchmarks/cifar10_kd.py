@@ -147,6 +147,25 @@ def summarise(per_seed: list[dict]) -> dict:
             if {"hinton_T_adaptive", "hinton_T4"} <= set(methods) else None}  # fmt: skip
 
 
+def earlier_seeds(kd_out: dict | None, epochs: int, methods: list[str]) -> dict[int, dict]:
+    """Per-seed results already in the results file at the same epochs, with every one of ``methods``.
+
+    Lets the table's seeds run in separate invocations (a session is shorter than the protocol): the
+    summary is rebuilt from each seed's test accuracy and history, as ``run_seed`` returned them.
+    """
+    if not kd_out or kd_out.get("epochs") != epochs or not set(methods) <= set(kd_out.get("histories", {})):
+        return {}
+    seeds = {}
+    for i, seed in enumerate(kd_out["seeds_done"]):
+        seeds[int(seed)] = {
+            name: {"test_accuracy": kd_out["methods"][name]["seeds"][i],
+                   "val_accuracy": kd_out["histories"][name][i][-1]["val_accuracy"],
+                   "history": kd_out["histories"][name][i]}
+            for name in methods
+        }  # fmt: skip
+    return seeds
+
+
 def plateau_epoch(history: list[dict], window: int = 3, tol: float = 0.005) -> int | None:
     """The first epoch after which the validation accuracy gained less than ``tol`` over ``window`` epochs."""
     accs = [row["val_accuracy"] for row in history]

@@ -71,3 +71,43 @@ def test_committed_split_applies_to_the_public_folder():
     lists = split.read_lists(Path("/work/shared/data/cifar10/train"))
     manifest = split.json.loads((split.RESULTS / "split.json").read_text())
     assert {k: split.digest(v) for k, v in lists.items()} == manifest["sha256_16"]
+
+
+def test_kd_seeds_from_an_earlier_invocation_are_kept_and_summarised_together():
+    import cifar10_kd as kd
+
+    def seed_result(offset: float) -> dict:
+        return {name: {"test_accuracy": 0.70 + offset + i / 100, "val_accuracy": 0.6 + offset,
+                       "history": [{"epoch": 1, "val_accuracy": 0.6 + offset}]}
+                for i, name in enumerate(("student_alone", "hinton_T4"))}  # fmt: skip
+
+    first = kd.summarise([seed_result(0.0)])
+    earlier = {**first, "seeds_done": [0], "epochs": 10,
+               "histories": {n: [seed_result(0.0)[n]["history"]] for n in ("student_alone", "hinton_T4")}}  # fmt: skip
+    done = kd.earlier_seeds(earlier, 10, ["student_alone", "hinton_T4"])
+    assert done == {0: seed_result(0.0)}
+    done[1] = seed_result(0.02)
+    both = kd.summarise([done[s] for s in sorted(done)])
+    assert both["methods"]["hinton_T4"]["seeds"] == [0.71, 0.73]
+    assert both["methods"]["hinton_T4"]["vs_student_alone_points"] == 1.0
+    # other epochs, or a method the earlier run did not train: nothing to merge
+    assert kd.earlier_seeds(earlier, 40, ["student_alone", "hinton_T4"]) == {}
+    assert kd.earlier_seeds(earlier, 10, ["student_alone", "rkd"]) == {}
+    assert kd.earlier_seeds(None, 10, ["student_alone"]) == {}
+
+
+def test_two_invocations_at_once_keep_each_others_steps():
+    import cifar10
+
+    disk = {"split": {"n": 1}, "kd": {"seeds_done": [0]}, "pipeline": {"jetson": {"acc": 1}},
+            "meta": {"invocations": [{"command": "a", "started_utc": "10:00"}], "step_wall_s": {"kd": 5.0}}}  # fmt: skip
+    mine = {"split": {"n": 1}, "pipeline": {"rpi4": {"acc": 2}}, "hw": {"budgets": {}},
+            "meta": {"invocations": [{"command": "b", "started_utc": "10:01"}], "step_wall_s": {"pipeline": 9.0}}}  # fmt: skip
+    merged = cifar10.merged_with_disk(disk, mine, ["pipeline", "hw"])
+    assert merged["kd"] == {"seeds_done": [0]}  # not this invocation's step: kept from disk
+    assert merged["pipeline"] == {"jetson": {"acc": 1}, "rpi4": {"acc": 2}}
+    assert merged["hw"] == {"budgets": {}}
+    assert [i["command"] for i in merged["meta"]["invocations"]] == ["b", "a"]
+    assert merged["meta"]["step_wall_s"] == {"kd": 5.0, "pipeline": 9.0}
+    # a step this invocation runs replaces the disk's
+    assert cifar10.merged_with_disk(disk, {**mine, "kd": {"seeds_done": [1]}}, ["kd"])["kd"] == {"seeds_done": [1]}
