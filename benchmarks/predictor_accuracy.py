@@ -98,6 +98,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="profile threads (0 = every usable core)")
     parser.add_argument("--tag", default="", help="write results/predictor_accuracy_<tag>.* instead")
     parser.add_argument("--networks", type=int, default=0, help="calibration networks per precision (0 = default)")
+    parser.add_argument("--dump", type=Path, default=None,
+                        help="also pickle what was measured (calibration networks and these models: traced layers, "
+                             "timings) to this file, to try a change of the cost model offline")  # fmt: skip
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -117,8 +120,9 @@ def main() -> int:
         loads["calibration_start"] = timing.load_average()
         t0 = time.time()
         interleaved: dict = {}
+        record: dict = {}
         host = calibrate(name="host-calibrated", settings=settings, log=lambda m: print("  " + m, flush=True),
-                         also_time=paths, timings=interleaved)  # fmt: skip
+                         also_time=paths, timings=interleaved, record=record)  # fmt: skip
         calibrate_s = time.time() - t0
         loads["calibration_end"] = timing.load_average()
         threads = host.runtime.threads
@@ -138,6 +142,8 @@ def main() -> int:
                                            (ortbench.CPU_EP,), threads, warmup=3)  # fmt: skip
             row["measured_memory_mb"] = mem.get("peak_mb")
         loads["memory_end"] = timing.load_average()
+        if args.dump:
+            dump(args.dump, record, rows, interleaved, later, counts)
         for row in rows:
             path = row.pop("path")
             prec = row["precision"]
@@ -179,6 +185,21 @@ def main() -> int:
     atomic_write(RESULTS / f"{stem}.md", render(result))
     print(render(result))
     return 0
+
+
+def dump(target: Path, record: dict, rows: list[dict], interleaved: dict, later: dict, counts: list[int]) -> None:
+    """Pickle the calibration's fit data and every model's traced layers and timings (offline model work)."""
+    import pickle
+
+    from hwkd.hardware.onnx_trace import trace_onnx
+
+    models = [{**{k: v for k, v in r.items() if k != "path"}, "works": trace_onnx(r["path"])[0],
+               **{f"t{n}_ms": interleaved[(r["path"], n)] for n in counts},
+               **{f"later_t{n}_ms": later[(r["path"], n)] for n in counts}}
+              for r in rows]  # fmt: skip
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(pickle.dumps({"calibration": record, "models": models}))
+    print(f"wrote {target}", flush=True)
 
 
 def summarise(rows: list[dict], counts: list[int]) -> dict:

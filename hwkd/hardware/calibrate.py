@@ -137,6 +137,7 @@ def calibrate(
     also_time: Sequence[Path] = (),
     timings: dict[Any, float] | None = None,
     load: Callable[[], float] | None = None,
+    record: dict[str, list[dict[str, Any]]] | None = None,
 ) -> Any:
     """Measure this host and return a complete, validated Profile (write it with dump_profile_toml).
 
@@ -144,6 +145,8 @@ def calibrate(
     count calibration times (their p50 in ms goes into ``timings[(path, threads)]``; they play no part
     in the fit), so a benchmark compares estimates with measurements taken under the same host load.
     ``load``: the host-load reading (default: the 1-minute load average), replaceable in tests.
+    ``record``: filled per precision with what the fits saw (each network's family, traced layers and
+    timings), so a change to the models can be tried offline on one calibration's measurements.
     """
     import onnx
 
@@ -261,8 +264,14 @@ def calibrate(
             works = [traced[p][0] for p, _ in mine]
             families = [fam for _, fam in mine]
             one = [cpu_t.get((p, 1), t[(p, 1)]) if settings.fit_cpu_time else t[(p, 1)] for p, _ in mine]
+            if record is not None:
+                record[prec] = [{"family": fam, "works": w, "fit_ms": m, "wall_1_ms": t[(p, 1)],
+                                 "wall_n_ms": t[(p, threads)], "threads": threads, "tile": tiles[prec],
+                                 "lanes": vector_width}
+                                for (p, fam), w, m in zip(mine, works, one, strict=True)]  # fmt: skip
             kernel_model[prec], fit_stats[prec] = fit_kernel_model(
-                works, one, tiles[prec], seed=settings.seed, lanes=vector_width, families=families
+                works, one, tiles[prec], seed=settings.seed, lanes=vector_width, families=families,
+                input_align=input_align(prec, arm, vector_width),
             )
             if threads > 1:
                 thread_model[prec], thread_stats[prec] = fit_thread_model(
@@ -336,6 +345,17 @@ def calibrate(
         "calibration": calibration,
     }
     return profile_from_dict(data, source="<calibrate>")
+
+
+def input_align(precision: str, arm: bool, vector_width: int) -> int:
+    """Input channels per group a conv needs, as a multiple, to run the runtime's main kernel.
+
+    INT8: 4 (the u8s8 GEMM packs input bytes in fours). FP32 on x86: ORT's NCHWc layout, whose block is
+    the vector width; a conv whose inputs are not a multiple of it reads them in NCHW through a kernel
+    of its own (ORT's optimized graph of an 8-channel stem shows a ReorderOutput and the NCHW-input
+    conv). Leave-one-family-out error of the FP32 fit: 24.0% with 4, 22.3% with the block.
+    """
+    return vector_width if precision == "fp32" and not arm else 4
 
 
 def memory_probe_networks(rng: np.random.Generator) -> list[Any]:

@@ -58,13 +58,16 @@ FEATURES = (
     "conv_flops",  # 2*MACs of a k x k conv (channels padded to the tile) / (k/(k + k_half))
     "pointwise_flops",  # the same for a 1x1 conv
     "unaligned_flops",  # 2*MACs (padded) of a conv whose input channels per group are not a multiple
-    # of 4, such as an RGB stem: runtimes give it a kernel of its own (see unaligned_im2col)
+    # of the kernel model's input_align (4 for INT8 packing; for FP32 on x86 the NCHWc block, since ORT's
+    # NCHWc convs take such inputs in NCHW), such as an RGB stem: a kernel of its own
     "depthwise_flops",  # 2*MACs of a depthwise conv, channels padded to the tile
     "gemm_flops",  # 2*MACs of a Gemm / MatMul
     "im2col",  # values gathered to lower a k x k conv to a GEMM: output pixels x reduction length
-    "unaligned_im2col",  # the same for convs whose input channels per group are not a multiple of 4,
-    # which int8 kernels cannot pack directly (an RGB stem is the usual case) and lower the slow way
+    "unaligned_im2col",  # the same for convs whose input channels per group are not a multiple of
+    # input_align, which the kernels cannot pack directly (an RGB stem is the usual case)
     "conv_activations",  # activation values a conv / gemm reads and writes (epilogue, requantize, layout)
+    "conv_pixels",  # output pixels of a conv, whatever its channels: per-pixel set-up (indirection
+    # pointers, requantization blocks); INT8 convs at 64-96 px were 20-30% under-estimated without it
     "unaligned_outputs",  # values written by a conv / gemm whose output channels are not a multiple of
     # the vector lanes (12 or 20 on 8-lane AVX2): the remainder takes a slower path
     "elementwise",  # values an unfused non-MAC op reads and writes (adds, pools, executed (de)quantize)
@@ -73,6 +76,8 @@ FEATURES = (
     "mac_ops",  # one more per conv / gemm kernel: packing, blocking and epilogue set-up
     "epilogue",  # values a fused activation other than ReLU rewrites after the kernel (ReLU6, sigmoid, ...)
 )
+# Features a profile calibrated before they existed lacks: priced at 0 there (what that fit assumed).
+_OPTIONAL_FEATURES = frozenset({"conv_pixels"})
 # Fused ops that cost nothing at all: BN is folded into the weights at load time, ReLU runs in-kernel.
 _FREE_FUSED = frozenset(
     {"BatchNormalization", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Relu", "ReLU"}
@@ -273,7 +278,8 @@ def layer_seconds(
 
 
 def layer_features(
-    w: LayerWork, tile: int, k_half: float, lanes: int = 8, threads: int = 1, grain: float = 0.0
+    w: LayerWork, tile: int, k_half: float, lanes: int = 8, threads: int = 1, grain: float = 0.0,
+    input_align: int = 4,
 ) -> dict[str, float]:
     """The kernel model's features of one layer (a fused layer costs only its epilogue, if any).
 
@@ -282,7 +288,7 @@ def layer_features(
     or values for non-MAC ops), so small layers run nearly serially and large ones nearly ``threads``
     times faster.
     """
-    f = _layer_features(w, tile, k_half, lanes)
+    f = _layer_features(w, tile, k_half, lanes, input_align)
     if threads > 1 and grain > 0:
         work = 2.0 * w.macs if w.macs else float(w.act_out if w.fused else w.act_in + w.act_out)
         scale = 1.0 - work / (work + grain) * (1.0 - 1.0 / threads)
@@ -290,7 +296,7 @@ def layer_features(
     return f
 
 
-def _layer_features(w: LayerWork, tile: int, k_half: float, lanes: int) -> dict[str, float]:
+def _layer_features(w: LayerWork, tile: int, k_half: float, lanes: int, input_align: int = 4) -> dict[str, float]:
     f = dict.fromkeys(FEATURES, 0.0)
     if w.fused:
         if w.op not in _FREE_FUSED:
@@ -303,6 +309,8 @@ def _layer_features(w: LayerWork, tile: int, k_half: float, lanes: int) -> dict[
         f["elementwise"] = float(w.act_in + w.act_out)
         return f
     f["conv_activations"] = float(w.act_in + w.act_out)
+    if w.kernel:
+        f["conv_pixels"] = w.act_out / max(w.channels, 1)
     if w.channels % lanes:
         f["unaligned_outputs"] = float(w.act_out)
     f["mac_ops"] = 1.0
@@ -311,7 +319,7 @@ def _layer_features(w: LayerWork, tile: int, k_half: float, lanes: int) -> dict[
         im2col = w.macs / max(w.channels, 1)  # output pixels x reduction length
         if kind == "conv":
             f["im2col"] = im2col
-        if w.in_channels % 4:
+        if w.in_channels % input_align:
             f["unaligned_flops"] = flops
             f["unaligned_im2col"] = im2col
         else:
@@ -329,7 +337,8 @@ def kernel_seconds(
     """Time of one layer under a fitted kernel model, its largest share (compute | memory | overhead),
     and the overhead share alone (dispatch, which no channel count changes)."""
     parts = {"compute": 0.0, "memory": 0.0, "overhead": 0.0}
-    features = layer_features(w, tile, model["k_half"], lanes, int(model["threads"]), model["grain"])
+    features = layer_features(w, tile, model["k_half"], lanes, int(model["threads"]), model["grain"],
+                              int(model.get("input_align", 4)))
     for name, value in features.items():
         if value:
             share = "compute" if name in _COMPUTE_FEATURES else "overhead" if name.endswith("ops") else "memory"
@@ -345,6 +354,7 @@ def fitted_kernel_model(profile: Any, precision: str) -> dict[str, float] | None
         return None
     if not isinstance(model, dict):
         raise ProfileError(f"{profile.source}: calibration.kernel_model.{precision} must be a table.")
+    model = {**dict.fromkeys(_OPTIONAL_FEATURES, 0.0), **model}
     missing = [k for k in (*FEATURES, "run_ns", "k_half") if k not in model]
     if missing:
         raise ProfileError(
@@ -361,6 +371,8 @@ def fitted_kernel_model(profile: Any, precision: str) -> dict[str, float] | None
     out["grain"] = _calibration_number(
         profile, f"kernel_model.{precision}.grain", model.get("grain", 0.0), allow_zero=True
     )
+    # input channels per group a conv needs, as a multiple, for the runtime's main kernel (4 before it was fitted)
+    out["input_align"] = _calibration_number(profile, f"kernel_model.{precision}.input_align", model.get("input_align", 4))
     return out
 
 

@@ -23,7 +23,8 @@ GRAIN_GRID = (1e4, 3e4, 1e5, 3e5, 1e6, 3e6, 1e7)
 
 
 def feature_matrix(
-    works_list: list[list], tile: int, k_half: float, lanes: int = 8, threads: int = 1, grain: float = 0.0
+    works_list: list[list], tile: int, k_half: float, lanes: int = 8, threads: int = 1, grain: float = 0.0,
+    input_align: int = 4,
 ) -> np.ndarray:
     """Per network, its layers' kernel-model features summed (columns: cost.FEATURES, then 1 per run)."""
     from hwkd.hardware.cost import FEATURES, layer_features
@@ -32,7 +33,7 @@ def feature_matrix(
     for works in works_list:
         total = dict.fromkeys(FEATURES, 0.0)
         for w in works:
-            for key, value in layer_features(w, tile, k_half, lanes, threads, grain).items():
+            for key, value in layer_features(w, tile, k_half, lanes, threads, grain, input_align).items():
                 total[key] += value
         rows.append([total[k] for k in FEATURES] + [1.0])
     return np.asarray(rows, dtype=np.float64)
@@ -108,7 +109,7 @@ def _stats(rel: np.ndarray, cv: np.ndarray, families: Sequence[str] | None) -> d
 
 def fit_kernel_model(
     works_list: list[list], measured_ms: list[float], tile: int, folds: int = 5, seed: int = 0, lanes: int = 8,
-    threads: int = 1, families: Sequence[str] | None = None,
+    threads: int = 1, families: Sequence[str] | None = None, input_align: int = 4,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit one precision's kernel model to networks timed on the host: (model table, fit statistics).
 
@@ -123,7 +124,7 @@ def fit_kernel_model(
     y = np.asarray(measured_ms, dtype=np.float64) * 1e6  # ns
     best = None
     for k_half, grain in itertools.product(K_HALF_GRID, GRAIN_GRID if threads > 1 else (0.0,)):
-        x = feature_matrix(works_list, tile, k_half, lanes, threads, grain)
+        x = feature_matrix(works_list, tile, k_half, lanes, threads, grain, input_align)
         coef = _relative_nnls(x, y)
         loss = _huber(np.abs(x @ coef / y - 1.0))
         if best is None or loss < best[0]:
@@ -132,7 +133,8 @@ def fit_kernel_model(
     rel = np.abs(x @ coef / y - 1.0)
     cv = _held_out(x, y, families, folds, seed)
     model = {k: float(v) for k, v in zip(FEATURES, coef[:-1], strict=True)}
-    model.update(run_ns=float(coef[-1]), k_half=float(k_half), channel_tile=int(tile), threads=int(threads))
+    model.update(run_ns=float(coef[-1]), k_half=float(k_half), channel_tile=int(tile), threads=int(threads),
+                 input_align=int(input_align))
     if threads > 1:
         model["grain"] = float(grain)
     return model, _stats(rel, cv, families)

@@ -103,8 +103,11 @@ def test_calibrate_cli_writes_a_profile_that_loads(tmp_path):
     cal = prof.calibration
     assert set(cal["kernel_model"]) == {"fp32", "int8"}
     for table in cal["kernel_model"].values():
-        assert set(table) == {*FEATURES, "run_ns", "k_half", "channel_tile", "threads"}  # 1 thread: no grain
+        assert set(table) == {*FEATURES, "run_ns", "k_half", "channel_tile", "threads", "input_align"}  # no grain
         assert all(v >= 0 for v in table.values())
+    vector_width = prof.hardware.vector_width
+    assert cal["kernel_model"]["int8"]["input_align"] == 4
+    assert cal["kernel_model"]["fp32"]["input_align"] == (vector_width if prof.hardware.cpu_family == "x86" else 4)
     assert cal["kernel_model"]["fp32"]["channel_tile"] in (8, 16, 32)
     assert prof.runtime.channel_multiple == max(t["channel_tile"] for t in cal["kernel_model"].values())
     assert cal["measured"]["fit_networks"] == 8 and cal["measured"]["threads"] == 1

@@ -381,6 +381,41 @@ def test_kernel_model_kinds_and_fused_epilogues():
     assert estimate(model, torch.randn(1, 4, 8, 8), prof).latency_ms == pytest.approx(8 * 64 * 1e-6)
 
 
+def test_kernel_model_charges_conv_output_pixels_whatever_the_channels():
+    prof = kernel_profile(conv_pixels=2.0)
+    x = torch.randn(1, 8, 6, 6)
+    for cout in (8, 16, 64):  # 36 output pixels each
+        assert estimate(nn.Conv2d(8, cout, 3, padding=1), x, prof).latency_ms == pytest.approx(2.0 * 36 * 1e-6)
+    assert estimate(nn.Conv2d(8, 16, 1, stride=2), x, prof).latency_ms == pytest.approx(2.0 * 9 * 1e-6)
+    assert estimate(nn.Linear(8, 16), torch.randn(1, 8), prof).latency_ms == 0.0  # a GEMM has no pixels
+
+
+def test_input_align_decides_which_convs_take_the_unaligned_kernel():
+    x = torch.randn(1, 8, 4, 4)
+    conv = nn.Conv2d(8, 16, 1)
+    four = kernel_profile(pointwise_flops=1.0, unaligned_flops=3.0)
+    block = kernel_profile(pointwise_flops=1.0, unaligned_flops=3.0, input_align=16)
+    flops = 2 * 8 * 16 * 16
+    assert estimate(conv, x, four).latency_ms == pytest.approx(1.0 * flops * 1e-6)  # 8 % 4 == 0
+    assert estimate(conv, x, block).latency_ms == pytest.approx(3.0 * flops * 1e-6)  # 8 % 16 != 0: NCHW input
+    from hwkd.hardware.calibrate import input_align
+
+    assert input_align("fp32", arm=False, vector_width=16) == 16  # ORT's NCHWc block on AVX-512
+    assert input_align("int8", arm=False, vector_width=16) == 4 and input_align("fp32", arm=True, vector_width=4) == 4
+
+
+def test_a_profile_calibrated_before_conv_pixels_still_prices():
+    """Features added later are optional: an older profile prices them at 0 and aligns inputs to 4."""
+    from hwkd.hardware.cost import fitted_kernel_model
+
+    prof = kernel_profile(conv_flops=1.0)
+    table = prof.calibration["kernel_model"]["fp32"]
+    del table["conv_pixels"]
+    model = fitted_kernel_model(prof, "fp32")
+    assert model["conv_pixels"] == 0.0 and model["input_align"] == 4.0
+    assert estimate(nn.Conv2d(8, 16, 3), torch.randn(1, 8, 6, 6), prof).latency_ms > 0
+
+
 def test_incomplete_kernel_model_names_the_fix():
     prof = kernel_profile()
     del prof.calibration["kernel_model"]["fp32"]["ops"]

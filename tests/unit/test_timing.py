@@ -67,8 +67,8 @@ def test_calibration_on_a_loaded_host_says_its_fit_is_not_trustworthy():
     from hwkd.hardware.cost import estimate_onnx
 
     settings = dataclasses.replace(TINY, threads=1, precisions=("fp32",), retries=1)
-    messages = []
-    profile = calibrate(name="loaded", settings=settings, log=messages.append, load=lambda: 8.0)
+    messages, record = [], {}
+    profile = calibrate(name="loaded", settings=settings, log=messages.append, load=lambda: 8.0, record=record)
     stability = profile.calibration["measured"]["stability"]
     assert stability["trustworthy"] is False and stability["attempts"] == 2
     assert len(stability["probes_ms"]) == settings.rounds + 1  # start, between rounds, end
@@ -76,6 +76,10 @@ def test_calibration_on_a_loaded_host_says_its_fit_is_not_trustworthy():
     assert sum("warning:" in m for m in messages) == 2
     cost = estimate_onnx(random_network(np.random.default_rng(0), max_macs=2e6), profile)
     assert "untrustworthy" in cost.calibration_warning and cost.threads == 1
+    # what the fit saw, for offline work on the model: one row per network, its layers and timings
+    rows = record["fp32"]
+    assert [r["family"] for r in rows] == ["random", "resnet", "mobile", "grouped"]
+    assert all(r["works"] and r["fit_ms"] > 0 and r["wall_1_ms"] > 0 and r["threads"] == 1 for r in rows)
 
 
 def test_a_probe_that_did_not_get_its_core_is_not_trusted():
