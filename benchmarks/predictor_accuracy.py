@@ -99,8 +99,8 @@ def main() -> int:
     parser.add_argument("--tag", default="", help="write results/predictor_accuracy_<tag>.* instead")
     parser.add_argument("--networks", type=int, default=0, help="calibration networks per precision (0 = default)")
     parser.add_argument("--dump", type=Path, default=None,
-                        help="also pickle what was measured (calibration networks and these models: traced layers, "
-                             "timings) to this file, to try a change of the cost model offline")  # fmt: skip
+                        help="also write what was measured (calibration networks and these models: traced layers, "
+                             "timings) to this JSON file, to try a change of the cost model offline (predictor_refit.py)")  # fmt: skip
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -188,17 +188,21 @@ def main() -> int:
 
 
 def dump(target: Path, record: dict, rows: list[dict], interleaved: dict, later: dict, counts: list[int]) -> None:
-    """Pickle the calibration's fit data and every model's traced layers and timings (offline model work)."""
-    import pickle
+    """Write the calibration's fit data and every model's traced layers and timings as JSON (offline model
+    work: benchmarks/predictor_refit.py)."""
+    import json
 
     from hwkd.hardware.onnx_trace import trace_onnx
 
-    models = [{**{k: v for k, v in r.items() if k != "path"}, "works": trace_onnx(r["path"])[0],
+    def layers(works: list) -> list[dict]:
+        return [dataclasses.asdict(w) for w in works]
+
+    calibration = {prec: [{**r, "works": layers(r["works"])} for r in nets] for prec, nets in record.items()}
+    models = [{**{k: v for k, v in r.items() if k != "path"}, "works": layers(trace_onnx(r["path"])[0]),
                **{f"t{n}_ms": interleaved[(r["path"], n)] for n in counts},
                **{f"later_t{n}_ms": later[(r["path"], n)] for n in counts}}
               for r in rows]  # fmt: skip
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(pickle.dumps({"calibration": record, "models": models}))
+    atomic_write(target, json.dumps({"calibration": calibration, "models": models}))
     print(f"wrote {target}", flush=True)
 
 

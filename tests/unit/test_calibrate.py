@@ -161,3 +161,33 @@ def test_estimate_cli_json_and_table(tmp_path):
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_predictor_refit_scores_a_recorded_run_without_timing(tmp_path):
+    """A dump whose timings a known kernel model produced: the refit reproduces them (benchmarks/predictor_refit.py)."""
+    import dataclasses
+    import json
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import predictor_refit
+
+    truth = {"conv_flops": 0.01, "pointwise_flops": 0.012, "depthwise_flops": 0.03, "ops": 800.0,
+             "run_ns": 9000.0, "k_half": 16.0, "channel_tile": 8}  # fmt: skip
+    profile = _kernel_profile(truth)
+    rng = np.random.default_rng(4)
+    nets = []
+    for i in range(24):
+        path = tmp_path / f"n{i}.onnx"
+        onnx.save(random_network(rng, max_macs=20e6), path)
+        works, params, _ = trace_onnx(path)
+        ms = price(works, profile, "fp32", params=params).latency_ms
+        nets.append({"family": ("random", "other")[i % 2], "works": [dataclasses.asdict(w) for w in works],
+                     "fit_ms": ms, "wall_1_ms": ms, "wall_n_ms": ms, "threads": 1, "tile": 8, "lanes": 8})  # fmt: skip
+    models = [{"model": f"m{i}", "group": "benchmark", "precision": "fp32", "works": n["works"], "t1_ms": n["fit_ms"]}
+              for i, n in enumerate(nets[:4])]  # fmt: skip
+    dump = tmp_path / "dump.json"
+    dump.write_text(json.dumps({"calibration": {"fp32": nets}, "models": models}))
+    rows = predictor_refit.summary(predictor_refit.refit(predictor_refit.load_dump(dump)))
+    assert rows == [{"threads": 1, "group": "benchmark", "precision": "fp32", "n": 4, "within_10pct": 1.0,
+                     "within_15pct": 1.0, "mape_pct": rows[0]["mape_pct"]}]  # fmt: skip
+    assert rows[0]["mape_pct"] < 2.0

@@ -1,0 +1,122 @@
+"""The cost model refitted on one recorded predictor_accuracy run, without timing anything again.
+
+``python benchmarks/predictor_accuracy.py --dump FILE`` records what calibration timed (each fit
+network's layers, 1-thread CPU time, wall time at 1 and N threads) and every benchmark model's layers
+and timings. This script fits the *current* kernel and thread models to those calibration networks
+exactly as ``hwkd profiles calibrate`` does and scores them on the benchmark models: how a change to
+the model would have done on that run's measurements (docs/decisions-issue13.md, stop 17).
+
+    python benchmarks/predictor_refit.py --dump /tmp/predictor_dump.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from hwkd.artifacts import atomic_write, write_json
+from hwkd.hardware import cost, fit
+from hwkd.hardware.calibrate import input_align
+from hwkd.hardware.threads import layer_seconds_at
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load_dump(path: Path) -> dict:
+    """The JSON predictor_accuracy.py --dump wrote, with its layers as cost.LayerWork again."""
+    data = json.loads(path.read_text())
+    for nets in data["calibration"].values():
+        for net in nets:
+            net["works"] = [cost.LayerWork(**w) for w in net["works"]]
+    for model in data["models"]:
+        model["works"] = [cost.LayerWork(**w) for w in model["works"]]
+    return data
+
+
+def refit(dump: dict) -> dict:
+    """Per precision: the held-out errors of the fits and each benchmark model's estimate vs measurement."""
+    out = {}
+    for prec, rows in dump["calibration"].items():
+        works = [r["works"] for r in rows]
+        families = [r["family"] for r in rows]
+        lanes, threads = rows[0]["lanes"], rows[0]["threads"]
+        model, stats = fit.fit_kernel_model(works, [r["fit_ms"] for r in rows], rows[0]["tile"], lanes=lanes,
+                                            families=families, input_align=input_align(prec, False, lanes))  # fmt: skip
+        model.setdefault("grain", 0.0)
+        entry = {"kernel_fit": stats, "models": []}
+        tm = None
+        if threads > 1:
+            tm, entry["thread_fit"] = fit.fit_thread_model(
+                works, [r["wall_1_ms"] for r in rows], [r["wall_n_ms"] for r in rows], model, threads, lanes, families
+            )
+        for m in dump["models"]:
+            if m["precision"] != prec:
+                continue
+            per = [cost.kernel_seconds(w, model, model["channel_tile"], lanes)[0] for w in m["works"]]
+            row = {"model": m["model"], "group": m["group"], "t1": {"measured_ms": m["t1_ms"],
+                   "estimated_ms": (sum(per) + model["run_ns"] * 1e-9) * 1e3}}  # fmt: skip
+            if tm is not None:
+                est = sum(layer_seconds_at(w, t, tm)[0] for w, t in zip(m["works"], per, strict=True)) + tm["run_ns"] * 1e-9
+                row[f"t{threads}"] = {"measured_ms": m[f"t{threads}_ms"], "estimated_ms": est * 1e3}
+            entry["models"].append(row)
+        out[prec] = entry
+    return out
+
+
+def summary(result: dict) -> list[dict]:
+    rows = []
+    for prec, entry in result.items():
+        counts = [k for k in entry["models"][0] if k.startswith("t")]
+        for t in counts:
+            for group in dict.fromkeys(m["group"] for m in entry["models"]):
+                mine = [m[t] for m in entry["models"] if m["group"] == group]
+                rel = np.abs(np.array([m["estimated_ms"] / m["measured_ms"] - 1 for m in mine]))
+                rows.append({"threads": int(t[1:]), "group": group, "precision": prec, "n": len(rel),
+                             "within_10pct": round(float((rel <= 0.10).mean()), 3),
+                             "within_15pct": round(float((rel <= 0.15).mean()), 3),
+                             "mape_pct": round(float(rel.mean() * 100), 1)})  # fmt: skip
+    return sorted(rows, key=lambda r: (r["threads"], r["group"], r["precision"]))
+
+
+def render(result: dict, rows: list[dict], source: str) -> str:
+    lines = ["# predictor_refit", "",
+             f"The current cost model fitted to the calibration networks recorded in `{source}` and scored on "
+             "that run's benchmark models (nothing re-timed). Command: `python benchmarks/predictor_refit.py "
+             f"--dump {source}`.", "",
+             "| threads | models | precision | n | within ±10% | within ±15% | MAPE |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['threads']} | {r['group']} | {r['precision']} | {r['n']} | {100 * r['within_10pct']:.0f}% | "
+                     f"{100 * r['within_15pct']:.0f}% | {r['mape_pct']}% |")  # fmt: skip
+    lines += ["", "Held-out (leave-one-family-out) MAPE of the fits on the calibration networks:", ""]
+    for prec, entry in result.items():
+        k = entry["kernel_fit"]
+        t = entry.get("thread_fit", {})
+        lines.append(f"- {prec}: kernel model {k.get('cv_mape_pct')}% (per family {k.get('held_out_family_mape_pct')})"
+                     + (f"; thread model {t.get('cv_mape_pct')}%" if t else ""))  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dump", type=Path, required=True, help="a predictor_accuracy.py --dump file")
+    args = parser.parse_args()
+    if not args.dump.is_file():
+        parser.error(f"--dump {args.dump} does not exist; write one with predictor_accuracy.py --dump")
+    dump = load_dump(args.dump)
+    result = refit(dump)
+    rows = summary(result)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS / "predictor_refit.json", {"source": str(args.dump), "summary": rows, "per_precision": result},
+               )  # fmt: skip
+    text = render(result, rows, str(args.dump))
+    atomic_write(RESULTS / "predictor_refit.md", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
