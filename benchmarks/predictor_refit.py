@@ -21,7 +21,6 @@ import numpy as np
 from hwkd.artifacts import atomic_write, write_json
 from hwkd.hardware import cost, fit
 from hwkd.hardware.calibrate import input_align
-from hwkd.hardware.threads import layer_seconds_at
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -38,7 +37,16 @@ def load_dump(path: Path) -> dict:
 
 
 def refit(dump: dict) -> dict:
-    """Per precision: the held-out errors of the fits and each benchmark model's estimate vs measurement."""
+    """Per precision: the held-out errors of the fits and each benchmark model's estimate vs measurement.
+
+    The fitted tables go into a profile and every estimate comes from ``cost.price``, the code path
+    ``hwkd estimate`` takes.
+    """
+    import dataclasses
+
+    from hwkd.hardware.profiles import load_profile
+
+    base = load_profile("x86-avx2")
     out = {}
     for prec, rows in dump["calibration"].items():
         works = [r["works"] for r in rows]
@@ -46,22 +54,22 @@ def refit(dump: dict) -> dict:
         lanes, threads = rows[0]["lanes"], rows[0]["threads"]
         model, stats = fit.fit_kernel_model(works, [r["fit_ms"] for r in rows], rows[0]["tile"], lanes=lanes,
                                             families=families, input_align=input_align(prec, False, lanes))  # fmt: skip
-        model.setdefault("grain", 0.0)
         entry = {"kernel_fit": stats, "models": []}
-        tm = None
+        calibration = {"kernel_model": {prec: model}}
         if threads > 1:
             tm, entry["thread_fit"] = fit.fit_thread_model(
                 works, [r["wall_1_ms"] for r in rows], [r["wall_n_ms"] for r in rows], model, threads, lanes, families
             )
+            calibration["thread_model"] = {prec: tm}
+        profile = dataclasses.replace(base, hardware=dataclasses.replace(base.hardware, vector_width=lanes),
+                                      calibration=calibration)  # fmt: skip
         for m in dump["models"]:
             if m["precision"] != prec:
                 continue
-            per = [cost.kernel_seconds(w, model, model["channel_tile"], lanes)[0] for w in m["works"]]
-            row = {"model": m["model"], "group": m["group"], "t1": {"measured_ms": m["t1_ms"],
-                   "estimated_ms": (sum(per) + model["run_ns"] * 1e-9) * 1e3}}  # fmt: skip
-            if tm is not None:
-                est = sum(layer_seconds_at(w, t, tm)[0] for w, t in zip(m["works"], per, strict=True)) + tm["run_ns"] * 1e-9
-                row[f"t{threads}"] = {"measured_ms": m[f"t{threads}_ms"], "estimated_ms": est * 1e3}
+            row = {"model": m["model"], "group": m["group"]}
+            for n in sorted({1, threads}):
+                row[f"t{n}"] = {"measured_ms": m[f"t{n}_ms"],
+                                "estimated_ms": cost.price(m["works"], profile, prec, threads=n).latency_ms}  # fmt: skip
             entry["models"].append(row)
         out[prec] = entry
     return out
