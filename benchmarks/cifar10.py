@@ -122,8 +122,10 @@ def step_teacher(args, proto: dict, split_dir: Path, out: dict) -> Path:
 
 
 def hwkd_compress(args, proto: dict, split_dir: Path, teacher_pt: Path, profile: str, run_dir: Path,
-                  extra: list[str] = ()) -> dict:  # fmt: skip
-    """One ``hwkd compress`` through the CLI, as a user types it; returns the report's key figures."""
+                  extra: list[str] = (), earlier: dict | None = None) -> dict:  # fmt: skip
+    """One ``hwkd compress`` through the CLI, as a user types it; returns the report's key figures.
+    With ``--reuse-runs``, an ``earlier`` result of the very same command whose model is still on disk
+    is returned instead of training again (marked ``reused``)."""
     cmd = [sys.executable, "-m", "hwkd", "compress", "--profile", profile, "--data", str(split_dir),
            "--teacher", str(teacher_pt), "--teacher-arch", teacher_mod.ARCH, *MEAN_STD,
            "--out", str(run_dir), "--overwrite", "--json", *extra]  # fmt: skip
@@ -131,6 +133,9 @@ def hwkd_compress(args, proto: dict, split_dir: Path, teacher_pt: Path, profile:
         cmd += ["--set", s]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
     shown = " ".join(["hwkd compress", *[str(c) for c in cmd[4:]]])
+    if getattr(args, "reuse_runs", False) and reusable(earlier, shown):
+        log(f"reused (same command, model on disk): {shown}")
+        return {**earlier, "reused": True}
     log(f"run: {shown}")
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
@@ -152,6 +157,13 @@ def hwkd_compress(args, proto: dict, split_dir: Path, teacher_pt: Path, profile:
         "train_epochs": sum(s["epochs"] for s in stages if s["name"] in ("distill", "prune", "qat")),
         "model": str(run_dir / "model.onnx"),
     }  # fmt: skip
+
+
+def reusable(earlier: dict | None, command: str) -> bool:
+    """An earlier run can stand in for ``command`` only if it is that command, it succeeded, and its
+    model is still on disk."""
+    return bool(earlier) and earlier.get("command") == command and earlier.get("returncode") == 0 \
+        and Path(earlier.get("model", "")).is_file()
 
 
 def stage_epochs(stage: dict) -> int:
@@ -193,22 +205,30 @@ def step_kd(args, proto, split_dir, teacher_pt, out: dict) -> None:
     student_fn = kd.student_factory(*proto["student"])
     t0 = time.time()
     methods = {name: kd.METHODS[name] for name in proto.get("kd_methods") or kd.METHODS}
-    done = kd.earlier_seeds(out.get("kd"), proto["kd_epochs"], list(methods))  # seeds run by other invocations
+    done = kd.earlier_seeds(out.get("kd"), proto["kd_epochs"])  # seeds / methods run by other invocations
     wall = (out.get("kd") or {}).get("wall_s", 0.0) if done else 0.0
     for seed in proto["kd_seeds"]:
-        done[seed] = kd.run_seed(sets["train"], sets["val"], sets["test"], teacher, student_fn, seed=seed,
-                                 epochs=proto["kd_epochs"], lr=proto["kd_lr"], methods=methods, log=log)  # fmt: skip
-        seeds = sorted(done)
-        per_seed = [done[s] for s in seeds]
+        todo = {n: m for n, m in methods.items() if n not in done.get(seed, {})}
+        if not todo:
+            log(f"kd seed {seed}: every method already in the results")
+            continue
+        new = kd.run_seed(sets["train"], sets["val"], sets["test"], teacher, student_fn, seed=seed,
+                          epochs=proto["kd_epochs"], lr=proto["kd_lr"], methods=todo, log=log)  # fmt: skip
+        done[seed] = {**done.get(seed, {}), **new}
+        seeds, names = kd.table(done)
+        per_seed = [{n: done[s][n] for n in names} for s in seeds]
         summary = kd.summarise(per_seed)
         alone = [s["student_alone"]["history"] for s in per_seed]
+        recipes = {**(out.get("kd") or {}).get("recipes", {}), **methods}
         out["kd"] = {**summary, "seeds_done": seeds, "epochs": proto["kd_epochs"],
                      "student": proto["student"], "student_params": sum(p.numel() for p in student_fn().parameters()),
                      "teacher_test_accuracy": kd.evaluate(teacher, sets["test"])[0],
                      "student_alone_val_curve": [[round(r["val_accuracy"], 4) for r in h] for h in alone],
                      "student_alone_plateau_epoch": [kd.plateau_epoch(h) for h in alone],
-                     "recipes": methods, "base_recipe": kd.BASE, "wall_s": round(wall + time.time() - t0, 1),
-                     "histories": {n: [s[n]["history"] for s in per_seed] for n in methods}}  # fmt: skip
+                     "recipes": {n: recipes[n] for n in names}, "base_recipe": kd.BASE,
+                     "wall_s": round(wall + time.time() - t0, 1),
+                     "histories": {n: [s[n]["history"] for s in per_seed] for n in names},
+                     "runs": {str(s): done[s] for s in sorted(done)}}  # fmt: skip
         save(args, out)
 
 
@@ -222,13 +242,15 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
     t0 = time.time()
     arms = (("on", []), ("off", ["--set", "distill.penalty_weight=0", "--set", "prune.penalty_weight=0"]))
     runs = [(b, arm, extra) for b in proto["budgets"] for arm, extra in arms]
+    earlier = {str(b): hw["budgets"].get(str(b), {}) for b in proto["budgets"]}
     for b in proto["budgets"]:
         hw["budgets"][str(b)] = {}
 
     def one(run) -> None:
         b, arm, extra = run
         result = hwkd_compress(args, proto, split_dir, teacher_pt, proto["hw_profile"], args.work / f"hw_{b}_{arm}",
-                               ["--latency-budget", f"{b}%", *extra])  # fmt: skip
+                               ["--latency-budget", f"{b}%", *extra],
+                               earlier[str(b)].get(f"hwkd_penalty_{arm}"))  # fmt: skip
         with _SAVE_LOCK:
             hw["budgets"][str(b)][f"hwkd_penalty_{arm}"] = result
             save(args, out)
@@ -321,6 +343,8 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/hwkd-cifar10"), help="runs, symlink split, exports")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (training)")
     ap.add_argument("--jobs", type=int, default=1, help="hwkd compress runs at once in the hw step")
+    ap.add_argument("--reuse-runs", action="store_true",
+                    help="hw step: keep an earlier hwkd run of the same command whose model is on disk (re-runs the peer)")
     ap.add_argument("--budgets", default=None, help="override the protocol's latency budgets, e.g. 10,50 (%% of teacher)")
     ap.add_argument("--profiles", default=None, help="override the pipeline step's profiles, e.g. rpi4")
     ap.add_argument("--kd-methods", default=None, help="override the KD table's methods (student_alone is always in)")

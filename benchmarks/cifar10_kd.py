@@ -147,23 +147,31 @@ def summarise(per_seed: list[dict]) -> dict:
             if {"hinton_T_adaptive", "hinton_T4"} <= set(methods) else None}  # fmt: skip
 
 
-def earlier_seeds(kd_out: dict | None, epochs: int, methods: list[str]) -> dict[int, dict]:
-    """Per-seed results already in the results file at the same epochs, with every one of ``methods``.
+def earlier_seeds(kd_out: dict | None, epochs: int) -> dict[int, dict]:
+    """Per-seed results already in the results file at the same epochs: ``{seed: {method: results}}``.
 
-    Lets the table's seeds run in separate invocations (a session is shorter than the protocol): the
-    summary is rebuilt from each seed's test accuracy and history, as ``run_seed`` returned them.
+    Lets the table grow across invocations (a session is shorter than the protocol): more seeds, or
+    more methods for seeds already run (methods train independently in ``run_seed``: the same shuffle,
+    each student its own seeded init). The summary is rebuilt from each seed's test accuracy and history,
+    as ``run_seed`` returned them.
     """
-    if not kd_out or kd_out.get("epochs") != epochs or not set(methods) <= set(kd_out.get("histories", {})):
+    if not kd_out or kd_out.get("epochs") != epochs:
         return {}
-    seeds = {}
-    for i, seed in enumerate(kd_out["seeds_done"]):
-        seeds[int(seed)] = {
-            name: {"test_accuracy": kd_out["methods"][name]["seeds"][i],
-                   "val_accuracy": kd_out["histories"][name][i][-1]["val_accuracy"],
-                   "history": kd_out["histories"][name][i]}
-            for name in methods
-        }  # fmt: skip
+    if "runs" in kd_out:  # every (seed, method) run, also those not yet on every seed
+        return {int(seed): dict(runs) for seed, runs in kd_out["runs"].items()}
+    seeds: dict[int, dict] = {}  # results written before "runs": every method on every seed of the table
+    for name, per_seed in kd_out.get("histories", {}).items():
+        for seed, history, acc in zip(kd_out["seeds_done"], per_seed, kd_out["methods"][name]["seeds"], strict=True):
+            seeds.setdefault(int(seed), {})[name] = {"test_accuracy": acc, "val_accuracy": history[-1]["val_accuracy"],
+                                                     "history": history}  # fmt: skip
     return seeds
+
+
+def table(done: dict[int, dict]) -> tuple[list[int], list[str]]:
+    """(seeds, methods) of the summary: every seed with the student alone, every method run on all of them."""
+    seeds = sorted(s for s, r in done.items() if "student_alone" in r)
+    names = [n for n in dict.fromkeys(n for s in seeds for n in done[s]) if all(n in done[s] for s in seeds)]
+    return seeds, names
 
 
 def plateau_epoch(history: list[dict], window: int = 3, tol: float = 0.005) -> int | None:
@@ -179,4 +187,5 @@ def student_factory(name: str, width: float, num_classes: int = 10) -> Callable:
     return lambda: ZOO.get(name)(num_classes, 3, width)
 
 
-__all__ = ["METHODS", "run_seed", "summarise", "plateau_epoch", "student_factory", "evaluate"]
+__all__ = ["METHODS", "run_seed", "summarise", "earlier_seeds", "table", "plateau_epoch", "student_factory",
+           "evaluate"]

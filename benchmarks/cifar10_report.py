@@ -144,7 +144,8 @@ def hw_section(r: dict, plot: Path) -> list[str]:
         "",
         f"Profile {hw['profile']}. hwkd: `hwkd compress --latency-budget B%` (penalty on = defaults; off = "
         "`--set distill.penalty_weight=0 --set prune.penalty_weight=0`). Peer: the teacher pruned uniformly "
-        "by torch-pruning's MagnitudePruner to hwkd's (penalty on) measured latency, fine-tuned with CE for the "
+        "by torch-pruning's MagnitudePruner to hwkd's (penalty on) measured latency (the least pruning on the grid "
+        "that reaches it; where none does, the fastest grid point), fine-tuned with CE for the "
         "same epochs, onnxruntime quantize_static defaults. p50: every final model re-timed in the same "
         "interleaved rounds.",
         "",
@@ -166,8 +167,11 @@ def hw_section(r: dict, plot: Path) -> list[str]:
         d_off = f"{100 * (acc_on - acc_off):+.2f}" if acc_on is not None and acc_off is not None else "–"
         peer_cell = f"{pe['ratio']:.2f} / {cell(pe)}" if pe else "–"
         if pe and on.get("paired_p50_ms") and pe.get("paired_p50_ms") and pe["paired_p50_ms"] > on["paired_p50_ms"]:
-            peer_cell += " (slower: no grid ratio reached hwkd's latency)"
+            peer_cell += " (slower: no grid ratio reached hwkd's latency; the fastest grid point)"
         lines.append(f"| {b}% | {cell(on)} | {cell(off)} | {peer_cell} | {d_peer} | {d_off} |")
+    if hw.get("peer_grid_ms"):
+        grid = ", ".join(f"{k} {v:.3f}" for k, v in hw["peer_grid_ms"].items())
+        lines += ["", f"Peer grid, INT8 p50 ms at batch 1 by pruning ratio (timed with hwkd's models): {grid}."]
     if plot.exists():
         lines += ["", f"![accuracy vs measured latency]({plot.name})"]
     return [*lines, ""]

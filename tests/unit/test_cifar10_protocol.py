@@ -84,16 +84,33 @@ def test_kd_seeds_from_an_earlier_invocation_are_kept_and_summarised_together():
     first = kd.summarise([seed_result(0.0)])
     earlier = {**first, "seeds_done": [0], "epochs": 10,
                "histories": {n: [seed_result(0.0)[n]["history"]] for n in ("student_alone", "hinton_T4")}}  # fmt: skip
-    done = kd.earlier_seeds(earlier, 10, ["student_alone", "hinton_T4"])
+    done = kd.earlier_seeds(earlier, 10)
     assert done == {0: seed_result(0.0)}
     done[1] = seed_result(0.02)
     both = kd.summarise([done[s] for s in sorted(done)])
     assert both["methods"]["hinton_T4"]["seeds"] == [0.71, 0.73]
     assert both["methods"]["hinton_T4"]["vs_student_alone_points"] == 1.0
-    # other epochs, or a method the earlier run did not train: nothing to merge
-    assert kd.earlier_seeds(earlier, 40, ["student_alone", "hinton_T4"]) == {}
-    assert kd.earlier_seeds(earlier, 10, ["student_alone", "rkd"]) == {}
-    assert kd.earlier_seeds(None, 10, ["student_alone"]) == {}
+    # other epochs: nothing to merge
+    assert kd.earlier_seeds(earlier, 40) == {}
+    assert kd.earlier_seeds(None, 10) == {}
+
+
+def test_kd_methods_added_later_join_the_table_once_they_ran_on_every_seed():
+    import cifar10_kd as kd
+
+    def run(acc):
+        return {"test_accuracy": acc, "val_accuracy": acc, "history": [{"epoch": 1, "val_accuracy": acc}]}
+
+    done = {0: {"student_alone": run(0.70), "hinton_T4": run(0.72)},
+            1: {"student_alone": run(0.71), "hinton_T4": run(0.73)}}  # fmt: skip
+    done[0]["rkd"] = run(0.74)  # a new method, seed 1 not run yet
+    assert kd.table(done) == ([0, 1], ["student_alone", "hinton_T4"])
+    done[1]["rkd"] = run(0.75)
+    assert kd.table(done) == ([0, 1], ["student_alone", "hinton_T4", "rkd"])
+    # the raw runs round-trip through the results file, so the next invocation resumes from them
+    saved = {"epochs": 10, "runs": {str(s): r for s, r in done.items()}}
+    assert kd.earlier_seeds(saved, 10) == done
+    assert kd.earlier_seeds(saved, 40) == {}
 
 
 def test_two_invocations_at_once_keep_each_others_steps():
@@ -111,3 +128,25 @@ def test_two_invocations_at_once_keep_each_others_steps():
     assert merged["meta"]["step_wall_s"] == {"kd": 5.0, "pipeline": 9.0}
     # a step this invocation runs replaces the disk's
     assert cifar10.merged_with_disk(disk, {**mine, "kd": {"seeds_done": [1]}}, ["kd"])["kd"] == {"seeds_done": [1]}
+
+
+def test_peer_takes_the_least_pruning_that_reaches_the_target_else_the_fastest_grid_point():
+    import cifar10_peer as peer
+
+    grid = {0.0: 0.76, 0.5: 0.46, 0.8: 0.27, 0.9: 0.17, 0.95: 0.43}  # 0.95 times slower than 0.90 in INT8
+    assert peer.match_ratio(grid, 0.30) == 0.8
+    assert peer.match_ratio(grid, 0.46) == 0.5
+    assert peer.match_ratio(grid, 0.06) == 0.9  # unreachable: the fastest, not the most pruned
+
+
+def test_an_earlier_hw_run_is_reused_only_for_the_same_command_with_its_model_on_disk(tmp_path):
+    import cifar10
+
+    model = tmp_path / "model.onnx"
+    earlier = {"command": "hwkd compress --latency-budget 10%", "returncode": 0, "model": str(model)}
+    assert not cifar10.reusable(earlier, earlier["command"])  # model gone
+    model.write_bytes(b"onnx")
+    assert cifar10.reusable(earlier, earlier["command"])
+    assert not cifar10.reusable(earlier, "hwkd compress --latency-budget 20%")
+    assert not cifar10.reusable({**earlier, "returncode": 1}, earlier["command"])
+    assert not cifar10.reusable(None, earlier["command"])
