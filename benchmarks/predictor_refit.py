@@ -7,6 +7,10 @@ exactly as ``hwkd profiles calibrate`` does and scores them on the benchmark mod
 the model would have done on that run's measurements (docs/decisions-issue13.md, stop 17).
 
     python benchmarks/predictor_refit.py --dump /tmp/predictor_dump.json
+    python benchmarks/predictor_refit.py --cross A.json B.json C.json   # fit on each run, score on each run
+
+``--cross`` separates the fit from the measurement: runs of the same seeded calibration networks, each
+run's fit scored on every run's benchmark timings (docs/decisions-issue13.md, stop 18).
 """
 
 from __future__ import annotations
@@ -36,11 +40,11 @@ def load_dump(path: Path) -> dict:
     return data
 
 
-def refit(dump: dict) -> dict:
+def refit(dump: dict, scored_on: dict | None = None) -> dict:
     """Per precision: the held-out errors of the fits and each benchmark model's estimate vs measurement.
 
     The fitted tables go into a profile and every estimate comes from ``cost.price``, the code path
-    ``hwkd estimate`` takes.
+    ``hwkd estimate`` takes. ``scored_on``: another run's dump whose benchmark timings are scored instead.
     """
     import dataclasses
 
@@ -63,7 +67,7 @@ def refit(dump: dict) -> dict:
             calibration["thread_model"] = {prec: tm}
         profile = dataclasses.replace(base, hardware=dataclasses.replace(base.hardware, vector_width=lanes),
                                       calibration=calibration)  # fmt: skip
-        for m in dump["models"]:
+        for m in (scored_on or dump)["models"]:
             if m["precision"] != prec:
                 continue
             row = {"model": m["model"], "group": m["group"]}
@@ -90,6 +94,32 @@ def summary(result: dict) -> list[dict]:
     return sorted(rows, key=lambda r: (r["threads"], r["group"], r["precision"]))
 
 
+def cross(paths: list[Path]) -> dict:
+    """Benchmark models within ±10% when each run's fit is scored on each run's timings."""
+    dumps = [load_dump(p) for p in paths]
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for fit_path, fitted in zip(paths, dumps, strict=True):
+        for score_path, scored in zip(paths, dumps, strict=True):
+            for r in summary(refit(fitted, scored)):
+                if r["group"] == "benchmark":
+                    key = f"{r['precision']} {r['threads']}"
+                    table.setdefault(key, {}).setdefault(str(fit_path), {})[str(score_path)] = r["within_10pct"]
+    return table
+
+
+def render_cross(table: dict, paths: list[Path]) -> str:
+    cols = " / ".join(p.name for p in paths)
+    lines = ["# predictor_refit --cross", "",
+             "Benchmark models within ±10%: each run's calibration fitted, scored on each run's timings. Command: "
+             f"`python benchmarks/predictor_refit.py --cross {' '.join(map(str, paths))}`.", "",
+             "| precision, threads | fit on | scored on " + cols + " |", "|---|---|---|"]  # fmt: skip
+    for key, rows in table.items():
+        for fit_path, cells in rows.items():
+            lines.append(f"| {key} | {Path(fit_path).name} | "
+                         + " / ".join(f"{100 * cells[str(p)]:.0f}%" for p in paths) + " |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def render(result: dict, rows: list[dict], source: str) -> str:
     lines = ["# predictor_refit", "",
              f"The current cost model fitted to the calibration networks recorded in `{source}` and scored on "
@@ -110,8 +140,21 @@ def render(result: dict, rows: list[dict], source: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dump", type=Path, required=True, help="a predictor_accuracy.py --dump file")
+    parser.add_argument("--dump", type=Path, help="a predictor_accuracy.py --dump file")
+    parser.add_argument("--cross", type=Path, nargs="+", help="several dumps: every run's fit on every run's timings")
     args = parser.parse_args()
+    if args.cross:
+        missing = [str(p) for p in args.cross if not p.is_file()]
+        if missing:
+            parser.error(f"--cross: {', '.join(missing)} do not exist; write them with predictor_accuracy.py --dump")
+        table = cross(args.cross)
+        write_json(RESULTS / "predictor_refit_cross.json", {"dumps": [str(p) for p in args.cross], "within_10pct": table})
+        text = render_cross(table, args.cross)
+        atomic_write(RESULTS / "predictor_refit_cross.md", text)
+        print(text)
+        return 0
+    if args.dump is None:
+        parser.error("give --dump FILE (or --cross FILE ...)")
     if not args.dump.is_file():
         parser.error(f"--dump {args.dump} does not exist; write one with predictor_accuracy.py --dump")
     dump = load_dump(args.dump)

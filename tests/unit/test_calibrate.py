@@ -191,3 +191,11 @@ def test_predictor_refit_scores_a_recorded_run_without_timing(tmp_path):
     assert rows == [{"threads": 1, "group": "benchmark", "precision": "fp32", "n": 4, "within_10pct": 1.0,
                      "within_15pct": 1.0, "mape_pct": rows[0]["mape_pct"]}]  # fmt: skip
     assert rows[0]["mape_pct"] < 2.0
+    # --cross: a second run on a host twice as slow; each fit scored on both runs' benchmark timings
+    slow = tmp_path / "slow.json"
+    slow.write_text(json.dumps({"calibration": {"fp32": [{**n, "fit_ms": 2 * n["fit_ms"], "wall_1_ms": 2 * n["fit_ms"],
+                                                          "wall_n_ms": 2 * n["fit_ms"]} for n in nets]},
+                                "models": [{**m, "t1_ms": 2 * m["t1_ms"]} for m in models]}))  # fmt: skip
+    table = predictor_refit.cross([dump, slow])["fp32 1"]
+    assert table[str(dump)] == {str(dump): 1.0, str(slow): 0.0}
+    assert table[str(slow)] == {str(dump): 0.0, str(slow): 1.0}
