@@ -100,7 +100,8 @@ def main() -> int:
     parser.add_argument("--networks", type=int, default=0, help="calibration networks per precision (0 = default)")
     parser.add_argument("--dump", type=Path, default=None,
                         help="also write what was measured (calibration networks and these models: traced layers, "
-                             "timings) to this JSON file, to try a change of the cost model offline (predictor_refit.py)")  # fmt: skip
+                             "timings) to this JSON file (gzipped if it ends in .gz), to try a change of the cost model offline "
+                             "(predictor_refit.py)")  # fmt: skip
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -190,6 +191,7 @@ def main() -> int:
 def dump(target: Path, record: dict, rows: list[dict], interleaved: dict, later: dict, counts: list[int]) -> None:
     """Write the calibration's fit data and every model's traced layers and timings as JSON (offline model
     work: benchmarks/predictor_refit.py)."""
+    import gzip
     import json
 
     from hwkd.hardware.onnx_trace import trace_onnx
@@ -202,7 +204,8 @@ def dump(target: Path, record: dict, rows: list[dict], interleaved: dict, later:
                **{f"t{n}_ms": interleaved[(r["path"], n)] for n in counts},
                **{f"later_t{n}_ms": later[(r["path"], n)] for n in counts}}
               for r in rows]  # fmt: skip
-    atomic_write(target, json.dumps({"calibration": calibration, "models": models}))
+    text = json.dumps({"calibration": calibration, "models": models})
+    atomic_write(target, gzip.compress(text.encode(), mtime=0) if target.suffix == ".gz" else text)  # ~1.4 MB -> 90 kB
     print(f"wrote {target}", flush=True)
 
 

@@ -16,6 +16,7 @@ run's fit scored on every run's benchmark timings (docs/decisions-issue13.md, st
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -31,7 +32,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def load_dump(path: Path) -> dict:
     """The JSON predictor_accuracy.py --dump wrote, with its layers as cost.LayerWork again."""
-    data = json.loads(path.read_text())
+    raw = path.read_bytes()
+    data = json.loads(gzip.decompress(raw) if path.suffix == ".gz" else raw)  # dumps may be gzipped (FILE.json.gz)
     for nets in data["calibration"].values():
         for net in nets:
             net["works"] = [cost.LayerWork(**w) for w in net["works"]]
