@@ -46,17 +46,18 @@ import cifar10_teacher as teacher_mod  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = RESULTS / "cifar10"
-STEPS = ("split", "teacher", "pipeline", "kd", "hw")
+STEPS = ("split", "teacher", "pipeline", "kd", "plateau", "hw")
 MEAN_STD = ["--mean", ",".join(map(str, teacher_mod.MEAN)), "--std", ",".join(map(str, teacher_mod.STD))]
 
 # The protocol. Full: hwkd's defaults for the pipeline; the KD table long enough for the student
 # alone to plateau. Quick: the same code on a class-balanced subset, one epoch per stage.
 PROTOCOLS = {
     "full": {"per_class": None, "profiles": ["rpi4", "jetson"], "hw_profile": "rpi4", "budgets": [10, 20, 30, 50],
-             "kd_epochs": 40, "kd_seeds": [0, 1, 2], "kd_lr": 0.05, "student": ["mobilenetv2", 1.0],
+             "kd_epochs": 40, "kd_seeds": [0, 1, 2], "kd_lr": 0.05, "student": ["mobilenetv2", 1.0], "plateau_epochs": 40,
              "hwkd_sets": [], "bench_rounds": 5, "grid_step": 0.05},
     "quick": {"per_class": {"train": 100, "val": 50, "test": 50}, "grid_step": 0.1, "profiles": ["rpi4", "jetson"],
               "hw_profile": "rpi4", "budgets": [10, 20, 30, 50], "kd_epochs": 2, "kd_seeds": [0], "kd_lr": 0.05,
+              "plateau_epochs": 3,
               "student": ["mobilenetv2", 1.0], "bench_rounds": 3,
               "hwkd_sets": ["distill.epochs=1", "prune.recovery_epochs=1", "qat.epochs=1",
                             "bench.iterations=50", "bench.rounds=3"]},
@@ -232,6 +233,21 @@ def step_kd(args, proto, split_dir, teacher_pt, out: dict) -> None:
         save(args, out)
 
 
+def step_plateau(args, proto, split_dir, teacher_pt, out: dict) -> None:
+    """The student alone trained long (seed 0, the KD table's recipe and learning-rate schedule stretched over
+    ``plateau_epochs``): its validation curve says how many epochs the student needs before it plateaus,
+    which the KD table's shorter budget is then read against."""
+    sets = load_sets(split_dir)
+    t0 = time.time()
+    epochs = args.plateau_epochs or proto["plateau_epochs"]
+    res = kd.run_seed(sets["train"], sets["val"], sets["test"], load_teacher(teacher_pt),
+                      kd.student_factory(*proto["student"]), seed=0, epochs=epochs, lr=proto["kd_lr"],
+                      methods={"student_alone": kd.METHODS["student_alone"]}, log=log)["student_alone"]  # fmt: skip
+    out["plateau"] = {"epochs": epochs, "seed": 0, "student": proto["student"], "test_accuracy": res["test_accuracy"],
+                      "val_curve": [round(r["val_accuracy"], 4) for r in res["history"]],
+                      "plateau_epoch": kd.plateau_epoch(res["history"]), "wall_s": round(time.time() - t0, 1)}  # fmt: skip
+
+
 def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
     sets = load_sets(split_dir)
     example = torch.zeros(1, 3, 32, 32)
@@ -349,6 +365,7 @@ def main() -> int:
     ap.add_argument("--profiles", default=None, help="override the pipeline step's profiles, e.g. rpi4")
     ap.add_argument("--kd-methods", default=None, help="override the KD table's methods (student_alone is always in)")
     ap.add_argument("--kd-epochs", type=int, default=None, help="override the KD table's epochs")
+    ap.add_argument("--plateau-epochs", type=int, default=None, help="override the plateau step's epochs")
     ap.add_argument("--kd-seeds", default=None, help="override the KD table's seeds, e.g. 0")
     args = ap.parse_args()
     args.started = time.time()
@@ -390,7 +407,7 @@ def main() -> int:
                    "step_wall_s": out.get("meta", {}).get("step_wall_s", {})}  # fmt: skip
     split_dir = step_split(args, proto, out)
     teacher_pt = step_teacher(args, proto, split_dir, out)
-    for name, fn in (("pipeline", step_pipeline), ("kd", step_kd), ("hw", step_hw)):
+    for name, fn in (("pipeline", step_pipeline), ("kd", step_kd), ("plateau", step_plateau), ("hw", step_hw)):
         if name in steps:
             t0 = time.time()
             log(f"step {name}")

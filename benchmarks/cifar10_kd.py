@@ -97,8 +97,8 @@ def run_seed(train_set, val_set, test_set, teacher, student_fn: Callable, *, see
             r.student.train()
         for xb, yb in loader:
             lr_now = lr_at(step, total, lr, n_batches)  # one warm-up epoch, as the distill stage
-            with torch.no_grad():
-                t_logits = teacher(xb)  # also fills every method's teacher feature taps
+            with torch.no_grad():  # also fills every method's teacher feature taps; not needed by CE alone
+                t_logits = teacher(xb) if any(r.cfg.kd != "none" for r in runs) else None
             for r in runs:
                 for group in r.opt.param_groups:
                     group["lr"] = lr_now

@@ -135,6 +135,18 @@ def kd_section(r: dict) -> list[str]:
     return lines
 
 
+def plateau_section(r: dict) -> list[str]:
+    pl = r.get("plateau")
+    if not pl:
+        return []
+    when = f"epoch {pl['plateau_epoch']}" if pl["plateau_epoch"] else f"not within {pl['epochs']} epochs"
+    return ["## Student alone, trained long (plateau)", "",
+            f"{pl['student'][0]} width {pl['student'][1]}, cross-entropy only, seed {pl['seed']}, {pl['epochs']} epochs "
+            f"(the KD table's recipe, its cosine schedule over all epochs); wall {pl['wall_s']:.0f} s. Test accuracy "
+            f"{_pct(pl['test_accuracy'])}. Plateau (val gain < 0.5 point over 3 epochs): {when}.", "",
+            f"Val accuracy per epoch: {pl['val_curve']}.", ""]  # fmt: skip
+
+
 def hw_section(r: dict, plot: Path) -> list[str]:
     hw = r.get("hw")
     if not hw or not hw.get("budgets"):
@@ -214,7 +226,7 @@ def plot_pareto(r: dict, path: Path) -> None:
 
 def write(r: dict, md: Path, png: Path) -> None:
     plot_pareto(r, png)
-    text = "\n".join(header(r) + teacher_section(r) + pipeline_section(r) + kd_section(r) + hw_section(r, png))
+    text = "\n".join(header(r) + teacher_section(r) + pipeline_section(r) + kd_section(r) + plateau_section(r) + hw_section(r, png))
     tmp = md.with_suffix(".md.tmp")
     tmp.write_text(text)
     tmp.replace(md)

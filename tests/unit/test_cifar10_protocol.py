@@ -150,3 +150,24 @@ def test_an_earlier_hw_run_is_reused_only_for_the_same_command_with_its_model_on
     assert not cifar10.reusable(earlier, "hwkd compress --latency-budget 20%")
     assert not cifar10.reusable({**earlier, "returncode": 1}, earlier["command"])
     assert not cifar10.reusable(None, earlier["command"])
+
+
+def test_the_student_alone_trains_without_a_teacher_pass_and_its_plateau_is_reported():
+    import cifar10_kd as kd
+    import cifar10_report as report
+
+    class NoTeacher(torch.nn.Module):
+        def forward(self, x):
+            raise AssertionError("cross-entropy alone must not run the teacher")
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(3, 32, 32, generator=g), i % 10) for i in range(16)]
+    res = kd.run_seed(data, data[:8], data[:8], NoTeacher(), kd.student_factory("mobilenetv2", 0.25), seed=0,
+                      epochs=2, lr=0.05, methods={"student_alone": kd.METHODS["student_alone"]}, batch_size=8,
+                      log=lambda m: None)["student_alone"]  # fmt: skip
+    assert [row["epoch"] for row in res["history"]] == [1, 2]
+    text = "\n".join(report.plateau_section({"plateau": {
+        "epochs": 40, "seed": 0, "student": ["mobilenetv2", 1.0], "test_accuracy": 0.8, "wall_s": 60.0,
+        "val_curve": [0.5, 0.7, 0.8, 0.801, 0.802, 0.8], "plateau_epoch": 3}}))  # fmt: skip
+    assert "Plateau (val gain < 0.5 point over 3 epochs): epoch 3" in text
+    assert report.plateau_section({}) == []
