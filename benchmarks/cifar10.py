@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import os
 import subprocess
@@ -208,6 +209,9 @@ def step_kd(args, proto, split_dir, teacher_pt, out: dict) -> None:
     methods = {name: kd.METHODS[name] for name in proto.get("kd_methods") or kd.METHODS}
     done = kd.earlier_seeds(out.get("kd"), proto["kd_epochs"])  # seeds / methods run by other invocations
     wall = (out.get("kd") or {}).get("wall_s", 0.0) if done else 0.0
+    fixed = {"epochs": proto["kd_epochs"], "student": proto["student"],
+             "student_params": sum(p.numel() for p in student_fn().parameters()),
+             "teacher_test_accuracy": kd.evaluate(teacher, sets["test"])[0], "base_recipe": kd.BASE}  # fmt: skip
     for seed in proto["kd_seeds"]:
         todo = {n: m for n, m in methods.items() if n not in done.get(seed, {})}
         if not todo:
@@ -216,21 +220,9 @@ def step_kd(args, proto, split_dir, teacher_pt, out: dict) -> None:
         new = kd.run_seed(sets["train"], sets["val"], sets["test"], teacher, student_fn, seed=seed,
                           epochs=proto["kd_epochs"], lr=proto["kd_lr"], methods=todo, log=log)  # fmt: skip
         done[seed] = {**done.get(seed, {}), **new}
-        seeds, names = kd.table(done)
-        per_seed = [{n: done[s][n] for n in names} for s in seeds]
-        summary = kd.summarise(per_seed)
-        alone = [s["student_alone"]["history"] for s in per_seed]
         recipes = {**(out.get("kd") or {}).get("recipes", {}), **methods}
-        out["kd"] = {**summary, "seeds_done": seeds, "epochs": proto["kd_epochs"],
-                     "student": proto["student"], "student_params": sum(p.numel() for p in student_fn().parameters()),
-                     "teacher_test_accuracy": kd.evaluate(teacher, sets["test"])[0],
-                     "student_alone_val_curve": [[round(r["val_accuracy"], 4) for r in h] for h in alone],
-                     "student_alone_plateau_epoch": [kd.plateau_epoch(h) for h in alone],
-                     "recipes": {n: recipes[n] for n in names}, "base_recipe": kd.BASE,
-                     "wall_s": round(wall + time.time() - t0, 1),
-                     "histories": {n: [s[n]["history"] for s in per_seed] for n in names},
-                     "runs": {str(s): done[s] for s in sorted(done)}}  # fmt: skip
-        save(args, out)
+        out["kd"] = kd.rebuild({**fixed, "recipes": recipes, "wall_s": round(wall + time.time() - t0, 1)}, done)
+        save(args, out)  # merges the runs another kd invocation saved meanwhile (merged_with_disk)
 
 
 def step_plateau(args, proto, split_dir, teacher_pt, out: dict) -> None:
@@ -327,6 +319,15 @@ def merged_with_disk(disk: dict, out: dict, steps: list[str]) -> dict:
     merged = {**out, **{k: v for k, v in disk.items() if k not in steps and k != "meta"}}
     if "pipeline" in steps:
         merged["pipeline"] = {**disk.get("pipeline", {}), **out.get("pipeline", {})}
+    if ("kd" in steps and "kd" in out and out["kd"].get("epochs") is not None
+            and (disk.get("kd") or {}).get("epochs") == out["kd"]["epochs"]):
+        # two kd invocations (other seeds, other methods) at once: each adds its runs to the other's
+        runs = kd.earlier_seeds(disk["kd"], out["kd"]["epochs"])
+        for seed, mine in kd.earlier_seeds(out["kd"], out["kd"]["epochs"]).items():
+            runs[seed] = {**runs.get(seed, {}), **mine}
+        recipes = {**disk["kd"].get("recipes", {}), **out["kd"].get("recipes", {})}
+        wall = max(disk["kd"].get("wall_s", 0.0), out["kd"].get("wall_s", 0.0))
+        merged["kd"] = kd.rebuild({**out["kd"], "recipes": recipes, "wall_s": wall}, runs)
     meta, disk_meta = dict(out["meta"]), disk.get("meta", {})
     seen = {(i["command"], i["started_utc"]) for i in meta.get("invocations", [])}
     meta["invocations"] = [*meta.get("invocations", []),
@@ -336,12 +337,27 @@ def merged_with_disk(disk: dict, out: dict, steps: list[str]) -> dict:
     return merged
 
 
+@contextlib.contextmanager
+def _results_lock(path: Path):
+    """An exclusive lock on ``path`` across processes: a read-merge-write of the results is not interleaved
+    with another invocation's."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def save(args, out: dict) -> None:
     stem = "cifar10_quick" if args.quick else "cifar10"
     out["meta"]["wall_s_so_far"] = round(time.time() - args.started, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     target = RESULTS / f"{stem}.json"
-    with _SAVE_LOCK:
+    with _SAVE_LOCK, _results_lock(RESULTS / f".{stem}.lock"):  # threads of this invocation, and other invocations
         data = out
         if target.exists():
             data = merged_with_disk(json.loads(target.read_text()), out, args.step_list)

@@ -174,6 +174,21 @@ def table(done: dict[int, dict]) -> tuple[list[int], list[str]]:
     return seeds, names
 
 
+def rebuild(fixed: dict, done: dict[int, dict]) -> dict:
+    """The results' "kd" entry from every (seed, method) run: the table (``table``: seeds with the student
+    alone, methods run on all of them) summarised, the student alone's curves, and the raw runs kept.
+    ``fixed``: epochs, student, params, teacher accuracy, recipes (every method's), base recipe, wall."""
+    seeds, names = table(done)
+    per_seed = [{n: done[s][n] for n in names} for s in seeds]
+    alone = [s["student_alone"]["history"] for s in per_seed]
+    return {**fixed, **summarise(per_seed), "seeds_done": seeds,  # fixed may be an older entry: recomputed over it
+            "student_alone_val_curve": [[round(r["val_accuracy"], 4) for r in h] for h in alone],
+            "student_alone_plateau_epoch": [plateau_epoch(h) for h in alone],
+            "recipes": {n: fixed["recipes"][n] for n in names},
+            "histories": {n: [s[n]["history"] for s in per_seed] for n in names},
+            "runs": {str(s): done[s] for s in sorted(done)}}  # fmt: skip
+
+
 def plateau_epoch(history: list[dict], window: int = 3, tol: float = 0.005) -> int | None:
     """The first epoch after which the validation accuracy gained less than ``tol`` over ``window`` epochs."""
     accs = [row["val_accuracy"] for row in history]
@@ -187,5 +202,5 @@ def student_factory(name: str, width: float, num_classes: int = 10) -> Callable:
     return lambda: ZOO.get(name)(num_classes, 3, width)
 
 
-__all__ = ["METHODS", "run_seed", "summarise", "earlier_seeds", "table", "plateau_epoch", "student_factory",
+__all__ = ["METHODS", "run_seed", "summarise", "earlier_seeds", "table", "rebuild", "plateau_epoch", "student_factory",
            "evaluate"]

@@ -171,3 +171,21 @@ def test_the_student_alone_trains_without_a_teacher_pass_and_its_plateau_is_repo
         "val_curve": [0.5, 0.7, 0.8, 0.801, 0.802, 0.8], "plateau_epoch": 3}}))  # fmt: skip
     assert "Plateau (val gain < 0.5 point over 3 epochs): epoch 3" in text
     assert report.plateau_section({}) == []
+
+
+def test_two_kd_invocations_at_once_add_their_seeds_to_each_other():
+    import cifar10
+    import cifar10_kd as kd
+
+    def run(acc):
+        return {"test_accuracy": acc, "val_accuracy": acc, "history": [{"epoch": 1, "val_accuracy": acc}]}
+
+    fixed = {"epochs": 10, "student": ["mobilenetv2", 1.0], "student_params": 1, "teacher_test_accuracy": 0.8,
+             "base_recipe": {}, "recipes": {"student_alone": {}, "rkd": {"kd": "rkd"}}, "wall_s": 1.0}  # fmt: skip
+    meta = {"invocations": [], "step_wall_s": {}}
+    disk = {"kd": kd.rebuild(fixed, {0: {"student_alone": run(0.70), "rkd": run(0.72)}}), "meta": meta}
+    mine = {"kd": kd.rebuild(fixed, {1: {"student_alone": run(0.71), "rkd": run(0.75)}}), "meta": meta}
+    merged = cifar10.merged_with_disk(disk, mine, ["kd"])["kd"]
+    assert merged["seeds_done"] == [0, 1]
+    assert merged["methods"]["rkd"]["seeds"] == [0.72, 0.75]
+    assert merged["methods"]["rkd"]["vs_student_alone_points"] == 3.0
