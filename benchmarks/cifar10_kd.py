@@ -190,11 +190,18 @@ def rebuild(fixed: dict, done: dict[int, dict]) -> dict:
 
 
 def plateau_epoch(history: list[dict], window: int = 3, tol: float = 0.005) -> int | None:
-    """The first epoch after which the validation accuracy gained less than ``tol`` over ``window`` epochs."""
+    """The first epoch whose best validation accuracy so far is within ``tol`` of the run's best, with at
+    least ``window`` epochs after it to show the level holds; None when the run ends still climbing.
+
+    Best-so-far, not epoch-to-epoch gains: a dip or a flat stretch mid-run (common under a cosine
+    schedule, whose last epochs still add points) is not a plateau.
+    """
     accs = [row["val_accuracy"] for row in history]
-    for i in range(window, len(accs)):
-        if max(accs[i - window + 1 : i + 1]) - accs[i - window] < tol:
-            return i - window + 1
+    best, so_far = max(accs, default=0.0), 0.0
+    for i, acc in enumerate(accs):
+        so_far = max(so_far, acc)
+        if best - so_far < tol:
+            return i + 1 if len(accs) - (i + 1) >= window else None
     return None
 
 

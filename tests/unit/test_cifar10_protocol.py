@@ -166,10 +166,16 @@ def test_the_student_alone_trains_without_a_teacher_pass_and_its_plateau_is_repo
                       epochs=2, lr=0.05, methods={"student_alone": kd.METHODS["student_alone"]}, batch_size=8,
                       log=lambda m: None)["student_alone"]  # fmt: skip
     assert [row["epoch"] for row in res["history"]] == [1, 2]
-    text = "\n".join(report.plateau_section({"plateau": {
-        "epochs": 40, "seed": 0, "student": ["mobilenetv2", 1.0], "test_accuracy": 0.8, "wall_s": 60.0,
-        "val_curve": [0.5, 0.7, 0.8, 0.801, 0.802, 0.8], "plateau_epoch": 3}}))  # fmt: skip
-    assert "Plateau (val gain < 0.5 point over 3 epochs): epoch 3" in text
+    import cifar10
+
+    first = {"epochs": 40, "seed": 0, "student": ["mobilenetv2", 1.0], "test_accuracy": 0.8, "wall_s": 60.0,
+             "val_curve": [0.5, 0.7, 0.8, 0.801, 0.802, 0.8], "plateau_epoch": 3}  # fmt: skip
+    runs = cifar10.plateau_runs(first, 40)  # the first layout (student alone only) is read as one run
+    assert runs["student_alone"]["test_accuracy"] == 0.8 and cifar10.plateau_runs(first, 10) == {}
+    runs["hinton_T_adaptive"] = {**runs["student_alone"], "test_accuracy": 0.83, "plateau_epoch": None}
+    text = "\n".join(report.plateau_section({"plateau": {**first, "runs": runs}}))
+    assert "| student_alone | 80.00% | – | 3 | 60 s |" in text
+    assert "| hinton_T_adaptive | 83.00% | +3.00 | not within 40 | 60 s |" in text
     assert report.plateau_section({}) == []
 
 
@@ -189,3 +195,15 @@ def test_two_kd_invocations_at_once_add_their_seeds_to_each_other():
     assert merged["seeds_done"] == [0, 1]
     assert merged["methods"]["rkd"]["seeds"] == [0.72, 0.75]
     assert merged["methods"]["rkd"]["vs_student_alone_points"] == 3.0
+
+
+def test_plateau_is_where_the_best_so_far_reaches_the_runs_best_and_holds():
+    import cifar10_kd as kd
+
+    def hist(accs):
+        return [{"val_accuracy": a} for a in accs]
+
+    # a mid-run dip and flat stretch (epochs 4-6) is not the plateau; epoch 8 reaches the level, 3 epochs follow
+    assert kd.plateau_epoch(hist([0.5, 0.6, 0.7, 0.69, 0.70, 0.70, 0.75, 0.80, 0.80, 0.802, 0.801])) == 8
+    assert kd.plateau_epoch(hist([0.5, 0.6, 0.7, 0.75, 0.78])) is None  # still climbing at the end
+    assert kd.plateau_epoch(hist([])) is None
