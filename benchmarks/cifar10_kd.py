@@ -184,7 +184,8 @@ def rebuild(fixed: dict, done: dict[int, dict]) -> dict:
     return {**fixed, **summarise(per_seed), "seeds_done": seeds,  # fixed may be an older entry: recomputed over it
             "student_alone_val_curve": [[round(r["val_accuracy"], 4) for r in h] for h in alone],
             "student_alone_plateau_epoch": [plateau_epoch(h) for h in alone],
-            "recipes": {n: fixed["recipes"][n] for n in names},
+            # every method run, not only the table's: a method still short of seeds keeps its recipe
+            "recipes": {n: fixed["recipes"].get(n, METHODS.get(n, {})) for s in done.values() for n in s},
             "histories": {n: [s[n]["history"] for s in per_seed] for n in names},
             "runs": {str(s): done[s] for s in sorted(done)}}  # fmt: skip
 
