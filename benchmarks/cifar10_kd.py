@@ -87,6 +87,7 @@ def run_seed(train_set, val_set, test_set, teacher, student_fn: Callable, *, see
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True, generator=gen)
     n_batches = len(loader)
     total, step = epochs * n_batches, 0
+    needs_teacher_pass = any(r.cfg.kd != "none" for r in runs)  # also fills the feature taps; CE alone skips it
     teacher.eval()
     for epoch in range(epochs):
         t0 = time.time()
@@ -97,8 +98,8 @@ def run_seed(train_set, val_set, test_set, teacher, student_fn: Callable, *, see
             r.student.train()
         for xb, yb in loader:
             lr_now = lr_at(step, total, lr, n_batches)  # one warm-up epoch, as the distill stage
-            with torch.no_grad():  # also fills every method's teacher feature taps; not needed by CE alone
-                t_logits = teacher(xb) if any(r.cfg.kd != "none" for r in runs) else None
+            with torch.no_grad():
+                t_logits = teacher(xb) if needs_teacher_pass else None
             for r in runs:
                 for group in r.opt.param_groups:
                     group["lr"] = lr_now

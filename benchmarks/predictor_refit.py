@@ -42,12 +42,9 @@ def load_dump(path: Path) -> dict:
     return data
 
 
-def refit(dump: dict, scored_on: dict | None = None) -> dict:
-    """Per precision: the held-out errors of the fits and each benchmark model's estimate vs measurement.
-
-    The fitted tables go into a profile and every estimate comes from ``cost.price``, the code path
-    ``hwkd estimate`` takes. ``scored_on``: another run's dump whose benchmark timings are scored instead.
-    """
+def fitted_profiles(dump: dict) -> dict[str, tuple]:
+    """Per precision: (profile with the kernel and thread models fitted to the dump's calibration
+    networks exactly as ``hwkd profiles calibrate`` fits them, their fit statistics, threads)."""
     import dataclasses
 
     from hwkd.hardware.profiles import load_profile
@@ -60,15 +57,29 @@ def refit(dump: dict, scored_on: dict | None = None) -> dict:
         lanes, threads = rows[0]["lanes"], rows[0]["threads"]
         model, stats = fit.fit_kernel_model(works, [r["fit_ms"] for r in rows], rows[0]["tile"], lanes=lanes,
                                             families=families, input_align=input_align(prec, False, lanes))  # fmt: skip
-        entry = {"kernel_fit": stats, "models": []}
+        fits = {"kernel_fit": stats}
         calibration = {"kernel_model": {prec: model}}
         if threads > 1:
-            tm, entry["thread_fit"] = fit.fit_thread_model(
+            tm, fits["thread_fit"] = fit.fit_thread_model(
                 works, [r["wall_1_ms"] for r in rows], [r["wall_n_ms"] for r in rows], model, threads, lanes, families
             )
             calibration["thread_model"] = {prec: tm}
         profile = dataclasses.replace(base, hardware=dataclasses.replace(base.hardware, vector_width=lanes),
                                       calibration=calibration)  # fmt: skip
+        out[prec] = (profile, fits, threads)
+    return out
+
+
+def refit(dump: dict, scored_on: dict | None = None, profiles: dict | None = None) -> dict:
+    """Per precision: the held-out errors of the fits and each benchmark model's estimate vs measurement.
+
+    The fitted tables go into a profile and every estimate comes from ``cost.price``, the code path
+    ``hwkd estimate`` takes. ``scored_on``: another run's dump whose benchmark timings are scored instead;
+    ``profiles``: ``fitted_profiles(dump)`` when already computed.
+    """
+    out = {}
+    for prec, (profile, fits, threads) in (profiles or fitted_profiles(dump)).items():
+        entry = {**fits, "models": []}
         for m in (scored_on or dump)["models"]:
             if m["precision"] != prec:
                 continue
@@ -101,8 +112,9 @@ def cross(paths: list[Path]) -> dict:
     dumps = [load_dump(p) for p in paths]
     table: dict[str, dict[str, dict[str, float]]] = {}
     for fit_path, fitted in zip(paths, dumps, strict=True):
+        profiles = fitted_profiles(fitted)  # fitted once, scored on every run
         for score_path, scored in zip(paths, dumps, strict=True):
-            for r in summary(refit(fitted, scored)):
+            for r in summary(refit(fitted, scored, profiles)):
                 if r["group"] == "benchmark":
                     key = f"{r['precision']} {r['threads']}"
                     table.setdefault(key, {}).setdefault(str(fit_path), {})[str(score_path)] = r["within_10pct"]
