@@ -233,7 +233,7 @@ def step_plateau(args, proto, split_dir, teacher_pt, out: dict) -> None:
     sets = load_sets(split_dir)
     epochs = args.plateau_epochs or proto["plateau_epochs"]
     earlier = plateau_runs(out.get("plateau"), epochs)
-    wanted = ["student_alone", *[m for m in (args.plateau_methods or "").split(",") if m and m != "student_alone"]]
+    wanted = ["student_alone", *[m for m in plateau_methods(args) if m != "student_alone"]]
     todo = {m: kd.METHODS[m] for m in wanted if m not in earlier}
     t0 = time.time()
     if todo:
@@ -259,6 +259,32 @@ def plateau_runs(entry: dict | None, epochs: int) -> dict:
             | {"recipe": kd.METHODS["student_alone"], "plateau_epoch": kd.plateau_epoch(curve)}}
 
 
+def plateau_methods(args) -> list[str]:
+    return [m.strip() for m in (args.plateau_methods or "").split(",") if m.strip()]
+
+
+def pipeline_stand_in(out: dict, proto: dict, budget_pct: int) -> dict | None:
+    """The pipeline step's run of the hw profile, where a ``budget_pct``% budget cannot change it.
+
+    Under a budget the default student already meets on the cost model, hwkd's run is the budget-free
+    default pipeline: the penalty's gate is 0 from the first step (the estimate only falls as channels
+    die) and the prune stage has nothing to do. So when the pipeline run pruned nothing and its INT8
+    estimate is within the budget, it stands in for both arms (``--stand-in-pipeline``); the 20% run,
+    trained in full, gave byte-identical weights (docs/decisions-issue14.md, stop 19). None otherwise.
+    """
+    run = (out.get("pipeline") or {}).get(proto["hw_profile"])
+    if not run or run.get("returncode") != 0 or not Path(run.get("model", "")).is_file():
+        return None
+    if any(s["name"] == "prune" and s["epochs"] for s in run["stages"]):
+        return None
+    budget_ms = budget_pct / 100 * run["teacher"]["estimated_latency_ms"]
+    est = run["final"]["estimated_latency_ms"]
+    if run["final"].get("precision") != "int8" or est > budget_ms:
+        return None
+    return {**run, "stand_in": f"pipeline {proto['hw_profile']} run: budget not binding (INT8 estimate "
+            f"{est:.3f} ms <= {budget_ms:.3f} ms, nothing pruned)"}  # fmt: skip
+
+
 def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
     sets = load_sets(split_dir)
     example = torch.zeros(1, 3, 32, 32)
@@ -275,7 +301,10 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
 
     def one(run) -> None:
         b, arm, extra = run
-        result = hwkd_compress(args, proto, split_dir, teacher_pt, proto["hw_profile"], args.work / f"hw_{b}_{arm}",
+        stand_in = pipeline_stand_in(out, proto, b) if args.stand_in_pipeline else None
+        if stand_in is not None:
+            log(f"{b}% {arm}: {stand_in['stand_in']}")
+        result = stand_in or hwkd_compress(args, proto, split_dir, teacher_pt, proto["hw_profile"], args.work / f"hw_{b}_{arm}",
                                ["--latency-budget", f"{b}%", *extra],
                                earlier[str(b)].get(f"hwkd_penalty_{arm}"))  # fmt: skip
         with _SAVE_LOCK:
@@ -396,6 +425,8 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=1, help="hwkd compress runs at once in the hw step")
     ap.add_argument("--reuse-runs", action="store_true",
                     help="hw step: keep an earlier hwkd run of the same command whose model is on disk (re-runs the peer)")
+    ap.add_argument("--stand-in-pipeline", action="store_true",
+                    help="hw step: a budget the pipeline step's default run already meets (nothing pruned) takes that run")
     ap.add_argument("--budgets", default=None, help="override the protocol's latency budgets, e.g. 10,50 (%% of teacher)")
     ap.add_argument("--profiles", default=None, help="override the pipeline step's profiles, e.g. rpi4")
     ap.add_argument("--kd-methods", default=None, help="override the KD table's methods (student_alone is always in)")
@@ -425,6 +456,10 @@ def main() -> int:
         if bad:
             ap.error(f"unknown KD method(s) {bad}; choose from {','.join(kd.METHODS)}")
         proto["kd_methods"] = chosen
+    if args.plateau_methods:
+        bad = sorted(set(plateau_methods(args)) - set(kd.METHODS))
+        if bad:
+            ap.error(f"unknown --plateau-methods {bad}; choose from {','.join(kd.METHODS)}")
     if args.kd_epochs:
         proto["kd_epochs"] = args.kd_epochs
     if args.kd_seeds:

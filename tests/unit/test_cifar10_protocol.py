@@ -152,6 +152,25 @@ def test_an_earlier_hw_run_is_reused_only_for_the_same_command_with_its_model_on
     assert not cifar10.reusable(None, earlier["command"])
 
 
+def test_the_default_pipeline_stands_in_only_where_the_budget_cannot_bind(tmp_path):
+    import cifar10
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"onnx")
+    run = {"command": "hwkd compress --profile rpi4", "returncode": 0, "model": str(model),
+           "teacher": {"estimated_latency_ms": 4.0}, "final": {"estimated_latency_ms": 0.78, "precision": "int8"},
+           "stages": [{"name": "distill", "epochs": 14}, {"name": "prune", "epochs": 0}, {"name": "qat", "epochs": 3}]}
+    out, proto = {"pipeline": {"rpi4": run}}, {"hw_profile": "rpi4"}
+    assert cifar10.pipeline_stand_in(out, proto, 20)["stand_in"].startswith("pipeline rpi4 run: budget not binding")
+    assert cifar10.pipeline_stand_in(out, proto, 20)["command"] == run["command"]  # says what really ran
+    assert cifar10.pipeline_stand_in(out, proto, 19) is None  # 0.76 ms: the student is over it
+    pruned = {**run, "stages": [{"name": "prune", "epochs": 6}]}
+    assert cifar10.pipeline_stand_in({"pipeline": {"rpi4": pruned}}, proto, 50) is None
+    assert cifar10.pipeline_stand_in({"pipeline": {"jetson": run}}, proto, 50) is None
+    model.unlink()
+    assert cifar10.pipeline_stand_in(out, proto, 50) is None
+
+
 def test_the_student_alone_trains_without_a_teacher_pass_and_its_plateau_is_reported():
     import cifar10_kd as kd
     import cifar10_report as report

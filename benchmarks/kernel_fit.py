@@ -1,0 +1,253 @@
+"""Latency predictors fitted on a kernel_dataset.py file, scored on its benchmark models (nothing re-timed).
+
+    python benchmarks/kernel_fit.py /tmp/kernels.json.gz
+
+Three predictors, each fitted on the calibration-family networks only and scored on the benchmark and
+torchvision/timm models against their measured 1-thread p50:
+
+- ``network``: hwkd's kernel model as calibration fits it today (linear features, whole-network times);
+- ``layer``: the same linear features fitted to each layer's own kernel time (ORT's profile), then the
+  non-MAC ops and the per-run cost fitted to what the layers leave of each network's time;
+- ``kernel``: nn-Meter's way: a non-linear regressor per kernel class (gradient-boosted trees on the
+  layer's shape, in log space) fitted to the layer times, with the same non-MAC / per-run step.
+
+Writes results/kernel_fit.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
+
+from hwkd.artifacts import atomic_write, write_json  # noqa: E402
+from hwkd.hardware import cost, fit  # noqa: E402
+from hwkd.hardware.calibrate import input_align  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LANES, TILE = 16, 16  # this host: AVX-512 (calibration's vector width), NCHWc / INT8 tile 16
+
+
+def load(path: Path) -> list[dict]:
+    raw = path.read_bytes()
+    data = json.loads(gzip.decompress(raw) if path.suffix == ".gz" else raw)
+    for m in data["models"]:
+        m["works"] = [cost.LayerWork(**w) for w in m["works"]]
+        m["layer_us"] = {int(k): v for k, v in m["layer_us"].items()}
+    return data["models"]
+
+
+def features(works, prec: str, k_half: float) -> list[dict[str, float]]:
+    return [cost.layer_features(w, TILE, k_half, LANES, 1, 0.0, input_align(prec, False, LANES)) for w in works]
+
+
+def shape_vector(w) -> list[float]:
+    """A MAC layer's shape for the regressor: what the kernel's speed depends on."""
+    pix_out = w.act_out / max(w.channels, 1)
+    cin_total = w.in_channels * w.groups
+    pix_in = w.act_in / max(cin_total, 1)
+    return [math.log(max(w.macs, 1)), math.log(max(w.in_channels, 1)), math.log(max(w.channels, 1)),
+            math.log(max(pix_out, 1)), float(w.kernel), math.log(max(w.groups, 1)),
+            math.log(max(pix_in / max(pix_out, 1), 1)),  # stride squared
+            float(w.in_channels % 16 != 0), float(w.channels % 16 != 0), float(cin_total == 3)]  # fmt: skip
+
+
+def kernel_class(w) -> str:
+    return "gemm" if w.kind == "gemm" else w.kind  # conv | pointwise | depthwise | gemm
+
+
+def rest_rows(models: list[dict], layer_pred) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per network: features of what the MAC layers do not cover, and the time they leave."""
+    x, y, w = [], [], []
+    for m in models:
+        macs = set(m["layer_us"])
+        pred_ns = sum(layer_pred(m, i) for i in macs)
+        f = features(m["works"], m["precision"], 0.0)
+        rest = [f[i] for i in range(len(m["works"])) if i not in macs]
+        x.append([sum(r["elementwise"] for r in rest), sum(r["ops"] for r in rest), sum(r["epilogue"] for r in rest), 1.0])
+        y.append(m["cpu_ms"] * 1e6 - pred_ns)
+        w.append(1.0 / (m["cpu_ms"] * 1e6))
+    return np.asarray(x), np.asarray(y), np.asarray(w)
+
+
+def fit_rest(models, layer_pred) -> np.ndarray:
+    from scipy.optimize import nnls
+
+    x, y, w = rest_rows(models, layer_pred)
+    coef, _ = nnls(x * w[:, None], y * w)
+    return coef
+
+
+def predict_rest(m: dict, coef: np.ndarray) -> float:
+    macs = set(m["layer_us"]) or {i for i, w in enumerate(m["works"]) if not w.fused and w.macs > 0}
+    f = features(m["works"], m["precision"], 0.0)
+    rest = [f[i] for i in range(len(m["works"])) if i not in macs]
+    return float(coef @ [sum(r["elementwise"] for r in rest), sum(r["ops"] for r in rest),
+                         sum(r["epilogue"] for r in rest), 1.0])  # fmt: skip
+
+
+def mac_index(m: dict) -> list[int]:
+    return [i for i, w in enumerate(m["works"]) if not w.fused and w.macs > 0]
+
+
+class NetworkFit:
+    name = "network"
+
+    def fit(self, models, prec):
+        self.model, _ = fit.fit_kernel_model([m["works"] for m in models], [m["cpu_ms"] for m in models], TILE,
+                                             lanes=LANES, input_align=input_align(prec, False, LANES))  # fmt: skip
+        self.prec = prec
+        return self
+
+    def predict_ms(self, m) -> float:
+        return sum(cost.kernel_seconds(w, {**self.model, "grain": 0.0}, TILE, LANES)[0] for w in m["works"]) * 1e3 \
+            + self.model["run_ns"] * 1e-6
+
+
+class LayerFit:
+    name = "layer"
+
+    def fit(self, models, prec):
+        from scipy.optimize import nnls
+
+        names = [k for k in cost.FEATURES if k not in ("elementwise", "ops")]
+        best = None
+        for k_half in fit.K_HALF_GRID:
+            x, y, w = [], [], []
+            for m in models:
+                f = features(m["works"], prec, k_half)
+                for i, us in m["layer_us"].items():
+                    x.append([f[i][k] for k in names])
+                    y.append(us * 1e3)
+                    w.append(1.0 / (m["cpu_ms"] * 1e6))  # a layer's miss counts by its share of its network
+            x, y, w = np.asarray(x), np.asarray(y), np.asarray(w)
+            scale = np.abs(x * w[:, None]).max(axis=0)
+            scale[scale == 0] = 1.0
+            c, _ = nnls(x * w[:, None] / scale, y * w)
+            c = c / scale
+            score = float((np.abs(x @ c - y) * w).sum())
+            if best is None or score < best[0]:
+                best = (score, k_half, c)
+        _, self.k_half, c = best
+        self.coef = dict(zip(names, c, strict=True))
+        self.prec = prec
+        self.rest = fit_rest(models, self.layer_ns)
+        return self
+
+    def layer_ns(self, m, i) -> float:
+        f = features([m["works"][i]], m["precision"], self.k_half)[0]
+        return sum(f[k] * v for k, v in self.coef.items())
+
+    def predict_ms(self, m) -> float:
+        return (sum(self.layer_ns(m, i) for i in mac_index(m)) + predict_rest(m, self.rest)) * 1e-6
+
+
+class KernelFit:
+    name = "kernel"
+
+    def fit(self, models, prec):
+        from sklearn.ensemble import GradientBoostingRegressor
+
+        by_class: dict[str, tuple[list, list, list]] = {}
+        for m in models:
+            for i, us in m["layer_us"].items():
+                w = m["works"][i]
+                xs, ys, ws = by_class.setdefault(kernel_class(w), ([], [], []))
+                xs.append(shape_vector(w))
+                ys.append(math.log(max(us, 0.5)))
+                ws.append(us / (m["cpu_ms"] * 1e3))  # share of its network
+        self.models = {}
+        for k, (xs, ys, ws) in by_class.items():
+            reg = GradientBoostingRegressor(n_estimators=300, max_depth=3, learning_rate=0.05, subsample=0.8,
+                                            random_state=0, loss="huber")  # fmt: skip
+            reg.fit(np.asarray(xs), np.asarray(ys), sample_weight=np.asarray(ws) + 0.01)
+            self.models[k] = reg
+        self.rest = fit_rest(models, self.layer_ns)
+        return self
+
+    def layer_ns(self, m, i) -> float:
+        w = m["works"][i]
+        reg = self.models.get(kernel_class(w)) or next(iter(self.models.values()))
+        return float(math.exp(reg.predict(np.asarray([shape_vector(w)]))[0])) * 1e3
+
+    def predict_ms(self, m) -> float:
+        return (sum(self.layer_ns(m, i) for i in mac_index(m)) + predict_rest(m, self.rest)) * 1e-6
+
+
+PREDICTORS = (NetworkFit, LayerFit, KernelFit)
+
+
+def score(pred: list[float], measured: list[float]) -> dict:
+    rel = np.abs(np.asarray(pred) / np.asarray(measured) - 1.0)
+    return {"n": len(rel), "within_10pct": round(float((rel <= 0.10).mean()), 3),
+            "within_15pct": round(float((rel <= 0.15).mean()), 3), "mape_pct": round(float(rel.mean() * 100), 1)}  # fmt: skip
+
+
+def evaluate(models: list[dict]) -> dict:
+    out: dict = {}
+    for prec in ("fp32", "int8"):
+        calib = [m for m in models if m["precision"] == prec and m["group"].startswith("calibration") and not m["unmatched"]]
+        scored = [m for m in models if m["precision"] == prec and not m["group"].startswith("calibration")]
+        families = sorted({m["group"] for m in calib})
+        for cls in PREDICTORS:
+            p = cls().fit(calib, prec)
+            row = {"precision": prec, "predictor": cls.name}
+            for group in dict.fromkeys(m["group"] for m in scored):
+                mine = [m for m in scored if m["group"] == group]
+                row[group] = score([p.predict_ms(m) for m in mine], [m["wall_ms"] for m in mine])
+                row[group]["errors_pct"] = {m["model"]: round(100 * (p.predict_ms(m) / m["wall_ms"] - 1), 1) for m in mine}
+            # leave one calibration family out: what to expect on an architecture the fit has not seen
+            held = []
+            for fam in families:
+                q = cls().fit([m for m in calib if m["group"] != fam], prec)
+                held += [abs(q.predict_ms(m) / m["cpu_ms"] - 1) for m in calib if m["group"] == fam]
+            row["held_out_family_mape_pct"] = round(100 * float(np.mean(held)), 1)
+            row["calibration_in_sample"] = score([p.predict_ms(m) for m in calib], [m["cpu_ms"] for m in calib])
+            out[f"{prec} {cls.name}"] = row
+            print(prec, cls.name, {g: (v["within_10pct"], v["mape_pct"]) for g, v in row.items() if isinstance(v, dict) and "n" in v},
+                  "held-out", row["held_out_family_mape_pct"], flush=True)  # fmt: skip
+    return out
+
+
+def render(result: dict, source: str) -> str:
+    lines = ["# kernel_fit: where the latency model's error comes from", "",
+             f"Fitted on the calibration-family networks of `{source}` (ORT per-node profile, 1 thread), scored on "
+             f"the other models' measured 1-thread p50. Command: `python benchmarks/kernel_fit.py {source}`.", "",
+             "| precision | predictor | benchmark ±10% | benchmark MAPE | torchvision/timm ±15% | MAPE | held-out family MAPE | calibration in-sample ±10% |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in result.values():
+        b = row.get("benchmark", {})
+        t = row.get("torchvision/timm 224px", {})
+        c = row["calibration_in_sample"]
+        lines.append(f"| {row['precision']} | {row['predictor']} | {100 * b.get('within_10pct', 0):.0f}% | {b.get('mape_pct', '–')}% | "
+                     f"{100 * t.get('within_15pct', 0):.0f}% | {t.get('mape_pct', '–')}% | {row['held_out_family_mape_pct']}% | "
+                     f"{100 * c['within_10pct']:.0f}% |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dataset", type=Path)
+    parser.add_argument("--tag", default="", help="write results/kernel_fit_<tag>.* instead")
+    args = parser.parse_args()
+    if not args.dataset.is_file():
+        parser.error(f"{args.dataset} does not exist; write it with benchmarks/kernel_dataset.py --out FILE")
+    result = evaluate(load(args.dataset))
+    stem = f"kernel_fit_{args.tag}" if args.tag else "kernel_fit"
+    write_json(RESULTS / f"{stem}.json", {"dataset": str(args.dataset), "results": result})
+    text = render(result, str(args.dataset))
+    atomic_write(RESULTS / f"{stem}.md", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
