@@ -296,8 +296,8 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
     arms = (("on", []), ("off", ["--set", "distill.penalty_weight=0", "--set", "prune.penalty_weight=0"]))
     runs = [(b, arm, extra) for b in proto["budgets"] for arm, extra in arms]
     earlier = {str(b): hw["budgets"].get(str(b), {}) for b in proto["budgets"]}
-    for b in proto["budgets"]:
-        hw["budgets"][str(b)] = {}
+    for b in proto["budgets"]:  # the hwkd runs are redone (or reused); the peers are decided below
+        hw["budgets"][str(b)] = {k: v for k, v in earlier[str(b)].items() if k in ("peer", "peer_at_budget")}
 
     def one(run) -> None:
         b, arm, extra = run
@@ -327,33 +327,55 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
     grid = peer.latency_grid(teacher, example, calibration, args.work / "peer_grid", targets, proto["bench_rounds"],
                              ratios)  # fmt: skip
     hw["peer_grid_ms"] = {f"{r:.2f}": ms for r, ms in grid["grid"].items()}
-    finals = dict(targets)
-    for b, r in hw["budgets"].items():
-        on = r["hwkd_penalty_on"]
-        if on["returncode"] != 0:
-            continue
-        if "peer" in r and int(b) not in proto["budgets"] and Path(r["peer"]["model"]).exists():
-            finals[f"{b}_peer"] = Path(r["peer"]["model"])  # from an earlier invocation
-            continue
-        ratio = peer.match_ratio(grid["grid"], grid["targets"][f"{b}_on"])
+    finals = {(b, f"hwkd_penalty_{arm}"): path for (b, arm), path in
+              ((tuple(k.split("_")), v) for k, v in targets.items())}  # fmt: skip
+    teacher_ms = grid["grid"][0.0]  # the unpruned teacher, INT8 the peer's way: what a peer's budget is of
+
+    def train_peer(b: str, on: dict, ratio: float, name: str) -> dict:
         model = peer.prune_uniform(teacher, ratio, example)
         t1 = time.time()
         hist = peer.fine_tune(model, sets["train"], epochs=max(1, on["train_epochs"]))
-        path = peer.export_int8(model, example, calibration, args.work / f"peer_{b}.onnx")
+        path = peer.export_int8(model, example, calibration, args.work / f"{name}.onnx")
         params, macs = peer.params_and_macs(model, example)
-        r["peer"] = {"ratio": ratio, "epochs": max(1, on["train_epochs"]), "params": params, "macs": macs,
-                     "accuracy": peer.onnx_accuracy(path, sets["test"]), "fine_tune": hist,
-                     "wall_s": round(time.time() - t1, 1), "model": str(path)}  # fmt: skip
-        finals[f"{b}_peer"] = path
-        save(args, out)
+        return {"ratio": ratio, "epochs": max(1, on["train_epochs"]), "params": params, "macs": macs,
+                "accuracy": peer.onnx_accuracy(path, sets["test"]), "fine_tune": hist,
+                "wall_s": round(time.time() - t1, 1), "model": str(path)}  # fmt: skip
+
+    for b, r in hw["budgets"].items():
+        on = r["hwkd_penalty_on"]
+        mine = int(b) in proto["budgets"]
+        if on["returncode"] != 0:
+            for key in ("peer", "peer_at_budget") if mine else ():
+                r.pop(key, None)  # an earlier peer does not belong to a failed run
+            continue
+        ratio = peer.match_ratio(grid["grid"], grid["targets"][f"{b}_on"])
+        kept = "peer" in r and Path(r["peer"]["model"]).exists() and (not mine or (
+            args.reuse_runs and r["peer"]["ratio"] == ratio and r["peer"]["epochs"] == max(1, on["train_epochs"])))
+        if kept:  # from an earlier invocation (with --reuse-runs: the same ratio and epochs)
+            finals[(b, "peer")] = Path(r["peer"]["model"])
+        else:
+            r["peer"] = train_peer(b, on, ratio, f"peer_{b}")
+            finals[(b, "peer")] = Path(r["peer"]["model"])
+            save(args, out)
+        # --peer-at-budget: the peer as its user would prune it without hwkd, to the budget itself
+        # (b% of the teacher's measured INT8 latency), not to hwkd's latency; skipped where both are one ratio
+        earlier_pb = r.pop("peer_at_budget", None)
+        pb_ratio = peer.match_ratio(grid["grid"], int(b) / 100 * teacher_ms)
+        if earlier_pb and Path(earlier_pb["model"]).exists() and (not (mine and args.peer_at_budget) or (
+                args.reuse_runs and earlier_pb["ratio"] == pb_ratio and earlier_pb["epochs"] == max(1, on["train_epochs"]))):
+            r["peer_at_budget"] = earlier_pb
+        elif mine and args.peer_at_budget and pb_ratio != r["peer"]["ratio"]:
+            r["peer_at_budget"] = {**train_peer(b, on, pb_ratio, f"peer_{b}_budget"),
+                                   "budget_ms": round(int(b) / 100 * teacher_ms, 4)}  # fmt: skip
+            save(args, out)
+        if "peer_at_budget" in r:
+            finals[(b, "peer_at_budget")] = Path(r["peer_at_budget"]["model"])
     # Every final model timed again in the same interleaved rounds: the latencies the plot compares.
     from hwkd.onnx import bench
 
-    stats = bench.measure(list(finals.values()), iterations=100, warmup=10, rounds=proto["bench_rounds"])
-    for key, path in finals.items():
-        b, arm = key.split("_")
-        entry = hw["budgets"][b]["peer" if arm == "peer" else f"hwkd_penalty_{arm}"]
-        entry["paired_p50_ms"] = stats[Path(path)].p50
+    stats = bench.measure(list(dict.fromkeys(finals.values())), iterations=100, warmup=10, rounds=proto["bench_rounds"])
+    for (b, key), path in finals.items():
+        hw["budgets"][b][key]["paired_p50_ms"] = stats[Path(path)].p50
     hw["wall_s"] = round(time.time() - t0, 1)
     save(args, out)
 
@@ -424,9 +446,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (training)")
     ap.add_argument("--jobs", type=int, default=1, help="hwkd compress runs at once in the hw step")
     ap.add_argument("--reuse-runs", action="store_true",
-                    help="hw step: keep an earlier hwkd run of the same command whose model is on disk (re-runs the peer)")
+                    help="hw step: keep an earlier hwkd run of the same command whose model is on disk, and an earlier "
+                         "peer of the same ratio and epochs")
     ap.add_argument("--stand-in-pipeline", action="store_true",
                     help="hw step: a budget the pipeline step's default run already meets (nothing pruned) takes that run")
+    ap.add_argument("--peer-at-budget", action="store_true",
+                    help="hw step: also the peer pruned to the budget itself (b%% of the teacher's measured latency)")
     ap.add_argument("--budgets", default=None, help="override the protocol's latency budgets, e.g. 10,50 (%% of teacher)")
     ap.add_argument("--profiles", default=None, help="override the pipeline step's profiles, e.g. rpi4")
     ap.add_argument("--kd-methods", default=None, help="override the KD table's methods (student_alone is always in)")

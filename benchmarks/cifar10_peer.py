@@ -107,7 +107,11 @@ def match_ratio(grid: dict[float, float], target_ms: float) -> float:
 
 def fine_tune(model, train_set, *, epochs: int, lr: float = 0.02, batch_size: int = 128, seed: int = 0,
               weight_decay: float = 5e-4) -> list[dict]:  # fmt: skip
-    """Plain cross-entropy fine-tuning (what a user does after pruning); returns per-epoch losses."""
+    """Plain cross-entropy fine-tuning (what a user does after pruning); returns per-epoch losses.
+
+    ``seed`` fixes the shuffle and the augmentation (the train transforms draw from torch's global RNG;
+    before stop 19 only the shuffle was seeded, and three runs of the same recipe scored 50.4-54.2%)."""
+    torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True, generator=gen)
     params = [p for p in model.parameters() if p.requires_grad]

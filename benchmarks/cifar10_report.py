@@ -42,8 +42,8 @@ def header(r: dict) -> list[str]:
         "45,000 / val 2,500 / test 2,500 (`benchmarks/results/cifar10/split_*.txt`)"
         + (f"; this quick run uses the first {s['per_class']} images per class of each split" if quick else "")
         + ". Teacher: zoo `resnet20` trained on train only. Student: zoo "
-        f"`{s['student'][0]}` width {s['student'][1]} (hwkd's default). KD table: {s['kd_epochs']} epochs, seeds "
-        f"{s['kd_seeds']}, random crop 32 pad 4 + flip, batch 128, lr {s['kd_lr']} cosine with 1 warm-up epoch. "
+        f"`{s['student'][0]}` width {s['student'][1]} (hwkd's default). KD table: {(r.get('kd') or {}).get('epochs') or s['kd_epochs']} epochs, seeds "
+        f"{(r.get('kd') or {}).get('seeds_done') or s['kd_seeds']}, random crop 32 pad 4 + flip, batch 128, lr {s['kd_lr']} cosine with 1 warm-up epoch. "
         f"Pipeline: `hwkd compress` through the CLI, profiles {list(r.get('pipeline') or s['profiles'])}"
         + (f", with `--set {' --set '.join(s['hwkd_sets'])}`" if s["hwkd_sets"] else ", hwkd's defaults")
         + f". Hardware-aware vs peer: profile {s['hw_profile']}, budgets "
@@ -190,6 +190,20 @@ def hw_section(r: dict, plot: Path) -> list[str]:
         if pe and on.get("paired_p50_ms") and pe.get("paired_p50_ms") and pe["paired_p50_ms"] > on["paired_p50_ms"]:
             peer_cell += " (slower: no grid ratio reached hwkd's latency; the fastest grid point)"
         lines.append(f"| {b}% | {cell(on)} | {cell(off)} | {peer_cell} | {d_peer} | {d_off} |")
+    at_budget = [(b, row["peer_at_budget"], row.get("hwkd_penalty_on", {})) for b, row in hw["budgets"].items()
+                 if row.get("peer_at_budget")]  # fmt: skip
+    if at_budget:
+        lines += ["", "The peer pruned to the budget itself (`--peer-at-budget`: the least pruning whose INT8 p50 is within "
+                  "B% of the unpruned teacher's, as a user without hwkd would aim; same fine-tuning and quantization):", "",
+                  "| budget | peer's budget ms | ratio | params | MACs | acc | p50 ms | hwkd on − this peer | latency, peer / hwkd |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for b, pb, on in at_budget:
+            acc_on = on.get("final", {}).get("accuracy")
+            diff = f"{100 * (acc_on - pb['accuracy']):+.2f}" if acc_on is not None else "–"
+            speed = (f"{pb['paired_p50_ms'] / on['paired_p50_ms']:.1f}x" if pb.get("paired_p50_ms") and on.get("paired_p50_ms")
+                     else "–")  # fmt: skip
+            lines.append(f"| {b}% | {_ms(pb['budget_ms'])} | {pb['ratio']:.2f} | {_k(pb['params'])} | {_m(pb['macs'])} | "
+                         f"{_pct(pb['accuracy'])} | {_ms(pb.get('paired_p50_ms'))} | {diff} | {speed} |")  # fmt: skip
     stand_ins = sorted({f"{b}%: {x['stand_in']}" for b, row in hw["budgets"].items() for x in row.values()
                         if isinstance(x, dict) and x.get("stand_in")})  # fmt: skip
     if stand_ins:
@@ -213,9 +227,12 @@ def plot_pareto(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[str, list[tuple[float, float, str]]] = {"hwkd (penalty on)": [], "hwkd (penalty off)": [], "peer": []}
+    series: dict[str, list[tuple[float, float, str]]] = {"hwkd (penalty on)": [], "hwkd (penalty off)": [],
+                                                         "peer (to hwkd's latency)": [], "peer (to the budget)": []}
+    keys = (("hwkd (penalty on)", "hwkd_penalty_on"), ("hwkd (penalty off)", "hwkd_penalty_off"),
+            ("peer (to hwkd's latency)", "peer"), ("peer (to the budget)", "peer_at_budget"))
     for b, row in hw["budgets"].items():
-        for label, key in (("hwkd (penalty on)", "hwkd_penalty_on"), ("hwkd (penalty off)", "hwkd_penalty_off"), ("peer", "peer")):
+        for label, key in keys:
             x = row.get(key)
             if x and x.get("paired_p50_ms") is not None:
                 acc = x["final"]["accuracy"] if "final" in x else x["accuracy"]
@@ -223,7 +240,7 @@ def plot_pareto(r: dict, path: Path) -> None:
     if not any(series.values()):
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (label, pts), marker in zip(series.items(), ("o", "s", "^"), strict=True):
+    for (label, pts), marker in zip(series.items(), ("o", "s", "^", "v"), strict=True):
         pts.sort()
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
