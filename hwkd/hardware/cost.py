@@ -56,12 +56,13 @@ _MB = 2**20  # budgets use binary megabytes (see hwkd.hardware.budget)
 # What the calibrated kernel model charges for, per executed (unfused) layer; see layer_features.
 FEATURES = (
     "conv_flops",  # 2*MACs of a k x k conv (channels padded to the tile) / (k/(k + k_half))
-    "pointwise_flops",  # the same for a 1x1 conv
+    "pointwise_flops",  # the same for a 1x1 conv, and 2*MACs of a Gemm / MatMul: the same GEMM kernel, and
+    # calibration's Gemms are classifier heads too small to fit a rate of their own (one draw fitted 0, another
+    # 1.4 ns per FLOP, 350x a conv's, which put mobilenet_v3_small at +335%: docs/decisions-issue13.md, stop 19)
     "unaligned_flops",  # 2*MACs (padded) of a conv whose input channels per group are not a multiple
     # of the kernel model's input_align (4 for INT8 packing; for FP32 on x86 the NCHWc block, since ORT's
     # NCHWc convs take such inputs in NCHW), such as an RGB stem: a kernel of its own
     "depthwise_flops",  # 2*MACs of a depthwise conv, channels padded to the tile
-    "gemm_flops",  # 2*MACs of a Gemm / MatMul
     "im2col",  # values gathered to lower a k x k conv to a GEMM: output pixels x reduction length
     "unaligned_im2col",  # the same for convs whose input channels per group are not a multiple of
     # input_align, which the kernels cannot pack directly (an RGB stem is the usual case)
@@ -326,8 +327,8 @@ def _layer_features(w: LayerWork, tile: int, k_half: float, lanes: int, input_al
             f[f"{kind}_flops"] = flops / gemm_efficiency(w.macs / max(w.act_out, 1), k_half)
     elif kind == "depthwise":
         f["depthwise_flops"] = flops
-    else:
-        f["gemm_flops"] = 2.0 * w.macs
+    else:  # Gemm / MatMul, priced as a pointwise conv (see FEATURES); a profile's older gemm_flops is ignored
+        f["pointwise_flops"] = 2.0 * w.macs / gemm_efficiency(w.macs / max(w.act_out, 1), k_half)
     return f
 
 

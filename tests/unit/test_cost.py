@@ -390,6 +390,16 @@ def test_kernel_model_charges_conv_output_pixels_whatever_the_channels():
     assert estimate(nn.Linear(8, 16), torch.randn(1, 8), prof).latency_ms == 0.0  # a GEMM has no pixels
 
 
+def test_a_gemm_is_priced_at_the_pointwise_flop_rate_and_an_old_gemm_figure_is_ignored():
+    # calibration's Gemms are classifier heads, too small to fit a rate of their own (one draw fitted
+    # 1.4 ns per FLOP, 350x a conv's): a Gemm is the 1x1 conv's GEMM kernel and costs as one
+    prof = kernel_profile(pointwise_flops=1.0, gemm_flops=500.0)  # gemm_flops: what a stop-18 profile carries
+    fc = estimate(nn.Linear(64, 16), torch.randn(1, 64), prof).latency_ms
+    assert fc == pytest.approx(2 * 64 * 16 * 1e-6)
+    pointwise = estimate(nn.Conv2d(64, 16, 1), torch.randn(1, 64, 1, 1), prof).latency_ms
+    assert fc == pytest.approx(pointwise)
+
+
 def test_input_align_decides_which_convs_take_the_unaligned_kernel():
     x = torch.randn(1, 8, 4, 4)
     conv = nn.Conv2d(8, 16, 1)
