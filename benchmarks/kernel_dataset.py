@@ -142,10 +142,7 @@ def main() -> int:
             items.append({"model": f"net{i}", "group": f"calibration:{family}", "precision": "fp32", "path": fp32})
             items.append({"model": f"net{i}", "group": f"calibration:{family}", "precision": "int8",
                           "path": quantize(fp32, root / f"net{i}_int8.onnx", rng)})  # fmt: skip
-        rows = pa.export_models(root, quick=False)
-        if args.no_torchvision:
-            rows = [r for r in rows if r["group"] == "benchmark"]
-        items += rows
+        items += pa.export_models(root, quick=False, torchvision=not args.no_torchvision)
         print(f"timing {len(items)} models at 1 thread ...", flush=True)
         jobs = [(it["path"], 1) for it in items]
         cpu: dict[int, float] = {}

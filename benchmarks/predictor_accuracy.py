@@ -78,10 +78,11 @@ def errors(pred: np.ndarray, measured: np.ndarray) -> dict[str, float]:
     }
 
 
-def export_models(root: Path, quick: bool) -> list[dict]:
+def export_models(root: Path, quick: bool, torchvision: bool = True) -> list[dict]:
     rows, rng = [], np.random.default_rng(0)
     specs = [(f"{a}-w{w:g}-r{r}", "benchmark", a, w, r) for a, w, r in zoo_grid(quick)]
-    specs += [(n, "torchvision/timm 224px", n, 0.0, 224) for n in (TORCHVISION[:1] + TIMM if quick else TORCHVISION + TIMM)]
+    if torchvision:
+        specs += [(n, "torchvision/timm 224px", n, 0.0, 224) for n in (TORCHVISION[:1] + TIMM if quick else TORCHVISION + TIMM)]
     for label, group, arch, width, res in specs:
         model = (ZOO.get(arch)(num_classes=10, in_channels=3, width=width) if group == "benchmark" else build_224(arch))
         fp32 = export_onnx(model.eval(), torch.randn(1, 3, res, res), root / f"{label}-fp32.onnx", {}, name=label)
