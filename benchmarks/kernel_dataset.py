@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import gzip
 import json
-import os
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
-from hwkd.hardware import timing  # noqa: E402
+from hwkd.hardware import nodeprofile, timing  # noqa: E402
 from hwkd.hardware.calib_graphs import FAMILIES, random_network  # noqa: E402
 from hwkd.hardware.calibrate import quantize  # noqa: E402
 from hwkd.hardware.onnx_trace import trace_onnx  # noqa: E402
@@ -43,27 +42,10 @@ REORDER_OPS = frozenset({"ReorderInput", "ReorderOutput", "Transpose"})
 
 def profile_nodes(path: Path, runs: int = 30, warmup: int = 5) -> list[dict]:
     """Each executed node in execution order: op type, kernel time (us, trimmed mean), output shape."""
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory(prefix="hwkd-kernels-") as tmp:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.enable_profiling = True
-        opts.profile_file_prefix = os.path.join(tmp, "prof")
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        inp = session.get_inputs()[0]
-        shape = [d if isinstance(d, int) and d > 0 else 1 for d in inp.shape]
-        feed = {inp.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-        for _ in range(warmup + runs):
-            session.run(None, feed)
-        events = json.loads(Path(session.end_profiling()).read_text())
     order: list[str] = []
     durs: dict[str, list[float]] = {}
     info: dict[str, tuple[str, list[int]]] = {}
-    for e in events:
+    for e in nodeprofile.profile_events(path, 1, runs, warmup):
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
             continue
         node = e["name"][: -len("_kernel_time")]
@@ -85,6 +67,11 @@ def trimmed_mean(values: list[float], cut: float = 0.1) -> float:
     return float(v[k : len(v) - k].mean()) if len(v) > 2 * k else float(v.mean())
 
 
+def mac_layers(works: list) -> list[int]:
+    """Indices of the traced layers ORT runs as a MAC node: unfused convs and gemms."""
+    return [i for i, w in enumerate(works) if not w.fused and w.macs > 0]
+
+
 def layer_times(works: list, nodes: list[dict]) -> tuple[dict[int, float], float, str]:
     """Kernel time (us) of each traced MAC layer (index into ``works``), the time of the other nodes,
     and why the nodes could not be matched ("" when they were).
@@ -94,7 +81,7 @@ def layer_times(works: list, nodes: list[dict]) -> tuple[dict[int, float], float
     after it (ORT puts one before a conv that takes NCHW input from an NCHWc producer), a trailing one to
     the last.
     """
-    macs = [i for i, w in enumerate(works) if not w.fused and w.macs > 0]
+    macs = mac_layers(works)
     mac_nodes = [n for n in nodes if n["op"] in MAC_OPS]
     if len(macs) != len(mac_nodes):
         return {}, 0.0, f"{len(macs)} MAC layers traced, {len(mac_nodes)} MAC nodes executed"

@@ -18,6 +18,7 @@ Writes results/kernel_fit.{json,md}.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
 import math
@@ -29,9 +30,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
+import kernel_dataset  # noqa: E402
+
 from hwkd.artifacts import atomic_write, write_json  # noqa: E402
 from hwkd.hardware import cost, fit  # noqa: E402
 from hwkd.hardware.calibrate import input_align  # noqa: E402
+from hwkd.hardware.profiles import load_profile  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LANES, TILE = 16, 16  # this host: AVX-512 (calibration's vector width), NCHWc / INT8 tile 16
@@ -39,8 +43,6 @@ LANES, TILE = 16, 16  # this host: AVX-512 (calibration's vector width), NCHWc /
 
 def load(path: Path) -> list[dict]:
     """The dataset's models, each layer's time net of the profiler's own per-node cost (``node_overhead_us``)."""
-    import kernel_dataset
-
     raw = path.read_bytes()
     data = json.loads(gzip.decompress(raw) if path.suffix == ".gz" else raw)
     models = data["models"]
@@ -87,62 +89,55 @@ def work_scale(w) -> float:
     return 1.0 + 1e-5 * w.macs
 
 
-def kernel_class(w) -> str:
-    return "gemm" if w.kind == "gemm" else w.kind  # conv | pointwise | depthwise | gemm
-
-
-def rest_rows(models: list[dict], layer_pred) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per network: features of what the MAC layers do not cover, and the time they leave."""
-    x, y, w = [], [], []
-    for m in models:
-        macs = set(m["layer_us"])
-        pred_ns = sum(layer_pred(m, i) for i in macs)
-        f = features(m["works"], m["precision"], 0.0)
-        rest = [f[i] for i in range(len(m["works"])) if i not in macs]
-        x.append([sum(r["elementwise"] for r in rest), sum(r["ops"] for r in rest), sum(r["epilogue"] for r in rest), 1.0])
-        y.append(m["cpu_ms"] * 1e6 - pred_ns)
-        w.append(1.0 / (m["cpu_ms"] * 1e6))
-    return np.asarray(x), np.asarray(y), np.asarray(w)
-
-
-def fit_rest(models, layer_pred) -> np.ndarray:
-    from scipy.optimize import nnls
-
-    x, y, w = rest_rows(models, layer_pred)
-    coef, _ = nnls(x * w[:, None], y * w)
-    return coef
-
-
-def predict_rest(m: dict, coef: np.ndarray) -> float:
-    macs = set(m["layer_us"]) or {i for i, w in enumerate(m["works"]) if not w.fused and w.macs > 0}
+def rest_vector(m: dict) -> list[float]:
+    """What a network's MAC layers leave out: non-MAC values, non-MAC kernels, unfused epilogues, 1 (the run)."""
+    macs = set(kernel_dataset.mac_layers(m["works"]))
     f = features(m["works"], m["precision"], 0.0)
     rest = [f[i] for i in range(len(m["works"])) if i not in macs]
-    return float(coef @ [sum(r["elementwise"] for r in rest), sum(r["ops"] for r in rest),
-                         sum(r["epilogue"] for r in rest), 1.0])  # fmt: skip
-
-
-def mac_index(m: dict) -> list[int]:
-    return [i for i, w in enumerate(m["works"]) if not w.fused and w.macs > 0]
+    return [sum(r["elementwise"] for r in rest), sum(r["ops"] for r in rest), sum(r["epilogue"] for r in rest), 1.0]
 
 
 class NetworkFit:
+    """hwkd's kernel model fitted as calibration fits it, priced by ``cost.price`` (what ``hwkd estimate`` runs)."""
+
     name = "network"
 
     def fit(self, models, prec):
-        self.model, _ = fit.fit_kernel_model([m["works"] for m in models], [m["cpu_ms"] for m in models], TILE,
-                                             lanes=LANES, input_align=input_align(prec, False, LANES))  # fmt: skip
+        model, _ = fit.fit_kernel_model([m["works"] for m in models], [m["cpu_ms"] for m in models], TILE,
+                                        lanes=LANES, input_align=input_align(prec, False, LANES))  # fmt: skip
+        base = load_profile("x86-avx2")
+        self.profile = dataclasses.replace(base, hardware=dataclasses.replace(base.hardware, vector_width=LANES),
+                                           calibration={"kernel_model": {prec: model}})  # fmt: skip
         self.prec = prec
         return self
 
     def predict_ms(self, m) -> float:
-        return sum(cost.kernel_seconds(w, {**self.model, "grain": 0.0}, TILE, LANES)[0] for w in m["works"]) * 1e3 \
-            + self.model["run_ns"] * 1e-6
+        return cost.price(m["works"], self.profile, self.prec, threads=1).latency_ms
 
 
-class LayerFit:
-    name = "layer"
+class PerLayerFit:
+    """A predictor of each MAC layer's time (``fit_layers``, ``layer_ns``), then the non-MAC ops and the
+    per-run cost fitted by non-negative least squares to what the layers leave of each network's time."""
 
     def fit(self, models, prec):
+        from scipy.optimize import nnls
+
+        self.fit_layers(models, prec)
+        x = np.asarray([rest_vector(m) for m in models])
+        y = np.asarray([m["cpu_ms"] * 1e6 - sum(self.layer_ns(m, i) for i in m["layer_us"]) for m in models])
+        w = np.asarray([1.0 / (m["cpu_ms"] * 1e6) for m in models])
+        self.rest, _ = nnls(x * w[:, None], y * w)
+        return self
+
+    def predict_ms(self, m) -> float:
+        layers = sum(self.layer_ns(m, i) for i in kernel_dataset.mac_layers(m["works"]))
+        return (layers + float(self.rest @ rest_vector(m))) * 1e-6
+
+
+class LayerFit(PerLayerFit):
+    name = "layer"
+
+    def fit_layers(self, models, prec):
         from scipy.optimize import nnls
 
         names = [k for k in cost.FEATURES if k not in ("elementwise", "ops")]
@@ -165,48 +160,39 @@ class LayerFit:
                 best = (score, k_half, c)
         _, self.k_half, c = best
         self.coef = dict(zip(names, c, strict=True))
-        self.prec = prec
-        self.rest = fit_rest(models, self.layer_ns)
-        return self
 
     def layer_ns(self, m, i) -> float:
         f = features([m["works"][i]], m["precision"], self.k_half)[0]
         return sum(f[k] * v for k, v in self.coef.items())
 
-    def predict_ms(self, m) -> float:
-        return (sum(self.layer_ns(m, i) for i in mac_index(m)) + predict_rest(m, self.rest)) * 1e-6
 
+class KernelFit(PerLayerFit):
+    """A regressor per kernel class (conv | pointwise | depthwise | gemm) of a layer's speed on its shape."""
 
-class KernelFit:
     name = "kernel"
 
-    def fit(self, models, prec):
+    def regressor(self):
         from sklearn.ensemble import GradientBoostingRegressor
 
+        return GradientBoostingRegressor(n_estimators=300, max_depth=3, learning_rate=0.05, subsample=0.8,
+                                         random_state=0, loss="huber")  # fmt: skip
+
+    def fit_layers(self, models, prec):
         by_class: dict[str, tuple[list, list, list]] = {}
         for m in models:
             for i, us in m["layer_us"].items():
                 w = m["works"][i]
-                xs, ys, ws = by_class.setdefault(kernel_class(w), ([], [], []))
+                xs, ys, ws = by_class.setdefault(w.kind, ([], [], []))
                 xs.append(shape_vector(w))
                 ys.append(math.log(max(us, 0.05) / work_scale(w)))
                 ws.append(us / (m["cpu_ms"] * 1e3))  # share of its network
-        self.models = {}
-        for k, (xs, ys, ws) in by_class.items():
-            reg = GradientBoostingRegressor(n_estimators=300, max_depth=3, learning_rate=0.05, subsample=0.8,
-                                            random_state=0, loss="huber")  # fmt: skip
-            reg.fit(np.asarray(xs), np.asarray(ys), sample_weight=np.asarray(ws) + 0.01)
-            self.models[k] = reg
-        self.rest = fit_rest(models, self.layer_ns)
-        return self
+        self.models = {k: self.regressor().fit(np.asarray(xs), np.asarray(ys), sample_weight=np.asarray(ws) + 0.01)
+                       for k, (xs, ys, ws) in by_class.items()}  # fmt: skip
 
     def layer_ns(self, m, i) -> float:
         w = m["works"][i]
-        reg = self.models.get(kernel_class(w)) or next(iter(self.models.values()))
+        reg = self.models.get(w.kind) or next(iter(self.models.values()))
         return float(math.exp(reg.predict(np.asarray([shape_vector(w)]))[0])) * work_scale(w) * 1e3
-
-    def predict_ms(self, m) -> float:
-        return (sum(self.layer_ns(m, i) for i in mac_index(m)) + predict_rest(m, self.rest)) * 1e-6
 
 
 class PowerLawFit(KernelFit):
@@ -215,21 +201,10 @@ class PowerLawFit(KernelFit):
 
     name = "powerlaw"
 
-    def fit(self, models, prec):
+    def regressor(self):
         from sklearn.linear_model import Ridge
 
-        by_class: dict[str, tuple[list, list, list]] = {}
-        for m in models:
-            for i, us in m["layer_us"].items():
-                w = m["works"][i]
-                xs, ys, ws = by_class.setdefault(kernel_class(w), ([], [], []))
-                xs.append(shape_vector(w))
-                ys.append(math.log(max(us, 0.05) / work_scale(w)))
-                ws.append(us / (m["cpu_ms"] * 1e3))
-        self.models = {k: Ridge(alpha=1e-3).fit(np.asarray(xs), np.asarray(ys), sample_weight=np.asarray(ws) + 0.01)
-                       for k, (xs, ys, ws) in by_class.items()}  # fmt: skip
-        self.rest = fit_rest(models, self.layer_ns)
-        return self
+        return Ridge(alpha=1e-3)
 
 
 PREDICTORS = (NetworkFit, LayerFit, KernelFit, PowerLawFit)

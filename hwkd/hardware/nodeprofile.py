@@ -27,6 +27,11 @@ def node_profile(path: str | Path, threads: int, runs: int = 30, warmup: int = 5
     Returns ``{"run_us": float, "nodes": {node: {"op": str, "us": float}}}``; node names are those of
     the optimized graph (fused nodes carry the fused op type, e.g. ``FusedConv``).
     """
+    return summarise(profile_events(path, threads, runs, warmup), skip_runs=warmup)
+
+
+def profile_events(path: str | Path, threads: int, runs: int = 30, warmup: int = 5) -> list[dict[str, Any]]:
+    """ORT's profiler events (chronological) over ``warmup`` + ``runs`` runs of ``path`` at ``threads``."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="hwkd-nodeprofile-") as tmp:
@@ -46,8 +51,7 @@ def node_profile(path: str | Path, threads: int, runs: int = 30, warmup: int = 5
             session.run(None, feed)
         for _ in range(runs):
             session.run(None, feed)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    return summarise(events, skip_runs=warmup)
+        return json.loads(Path(session.end_profiling()).read_text())
 
 
 def summarise(events: list[dict[str, Any]], skip_runs: int = 0) -> dict[str, Any]:
