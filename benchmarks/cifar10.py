@@ -285,6 +285,14 @@ def pipeline_stand_in(out: dict, proto: dict, budget_pct: int) -> dict | None:
             f"{est:.3f} ms <= {budget_ms:.3f} ms, nothing pruned)"}  # fmt: skip
 
 
+def peer_kept(earlier: dict | None, ratio: float, epochs: int, *, retrain: bool, reuse: bool) -> bool:
+    """Whether an earlier peer (matched or at the budget) stands: its model is on disk, and this invocation
+    does not train it again, or does but ``--reuse-runs`` keeps one of the same ratio and epochs."""
+    if not earlier or not Path(earlier["model"]).exists():
+        return False
+    return not retrain or (reuse and earlier["ratio"] == ratio and earlier["epochs"] == epochs)
+
+
 def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
     sets = load_sets(split_dir)
     example = torch.zeros(1, 3, 32, 32)
@@ -327,17 +335,19 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
     grid = peer.latency_grid(teacher, example, calibration, args.work / "peer_grid", targets, proto["bench_rounds"],
                              ratios)  # fmt: skip
     hw["peer_grid_ms"] = {f"{r:.2f}": ms for r, ms in grid["grid"].items()}
-    finals = {(b, f"hwkd_penalty_{arm}"): path for (b, arm), path in
-              ((tuple(k.split("_")), v) for k, v in targets.items())}  # fmt: skip
+    finals = {}
+    for key, path in targets.items():
+        b, arm = key.split("_")
+        finals[(b, f"hwkd_penalty_{arm}")] = path
     teacher_ms = grid["grid"][0.0]  # the unpruned teacher, INT8 the peer's way: what a peer's budget is of
 
-    def train_peer(b: str, on: dict, ratio: float, name: str) -> dict:
+    def train_peer(ratio: float, epochs: int, name: str) -> dict:
         model = peer.prune_uniform(teacher, ratio, example)
         t1 = time.time()
-        hist = peer.fine_tune(model, sets["train"], epochs=max(1, on["train_epochs"]))
+        hist = peer.fine_tune(model, sets["train"], epochs=epochs)
         path = peer.export_int8(model, example, calibration, args.work / f"{name}.onnx")
         params, macs = peer.params_and_macs(model, example)
-        return {"ratio": ratio, "epochs": max(1, on["train_epochs"]), "params": params, "macs": macs,
+        return {"ratio": ratio, "epochs": epochs, "params": params, "macs": macs,
                 "accuracy": peer.onnx_accuracy(path, sets["test"]), "fine_tune": hist,
                 "wall_s": round(time.time() - t1, 1), "model": str(path)}  # fmt: skip
 
@@ -348,26 +358,22 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
             for key in ("peer", "peer_at_budget") if mine else ():
                 r.pop(key, None)  # an earlier peer does not belong to a failed run
             continue
+        epochs = max(1, on["train_epochs"])
         ratio = peer.match_ratio(grid["grid"], grid["targets"][f"{b}_on"])
-        kept = "peer" in r and Path(r["peer"]["model"]).exists() and (not mine or (
-            args.reuse_runs and r["peer"]["ratio"] == ratio and r["peer"]["epochs"] == max(1, on["train_epochs"])))
-        if kept:  # from an earlier invocation (with --reuse-runs: the same ratio and epochs)
-            finals[(b, "peer")] = Path(r["peer"]["model"])
-        else:
-            r["peer"] = train_peer(b, on, ratio, f"peer_{b}")
-            finals[(b, "peer")] = Path(r["peer"]["model"])
+        if not peer_kept(r.get("peer"), ratio, epochs, retrain=mine, reuse=args.reuse_runs):
+            r["peer"] = train_peer(ratio, epochs, f"peer_{b}")
             save(args, out)
+        finals[(b, "peer")] = Path(r["peer"]["model"])
         # --peer-at-budget: the peer as its user would prune it without hwkd, to the budget itself
         # (b% of the teacher's measured INT8 latency), not to hwkd's latency; skipped where both are one ratio
-        earlier_pb = r.pop("peer_at_budget", None)
         pb_ratio = peer.match_ratio(grid["grid"], int(b) / 100 * teacher_ms)
-        if earlier_pb and Path(earlier_pb["model"]).exists() and (not (mine and args.peer_at_budget) or (
-                args.reuse_runs and earlier_pb["ratio"] == pb_ratio and earlier_pb["epochs"] == max(1, on["train_epochs"]))):
-            r["peer_at_budget"] = earlier_pb
-        elif mine and args.peer_at_budget and pb_ratio != r["peer"]["ratio"]:
-            r["peer_at_budget"] = {**train_peer(b, on, pb_ratio, f"peer_{b}_budget"),
-                                   "budget_ms": round(int(b) / 100 * teacher_ms, 4)}  # fmt: skip
-            save(args, out)
+        wanted = mine and args.peer_at_budget
+        if not peer_kept(r.get("peer_at_budget"), pb_ratio, epochs, retrain=wanted, reuse=args.reuse_runs):
+            r.pop("peer_at_budget", None)
+            if wanted and pb_ratio != r["peer"]["ratio"]:
+                r["peer_at_budget"] = {**train_peer(pb_ratio, epochs, f"peer_{b}_budget"),
+                                       "budget_ms": round(int(b) / 100 * teacher_ms, 4)}  # fmt: skip
+                save(args, out)
         if "peer_at_budget" in r:
             finals[(b, "peer_at_budget")] = Path(r["peer_at_budget"]["model"])
     # Every final model timed again in the same interleaved rounds: the latencies the plot compares.

@@ -171,6 +171,21 @@ def test_the_default_pipeline_stands_in_only_where_the_budget_cannot_bind(tmp_pa
     assert cifar10.pipeline_stand_in(out, proto, 50) is None
 
 
+def test_an_earlier_peer_stands_unless_retrained_and_reuse_keeps_only_the_same_ratio_and_epochs(tmp_path):
+    import cifar10
+
+    model = tmp_path / "peer.onnx"
+    earlier = {"ratio": 0.9, "epochs": 17, "model": str(model)}
+    assert not cifar10.peer_kept(earlier, 0.9, 17, retrain=False, reuse=False)  # model gone
+    model.write_bytes(b"onnx")
+    assert cifar10.peer_kept(earlier, 0.5, 3, retrain=False, reuse=False)  # another invocation's budget
+    assert not cifar10.peer_kept(earlier, 0.9, 17, retrain=True, reuse=False)
+    assert cifar10.peer_kept(earlier, 0.9, 17, retrain=True, reuse=True)
+    assert not cifar10.peer_kept(earlier, 0.85, 17, retrain=True, reuse=True)
+    assert not cifar10.peer_kept(earlier, 0.9, 29, retrain=True, reuse=True)
+    assert not cifar10.peer_kept(None, 0.9, 17, retrain=False, reuse=True)
+
+
 def test_the_student_alone_trains_without_a_teacher_pass_and_its_plateau_is_reported():
     import cifar10_kd as kd
     import cifar10_report as report
