@@ -275,7 +275,7 @@ def _build(inputs: dict[str, Any], cfg, prof, device, trust_code: bool, progress
     torch.manual_seed(cfg.seed)
     student, student_spec = build_student(
         inputs.get("student"), teachers[0], spec, dataset.num_classes, c, trust_code, dataset.example_input(),
-        weights=inputs.get("student_weights"),
+        weights=inputs.get("student_weights"), round_to=cfg.prune.round_to or prof.runtime.channel_multiple,
     )  # fmt: skip
     check_compatible(student, dataset)
     if "prune" in cfg.stages or cfg.distill.penalty_weight > 0:

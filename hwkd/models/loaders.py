@@ -271,7 +271,7 @@ def prune_uniform(
         importance=tp.importance.GroupMagnitudeImportance(p=2),
         pruning_ratio=1.0 - keep,
         ignored_layers=[find_head(model, num_classes)],
-        round_to=round_to,
+        round_to=round_to if round_to > 1 else None,  # as the prune stage passes it
     )
     with torch_pruning_errors(model, "pruning the teacher into a width-multiplier student"):
         pruner.step()
@@ -303,11 +303,13 @@ def build_student(
     trust_code: bool,
     example_input: torch.Tensor,
     weights: str | None = None,
+    round_to: int = 8,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build the student: an architecture (zoo name, default ``mobilenetv2``; ``torchvision:NAME``;
-    ``timm:NAME``; ``pkg.mod:fn``), or a width multiplier of the teacher (``"0.5x"``: the same zoo arch at
-    width x 0.5, or a copy of the teacher pruned uniformly to 50%). ``weights`` is a state dict (or an hwkd
-    checkpoint) to start from instead of fresh weights.
+    ``timm:NAME``; ``pkg.mod:fn``), or a width multiplier of the teacher (``"0.5x"``: a copy of the trained
+    teacher with half the channels of every prunable layer removed by magnitude, counts rounded to
+    ``round_to``; ``"1x"`` is the teacher's copy). ``weights`` is a state dict (or an hwkd checkpoint) to
+    start from instead of fresh weights.
     """
     if weights is not None:
         wpath = Path(weights).expanduser()
@@ -340,17 +342,10 @@ def build_student(
     if not 0.0 < mult <= 1.0:
         raise ModelError(f"The student width multiplier {text!r} must be in (0, 1].", "For example 0.5x.")
     kind = teacher_spec.get("kind")
-    if kind == "zoo":
-        kwargs = dict(teacher_spec.get("kwargs", {}))
-        spec = zoo_spec(
-            teacher_spec["name"],
-            kwargs.get("num_classes", num_classes),
-            kwargs.get("in_channels", in_channels),
-            float(kwargs.get("width", 1.0)) * mult,
-        )
-        return build_from_spec(spec), spec
-    if kind in ("factory", "torchvision", "timm") and not isinstance(teacher, torch.jit.ScriptModule):
-        model = prune_uniform(copy.deepcopy(teacher), example_input, mult, num_classes)
+    if kind in ("zoo", "factory", "torchvision", "timm") and not isinstance(teacher, torch.jit.ScriptModule):
+        # A pruned copy, not a fresh narrower network: it starts from the teacher's trained weights
+        # (docs/decisions-issue14.md, "Stop 20"); the saved structure rebuilds it from the teacher's spec.
+        model = prune_uniform(copy.deepcopy(teacher), example_input, mult, num_classes, round_to=round_to)
         return model, copy.deepcopy(teacher_spec)
     raise ModelError(
         f"A width-multiplier student ({text!r}) needs a teacher hwkd can rebuild, but the teacher is "

@@ -281,12 +281,32 @@ def test_build_student_default_and_zoo_name():
 
 
 @pytest.mark.parametrize("text", ["0.5x", "0.5", ".5X"])
-def test_build_student_width_of_zoo_teacher(text):
+def test_build_student_width_of_zoo_teacher_prunes_a_trained_copy(text):
     teacher_spec = zoo_spec("resnet", NUM_CLASSES, 1)
     teacher = build_from_spec(teacher_spec)
-    model, spec = build_student(text, teacher, teacher_spec, NUM_CLASSES, 1, False, _example())
-    assert spec == zoo_spec("resnet", NUM_CLASSES, 1, width=0.5)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    model, spec = build_student(text, teacher, teacher_spec, NUM_CLASSES, 1, False, _example(), round_to=1)
+    assert spec == teacher_spec  # rebuilt from the teacher's spec plus the saved structure
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())  # teacher untouched
     assert _nparams(model) < 0.4 * _nparams(teacher)
+    # it starts from the teacher's weights: the stem's kept filters are rows of the teacher's stem
+    stem_t, stem_s = (next(m for m in net.modules() if isinstance(m, nn.Conv2d)) for net in (teacher, model))
+    assert stem_s.out_channels == stem_t.out_channels // 2
+    rows = [any(torch.equal(r, t) for t in stem_t.weight) for r in stem_s.weight]
+    assert all(rows)
+
+
+def test_build_student_width_rounds_channels_as_told():
+    teacher_spec = zoo_spec("resnet", NUM_CLASSES, 1)
+    teacher = build_from_spec(teacher_spec)
+    widths = {}
+    for round_to in (1, 8):
+        model, _ = build_student("0.3x", teacher, teacher_spec, NUM_CLASSES, 1, False, _example(), round_to=round_to)
+        widths[round_to] = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w % 8 == 0 for w in widths[8])
+    assert any(w % 8 for w in widths[1])  # unrounded: 30% of a width, e.g. 9 of 32
+    one, _ = build_student("1x", teacher, teacher_spec, NUM_CLASSES, 1, False, _example())
+    assert one is not teacher and _nparams(one) == _nparams(teacher)
 
 
 @pytest.mark.parametrize("text", ["0", "1.5x", "-0.5"])
