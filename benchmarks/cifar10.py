@@ -14,6 +14,8 @@ Steps (each writes benchmarks/results/cifar10[_quick].{json,md,png} as it finish
 - pipeline: ``hwkd compress --data WORK/split --teacher ... --teacher-arch resnet20 --profile P``
             through the CLI, for rpi4 and jetson; teacher vs final INT8 (params, MACs, accuracy,
             measured p50 on this host, estimated p50 on the device).
+- small:    the same with ``--student 0.3x --set prune.round_to=1`` (the teacher pruned uniformly to a
+            student under 10% of its parameters, from its trained weights): the parameter goal.
 - kd:       the KD table (``cifar10_kd.py``): student alone, Hinton T=4, linear T, adaptive T,
             multi-T, DKD, FitNets, RKD; same student, epochs, augmentation, seeds.
 - hw:       hwkd (budget pruning + penalty + QAT, rpi4) at 10/20/30/50% of the teacher's latency,
@@ -47,7 +49,7 @@ import cifar10_teacher as teacher_mod  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = RESULTS / "cifar10"
-STEPS = ("split", "teacher", "pipeline", "kd", "plateau", "hw")
+STEPS = ("split", "teacher", "pipeline", "small", "kd", "plateau", "hw")
 MEAN_STD = ["--mean", ",".join(map(str, teacher_mod.MEAN)), "--std", ",".join(map(str, teacher_mod.STD))]
 
 # The protocol. Full: hwkd's defaults for the pipeline; the KD table long enough for the student
@@ -55,11 +57,13 @@ MEAN_STD = ["--mean", ",".join(map(str, teacher_mod.MEAN)), "--std", ",".join(ma
 PROTOCOLS = {
     "full": {"per_class": None, "profiles": ["rpi4", "jetson"], "hw_profile": "rpi4", "budgets": [10, 20, 30, 50],
              "kd_epochs": 40, "kd_seeds": [0, 1, 2], "kd_lr": 0.05, "student": ["mobilenetv2", 1.0], "plateau_epochs": 40,
-             "hwkd_sets": [], "bench_rounds": 5, "grid_step": 0.05},
+             "hwkd_sets": [], "bench_rounds": 5, "grid_step": 0.05,
+             "small_student": ["--student", "0.3x", "--set", "prune.round_to=1"]},
     "quick": {"per_class": {"train": 100, "val": 50, "test": 50}, "grid_step": 0.1, "profiles": ["rpi4", "jetson"],
               "hw_profile": "rpi4", "budgets": [10, 20, 30, 50], "kd_epochs": 2, "kd_seeds": [0], "kd_lr": 0.05,
               "plateau_epochs": 3,
               "student": ["mobilenetv2", 1.0], "bench_rounds": 3,
+              "small_student": ["--student", "0.3x", "--set", "prune.round_to=1"],
               "hwkd_sets": ["distill.epochs=1", "prune.recovery_epochs=1", "qat.epochs=1",
                             "bench.iterations=50", "bench.rounds=3"]},
 }  # fmt: skip
@@ -186,6 +190,31 @@ def step_pipeline(args, proto, split_dir, teacher_pt, out: dict) -> None:
             target.write_bytes(Path(res["model"]).read_bytes())
             res["committed_model"] = str(target.relative_to(ROOT))
         save(args, out)
+
+
+def step_small(args, proto, split_dir, teacher_pt, out: dict) -> None:
+    """The pipeline with a student sized for the parameter goal (<= 10% of the teacher's): ``--student
+    0.3x``, the trained teacher with 70% of every layer's channels removed by magnitude (weights kept),
+    counts not rounded (``prune.round_to=1``: at the profiles' rounding of 8 the 16-channel stage cannot
+    shrink and the student keeps 12% of the parameters). Both profiles, ``--jobs`` at a time.
+    ``--small-sets`` adds recipe overrides; such a run is kept under its own key (``rpi4 distill.lr=0.02``)."""
+    out.setdefault("small", {})
+    sets = [s.strip() for s in (args.small_sets or "").split(",") if s.strip()]
+    extra = [*proto["small_student"], *(x for s in sets for x in ("--set", s))]
+    def key(profile: str) -> str:
+        return " ".join([profile, *sets])
+    def one(profile: str) -> tuple[str, dict]:
+        run_dir = args.work / "_".join(["small", profile, *(s.replace("=", "") for s in sets)])
+        return profile, hwkd_compress(args, proto, split_dir, teacher_pt, profile, run_dir,
+                                      extra=extra, earlier=out["small"].get(key(profile)))  # fmt: skip
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        for profile, res in pool.map(one, proto["profiles"]):
+            out["small"][key(profile)] = res
+            if res["returncode"] == 0 and not args.quick:
+                target = CACHE / f"small_{key(profile).replace(' ', '_').replace('=', '')}_int8.onnx"  # beside the default's
+                target.write_bytes(Path(res["model"]).read_bytes())
+                res["committed_model"] = str(target.relative_to(ROOT))
+            save(args, out)
 
 
 def load_sets(split_dir: Path):
@@ -393,8 +422,9 @@ def merged_with_disk(disk: dict, out: dict, steps: list[str]) -> dict:
     """``out`` over what is on disk, keeping the steps another invocation (running at the same time)
     saved: this invocation owns only the steps it runs (and, of the pipeline, only its profiles)."""
     merged = {**out, **{k: v for k, v in disk.items() if k not in steps and k != "meta"}}
-    if "pipeline" in steps:
-        merged["pipeline"] = {**disk.get("pipeline", {}), **out.get("pipeline", {})}
+    for owned in ("pipeline", "small"):  # of these, an invocation owns only its profiles
+        if owned in steps:
+            merged[owned] = {**disk.get(owned, {}), **out.get(owned, {})}
     if ("kd" in steps and "kd" in out and out["kd"].get("epochs") is not None
             and (disk.get("kd") or {}).get("epochs") == out["kd"]["epochs"]):
         # two kd invocations (other seeds, other methods) at once: each adds its runs to the other's
@@ -450,7 +480,7 @@ def main() -> int:
     ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     ap.add_argument("--work", type=Path, default=Path("/tmp/hwkd-cifar10"), help="runs, symlink split, exports")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (training)")
-    ap.add_argument("--jobs", type=int, default=1, help="hwkd compress runs at once in the hw step")
+    ap.add_argument("--jobs", type=int, default=1, help="hwkd compress runs at once in the hw and small steps")
     ap.add_argument("--reuse-runs", action="store_true",
                     help="hw step: keep an earlier hwkd run of the same command whose model is on disk, and an earlier "
                          "peer of the same ratio and epochs")
@@ -464,6 +494,7 @@ def main() -> int:
     ap.add_argument("--kd-epochs", type=int, default=None, help="override the KD table's epochs")
     ap.add_argument("--plateau-epochs", type=int, default=None, help="override the plateau step's epochs")
     ap.add_argument("--plateau-methods", default=None, help="KD methods the plateau step trains beside the student alone")
+    ap.add_argument("--small-sets", default=None, help="small step: recipe overrides, e.g. distill.lr=0.02 (comma-separated)")
     ap.add_argument("--kd-seeds", default=None, help="override the KD table's seeds, e.g. 0")
     args = ap.parse_args()
     args.started = time.time()
@@ -509,7 +540,7 @@ def main() -> int:
                    "step_wall_s": out.get("meta", {}).get("step_wall_s", {})}  # fmt: skip
     split_dir = step_split(args, proto, out)
     teacher_pt = step_teacher(args, proto, split_dir, out)
-    for name, fn in (("pipeline", step_pipeline), ("kd", step_kd), ("plateau", step_plateau), ("hw", step_hw)):
+    for name, fn in (("pipeline", step_pipeline), ("small", step_small), ("kd", step_kd), ("plateau", step_plateau), ("hw", step_hw)):
         if name in steps:
             t0 = time.time()
             log(f"step {name}")

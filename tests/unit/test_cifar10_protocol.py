@@ -128,6 +128,9 @@ def test_two_invocations_at_once_keep_each_others_steps():
     assert merged["meta"]["step_wall_s"] == {"kd": 5.0, "pipeline": 9.0}
     # a step this invocation runs replaces the disk's
     assert cifar10.merged_with_disk(disk, {**mine, "kd": {"seeds_done": [1]}}, ["kd"])["kd"] == {"seeds_done": [1]}
+    # the small-student step, like the pipeline, is owned profile by profile
+    both = cifar10.merged_with_disk({**disk, "small": {"jetson": {"acc": 3}}}, {**mine, "small": {"rpi4": {"acc": 4}}}, ["small"])
+    assert both["small"] == {"jetson": {"acc": 3}, "rpi4": {"acc": 4}}
 
 
 def test_peer_takes_the_least_pruning_that_reaches_the_target_else_the_fastest_grid_point():
