@@ -99,6 +99,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="profile threads (0 = every usable core)")
     parser.add_argument("--tag", default="", help="write results/predictor_accuracy_<tag>.* instead")
     parser.add_argument("--networks", type=int, default=0, help="calibration networks per precision (0 = default)")
+    parser.add_argument("--memory-networks", type=int, default=0,
+                        help="networks per precision whose memory calibration measures (0 = default)")
     parser.add_argument("--dump", type=Path, default=None,
                         help="also write what was measured (calibration networks and these models: traced layers, "
                              "timings) to this JSON file (gzipped if it ends in .gz), to try a change of the cost model offline "
@@ -111,6 +113,8 @@ def main() -> int:
     settings = CalibrationSettings(threads=args.threads)
     if args.networks:
         settings = dataclasses.replace(settings, networks=args.networks)
+    if args.memory_networks:
+        settings = dataclasses.replace(settings, memory_networks=args.memory_networks)
     if args.quick:
         settings = dataclasses.replace(settings, networks=8, iterations=10, warmup=3, memory_networks=3)
     with tempfile.TemporaryDirectory(prefix="hwkd-predictor-") as tmp:

@@ -8,6 +8,7 @@ the model would have done on that run's measurements (docs/decisions-issue13.md,
 
     python benchmarks/predictor_refit.py --dump /tmp/predictor_dump.json
     python benchmarks/predictor_refit.py --cross A.json B.json C.json   # fit on each run, score on each run
+    python benchmarks/predictor_refit.py --direct-threads A.json B.json  # 2-thread fit vs 1-thread x thread model
 
 ``--cross`` separates the fit from the measurement: runs of the same seeded calibration networks, each
 run's fit scored on every run's benchmark timings (docs/decisions-issue13.md, stop 18).
@@ -121,6 +122,46 @@ def cross(paths: list[Path]) -> dict:
     return table
 
 
+def direct_threads(paths: list[Path]) -> list[dict]:
+    """The 2-thread estimate three ways, per dump, precision and model group: the current 1-thread kernel
+    model x thread model; a kernel model fitted directly on the 2-thread wall times (priced as if at one
+    thread, so no thread model applies); and that fit with the older single-grain thread scaling."""
+    import dataclasses
+
+    from hwkd.hardware.profiles import load_profile
+
+    base = load_profile("x86-avx2")
+    rows = []
+    for path in paths:
+        dump = load_dump(path)
+        current = fitted_profiles(dump)
+        for prec, nets in dump["calibration"].items():
+            lanes, threads = nets[0]["lanes"], nets[0]["threads"]
+            direct = {}
+            for variant, fit_threads in (("direct", 1), ("direct_grain", threads)):
+                model, _ = fit.fit_kernel_model([n["works"] for n in nets], [n["wall_n_ms"] for n in nets], nets[0]["tile"],
+                                                lanes=lanes, threads=fit_threads, families=[n["family"] for n in nets],
+                                                input_align=input_align(prec, False, lanes))  # fmt: skip
+                direct[variant] = dataclasses.replace(base, hardware=dataclasses.replace(base.hardware, vector_width=lanes),
+                                                      calibration={"kernel_model": {prec: model}})  # fmt: skip
+            errors: dict[str, list[list[float]]] = {}
+            for m in dump["models"]:
+                if m["precision"] != prec:
+                    continue
+                est = [cost.price(m["works"], current[prec][0], prec, threads=threads).latency_ms,
+                       cost.price(m["works"], direct["direct"], prec, threads=1).latency_ms,
+                       cost.price(m["works"], direct["direct_grain"], prec, threads=threads).latency_ms]  # fmt: skip
+                errors.setdefault(m["group"], []).append([abs(e / m["t2_ms"] - 1) for e in est])
+            for group, errs in errors.items():
+                a = np.asarray(errs)
+                rows.append({"dump": path.name, "precision": prec, "group": group, "n": len(errs),
+                             **{f"{v}_within_10pct": round(float((a[:, i] <= 0.10).mean()), 2)
+                                for i, v in enumerate(("current", "direct", "direct_grain"))},
+                             **{f"{v}_mape_pct": round(float(a[:, i].mean() * 100), 1)
+                                for i, v in enumerate(("current", "direct", "direct_grain"))}})  # fmt: skip
+    return rows
+
+
 def render_cross(table: dict, paths: list[Path]) -> str:
     cols = " / ".join(p.name for p in paths)
     lines = ["# predictor_refit --cross", "",
@@ -156,7 +197,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dump", type=Path, help="a predictor_accuracy.py --dump file")
     parser.add_argument("--cross", type=Path, nargs="+", help="several dumps: every run's fit on every run's timings")
+    parser.add_argument("--direct-threads", type=Path, nargs="+",
+                        help="several dumps: the 2-thread estimate from a kernel model fitted at 2 threads vs today's")
     args = parser.parse_args()
+    if args.direct_threads:
+        rows = direct_threads(args.direct_threads)
+        write_json(RESULTS / "predictor_refit_direct_threads.json", {"dumps": [str(p) for p in args.direct_threads], "rows": rows})
+        head = ["dump", "precision", "group", "n", "current_within_10pct", "direct_within_10pct", "direct_grain_within_10pct",
+                "current_mape_pct", "direct_mape_pct", "direct_grain_mape_pct"]  # fmt: skip
+        text = "\n".join(["# predictor_refit --direct-threads", "", "2-thread estimates of the benchmark models: today's "
+                          "1-thread kernel model x thread model (current) against a kernel model fitted on the 2-thread "
+                          "wall times (direct; direct_grain: with the older single-grain scaling). Command: `python "
+                          f"benchmarks/predictor_refit.py --direct-threads {' '.join(str(p) for p in args.direct_threads)}`.", "",
+                          "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                         + ["| " + " | ".join(str(r[k]) for k in head) + " |" for r in rows]) + "\n"  # fmt: skip
+        atomic_write(RESULTS / "predictor_refit_direct_threads.md", text)
+        print(text)
+        return 0
     if args.cross:
         missing = [str(p) for p in args.cross if not p.is_file()]
         if missing:
