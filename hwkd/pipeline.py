@@ -245,6 +245,7 @@ def _build(inputs: dict[str, Any], cfg, prof, device, trust_code: bool, progress
     from hwkd.data.checks import check_teachers
     from hwkd.errors import DivergedError
     from hwkd.models.loaders import build_student, load_teacher
+    from hwkd.stages.common import channel_rounding
     from hwkd.teacher import builtin_teacher
 
     torch.manual_seed(cfg.seed)
@@ -275,7 +276,7 @@ def _build(inputs: dict[str, Any], cfg, prof, device, trust_code: bool, progress
     torch.manual_seed(cfg.seed)
     student, student_spec = build_student(
         inputs.get("student"), teachers[0], spec, dataset.num_classes, c, trust_code, dataset.example_input(),
-        weights=inputs.get("student_weights"), round_to=cfg.prune.round_to or prof.runtime.channel_multiple,
+        weights=inputs.get("student_weights"), round_to=channel_rounding(cfg.prune, prof),
     )  # fmt: skip
     check_compatible(student, dataset)
     if "prune" in cfg.stages or cfg.distill.penalty_weight > 0:

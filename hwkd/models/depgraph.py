@@ -156,15 +156,17 @@ def unprunable_layers(model: nn.Module, example_input: Any, check_groups: bool =
     return {names.get(m, type(m).__name__): why for m, why in dg.hwkd_unprunable.items()}
 
 
-def base_pruner(model: nn.Module, example_input: Any, *, ignored_layers: list[nn.Module], **kwargs):
-    """``tp.pruner.BasePruner`` that leaves the layers it cannot follow alone; returns (pruner, their names)."""
+def base_pruner(model: nn.Module, example_input: Any, *, ignored_layers: list[nn.Module], round_to: int = 1, **kwargs):
+    """``tp.pruner.BasePruner`` that leaves the layers it cannot follow alone; returns (pruner, their names).
+    ``round_to`` <= 1 means no rounding (torch-pruning's None)."""
     import torch_pruning as tp
 
     dg = dependency_graph(model, example_input)
     names = {m: n for n, m in model.named_modules()}
     with torch_pruning_errors(model, "setting up the pruner"), _tolerant_reshape_mapping([]):
         pruner = tp.pruner.BasePruner(
-            model, example_input, ignored_layers=[*ignored_layers, *dg.hwkd_unprunable], **kwargs
+            model, example_input, ignored_layers=[*ignored_layers, *dg.hwkd_unprunable],
+            round_to=round_to if round_to > 1 else None, **kwargs
         )
     pruner.DG.__class__ = type(dg)  # same graph, tolerant grouping in pruner.step()
     return pruner, sorted(names.get(m, "") for m in dg.hwkd_unprunable)

@@ -271,7 +271,7 @@ def prune_uniform(
         importance=tp.importance.GroupMagnitudeImportance(p=2),
         pruning_ratio=1.0 - keep,
         ignored_layers=[find_head(model, num_classes)],
-        round_to=round_to if round_to > 1 else None,  # as the prune stage passes it
+        round_to=round_to,
     )
     with torch_pruning_errors(model, "pruning the teacher into a width-multiplier student"):
         pruner.step()

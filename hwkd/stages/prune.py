@@ -23,7 +23,7 @@ from hwkd.models.depgraph import base_pruner, torch_pruning_errors, unprunable_l
 from hwkd.models.loaders import find_head
 from hwkd.pipeline import PipelineState, RunContext, StageResult
 from hwkd.registry import Registry
-from hwkd.stages.common import model_metrics, out_channels
+from hwkd.stages.common import channel_rounding, model_metrics, out_channels
 from hwkd.train import distill_loss_fn, fit
 
 PRUNE_MODES = ("budget", "ratio")
@@ -57,7 +57,7 @@ def run(state: PipelineState, cfg: PruneConfig, ctx: RunContext) -> tuple[Pipeli
         raise ConfigError(f"prune.steps must be at least 1, got {cfg.steps}.")
     model = state.student
     model.eval()
-    round_to = cfg.round_to or state.profile.runtime.channel_multiple
+    round_to = channel_rounding(cfg, state.profile)
     kd = state.kd or make_kd_loss("hinton", 4.0, 0.7)
     loss_fn = distill_loss_fn(kd, state.teachers, state.teacher_weights)
     before = out_channels(model)
@@ -158,7 +158,7 @@ def _prune_by_ratio(model, state, cfg, ctx, loss_fn, round_to) -> list[dict]:
         pruning_ratio=cfg.ratio,
         iterative_steps=cfg.steps,
         ignored_layers=[find_head(model)],
-        round_to=round_to if round_to > 1 else None,
+        round_to=round_to,
     )
     history = []
     for step in range(cfg.steps):
