@@ -52,18 +52,21 @@ CACHE = RESULTS / "cifar10"
 STEPS = ("split", "teacher", "pipeline", "small", "kd", "plateau", "hw")
 MEAN_STD = ["--mean", ",".join(map(str, teacher_mod.MEAN)), "--std", ",".join(map(str, teacher_mod.STD))]
 
+# The small step's student: the trained teacher at 30% width, channel counts not rounded (step_small).
+SMALL_STUDENT = ["--student", "0.3x", "--set", "prune.round_to=1"]
+
 # The protocol. Full: hwkd's defaults for the pipeline; the KD table long enough for the student
 # alone to plateau. Quick: the same code on a class-balanced subset, one epoch per stage.
 PROTOCOLS = {
     "full": {"per_class": None, "profiles": ["rpi4", "jetson"], "hw_profile": "rpi4", "budgets": [10, 20, 30, 50],
              "kd_epochs": 40, "kd_seeds": [0, 1, 2], "kd_lr": 0.05, "student": ["mobilenetv2", 1.0], "plateau_epochs": 40,
              "hwkd_sets": [], "bench_rounds": 5, "grid_step": 0.05,
-             "small_student": ["--student", "0.3x", "--set", "prune.round_to=1"]},
+             "small_student": SMALL_STUDENT},
     "quick": {"per_class": {"train": 100, "val": 50, "test": 50}, "grid_step": 0.1, "profiles": ["rpi4", "jetson"],
               "hw_profile": "rpi4", "budgets": [10, 20, 30, 50], "kd_epochs": 2, "kd_seeds": [0], "kd_lr": 0.05,
               "plateau_epochs": 3,
               "student": ["mobilenetv2", 1.0], "bench_rounds": 3,
-              "small_student": ["--student", "0.3x", "--set", "prune.round_to=1"],
+              "small_student": SMALL_STUDENT,
               "hwkd_sets": ["distill.epochs=1", "prune.recovery_epochs=1", "qat.epochs=1",
                             "bench.iterations=50", "bench.rounds=3"]},
 }  # fmt: skip
@@ -185,11 +188,16 @@ def step_pipeline(args, proto, split_dir, teacher_pt, out: dict) -> None:
     for profile in proto["profiles"]:
         res = hwkd_compress(args, proto, split_dir, teacher_pt, profile, args.work / f"pipeline_{profile}")
         out["pipeline"][profile] = res
-        if res["returncode"] == 0 and not args.quick:  # the final INT8 model, committed (metadata inside)
-            target = CACHE / f"{profile}_int8.onnx"
-            target.write_bytes(Path(res["model"]).read_bytes())
-            res["committed_model"] = str(target.relative_to(ROOT))
+        commit_model(args, res, f"{profile}_int8.onnx")
         save(args, out)
+
+
+def commit_model(args, res: dict, name: str) -> None:
+    """Copy a successful full-protocol run's final INT8 model (metadata inside) to results/cifar10/NAME."""
+    if res["returncode"] == 0 and not args.quick:
+        target = CACHE / name
+        target.write_bytes(Path(res["model"]).read_bytes())
+        res["committed_model"] = str(target.relative_to(ROOT))
 
 
 def step_small(args, proto, split_dir, teacher_pt, out: dict) -> None:
@@ -210,10 +218,7 @@ def step_small(args, proto, split_dir, teacher_pt, out: dict) -> None:
     with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
         for profile, res in pool.map(one, proto["profiles"]):
             out["small"][key(profile)] = res
-            if res["returncode"] == 0 and not args.quick:
-                target = CACHE / f"small_{key(profile).replace(' ', '_').replace('=', '')}_int8.onnx"  # beside the default's
-                target.write_bytes(Path(res["model"]).read_bytes())
-                res["committed_model"] = str(target.relative_to(ROOT))
+            commit_model(args, res, f"small_{key(profile).replace(' ', '_').replace('=', '')}_int8.onnx")
             save(args, out)
 
 

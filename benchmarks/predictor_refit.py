@@ -43,21 +43,35 @@ def load_dump(path: Path) -> dict:
     return data
 
 
-def fitted_profiles(dump: dict) -> dict[str, tuple]:
-    """Per precision: (profile with the kernel and thread models fitted to the dump's calibration
-    networks exactly as ``hwkd profiles calibrate`` fits them, their fit statistics, threads)."""
+def host_profile(lanes: int, calibration: dict):
+    """The built-in x86 profile with this host's vector width and the given ``[calibration]`` tables."""
     import dataclasses
 
     from hwkd.hardware.profiles import load_profile
 
     base = load_profile("x86-avx2")
+    return dataclasses.replace(base, hardware=dataclasses.replace(base.hardware, vector_width=lanes),
+                               calibration=calibration)  # fmt: skip
+
+
+def kernel_fit(prec: str, rows: list[dict], measured: str = "fit_ms", threads: int = 1) -> tuple[dict, dict]:
+    """The kernel model fitted to a dump's calibration networks of one precision, as calibration fits it,
+    on the column ``measured`` of each row (``fit_ms``: calibration's own target)."""
+    lanes = rows[0]["lanes"]
+    return fit.fit_kernel_model([r["works"] for r in rows], [r[measured] for r in rows], rows[0]["tile"], lanes=lanes,
+                                threads=threads, families=[r["family"] for r in rows],
+                                input_align=input_align(prec, False, lanes))  # fmt: skip
+
+
+def fitted_profiles(dump: dict) -> dict[str, tuple]:
+    """Per precision: (profile with the kernel and thread models fitted to the dump's calibration
+    networks exactly as ``hwkd profiles calibrate`` fits them, their fit statistics, threads)."""
     out = {}
     for prec, rows in dump["calibration"].items():
         works = [r["works"] for r in rows]
         families = [r["family"] for r in rows]
         lanes, threads = rows[0]["lanes"], rows[0]["threads"]
-        model, stats = fit.fit_kernel_model(works, [r["fit_ms"] for r in rows], rows[0]["tile"], lanes=lanes,
-                                            families=families, input_align=input_align(prec, False, lanes))  # fmt: skip
+        model, stats = kernel_fit(prec, rows)
         fits = {"kernel_fit": stats}
         calibration = {"kernel_model": {prec: model}}
         if threads > 1:
@@ -65,9 +79,7 @@ def fitted_profiles(dump: dict) -> dict[str, tuple]:
                 works, [r["wall_1_ms"] for r in rows], [r["wall_n_ms"] for r in rows], model, threads, lanes, families
             )
             calibration["thread_model"] = {prec: tm}
-        profile = dataclasses.replace(base, hardware=dataclasses.replace(base.hardware, vector_width=lanes),
-                                      calibration=calibration)  # fmt: skip
-        out[prec] = (profile, fits, threads)
+        out[prec] = (host_profile(lanes, calibration), fits, threads)
     return out
 
 
@@ -126,24 +138,14 @@ def direct_threads(paths: list[Path]) -> list[dict]:
     """The 2-thread estimate three ways, per dump, precision and model group: the current 1-thread kernel
     model x thread model; a kernel model fitted directly on the 2-thread wall times (priced as if at one
     thread, so no thread model applies); and that fit with the older single-grain thread scaling."""
-    import dataclasses
-
-    from hwkd.hardware.profiles import load_profile
-
-    base = load_profile("x86-avx2")
     rows = []
     for path in paths:
         dump = load_dump(path)
         current = fitted_profiles(dump)
         for prec, nets in dump["calibration"].items():
             lanes, threads = nets[0]["lanes"], nets[0]["threads"]
-            direct = {}
-            for variant, fit_threads in (("direct", 1), ("direct_grain", threads)):
-                model, _ = fit.fit_kernel_model([n["works"] for n in nets], [n["wall_n_ms"] for n in nets], nets[0]["tile"],
-                                                lanes=lanes, threads=fit_threads, families=[n["family"] for n in nets],
-                                                input_align=input_align(prec, False, lanes))  # fmt: skip
-                direct[variant] = dataclasses.replace(base, hardware=dataclasses.replace(base.hardware, vector_width=lanes),
-                                                      calibration={"kernel_model": {prec: model}})  # fmt: skip
+            direct = {variant: host_profile(lanes, {"kernel_model": {prec: kernel_fit(prec, nets, "wall_n_ms", fit_threads)[0]}})
+                      for variant, fit_threads in (("direct", 1), ("direct_grain", threads))}  # fmt: skip
             errors: dict[str, list[list[float]]] = {}
             for m in dump["models"]:
                 if m["precision"] != prec:
