@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 import tomllib
 from pathlib import Path
@@ -169,6 +170,24 @@ class RichProgress:
             yield advance
 
 
+class _ConsoleWarnings(logging.Handler):
+    """The pipeline's warnings (logger "hwkd") as one marked paragraph each on stderr, not bare log lines."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from rich.markup import escape
+
+        err.print(f"[bold yellow]warning[/]: {escape(record.getMessage())}", highlight=False, soft_wrap=True)
+
+
+def _show_warnings() -> None:
+    logger = logging.getLogger("hwkd")
+    if not any(isinstance(h, _ConsoleWarnings) for h in logger.handlers):
+        logger.addHandler(_ConsoleWarnings())
+
+
 def _stage_line(result) -> str:
     m = result.metrics
     bits = [f"[bold green]✓[/] {result.name:<8}", f"{result.seconds:6.1f}s"]
@@ -281,6 +300,7 @@ def compress(
         from hwkd import api
 
         progress = RichProgress(err)
+        _show_warnings()
         on_done = lambda r, s=None: err.print(_stage_line(r), highlight=False)  # noqa: E731
         if resume is not None:
             if out_dir is not None and Path(out_dir).resolve() != Path(resume).resolve():

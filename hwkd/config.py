@@ -92,7 +92,7 @@ class PruneConfig:
     # "budget": prune until the estimated latency and memory meet the budget, per-layer amounts by
     # importance per unit of latency saved; "ratio": remove `ratio` of the channels, whatever the device.
     mode: str = "budget"
-    max_layer_ratio: float = 0.75  # mode "budget": at most this share of any layer's channels goes
+    max_layer_ratio: float = 0.75  # mode "budget": at most this share of a layer's channels goes per step
     penalty_weight: float = 1.0  # budget penalty in the recovery loss (0 = off)
 
 

@@ -39,6 +39,7 @@ class PipelineState:
     checkpoints: dict[str, Path] = field(default_factory=dict)  # stage -> hwkd model checkpoint
     channels: dict[str, dict[str, int]] = field(default_factory=dict)  # snapshot -> layer -> out channels
     exported: dict[str, Path] = field(default_factory=dict)  # export_key (weights, opset) -> FP32 ONNX written
+    budget_reach: dict[str, Any] | None = None  # prune.budget_reach of the student, when over budget at the start
 
     @property
     def example_input(self):
@@ -516,6 +517,7 @@ def _execute(run: _Run, run_dir: Path, manifest: dict, progress, on_stage_done, 
         budget=budget,
         kd=make_kd_loss(cfg.distill.kd, cfg.distill.temperature, cfg.distill.alpha).logits_only(),
         channels={"student_initial": out_channels(run.student)},
+        budget_reach=_budget_reach(run.student, dataset.example_input(), prof, budget, cfg, log),
     )
     metadata = onnx_metadata(__version__, prof.name, dataset)
     teacher_onnx = run_dir / "teacher.onnx"
@@ -599,6 +601,27 @@ def _execute(run: _Run, run_dir: Path, manifest: dict, progress, on_stage_done, 
     )
     write_reports(run_dir, report)
     return report
+
+
+def _budget_reach(student, example, prof, budget, cfg, log) -> dict | None:
+    """Before any training: can budget pruning meet the budget at all? Said now, not after distillation.
+
+    None when nothing prunes to the budget or the student already fits; else ``prune.budget_reach``'s answer,
+    which the distill stage (penalty) and the prune stage (whether to prune) act on.
+    """
+    from hwkd.hardware.cost import estimate
+    from hwkd.stages.common import channel_rounding
+    from hwkd.stages.prune import budget_reach, unreachable_message
+
+    if "prune" not in cfg.stages or cfg.prune.mode != "budget":
+        return None
+    start = estimate(student, example, prof, budget.precision)
+    if start.latency_ms <= budget.latency_ms and start.memory_mb <= budget.memory_mb:
+        return None
+    reach = budget_reach(student, example, prof, budget, channel_rounding(cfg.prune, prof))
+    if not reach["reachable"]:
+        log.warning("%s", unreachable_message(reach))
+    return reach
 
 
 def _write_manifest(run_dir: Path, manifest: dict) -> None:

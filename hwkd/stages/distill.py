@@ -40,7 +40,9 @@ def run(state: PipelineState, cfg: DistillConfig, ctx: RunContext) -> tuple[Pipe
     schedule = KDSchedule.from_config(cfg)
     student = state.student
     penalty = None
-    if cfg.penalty_weight > 0 and state.budget is not None:
+    # A budget pruning cannot reach (prune.budget_reach) is left alone: the penalty would only cost accuracy.
+    reachable = state.budget_reach is None or state.budget_reach["reachable"]
+    if cfg.penalty_weight > 0 and state.budget is not None and reachable:
         penalty = BudgetPenalty(student, state.example_input, state.profile, state.budget,
                                 ignored_layers=[find_head(student)])  # fmt: skip
     extra = kd.attach(student, state.teachers, state.example_input, cfg.student_layers, cfg.teacher_layers)
@@ -76,7 +78,8 @@ def run(state: PipelineState, cfg: DistillConfig, ctx: RunContext) -> tuple[Pipe
             **model_metrics(student, state),
             "kd": cfg.kd,
             "temperature": cfg.temperature,
-            "penalty_weight": cfg.penalty_weight,
+            "penalty_weight": cfg.penalty_weight if reachable else 0.0,
+            **({} if reachable else {"penalty_note": "off: the budget is out of reach of channel pruning"}),
             "temperature_schedule": cfg.temperature_schedule,
             "alpha": cfg.alpha,
             "alpha_schedule": cfg.alpha_schedule,

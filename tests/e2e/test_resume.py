@@ -16,6 +16,10 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
+# A budget that budget pruning can reach: at 8x8 px the student's jetson estimate is nearly all per-layer cost
+# (INT8: 0.182 ms, 0.177 ms with every layer at 8 channels, teacher 0.207 ms), so 40% of the teacher is out of
+# reach and nothing would be pruned (prune.budget_reach); 87% (0.180 ms) is between the floor and the start.
+BUDGET = "87%"
 
 
 def tiny_npz(path: Path) -> Path:
@@ -31,7 +35,7 @@ def tiny_npz(path: Path) -> Path:
 
 def settings(data: Path) -> list[str]:
     return [
-        "--data", str(data), "--latency-budget", "40%", "--stages", "distill,prune,qat,export",
+        "--data", str(data), "--latency-budget", BUDGET, "--stages", "distill,prune,qat,export",
         "--set", "teacher.epochs=3", "--set", "distill.epochs=12", "--set", "prune.steps=2",
         "--set", "prune.recovery_epochs=4", "--set", "qat.epochs=2", "--set", "train.batch_size=16",
         "--set", "export.min_top1_agreement=0.5",

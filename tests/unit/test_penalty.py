@@ -204,3 +204,105 @@ def test_unknown_prune_mode_is_a_config_error(profile, tiny_dataset, tmp_path):
     )  # fmt: skip
     with pytest.raises(ConfigError, match="prune.mode"):
         prune.run(state, dataclasses.replace(PruneConfig(), mode="fast"), RunContext(run_dir=tmp_path))
+
+
+def test_budget_reach_prices_the_model_with_every_layer_at_one_multiple(profile):
+    """The floor is what budget pruning could ever leave, step after step: every prunable layer at one
+    rounding multiple. The model itself is untouched; the verdict compares the floor with the budget."""
+    import copy
+
+    from hwkd.stages.common import out_channels
+    from hwkd.stages.prune import budget_reach
+
+    model = tiny(width=2.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    start = estimate(model, X, profile, "fp32")
+    reach = budget_reach(model, X, profile, Budget(latency_ms=0.5 * start.latency_ms, memory_mb=1e6), 8)
+    assert out_channels(model)["features.1.0"] == 64  # a copy was pruned, not the model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    by_hand = copy.deepcopy(model)
+    plan = prune_step(by_hand, X, profile, "fp32", IMPORTANCE.get("l2")(), need_ms=float("inf"),
+                      need_mb=float("inf"), round_to=8, min_channels=dict.fromkeys(out_channels(by_hand), 8))  # fmt: skip
+    assert plan["removed"] > 0
+    assert {n: c for n, c in out_channels(by_hand).items() if n != "head"} == {
+        "features.0.0": 8, "features.1.0": 8, "features.2.0": 8,
+    }  # fmt: skip
+    assert by_hand(torch.randn(2, 1, 16, 16)).shape == (2, 3)
+    floor_ms = reach["floor_latency_ms"]
+    assert estimate(by_hand, X, profile, "fp32").latency_ms == pytest.approx(floor_ms)
+    assert 0 < floor_ms < start.latency_ms and reach["floor_params"] < start.params and reach["floor_channels"] == 8
+    assert reach["reachable"] is (floor_ms <= 0.5 * start.latency_ms)
+    below = budget_reach(model, X, profile, Budget(latency_ms=0.99 * floor_ms, memory_mb=1e6), 8)
+    above = budget_reach(model, X, profile, Budget(latency_ms=1.01 * floor_ms, memory_mb=1e6), 8)
+    assert below["reachable"] is False and above["reachable"] is True
+    tight_memory = Budget(latency_ms=1e3, memory_mb=0.5 * reach["floor_memory_mb"])
+    assert budget_reach(model, X, profile, tight_memory, 8)["reachable"] is False
+
+
+def test_steps_go_below_max_layer_ratio_of_the_start_but_not_of_the_current(profile):
+    """max_layer_ratio bounds one step (64 -> 16 at most), so a budget below one step's floor is reached in
+    later steps (16 -> 8), as the prune stage's extra steps expect."""
+    model = tiny(width=2.0)
+    sizes = []
+    for _ in range(2):
+        prune_step(model, X, profile, "fp32", IMPORTANCE.get("l2")(), need_ms=float("inf"), need_mb=0.0,
+                   round_to=8, max_layer_ratio=0.75)  # fmt: skip
+        sizes.append(model.features[1][0].out_channels)
+    assert sizes == [16, 8]
+
+
+def _prune_state(profile, dataset, budget_fraction: float):
+    from hwkd.kd.losses import make_kd_loss
+    from hwkd.pipeline import PipelineState
+
+    torch.manual_seed(0)
+    student = ZOO.get("cnn")(num_classes=3, in_channels=1, width=2.0)
+    teacher = ZOO.get("cnn")(num_classes=3, in_channels=1, width=1.0).eval()
+    start = estimate(student, dataset.example_input(), profile, "fp32").latency_ms
+    budget = Budget(latency_ms=budget_fraction * start, memory_mb=1e6, precision="fp32")
+    return PipelineState(
+        student=student, student_spec={}, teachers=[teacher], teacher_weights=[1.0], dataset=dataset,
+        profile=profile, budget=budget, kd=make_kd_loss("hinton", 4.0, 0.7),
+    )  # fmt: skip
+
+
+def test_budget_below_the_floor_leaves_the_student_unpruned_and_says_why(profile, tiny_dataset, tmp_path, caplog):
+    """The stop-20 defect: a budget channel pruning cannot reach used to prune the student to its floor
+    (and its accuracy with it) for a model that still missed. Now it is left as it is, with a warning."""
+    from hwkd.config import PruneConfig, TrainConfig
+    from hwkd.pipeline import RunContext
+    from hwkd.stages import prune
+    from hwkd.stages.common import out_channels
+
+    state = _prune_state(profile, tiny_dataset, budget_fraction=0.05)  # far below any per-layer floor
+    before = out_channels(state.student)
+    weights = {k: v.clone() for k, v in state.student.state_dict().items()}
+    ctx = RunContext(run_dir=tmp_path, train=TrainConfig(batch_size=8, augment=False))
+    cfg = PruneConfig(mode="budget", steps=2, recovery_epochs=1, round_to=8)
+    with caplog.at_level("WARNING", logger="hwkd"):
+        _, result = prune.run(state, cfg, ctx)
+    m = result.metrics
+    assert m["budget_reachable"] is False and m["budget_met"] is False
+    assert m["floor_estimated_latency_ms"] > state.budget.latency_ms
+    assert m["end_estimated_latency_ms"] == pytest.approx(m["start_estimated_latency_ms"])
+    assert "left unpruned" in m["budget_note"]
+    assert result.history == [] and out_channels(state.student) == before
+    assert all(torch.equal(weights[k], v) for k, v in state.student.state_dict().items())  # no recovery training
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "out of reach of channel pruning" in message and "--latency-budget" in message
+
+
+def test_distill_drops_the_penalty_when_pruning_cannot_reach_the_budget(profile, tiny_dataset, tmp_path):
+    from hwkd.config import DistillConfig, TrainConfig
+    from hwkd.pipeline import RunContext
+    from hwkd.stages import distill
+
+    state = _prune_state(profile, tiny_dataset, budget_fraction=0.3)
+    ctx = RunContext(run_dir=tmp_path, train=TrainConfig(batch_size=8, augment=False))
+    cfg = DistillConfig(epochs=1, penalty_weight=1.0)
+    _, on = distill.run(state, cfg, ctx)
+    assert on.metrics["penalty_weight"] == 1.0 and all("penalty" in row for row in on.history)
+    unreachable = dataclasses.replace(_prune_state(profile, tiny_dataset, 0.3), budget_reach={"reachable": False})
+    _, off = distill.run(unreachable, cfg, RunContext(run_dir=tmp_path / "off", train=ctx.train))
+    assert off.metrics["penalty_weight"] == 0.0 and "out of reach" in off.metrics["penalty_note"]
+    assert not any("penalty" in row for row in off.history)
