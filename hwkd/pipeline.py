@@ -619,7 +619,7 @@ def _budget_reach(student, example, prof, budget, cfg, log) -> dict | None:
     if start.latency_ms <= budget.latency_ms and start.memory_mb <= budget.memory_mb:
         return None
     reach = budget_reach(student, example, prof, budget, channel_rounding(cfg.prune, prof))
-    if not reach["reachable"]:
+    if not reach["reachable"] and distributed.is_main():  # every rank decides alike; one says so
         log.warning("%s", unreachable_message(reach))
     return reach
 
