@@ -41,7 +41,9 @@ class DataConfig:
     crop: int = 0  # center crop (square) after the resize; 0 = none
     interpolation: str = ""  # nearest | bilinear | bicubic; "" = bilinear (timm: its pretrained_cfg's)
     channel_order: str = "rgb"  # rgb | bgr
-    augment: str = "auto"  # auto (affine for digits/.npz, crop_flip for image folders) | affine | crop_flip | none
+    # auto (affine for digits/.npz, crop_flip for image folders) | affine | crop_flip (RandomResizedCrop + flip)
+    # | pad_crop_flip (pad an eighth, random crop + flip: the CIFAR recipe) | none
+    augment: str = "auto"
     workers: int = -1  # DataLoader worker processes; -1 = auto (0 for in-memory arrays)
     stats_images: int = 2000  # training images the fitted mean/std of an image folder is computed on
 

@@ -37,7 +37,8 @@ def mix_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class SplitView(TorchDataset):
-    """One split of a source, indexed by (epoch, position) keys; ``augment`` None | affine | crop_flip."""
+    """One split of a source, indexed by (epoch, position) keys; ``augment`` None | affine | crop_flip |
+    pad_crop_flip."""
 
     def __init__(self, source, indices: np.ndarray, prep: Preprocessing, augment: str | None, seed: int):
         self.source = source
@@ -59,7 +60,7 @@ class SplitView(TorchDataset):
         epoch = keys[0][0]
         idx = self.indices[np.fromiter((k[1] for k in keys), dtype=np.int64, count=len(keys))]
         y = torch.as_tensor(self.source.y[idx], dtype=torch.int64)
-        crop_flip = self.augment == "crop_flip"
+        crop_flip = self.augment in ("crop_flip", "pad_crop_flip")
         if self.source.kind == "files":
             items = []
             for i in idx:
@@ -75,22 +76,21 @@ class SplitView(TorchDataset):
         return x, y
 
     def _random_crop(self, img: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
-        """RandomResizedCrop to the output size + horizontal flip, seeded by (seed, epoch, index)."""
+        """A random crop + horizontal flip, seeded by (seed, epoch, index): ``crop_flip`` takes a
+        RandomResizedCrop to the output size; ``pad_crop_flip`` brings the image to the output size, pads it
+        by an eighth of its side with zeros and takes a crop of the output size (the CIFAR recipe:
+        32 px, padding 4)."""
         if self._crop_flip is None:
             mode, _ = vision()
             from torchvision.transforms import v2
 
-            self._crop_flip = v2.Compose(
-                [
-                    v2.RandomResizedCrop(
-                        list(self.prep.output_size),
-                        scale=CROP_SCALE,
-                        interpolation=mode(self.prep.interpolation),
-                        antialias=True,
-                    ),
-                    v2.RandomHorizontalFlip(),
-                ]
-            )
+            size = list(self.prep.output_size)
+            if self.augment == "pad_crop_flip":
+                crop = [v2.Lambda(self.prep.geometry), v2.RandomCrop(size, padding=max(1, min(size) // 8))]
+            else:
+                crop = [v2.RandomResizedCrop(size, scale=CROP_SCALE, interpolation=mode(self.prep.interpolation),
+                                             antialias=True)]  # fmt: skip
+            self._crop_flip = v2.Compose([*crop, v2.RandomHorizontalFlip()])
         # transforms.v2 draws from torch's global CPU generator: seed it for this image, then put the
         # caller's state back. Not torch.manual_seed: it also queues a CUDA seeding call (with a stack
         # trace) per image on hosts where CUDA is not initialised.

@@ -29,6 +29,8 @@ log = logging.getLogger("hwkd")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 CHANNEL_ORDERS = ("rgb", "bgr")
 RESIZE_MODES = ("exact", "shorter")
+# data.augment: auto = affine for digits / .npz, crop_flip for image folders (docs/decisions-issue10-data.md)
+AUGMENTATIONS = ("auto", "affine", "crop_flip", "pad_crop_flip", "none")
 _ALIGN_MODES = ("linear", "bilinear", "bicubic", "trilinear")
 # torchvision's documented normalisation for every ImageNet classification weight
 # (https://pytorch.org/vision/stable/models.html): resize 256 (232 for some), center crop 224, these.
@@ -251,8 +253,8 @@ def check_data_config(cfg) -> None:
         )
     if any(s <= 0 for s in cfg.std):
         raise ConfigError(f"--std values must be positive, got {','.join(map(str, cfg.std))}.")
-    if cfg.augment not in ("auto", "affine", "crop_flip", "none"):
-        raise ConfigError(f"data.augment {cfg.augment!r} is not one of auto, affine, crop_flip, none.")
+    if cfg.augment not in AUGMENTATIONS:
+        raise ConfigError(f"data.augment {cfg.augment!r} is not one of {', '.join(AUGMENTATIONS)}.")
 
 
 def geometry_from(cfg, image_size: int | None, default: tuple[int, int]) -> dict[str, Any]:

@@ -251,3 +251,37 @@ def test_fit_on_cuda_trains_and_comes_back_to_the_cpu(tiny_dataset, amp):
                   device="cuda", amp=amp, modules=[teacher])  # fmt: skip
     assert len(history) == 2 and np.isfinite(history[-1]["loss"])
     assert all(p.device.type == "cpu" for m in (model, teacher) for p in m.parameters())
+
+
+def test_pad_crop_flip_is_the_cifar_recipe(tmp_path):
+    """data.augment=pad_crop_flip: the image at the output size, padded by an eighth of its side with black,
+    a random crop of the output size and a flip; the same with workers, and the unpadded pixels are the
+    image's own (a shift, not a rescale as RandomResizedCrop does)."""
+    import dataclasses
+
+    root = _folder(tmp_path / "p", per_class=12, size=(16, 16))
+    ds = load_dataset(str(root), image_size=16, data_cfg=dataclasses.replace(DataConfig(), augment="pad_crop_flip"))
+    assert ds.augment == "pad_crop_flip"
+    alone = ds.loader("train", train=True, batch_size=4, seed=1, workers=0)
+    pooled = ds.loader("train", train=True, batch_size=4, seed=1, workers=2)
+    a, b = _epoch_labels(alone, 0), _epoch_labels(pooled, 0)
+    assert a[0] == b[0] and all(torch.equal(p, q) for p, q in zip(a[1], b[1], strict=True))
+    augmented = torch.cat(a[1])
+    assert augmented.shape[1:] == (3, 16, 16)
+    black = ds.preprocessing.normalize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8)).flatten()
+    border = (augmented == black.view(1, 3, 1, 1)).all(dim=1)  # pixels that are padding in every channel
+    assert border.any(), "some crop reaches into the padding"
+    assert border.float().mean() <= (1 - (14 / 16) ** 2) + 1e-6  # at most 2 px of padding per side
+    # every augmented image, flipped back or not, is the plain image shifted by at most 2 px
+    plain = torch.cat([x for x, _ in ds.eval_batches("train")])
+    for img in augmented:
+        found = False
+        for cand in (img, img.flip(-1)):
+            for dy in range(-2, 3):
+                for dx in range(-2, 3):
+                    shifted = torch.roll(cand, (dy, dx), (-2, -1))[:, 2:-2, 2:-2]
+                    if any(torch.allclose(shifted, p[:, 2:-2, 2:-2]) for p in plain):
+                        found = True
+        assert found
+    with pytest.raises(ConfigError, match="pad_crop_flip"):
+        load_dataset(str(root), image_size=16, data_cfg=dataclasses.replace(DataConfig(), augment="pad"))
