@@ -360,10 +360,21 @@ def _folder_dataset(path: Path, seed, cfg, image_size, arch, user_teacher) -> Da
     source = FileSource(files)
     geometry = geometry_from(cfg, image_size, (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE))
     prep = _preprocessing(cfg, 1.0 / 255.0, source.channels, geometry, arch, antialias=True)
-    augment = "crop_flip" if cfg.augment == "auto" else cfg.augment
+    augment = auto_augment(prep.output_size) if cfg.augment == "auto" else cfg.augment
     prep = _normalisation(prep, cfg, source, train, arch, user_teacher, str(path), notes, cfg.stats_images, seed)
     return Dataset(path.name, source, {"train": train, "val": val, "test": test}, files.labels, prep,
                    augment=augment, workers=cfg.workers, notes=notes)  # fmt: skip
+
+
+# At or below this many pixels a side, image folders are augmented as CIFAR is (pad_crop_flip), above it as
+# ImageNet is (RandomResizedCrop). On CIFAR-10 at 32 px, RandomResizedCrop cost the 23.6k student 3.1 points
+# (docs/decisions-issue14.md, stop 21).
+SMALL_IMAGE_PX = 64
+
+
+def auto_augment(output_size) -> str:
+    """``data.augment = auto`` for an image folder: the augmentation the field uses at this image size."""
+    return "pad_crop_flip" if min(output_size) <= SMALL_IMAGE_PX else "crop_flip"
 
 
 def _concat(parts: dict[str, FileList]) -> FileList:

@@ -3,6 +3,7 @@ the stated preprocessing, the weak-teacher check and device validation."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -100,7 +101,8 @@ def test_shuffle_and_augmentation_depend_only_on_seed_and_epoch(tiny_dataset):
 
 
 def test_file_augmentation_is_the_same_with_workers(tmp_path):
-    ds = load_dataset(str(_folder(tmp_path / "w", per_class=12)), image_size=16)
+    ds = load_dataset(str(_folder(tmp_path / "w", per_class=12)), image_size=16,
+                      data_cfg=dataclasses.replace(DataConfig(), augment="crop_flip"))  # fmt: skip
     assert ds.augment == "crop_flip"
     alone = ds.loader("train", train=True, batch_size=4, seed=1, workers=0)
     pooled = ds.loader("train", train=True, batch_size=4, seed=1, workers=2)
@@ -257,8 +259,6 @@ def test_pad_crop_flip_is_the_cifar_recipe(tmp_path):
     """data.augment=pad_crop_flip: the image at the output size, padded by an eighth of its side with black,
     a random crop of the output size and a flip; the same with workers, and the unpadded pixels are the
     image's own (a shift, not a rescale as RandomResizedCrop does)."""
-    import dataclasses
-
     root = _folder(tmp_path / "p", per_class=12, size=(16, 16))
     ds = load_dataset(str(root), image_size=16, data_cfg=dataclasses.replace(DataConfig(), augment="pad_crop_flip"))
     assert ds.augment == "pad_crop_flip"
@@ -285,3 +285,13 @@ def test_pad_crop_flip_is_the_cifar_recipe(tmp_path):
         assert found
     with pytest.raises(ConfigError, match="pad_crop_flip"):
         load_dataset(str(root), image_size=16, data_cfg=dataclasses.replace(DataConfig(), augment="pad"))
+
+
+def test_auto_augmentation_follows_the_image_size(tmp_path):
+    """auto: small images (CIFAR, Tiny ImageNet sizes) get the pad-and-crop recipe, larger ones
+    RandomResizedCrop, as the field trains them; the digits keep their affine."""
+    root = _folder(tmp_path / "a", per_class=8, size=(16, 16))
+    assert load_dataset(str(root), image_size=32).augment == "pad_crop_flip"
+    assert load_dataset(str(root), image_size=64).augment == "pad_crop_flip"
+    assert load_dataset(str(root), image_size=96).augment == "crop_flip"
+    assert load_dataset(None, image_size=16).augment == "affine"
