@@ -229,6 +229,7 @@ class Dataset:
             "test": self.split_size("test"),
             "input_shape": list(self.input_shape),
             "num_classes": self.num_classes,
+            "augment": self.augment,  # what training added (auto resolves by source and image size)
         }
         if self.notes:
             out["notes"] = list(self.notes)

@@ -47,7 +47,9 @@ def render_markdown(report: dict) -> str:
         f"# hwkd report: {prof['name']}",
         "",
         f"Dataset **{report['dataset'].get('name')}** "
-        f"(input {report['dataset'].get('input_shape')}, {report['dataset'].get('num_classes')} classes). "
+        f"(input {report['dataset'].get('input_shape')}, {report['dataset'].get('num_classes')} classes"
+        + (f", training augmentation {report['dataset']['augment']}" if report["dataset"].get("augment") else "")
+        + "). "
         f"Budget on the device: latency {budget['latency_ms']:.4g} ms "
         f"({budget.get('source', {}).get('latency_ms', 'profile')}), memory {budget['memory_mb']:.4g} MB, "
         f"batch {budget['batch_size']}, at {budget.get('precision', 'fp32')}.",

@@ -45,6 +45,7 @@ def test_digits_shapes_and_split_sizes(digits):
         "test": 270,
         "input_shape": [1, 32, 32],
         "num_classes": 10,
+        "augment": "affine",
     }
     # normalized with train statistics
     x_train = split_tensors(digits, "train")[0]

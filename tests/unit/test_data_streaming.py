@@ -294,4 +294,5 @@ def test_auto_augmentation_follows_the_image_size(tmp_path):
     assert load_dataset(str(root), image_size=32).augment == "pad_crop_flip"
     assert load_dataset(str(root), image_size=64).augment == "pad_crop_flip"
     assert load_dataset(str(root), image_size=96).augment == "crop_flip"
+    assert load_dataset(str(root), image_size=32).summary()["augment"] == "pad_crop_flip"  # the report says which
     assert load_dataset(None, image_size=16).augment == "affine"
