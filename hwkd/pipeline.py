@@ -611,12 +611,11 @@ def _budget_reach(student, example, prof, budget, cfg, log) -> dict | None:
     """
     from hwkd.hardware.cost import estimate
     from hwkd.stages.common import channel_rounding
-    from hwkd.stages.prune import budget_reach, unreachable_message
+    from hwkd.stages.prune import budget_reach, fits, unreachable_message
 
     if "prune" not in cfg.stages or cfg.prune.mode != "budget":
         return None
-    start = estimate(student, example, prof, budget.precision)
-    if start.latency_ms <= budget.latency_ms and start.memory_mb <= budget.memory_mb:
+    if fits(estimate(student, example, prof, budget.precision), budget):
         return None
     reach = budget_reach(student, example, prof, budget, channel_rounding(cfg.prune, prof))
     if not reach["reachable"] and distributed.is_main():  # every rank decides alike; one says so

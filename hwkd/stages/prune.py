@@ -195,7 +195,7 @@ def _prune_to_budget(model, state, cfg, ctx, loss_fn, round_to) -> tuple[list[di
         "start_estimated_latency_ms": start.latency_ms,
         "penalty_weight": cfg.penalty_weight,
     }
-    if not _fits(start, budget):
+    if not fits(start, budget):
         reach = state.budget_reach or budget_reach(model, example, profile, budget, round_to)
         extra.update(floor_estimated_latency_ms=reach["floor_latency_ms"], floor_estimated_memory_mb=reach["floor_memory_mb"])
         if not reach["reachable"]:
@@ -220,7 +220,7 @@ def _prune_to_budget(model, state, cfg, ctx, loss_fn, round_to) -> tuple[list[di
             _finish_step(model, state, cfg, ctx, loss_fn, step, row, history)
             continue
         cost = estimate(model, example, profile, precision)
-        if _fits(cost, budget):
+        if fits(cost, budget):
             break
         frac = min(1.0, step / cfg.steps)
         margin = 0.99 if frac >= 1.0 else 1.0
@@ -253,11 +253,12 @@ def _prune_to_budget(model, state, cfg, ctx, loss_fn, round_to) -> tuple[list[di
         _finish_step(model, state, cfg, ctx, loss_fn, step, row, history)
     final = estimate(model, example, profile, precision)
     extra.update(end_estimated_latency_ms=final.latency_ms, end_estimated_memory_mb=final.memory_mb,
-                 budget_met=_fits(final, budget))  # fmt: skip
+                 budget_met=fits(final, budget))  # fmt: skip
     return history, extra
 
 
-def _fits(cost, budget) -> bool:
+def fits(cost, budget) -> bool:
+    """Whether an estimate meets both the latency and the memory budget."""
     return bool(cost.latency_ms <= budget.latency_ms and cost.memory_mb <= budget.memory_mb)
 
 
@@ -279,12 +280,11 @@ def budget_reach(model, example, profile, budget, round_to: int) -> dict:
     with torch_pruning_errors(floor_model, "pruning"):
         prune_step(
             floor_model, example, profile, budget.precision, tp.importance.GroupMagnitudeImportance(p=2),
-            need_ms=math.inf, need_mb=math.inf, round_to=chunk,
-            min_channels={name: chunk for name in out_channels(floor_model)},
+            need_ms=math.inf, need_mb=math.inf, round_to=chunk, min_channels=chunk,
         )  # fmt: skip
     floor = estimate(floor_model, example, profile, budget.precision)
     return {
-        "reachable": _fits(floor, budget),
+        "reachable": fits(floor, budget),
         "floor_latency_ms": floor.latency_ms,
         "floor_memory_mb": floor.memory_mb,
         "floor_params": floor.params,
@@ -325,7 +325,7 @@ def _finish_step(model, state, cfg, ctx, loss_fn, step: int, row: dict, history:
 
 def prune_step(
     model, example, profile, precision: str, importance, *, need_ms: float, need_mb: float,
-    round_to: int = 1, max_layer_ratio: float = 0.75, min_channels: dict[str, int] | None = None,
+    round_to: int = 1, max_layer_ratio: float = 0.75, min_channels: int | None = None,
 ) -> dict:  # fmt: skip
     """One HALP-like greedy step: remove the channel chunks with the least importance per unit of cost saved
     until the linearised saving covers ``need_ms`` and ``need_mb``. Returns what was removed, per layer.
@@ -333,7 +333,7 @@ def prune_step(
     Scores compare across layers (bn_scale: raw |gamma|, which the budget penalty shaped; l2 / taylor:
     normalised per group); cost saved is each chunk's latency and memory relative to what is still needed. Chunks are ``round_to``
     channels, so every layer keeps a channel count the device's vector units like. A layer keeps at least
-    ``min_channels[its name]`` when given (``budget_reach``: one multiple), else ``1 - max_layer_ratio`` of
+    ``min_channels`` when given (``budget_reach``: one multiple), else ``1 - max_layer_ratio`` of
     what it has now (per step: later steps can go further). ``need_ms = need_mb = inf`` takes every group down to its floor.
     """
     head = find_head(model)
@@ -349,9 +349,7 @@ def prune_step(
             continue
         order = torch.argsort(scores.detach().float().cpu()).tolist()
         orders[gi] = order
-        floor = (min_channels or {}).get(g.root_name)
-        if floor is None:
-            floor = max(chunk, math.ceil(g.channels * (1 - max_layer_ratio) / chunk) * chunk)
+        floor = min_channels or max(chunk, math.ceil(g.channels * (1 - max_layer_ratio) / chunk) * chunk)
         first = g.channels % chunk or chunk  # align the rest to multiples of round_to
         pos = 0
         size = first

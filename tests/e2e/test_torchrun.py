@@ -10,24 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_resume import BUDGET, tiny_npz  # the same 8x8 data and a budget pruning can reach
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
-# A budget that budget pruning can reach: at 8x8 px the student's jetson estimate is nearly all per-layer cost
-# (INT8: 0.182 ms, 0.177 ms with every layer at 8 channels, teacher 0.207 ms), so 40% of the teacher is out of
-# reach and nothing would be pruned (prune.budget_reach); 87% (0.180 ms) is between the floor and the start.
-BUDGET = "87%"
-
-
-def tiny_npz(path: Path) -> Path:
-    """3 classes of 8x8 stripe patterns (as in test_resume.py)."""
-    rng = np.random.default_rng(0)
-    i = np.arange(8)
-    patterns = [(i[:, None] % 2 == 0) * np.ones((8, 8)), (i[None, :] % 2 == 0) * np.ones((8, 8)),
-                ((i[:, None] + i[None, :]) % 2 == 0) * 1.0]  # fmt: skip
-    x = np.concatenate([rng.normal(0, 0.3, (16, 8, 8)) + 2 * p for p in patterns]).astype(np.float32)
-    np.savez(path, x=x, y=np.repeat(np.arange(3), 16))
-    return path
 
 
 def test_two_processes_train_one_model_and_rank_0_writes_it(tmp_path):

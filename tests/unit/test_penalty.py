@@ -222,7 +222,7 @@ def test_budget_reach_prices_the_model_with_every_layer_at_one_multiple(profile)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     by_hand = copy.deepcopy(model)
     plan = prune_step(by_hand, X, profile, "fp32", IMPORTANCE.get("l2")(), need_ms=float("inf"),
-                      need_mb=float("inf"), round_to=8, min_channels=dict.fromkeys(out_channels(by_hand), 8))  # fmt: skip
+                      need_mb=float("inf"), round_to=8, min_channels=8)  # fmt: skip
     assert plan["removed"] > 0
     assert {n: c for n, c in out_channels(by_hand).items() if n != "head"} == {
         "features.0.0": 8, "features.1.0": 8, "features.2.0": 8,
