@@ -95,9 +95,11 @@ def subset(paths: list[str], per_class: int) -> list[str]:
     return [p for c in sorted(by_class) for p in by_class[c][:per_class]]
 
 
-def teacher_cached() -> dict | None:
-    """The committed teacher's metadata if it was trained on the committed split, else None."""
-    meta_path, pt = CACHE / f"teacher_{teacher_mod.ARCH}.json", CACHE / f"teacher_{teacher_mod.ARCH}.pt"
+def teacher_cached(tag: str | None = None) -> dict | None:
+    """The committed teacher's metadata (``--teacher-tag``: that tagged teacher's) if it was trained on the
+    committed split, else None."""
+    stem = teacher_mod.teacher_stem(tag)
+    meta_path, pt = CACHE / f"{stem}.json", CACHE / f"{stem}.pt"
     if not (meta_path.exists() and pt.exists()):
         return None
     meta = json.loads(meta_path.read_text())
@@ -105,8 +107,17 @@ def teacher_cached() -> dict | None:
     return meta if meta.get("arch") == teacher_mod.ARCH and meta.get("split") == committed else None
 
 
+def results_stem(args) -> str:
+    """``cifar10[_quick][_TAG]``: each teacher's protocol keeps results of its own."""
+    return "cifar10" + ("_quick" if args.quick else "") + (f"_{args.teacher_tag}" if args.teacher_tag else "")
+
+
 def step_teacher(args, proto: dict, split_dir: Path, out: dict) -> Path:
-    meta = teacher_cached()
+    meta = teacher_cached(args.teacher_tag)
+    stem = teacher_mod.teacher_stem(args.teacher_tag)
+    if meta is None and args.teacher_tag:
+        raise SystemExit(f"--teacher-tag {args.teacher_tag}: no committed {CACHE / stem}.{{pt,json}} trained on the "
+                         "committed split; train it with cifar10_teacher.py and --finalise --tag " + args.teacher_tag)
     if meta is None:
         if args.quick:  # a throwaway 1-epoch teacher on the subset; the protocol's is never replaced by it
             work = args.work / "teacher_quick"
@@ -120,14 +131,15 @@ def step_teacher(args, proto: dict, split_dir: Path, out: dict) -> Path:
             return work / "teacher.pt"
         log("teacher: no committed checkpoint matches the split; training it (about 1 h on 1 core)")
         full_split = args.work / "split"
-        ns = argparse.Namespace(split=full_split, out=args.work / "teacher", epochs=15, lr=0.2, seed=0,
-                                threads=args.threads, resume=True, finalise=False, deadline=None)  # fmt: skip
+        ns = argparse.Namespace(split=full_split, out=args.work / "teacher", epochs=15, lr=0.2, seed=0, tag=None,
+                                host=None, threads=args.threads, resume=True, finalise=False, deadline=None)  # fmt: skip
         teacher_mod.train(ns)
         teacher_mod.finalise(ns)
         meta = teacher_cached()
-    out["teacher"] = {"cached": True, **{k: v for k, v in meta.items() if k != "history"},
+    out["teacher"] = {"cached": True, "file": str((CACHE / f"{stem}.pt").relative_to(ROOT)),
+                      **{k: v for k, v in meta.items() if k != "history"},
                       "val_curve": [round(r["val_acc"], 4) for r in meta["history"]]}  # fmt: skip
-    return CACHE / f"teacher_{teacher_mod.ARCH}.pt"
+    return CACHE / f"{stem}.pt"
 
 
 def hwkd_compress(args, proto: dict, split_dir: Path, teacher_pt: Path, profile: str, run_dir: Path,
@@ -186,7 +198,7 @@ def stage_epochs(stage: dict) -> int:
 def step_pipeline(args, proto, split_dir, teacher_pt, out: dict) -> None:
     out.setdefault("pipeline", {})  # profiles run earlier (another invocation) are kept
     for profile in proto["profiles"]:
-        res = hwkd_compress(args, proto, split_dir, teacher_pt, profile, args.work / f"pipeline_{profile}")
+        res = hwkd_compress(args, proto, split_dir, teacher_pt, profile, args.runs / f"pipeline_{profile}")
         out["pipeline"][profile] = res
         commit_model(args, res, f"{profile}_int8.onnx")
         save(args, out)
@@ -195,7 +207,8 @@ def step_pipeline(args, proto, split_dir, teacher_pt, out: dict) -> None:
 def commit_model(args, res: dict, name: str) -> None:
     """Copy a successful full-protocol run's final INT8 model (metadata inside) to results/cifar10/NAME."""
     if res["returncode"] == 0 and not args.quick:
-        target = CACHE / name
+        target = CACHE / args.teacher_tag / name if args.teacher_tag else CACHE / name
+        target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(Path(res["model"]).read_bytes())
         res["committed_model"] = str(target.relative_to(ROOT))
 
@@ -212,7 +225,7 @@ def step_small(args, proto, split_dir, teacher_pt, out: dict) -> None:
     def key(profile: str) -> str:
         return " ".join([profile, *sets])
     def one(profile: str) -> tuple[str, dict]:
-        run_dir = args.work / "_".join(["small", profile, *(s.replace("=", "") for s in sets)])
+        run_dir = args.runs / "_".join(["small", profile, *(s.replace("=", "") for s in sets)])
         return profile, hwkd_compress(args, proto, split_dir, teacher_pt, profile, run_dir,
                                       extra=extra, earlier=out["small"].get(key(profile)))  # fmt: skip
     with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
@@ -346,7 +359,7 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
         stand_in = pipeline_stand_in(out, proto, b) if args.stand_in_pipeline else None
         if stand_in is not None:
             log(f"{b}% {arm}: {stand_in['stand_in']}")
-        result = stand_in or hwkd_compress(args, proto, split_dir, teacher_pt, proto["hw_profile"], args.work / f"hw_{b}_{arm}",
+        result = stand_in or hwkd_compress(args, proto, split_dir, teacher_pt, proto["hw_profile"], args.runs / f"hw_{b}_{arm}",
                                ["--latency-budget", f"{b}%", *extra],
                                earlier[str(b)].get(f"hwkd_penalty_{arm}"))  # fmt: skip
         with _SAVE_LOCK:
@@ -366,7 +379,7 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
                and Path(r[f"hwkd_penalty_{arm}"]["model"]).exists()}  # fmt: skip
     log(f"peer: timing the uniform-pruning grid (step {proto['grid_step']}) with {len(targets)} hwkd models")
     ratios = tuple(round(proto["grid_step"] * i, 2) for i in range(round(0.95 / proto["grid_step"]) + 1))
-    grid = peer.latency_grid(teacher, example, calibration, args.work / "peer_grid", targets, proto["bench_rounds"],
+    grid = peer.latency_grid(teacher, example, calibration, args.runs / "peer_grid", targets, proto["bench_rounds"],
                              ratios)  # fmt: skip
     hw["peer_grid_ms"] = {f"{r:.2f}": ms for r, ms in grid["grid"].items()}
     finals = {}
@@ -379,7 +392,7 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
         model = peer.prune_uniform(teacher, ratio, example)
         t1 = time.time()
         hist = peer.fine_tune(model, sets["train"], epochs=epochs)
-        path = peer.export_int8(model, example, calibration, args.work / f"{name}.onnx")
+        path = peer.export_int8(model, example, calibration, args.runs / f"{name}.onnx")
         params, macs = peer.params_and_macs(model, example)
         return {"ratio": ratio, "epochs": epochs, "params": params, "macs": macs,
                 "accuracy": peer.onnx_accuracy(path, sets["test"]), "fine_tune": hist,
@@ -464,7 +477,7 @@ def _results_lock(path: Path):
 
 
 def save(args, out: dict) -> None:
-    stem = "cifar10_quick" if args.quick else "cifar10"
+    stem = results_stem(args)
     out["meta"]["wall_s_so_far"] = round(time.time() - args.started, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     target = RESULTS / f"{stem}.json"
@@ -501,8 +514,12 @@ def main() -> int:
     ap.add_argument("--plateau-methods", default=None, help="KD methods the plateau step trains beside the student alone")
     ap.add_argument("--small-sets", default=None, help="small step: recipe overrides, e.g. distill.lr=0.02 (comma-separated)")
     ap.add_argument("--kd-seeds", default=None, help="override the KD table's seeds, e.g. 0")
+    ap.add_argument("--teacher-tag", default=None,
+                    help="the committed teacher_resnet20_TAG.pt instead of teacher_resnet20.pt; results go to cifar10_TAG.*")
     args = ap.parse_args()
     args.started = time.time()
+    args.runs = args.work / f"teacher_{args.teacher_tag}" if args.teacher_tag else args.work  # run dirs, per teacher
+    args.runs.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     args.step_list = steps
@@ -531,7 +548,7 @@ def main() -> int:
         proto["kd_epochs"] = args.kd_epochs
     if args.kd_seeds:
         proto["kd_seeds"] = [int(x) for x in args.kd_seeds.split(",")]
-    stem = "cifar10_quick" if args.quick else "cifar10"
+    stem = results_stem(args)
     prior = RESULTS / f"{stem}.json"
     out = json.loads(prior.read_text()) if prior.exists() else {}  # steps not re-run are kept
     from hwkd.onnx import host

@@ -5,7 +5,8 @@ mean/std normalisation, SGD (momentum 0.9, nesterov, weight decay 5e-4), one-cyc
 The images are decoded once into a uint8 tensor (torchvision.io) and augmented per sample in a torch
 DataLoader; a checkpoint is written atomically after every epoch, so the run can stop (or be killed) at
 any time and resume with ``--resume``. ``--finalise`` scores the last checkpoint on val and test and
-writes the committed state dict + its metadata (``benchmarks/results/cifar10/teacher_resnet20.*``).
+writes the committed state dict + its metadata (``benchmarks/results/cifar10/teacher_resnet20[_TAG].*``;
+``--tag`` keeps a second teacher beside the first, e.g. a longer-trained one).
 
     nice -n 10 python benchmarks/cifar10_teacher.py --split /tmp/cifar10_split --epochs 15 --out /tmp/teacher
 """
@@ -178,12 +179,20 @@ def finalise(args: argparse.Namespace) -> None:
                    "mean": MEAN, "std": STD, "seed": int(state["args"]["seed"]),
                    "threads": int(state["args"]["threads"])},
         "split": split["sha256_16"], "history": state["history"],
-        "host": "2 shared CPU cores (about 6 sessions at once), nice -n 10, 1 torch thread",
+        "host": args.host or f"{os.cpu_count()} CPU cores, {state['args']['threads']} torch thread(s)",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_save(model.state_dict(), RESULTS / f"teacher_{ARCH}.pt")
-    (RESULTS / f"teacher_{ARCH}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    stem = teacher_stem(args.tag)
+    atomic_save(model.state_dict(), RESULTS / f"{stem}.pt")
+    tmp = RESULTS / f"{stem}.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, RESULTS / f"{stem}.json")
     print({k: meta[k] for k in ("val_acc", "test_acc", "epochs", "train_s")})
+
+
+def teacher_stem(tag: str | None) -> str:
+    """``teacher_resnet20`` (the first committed teacher) or ``teacher_resnet20_<tag>``."""
+    return f"teacher_{ARCH}" + (f"_{tag}" if tag else "")
 
 
 def main() -> None:
@@ -197,6 +206,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--finalise", action="store_true")
+    ap.add_argument("--tag", default=None, help="--finalise: write teacher_resnet20_TAG.* (the untagged files are kept)")
+    ap.add_argument("--host", default=None, help="--finalise: how the host was shared, for the metadata")
     args = ap.parse_args()
     if args.deadline:
         hh, mm = map(int, args.deadline.split(":"))

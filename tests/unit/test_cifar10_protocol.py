@@ -244,3 +244,21 @@ def test_plateau_is_where_the_best_so_far_reaches_the_runs_best_and_holds():
     assert kd.plateau_epoch(hist([0.5, 0.6, 0.7, 0.69, 0.70, 0.70, 0.75, 0.80, 0.80, 0.802, 0.801])) == 8
     assert kd.plateau_epoch(hist([0.5, 0.6, 0.7, 0.75, 0.78])) is None  # still climbing at the end
     assert kd.plateau_epoch(hist([])) is None
+
+
+def test_a_tagged_teacher_has_files_results_and_run_dirs_of_its_own(tmp_path):
+    import argparse
+
+    import cifar10
+    import cifar10_teacher
+
+    assert cifar10_teacher.teacher_stem(None) == "teacher_resnet20"  # the first committed teacher, unchanged
+    assert cifar10_teacher.teacher_stem("e30") == "teacher_resnet20_e30"
+    stems = {(quick, tag): cifar10.results_stem(argparse.Namespace(quick=quick, teacher_tag=tag))
+             for quick in (False, True) for tag in (None, "e30")}  # fmt: skip
+    assert stems == {(False, None): "cifar10", (True, None): "cifar10_quick",
+                     (False, "e30"): "cifar10_e30", (True, "e30"): "cifar10_quick_e30"}  # fmt: skip
+    assert cifar10.teacher_cached("no-such-tag") is None
+    args = argparse.Namespace(teacher_tag="no-such-tag", quick=False, work=tmp_path, threads=1)
+    with pytest.raises(SystemExit, match="cifar10_teacher.py and --finalise --tag no-such-tag"):
+        cifar10.step_teacher(args, {}, tmp_path, {})
