@@ -205,7 +205,7 @@ def step_pipeline(args, proto, split_dir, teacher_pt, out: dict) -> None:
 
 
 def commit_model(args, res: dict, name: str) -> None:
-    """Copy a successful full-protocol run's final INT8 model (metadata inside) to results/cifar10/NAME."""
+    """Copy a successful full-protocol run's final INT8 model (metadata inside) to results/cifar10/[TAG/]NAME."""
     if res["returncode"] == 0 and not args.quick:
         target = CACHE / args.teacher_tag / name if args.teacher_tag else CACHE / name
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,9 @@ def header(r: dict) -> list[str]:
         "**Protocol.** Data: the 50,000 CIFAR-10 training JPEGs, split once (seed 14, stratified) into train "
         "45,000 / val 2,500 / test 2,500 (`benchmarks/results/cifar10/split_*.txt`)"
         + (f"; this quick run uses the first {s['per_class']} images per class of each split" if quick else "")
-        + ". Teacher: zoo `resnet20` trained on train only. Student: zoo "
+        + ". Teacher: zoo `resnet20` trained on train only"
+        + (f" (`{r['teacher']['file']}`, {r['teacher'].get('epochs')} epochs)" if (r.get("teacher") or {}).get("file") else "")
+        + ". Student: zoo "
         f"`{s['student'][0]}` width {s['student'][1]} (hwkd's default). KD table: {(r.get('kd') or {}).get('epochs') or s['kd_epochs']} epochs, seeds "
         f"{(r.get('kd') or {}).get('seeds_done') or s['kd_seeds']}, random crop 32 pad 4 + flip, batch 128, lr {s['kd_lr']} cosine with 1 warm-up epoch. "
         f"Pipeline: `hwkd compress` through the CLI, profiles {list(r.get('pipeline') or s['profiles'])}"
