@@ -29,6 +29,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hwkd.artifacts import torch_save, write_json  # noqa: E402
 from hwkd.models.zoo import ZOO  # noqa: E402
 
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -66,12 +67,6 @@ def evaluate(model: nn.Module, data: Dataset, batch: int = 500) -> float:
     for x, y in DataLoader(data, batch_size=batch):
         correct += (model(x).argmax(1) == y).sum().item()
     return correct / len(data)
-
-
-def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -139,10 +134,10 @@ def train(args: argparse.Namespace) -> None:
         log.write(json.dumps(row) + "\n")
         log.flush()
         print(row, flush=True)
-        atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                     "gen": gen.get_state(), "epoch": epoch, "history": history, "train_s": train_s,
-                     "cpu_s": cpu_s, "planned_epochs": plan, "replans": replans,
-                     "args": {k: str(v) for k, v in vars(args).items()}}, ckpt)
+        torch_save(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                          "gen": gen.get_state(), "epoch": epoch, "history": history, "train_s": train_s,
+                          "cpu_s": cpu_s, "planned_epochs": plan, "replans": replans,
+                          "args": {k: str(v) for k, v in vars(args).items()}})
 
 
 def one_cycle(opt, lr: float, epochs: int, steps: int, done: int):
@@ -183,10 +178,8 @@ def finalise(args: argparse.Namespace) -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = teacher_stem(args.tag)
-    atomic_save(model.state_dict(), RESULTS / f"{stem}.pt")
-    tmp = RESULTS / f"{stem}.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, RESULTS / f"{stem}.json")
+    torch_save(RESULTS / f"{stem}.pt", model.state_dict())
+    write_json(RESULTS / f"{stem}.json", meta)
     print({k: meta[k] for k in ("val_acc", "test_acc", "epochs", "train_s")})
 
 
