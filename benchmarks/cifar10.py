@@ -47,6 +47,8 @@ import cifar10_report as report  # noqa: E402
 import cifar10_split as split  # noqa: E402
 import cifar10_teacher as teacher_mod  # noqa: E402
 
+from hwkd.artifacts import atomic_write  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = RESULTS / "cifar10"
 STEPS = ("split", "teacher", "pipeline", "small", "kd", "plateau", "hw")
@@ -208,8 +210,7 @@ def commit_model(args, res: dict, name: str) -> None:
     """Copy a successful full-protocol run's final INT8 model (metadata inside) to results/cifar10/[TAG/]NAME."""
     if res["returncode"] == 0 and not args.quick:
         target = CACHE / args.teacher_tag / name if args.teacher_tag else CACHE / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(Path(res["model"]).read_bytes())
+        atomic_write(target, Path(res["model"]).read_bytes())
         res["committed_model"] = str(target.relative_to(ROOT))
 
 
@@ -485,9 +486,7 @@ def save(args, out: dict) -> None:
         data = out
         if target.exists():
             data = merged_with_disk(json.loads(target.read_text()), out, args.step_list)
-        tmp = RESULTS / f"{stem}.json.tmp.{os.getpid()}"
-        tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-        os.replace(tmp, target)
+        atomic_write(target, json.dumps(data, indent=1, default=str) + "\n")
         report.write(data, RESULTS / f"{stem}.md", RESULTS / f"{stem}.png")
 
 
