@@ -10,7 +10,7 @@ Run it on the target itself. It times (interleaved rounds, medians; hwkd.hardwar
 5. networks of four families (hwkd.hardware.calib_graphs: random blocks; ResNet basic / bottleneck
    stages; inverted residuals with SE and hardswish / SiLU; grouped convs and concat branches), FP32 and
    INT8, at one thread and, when the profile runs more, at its thread count;
-6. the peak memory growth of a few of them (and of two large probes) in fresh processes.
+6. the peak memory growth of a few of them (and of three large probes) in fresh processes.
 
 (1)-(3) become the profile's hardware figures. The 1-thread kernel model (``cost.FEATURES``) is fitted to
 the 1-thread timings of (5), the thread model (hwkd.hardware.threads) to the timings at the profile's
@@ -359,8 +359,10 @@ def input_align(precision: str, arm: bool, vector_width: int) -> int:
 
 
 def memory_probe_networks(rng: np.random.Generator) -> list[Any]:
-    """Two networks far larger than the timed ones, so the memory fit spans 224-px models: one
-    weight-heavy (512-channel 3x3 convs at 7 px, ~9M parameters), one activation-heavy (64 channels at 224 px)."""
+    """Three networks far larger than the timed ones, so the memory fit spans 224-px models: one
+    weight-heavy in convs (512-channel 3x3 convs at 7 px, ~9M parameters), one activation-heavy (64 channels
+    at 224 px), and one whose weights sit in a classifier Gemm (1280 -> 1000, as torchvision's heads): the
+    timed networks' heads are too small for the fit to tell how many copies of a Gemm's weights a session holds."""
     heavy = _Graph((1, 256, 7, 7), rng)
     for _ in range(4):
         heavy.conv(512, 3, 1)
@@ -369,7 +371,10 @@ def memory_probe_networks(rng: np.random.Generator) -> list[Any]:
     wide.conv(64, 3, 1)
     wide.conv(64, 3, 2)
     wide.head()
-    return [heavy.model(), wide.model()]
+    classifier = _Graph((1, 160, 7, 7), rng)
+    classifier.conv(1280, 1, 1)
+    classifier.head(classes=1000)
+    return [heavy.model(), wide.model(), classifier.model()]
 
 
 def _calibrate_memory(nets, traced, settings, threads, root, rng, say):
