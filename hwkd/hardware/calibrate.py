@@ -280,7 +280,7 @@ def calibrate(
                 )  # fmt: skip
         memory_model, memory_stats = {}, {}
         if settings.memory_networks > 0:
-            memory_model, memory_stats = _calibrate_memory(nets, traced, settings, threads, root, rng, say)
+            memory_model, memory_stats = _calibrate_memory(nets, traced, settings, threads, root, rng, say, arm)
 
     every = list(fit_stats.values())
     networks = sum(s_["networks"] for s_ in every)
@@ -377,7 +377,7 @@ def memory_probe_networks(rng: np.random.Generator) -> list[Any]:
     return [heavy.model(), wide.model(), classifier.model()]
 
 
-def _calibrate_memory(nets, traced, settings, threads, root, rng, say):
+def _calibrate_memory(nets, traced, settings, threads, root, rng, say, arm: bool = False):
     """Measure peak memory growth of a spread of networks in fresh processes; fit the memory model."""
     from hwkd.hardware.cost import BYTES_PER_VALUE
     from hwkd.hardware.memory import fit_memory_model, memory_features
@@ -406,7 +406,7 @@ def _calibrate_memory(nets, traced, settings, threads, root, rng, say):
             shape = {"x": tuple(int(d) for d in _input_dims(p))}
             result = ortbench.isolated_memory(p, shape, (ortbench.CPU_EP,), threads, warmup=3)
             if result.get("peak_mb"):
-                rows.append(memory_features(works, BYTES_PER_VALUE[prec], params))
+                rows.append(memory_features(works, BYTES_PER_VALUE[prec], params, arm=arm))
                 measured.append(float(result["peak_mb"]))
         if len(rows) >= 2:
             models[prec], stats[prec] = fit_memory_model(rows, measured)

@@ -220,7 +220,7 @@ def price(
     activation_mb = peak_act * nbytes / _MB
     memory_model = fitted_memory_model(profile, precision)
     if memory_model is not None:
-        total_mb = memory_mb(works, memory_model, nbytes, params)
+        total_mb = memory_mb(works, memory_model, nbytes, params, arm=hw.cpu_family == "arm")
     else:
         total_mb = weight_mb + activation_mb + _runtime_overhead_mb(profile)
     latency_err, memory_err, warning = expected_errors(profile, precision, threads)

@@ -31,16 +31,17 @@ COEFFICIENTS = ("base_mb", "weight_copies", "activation_copies", "scratch_copies
 LEGACY_SCRATCH = "workspace_copies"  # the fourth figure of profiles calibrated before stop 23
 
 
-def conv_scratch_bytes(w: Any, nbytes: int) -> float:
+def conv_scratch_bytes(w: Any, nbytes: int, arm: bool = False) -> float:
     """Scratch one conv allocates per run on ONNX Runtime's CPU kernels (INT8 when ``nbytes`` is 1).
 
-    INT8 (qlinearconv.cc; MLAS ``MlasConvSymPackWSize`` on x86): a group-1 conv with input channels a
-    multiple of 4 and output channels >= 16 and a multiple of 8 takes the symmetric path (requantisation
+    INT8 (qlinearconv.cc; MLAS ``MlasConvSymPackWSize``, read for x86): a group-1 conv with input channels
+    a multiple of 4 and output channels >= 16 and a multiple of 8 takes the symmetric path (requantisation
     fused, an indirection buffer of one pointer per kernel tap and output pixel; none for a 1x1); a
     depthwise conv always has the indirection buffer and, unless its groups are a multiple of 16, an int32
     output; any other conv an int32 output and, past 1x1, an im2col buffer. FP32 on x86 runs NCHWc kernels
     without scratch, except a grouped (not depthwise) conv: NCHW copies of its input and output around a
-    plain conv, and an im2col buffer for one group.
+    plain conv, and an im2col buffer for one group. FP32 on ARM (``arm``: no NCHWc kernels) lowers every
+    conv past 1x1 to im2col, one group at a time.
     """
     if w.fused or not w.kernel or not w.channels:
         return 0.0
@@ -53,14 +54,19 @@ def conv_scratch_bytes(w: Any, nbytes: int) -> float:
         if g == 1 and cin % 4 == 0 and cout >= 16 and cout % 8 == 0:
             return 8.0 * k * pixels if k > 1 else 0.0
         return 4.0 * cout * pixels + (cin * k * pixels if k > 1 else 0.0)
+    if arm:
+        return float(nbytes * cin * k * pixels) if k > 1 else 0.0
     if g == 1 or depthwise:
         return 0.0
     return float(nbytes * (w.act_in + w.act_out)) + (nbytes * cin * k * pixels if k > 1 else 0.0)
 
 
-def memory_features(works: list[Any], nbytes: int, params: int | None = None, legacy: bool = False) -> list[float]:
+def memory_features(
+    works: list[Any], nbytes: int, params: int | None = None, legacy: bool = False, arm: bool = False
+) -> list[float]:
     """One network's row for the fit, in COEFFICIENTS order, in MB (``legacy``: the fourth feature of
-    profiles calibrated before stop 23, the largest im2col buffer of any k x k conv)."""
+    profiles calibrated before stop 23, the largest im2col buffer of any k x k conv; ``arm``: the device's
+    CPU is ARM, see ``conv_scratch_bytes``)."""
     executed = [w for w in works if not w.fused]
     weights = (sum(w.params for w in works) if params is None else params) * nbytes
     activations = max((w.act_in + w.act_out for w in executed), default=0) * nbytes
@@ -69,14 +75,16 @@ def memory_features(works: list[Any], nbytes: int, params: int | None = None, le
             (w.macs // max(w.channels, 1) for w in executed if w.kernel > 1 and w.kind == "conv"), default=0
         ) * nbytes
     else:
-        scratch = max((conv_scratch_bytes(w, nbytes) for w in executed), default=0.0)
+        scratch = max((conv_scratch_bytes(w, nbytes, arm) for w in executed), default=0.0)
     return [1.0, weights / _MB, activations / _MB, scratch / _MB]
 
 
-def memory_mb(works: list[Any], model: dict[str, float], nbytes: int, params: int | None = None) -> float:
+def memory_mb(
+    works: list[Any], model: dict[str, float], nbytes: int, params: int | None = None, arm: bool = False
+) -> float:
     """Estimated peak growth in MB under a fitted memory model (either generation of the fourth figure)."""
     legacy = LEGACY_SCRATCH in model and "scratch_copies" not in model
-    row = memory_features(works, nbytes, params, legacy=legacy)
+    row = memory_features(works, nbytes, params, legacy=legacy, arm=arm)
     keys = (*COEFFICIENTS[:3], LEGACY_SCRATCH if legacy else "scratch_copies")
     return sum(model[k] * v for k, v in zip(keys, row, strict=True))
 

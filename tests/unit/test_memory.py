@@ -55,6 +55,19 @@ def test_conv_scratch_follows_the_runtime_kernels_path():
     assert conv_scratch_bytes(_conv(32, 64, 9, px), 4) == 0
     assert conv_scratch_bytes(_conv(1, 32, 9, px, groups=32), 4) == 0
     assert conv_scratch_bytes(_conv(8, 64, 9, px, groups=4), 4) == 4 * (32 * px + 64 * px) + 4 * 8 * 9 * px
+    # FP32 on ARM (no NCHWc kernels): every conv past 1x1 lowers to im2col, one group at a time
+    assert conv_scratch_bytes(_conv(32, 64, 9, px), 4, arm=True) == 4 * 32 * 9 * px
+    assert conv_scratch_bytes(_conv(32, 64, 1, px), 4, arm=True) == 0
+
+
+def test_price_takes_the_arm_rule_from_the_profile():
+    base = load_profile("rpi4")
+    assert base.hardware.cpu_family == "arm"
+    model = {"base_mb": 5.0, "weight_copies": 2.0, "activation_copies": 1.0, "scratch_copies": 1.0}
+    profile = dataclasses.replace(base, calibration={"memory_model": {"fp32": model}})
+    _, weights, acts, scratch = memory_features(_works(), nbytes=4, arm=True)
+    assert scratch == pytest.approx(32 * 32 * 27 * 4 / MB)  # the 3x3 stem's im2col
+    assert price(_works(), profile, "fp32").memory_mb == pytest.approx(5.0 + 2 * weights + acts + scratch)
 
 
 def test_fit_recovers_known_memory_figures():
