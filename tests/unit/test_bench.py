@@ -59,8 +59,9 @@ def test_json_has_ordered_percentiles_and_shapes(graphs):
     assert row["throughput_per_s"] == pytest.approx(1000 / lat["mean"], rel=0.01)
     (model,) = rec["models"]
     assert model["file_size_mb"] == pytest.approx(graphs["det"].stat().st_size / 1e6, abs=1e-4)
-    assert model["peak_memory_mb"] is None or model["peak_memory_mb"] >= 0
-    assert "VmHWM" in model["memory_method"] or "RSS" in model["memory_method"]
+    # measured in a fresh process (this one's peak was set by its imports), as the pipeline and calibration do
+    assert model["peak_memory_mb"] > 0
+    assert "fresh process" in model["memory_method"]
 
 
 def test_named_dimensions_batches_and_int64_ids(graphs):
