@@ -53,18 +53,10 @@ def current(works, nbytes, params) -> list[float]:
     return memory.memory_features(works, nbytes, params, legacy=True)
 
 
-def _executed(works):
-    return [w for w in works if not w.fused]
-
-
-def widest(works, nbytes) -> float:
-    return max((w.act_in + w.act_out for w in _executed(works)), default=0) * nbytes / _MB
-
-
-def scratch(works, precision) -> float:
-    """The adopted feature: hwkd.hardware.memory.conv_scratch_bytes, the largest over the network."""
-    nbytes = 4 if precision == "fp32" else 1
-    return max((memory.conv_scratch_bytes(w, nbytes) for w in works), default=0.0) / _MB
+def adopted(works, nbytes, params) -> list[float]:
+    """The model since stop 23 (hwkd.hardware.memory.memory_features): base, weights, widest layer, the
+    largest conv scratch on the path ORT's x86 kernels take."""
+    return memory.memory_features(works, nbytes, params)
 
 
 def weights_split(works, nbytes) -> tuple[float, float]:
@@ -89,19 +81,19 @@ def weights_by_kernel(works, nbytes) -> tuple[float, float, float]:
 
 
 VARIANTS = {
-    "current (widest layer, largest im2col)": lambda ws, nb, p, prec: current(ws, nb, p),
-    "no workspace term": lambda ws, nb, p, prec: current(ws, nb, p)[:3],
-    "path-aware conv scratch": lambda ws, nb, p, prec: [1.0, p * nb / _MB, widest(ws, nb), scratch(ws, prec)],
-    "path-aware scratch, conv / other weights apart": lambda ws, nb, p, prec: [
-        1.0, *weights_split(ws, nb), widest(ws, nb), scratch(ws, prec)],
-    "conv / other weights apart, largest im2col": lambda ws, nb, p, prec: [
+    "current (widest layer, largest im2col)": lambda ws, nb, p: current(ws, nb, p),
+    "no workspace term": lambda ws, nb, p: current(ws, nb, p)[:3],
+    "path-aware conv scratch": lambda ws, nb, p: adopted(ws, nb, p),
+    "path-aware scratch, conv / other weights apart": lambda ws, nb, p: [
+        1.0, *weights_split(ws, nb), *adopted(ws, nb, p)[2:]],
+    "conv / other weights apart, largest im2col": lambda ws, nb, p: [
         1.0, *weights_split(ws, nb), *current(ws, nb, p)[2:]],
-    "path-aware scratch + the largest conv weight tensor": lambda ws, nb, p, prec: [
-        1.0, p * nb / _MB, widest(ws, nb), scratch(ws, prec), largest_conv_weight(ws, nb)],
-    "path-aware scratch, kxk conv / 1x1+dw conv / other weights": lambda ws, nb, p, prec: [
-        1.0, *weights_by_kernel(ws, nb), widest(ws, nb), scratch(ws, prec)],
-    "path-aware scratch, kxk conv / other weights": lambda ws, nb, p, prec: [
-        1.0, weights_by_kernel(ws, nb)[0], sum(weights_by_kernel(ws, nb)[1:]), widest(ws, nb), scratch(ws, prec)],
+    "path-aware scratch + the largest conv weight tensor": lambda ws, nb, p: [
+        *adopted(ws, nb, p), largest_conv_weight(ws, nb)],
+    "path-aware scratch, kxk conv / 1x1+dw conv / other weights": lambda ws, nb, p: [
+        1.0, *weights_by_kernel(ws, nb), *adopted(ws, nb, p)[2:]],
+    "path-aware scratch, kxk conv / other weights": lambda ws, nb, p: [
+        1.0, weights_by_kernel(ws, nb)[0], sum(weights_by_kernel(ws, nb)[1:]), *adopted(ws, nb, p)[2:]],
 }  # fmt: skip
 
 
@@ -111,7 +103,7 @@ def rows_for(data, prec, groups):
 
 def design(rows, variant, prec) -> tuple[np.ndarray, np.ndarray]:
     nb = 4 if prec == "fp32" else 1
-    x = np.array([VARIANTS[variant](r["works"], nb, r["params"], prec) for r in rows], dtype=np.float64)
+    x = np.array([VARIANTS[variant](r["works"], nb, r["params"]) for r in rows], dtype=np.float64)
     return x, np.array([r["peak_mb"] for r in rows], dtype=np.float64)
 
 
