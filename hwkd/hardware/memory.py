@@ -83,10 +83,16 @@ def memory_mb(
     works: list[Any], model: dict[str, float], nbytes: int, params: int | None = None, arm: bool = False
 ) -> float:
     """Estimated peak growth in MB under a fitted memory model (either generation of the fourth figure)."""
-    legacy = LEGACY_SCRATCH in model and "scratch_copies" not in model
-    row = memory_features(works, nbytes, params, legacy=legacy, arm=arm)
-    keys = (*COEFFICIENTS[:3], LEGACY_SCRATCH if legacy else "scratch_copies")
+    keys = _coefficients(model)
+    row = memory_features(works, nbytes, params, legacy=keys[3] == LEGACY_SCRATCH, arm=arm)
     return sum(model[k] * v for k, v in zip(keys, row, strict=True))
+
+
+def _coefficients(model: Any) -> tuple[str, ...]:
+    """The figures a memory model table holds: COEFFICIENTS, or the pre-stop-23 ones with ``workspace_copies``."""
+    if isinstance(model, dict) and "scratch_copies" not in model and LEGACY_SCRATCH in model:
+        return (*COEFFICIENTS[:3], LEGACY_SCRATCH)
+    return COEFFICIENTS
 
 
 def fitted_memory_model(profile: Any, precision: str) -> dict[str, float] | None:
@@ -97,9 +103,7 @@ def fitted_memory_model(profile: Any, precision: str) -> dict[str, float] | None
     model = table.get(precision) if isinstance(table, dict) else None
     if model is None:
         return None
-    keys = COEFFICIENTS
-    if isinstance(model, dict) and "scratch_copies" not in model and LEGACY_SCRATCH in model:
-        keys = (*COEFFICIENTS[:3], LEGACY_SCRATCH)
+    keys = _coefficients(model)
     ok = isinstance(model, dict) and all(
         isinstance(model.get(k), int | float) and not isinstance(model.get(k), bool) and model[k] >= 0
         for k in keys
