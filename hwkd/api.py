@@ -215,8 +215,7 @@ def benchmark(
     # model's memory is measured in a fresh process instead (as the pipeline and calibration measure it,
     # and as the memory model predicts), at its largest batch. The in-process figure stays if that fails.
     for mb in results:
-        largest = max(mb.runs, key=lambda r: r.batch or 0)
-        fresh = ortbench.isolated_memory(mb.path, largest.shapes, eps, mb.threads, warmup)
+        fresh = mb.fresh_memory(warmup)
         if fresh.get("peak_mb") is not None:
             mb.memory = fresh
     host = ortbench.host_info()

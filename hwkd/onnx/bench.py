@@ -200,6 +200,12 @@ class ModelBench:
     memory: dict[str, Any]
     runs: list[BatchRun]
 
+    def fresh_memory(self, warmup: int) -> dict[str, Any]:
+        """This model's peak memory measured in a fresh process at its largest batch, with the providers and
+        threads it was timed with (a long-lived process's peak RSS was set before the model was loaded)."""
+        largest = max(self.runs, key=lambda r: r.batch or 0)
+        return isolated_memory(self.path, largest.shapes, self.providers_requested, self.threads, warmup)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": str(self.path),

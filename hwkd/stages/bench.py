@@ -59,7 +59,7 @@ def run(state: PipelineState, cfg: BenchConfig, ctx: RunContext) -> tuple[Pipeli
     by_path = {m.path: m for m in models}
     # This process's peak RSS was set by training, so each model's memory is measured in a fresh one.
     for m in models:
-        m.memory = ortbench.isolated_memory(m.path, m.runs[0].shapes, providers, m.threads, cfg.warmup)
+        m.memory = m.fresh_memory(cfg.warmup)
     stats = {p: m.runs[0].stats for p, m in by_path.items()}
     latency = {}
     for label, path in labels.items():
