@@ -256,6 +256,9 @@ def step_kd(args, proto, split_dir, teacher_pt, out: dict) -> None:
     t0 = time.time()
     methods = {name: kd.METHODS[name] for name in proto.get("kd_methods") or kd.METHODS}
     done = kd.earlier_seeds(out.get("kd"), proto["kd_epochs"])  # seeds / methods run by other invocations
+    if args.kd_retrain:  # e.g. a seed whose methods ran in several invocations, trained again as one
+        done = {s: {n: r for n, r in runs.items() if not (s in proto["kd_seeds"] and n in methods)}
+                for s, runs in done.items()}  # fmt: skip
     wall = (out.get("kd") or {}).get("wall_s", 0.0) if done else 0.0
     fixed = {"epochs": proto["kd_epochs"], "student": proto["student"],
              "student_params": sum(p.numel() for p in student_fn().parameters()),
@@ -513,6 +516,8 @@ def main() -> int:
     ap.add_argument("--plateau-methods", default=None, help="KD methods the plateau step trains beside the student alone")
     ap.add_argument("--small-sets", default=None, help="small step: recipe overrides, e.g. distill.lr=0.02 (comma-separated)")
     ap.add_argument("--kd-seeds", default=None, help="override the KD table's seeds, e.g. 0")
+    ap.add_argument("--kd-retrain", action="store_true",
+                    help="kd step: train the seeds' methods again, replacing their earlier runs (one invocation per seed)")
     ap.add_argument("--teacher-tag", default=None,
                     help="the committed teacher_resnet20_TAG.pt instead of teacher_resnet20.pt; results go to cifar10_TAG.*")
     args = ap.parse_args()
