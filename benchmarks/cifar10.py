@@ -460,7 +460,9 @@ def merged_with_disk(disk: dict, out: dict, steps: list[str]) -> dict:
     seen = {(i["command"], i["started_utc"]) for i in meta.get("invocations", [])}
     meta["invocations"] = [*meta.get("invocations", []),
                            *(i for i in disk_meta.get("invocations", []) if (i["command"], i["started_utc"]) not in seen)]  # fmt: skip
-    meta["step_wall_s"] = {**disk_meta.get("step_wall_s", {}), **meta.get("step_wall_s", {})}
+    # the wall of a step this invocation did not run is the disk's: its own copy was read when it started
+    mine = {k: v for k, v in meta.get("step_wall_s", {}).items() if k in steps}
+    meta["step_wall_s"] = {**meta.get("step_wall_s", {}), **disk_meta.get("step_wall_s", {}), **mine}
     merged["meta"] = meta
     return merged
 

@@ -126,6 +126,9 @@ def test_two_invocations_at_once_keep_each_others_steps():
     assert merged["hw"] == {"budgets": {}}
     assert [i["command"] for i in merged["meta"]["invocations"]] == ["b", "a"]
     assert merged["meta"]["step_wall_s"] == {"kd": 5.0, "pipeline": 9.0}
+    # a step's wall read at this invocation's start is stale once another invocation re-ran the step
+    stale = {**mine, "meta": {**mine["meta"], "step_wall_s": {"kd": 1.0, "pipeline": 9.0}}}
+    assert cifar10.merged_with_disk(disk, stale, ["pipeline"])["meta"]["step_wall_s"] == {"kd": 5.0, "pipeline": 9.0}
     # a step this invocation runs replaces the disk's
     assert cifar10.merged_with_disk(disk, {**mine, "kd": {"seeds_done": [1]}}, ["kd"])["kd"] == {"seeds_done": [1]}
     # the small-student step, like the pipeline, is owned profile by profile
