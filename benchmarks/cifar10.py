@@ -295,7 +295,8 @@ def step_plateau(args, proto, split_dir, teacher_pt, out: dict) -> None:
         for name, r in res.items():
             earlier[name] = {"test_accuracy": r["test_accuracy"], "recipe": todo[name],
                              "val_curve": [round(h["val_accuracy"], 4) for h in r["history"]],
-                             "plateau_epoch": kd.plateau_epoch(r["history"]), "wall_s": wall}  # fmt: skip
+                             "plateau_epoch": kd.plateau_epoch(r["history"]), "wall_s": wall,
+                             "augmentation_rng": r["augmentation_rng"]}  # fmt: skip
     out["plateau"] = {"epochs": epochs, "seed": 0, "student": proto["student"], "runs": earlier}
 
 

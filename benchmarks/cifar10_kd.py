@@ -64,33 +64,33 @@ class Run:
         self.history: list[dict] = []
 
 
-def _global_rng_seeded(seed: int) -> list[torch.Tensor]:
-    """The state torch's global generator has after ``manual_seed(seed)``, leaving the current one as it is."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return [torch.get_rng_state()]
-
-
-def augmented_batches(loader: DataLoader, data_rng: list[torch.Tensor]):
-    """The loader's batches, its augmentation drawn from ``data_rng`` (updated in place), not from the
-    global stream the students' construction and training also draw from.
+class AugmentationStream:
+    """A state of torch's global generator that only the data loader's augmentation draws from.
 
     transforms.v2 has no generator argument: it draws from torch's global generator. Without this, the
     augmentation of a seed depended on which methods ran beside it (their students and KD adapters are
     built from the global stream first), so the student alone scored 73.32% at seed 2 in one invocation
     and 75.84% in another (docs/decisions-issue14.md, stop 23). Batches are fetched in the main process
-    (no workers), so swapping the state around each fetch is all it takes.
+    (no workers), so swapping the state in around each fetch is all it takes.
     """
-    batches = None
-    while True:
+
+    def __init__(self, seed: int):
         with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(data_rng[0])
-            batches = batches or iter(loader)
-            batch = next(batches, None)
-            data_rng[0] = torch.get_rng_state()
-        if batch is None:
-            return
-        yield batch
+            torch.manual_seed(seed)
+            self.state = torch.get_rng_state()
+
+    def batches(self, loader: DataLoader):
+        """The loader's batches (one epoch), augmented from this stream, which carries on to the next epoch."""
+        batches = None
+        while True:
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(self.state)
+                batches = batches or iter(loader)
+                batch = next(batches, None)
+                self.state = torch.get_rng_state()
+            if batch is None:
+                return
+            yield batch
 
 
 @torch.no_grad()
@@ -114,7 +114,7 @@ def run_seed(train_set, val_set, test_set, teacher, student_fn: Callable, *, see
     runs = [Run(n, o, student_fn, teacher, example, epochs, lr, seed, train_cfg) for n, o in methods.items()]
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True, generator=gen)
-    data_rng = _global_rng_seeded(seed)  # the augmentation's own stream: the same whatever methods run
+    augmentation = AugmentationStream(seed)  # the same batches whatever methods run beside each other
     n_batches = len(loader)
     total, step = epochs * n_batches, 0
     needs_teacher_pass = any(r.cfg.kd != "none" for r in runs)  # also fills the feature taps; CE alone skips it
@@ -126,7 +126,7 @@ def run_seed(train_set, val_set, test_set, teacher, student_fn: Callable, *, see
         seen = 0
         for r in runs:
             r.student.train()
-        for xb, yb in augmented_batches(loader, data_rng):
+        for xb, yb in augmentation.batches(loader):
             lr_now = lr_at(step, total, lr, n_batches)  # one warm-up epoch, as the distill stage
             with torch.no_grad():
                 t_logits = teacher(xb) if needs_teacher_pass else None
