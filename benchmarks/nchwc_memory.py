@@ -31,6 +31,9 @@ from hwkd.artifacts import atomic_write, write_json  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 CHANNELS, KERNEL, SIDE = 512, 3, 7
 
+# The child reads /proc itself rather than importing hwkd.onnx.memory._memory_kb: what the allocator keeps
+# depends on what the process allocated before, and that import alone moves the two-conv ALL figure from 90 to
+# 81 MB (stop 24's review). The measurement is of onnxruntime in a bare process.
 CHILD = r"""
 import json, sys
 import numpy as np, onnxruntime as ort
