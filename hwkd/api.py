@@ -230,6 +230,10 @@ def benchmark(
             row["p50_ratio"] = round(run.stats.p50 / base, 4) if base else None
             rows.append(row)
     used = results[0].providers[0] if results[0].providers else ortbench.CPU_EP
+    warnings = [
+        w for mb in results for run in mb.runs
+        if (w := run.stats.speed_change_warning(names[mb.path] + (f" (batch {run.batch})" if len(mb.runs) > 1 else "")))
+    ]  # fmt: skip
     record = {
         "format": BENCH_FORMAT,
         "hwkd_version": __version__,
@@ -251,6 +255,7 @@ def benchmark(
         "models": [{"model": names[mb.path], **mb.to_dict()} for mb in results],
         "results": rows,
         "measured_on": host,
+        "warnings": warnings,
     }
     return record
 

@@ -496,6 +496,7 @@ def _ms3(v: float) -> str:
 
 
 def _print_bench(record: dict) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     several = len(record["models"]) > 1
@@ -536,6 +537,8 @@ def _print_bench(record: dict) -> None:
         f"Peak memory: {first['memory_method']}.",
         highlight=False, soft_wrap=True,
     )
+    for warning in record.get("warnings", []):
+        err.print(f"[bold yellow]warning[/]: {escape(warning)}", highlight=False, soft_wrap=True)
 
 
 @app.command("report")

@@ -30,6 +30,11 @@ from hwkd.onnx.host import (  # noqa: F401 - part of the timing API callers use
 )
 from hwkd.onnx.memory import MEMORY_METHOD, _memory_growth, _memory_kb, isolated_memory  # noqa: F401
 
+# Spread of a model's per-round p50s, (max - min) / median, above which its p50 is flagged: the host's speed
+# changed while it was timed (other load, frequency scaling, a shared VM switching between speed states).
+# The project's two-speed VM host moved the median of 100-run blocks of one model 20-25% (docs/decisions-issue13.md).
+ROUND_SPREAD_WARN_PCT = 10.0
+
 
 @dataclass(frozen=True)
 class LatencyStats:
@@ -49,22 +54,32 @@ class LatencyStats:
     threads: int  # intra-op threads the session was given
     threads_requested: int
     rounds: int
+    round_p50: tuple[float, ...] = ()  # the p50 of each interleaved round, in round order
+    round_spread_pct: float = 0.0  # (max - min) / median of round_p50, %: how much the host's speed moved
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         for key in ("p50", "p90", "p99", "mean", "std", "min"):
             out[key] = round(out[key], 4)
         out["throughput"] = round(out["throughput"], 1)
+        out["round_p50"] = [round(v, 4) for v in self.round_p50]
+        out["round_spread_pct"] = round(self.round_spread_pct, 1)
         out["providers"] = list(self.providers)
         out["providers_requested"] = list(self.providers_requested)
         return out
 
     @classmethod
-    def from_samples(cls, samples_ns: Sequence[int], **info: Any) -> LatencyStats:
+    def from_samples(
+        cls, samples_ns: Sequence[int], rounds_ns: Sequence[Sequence[int]] = (), **info: Any
+    ) -> LatencyStats:
+        """Stats of all ``samples_ns``; ``rounds_ns`` (the same samples split by round) gives the per-round p50s."""
         ms = np.asarray(samples_ns, dtype=np.float64) / 1e6
         p50, p90, p99 = np.percentile(ms, [50, 90, 99])
         total_s = float(ms.sum()) / 1e3
+        round_p50 = tuple(float(np.median(r)) / 1e6 for r in rounds_ns if len(r))
         return cls(
+            round_p50=round_p50,
+            round_spread_pct=round_spread_pct(round_p50),
             p50=float(p50),
             p90=float(p90),
             p99=float(p99),
@@ -76,6 +91,26 @@ class LatencyStats:
             **info,
         )
 
+    def speed_change_warning(self, label: str) -> str | None:
+        """A warning when the rounds' p50s differ by more than ROUND_SPREAD_WARN_PCT, else None."""
+        if len(self.round_p50) < 2 or self.round_spread_pct <= ROUND_SPREAD_WARN_PCT:
+            return None
+        lo, hi = min(self.round_p50), max(self.round_p50)
+        return (
+            f"{label}: the p50s of its {len(self.round_p50)} timing rounds range from {lo:.4g} to {hi:.4g} ms "
+            f"({self.round_spread_pct:.0f}% apart, more than {ROUND_SPREAD_WARN_PCT:.0f}%): the host's speed changed "
+            f"while it was timed (other load, frequency scaling or a shared VM), so its p50 of {self.p50:.4g} ms may "
+            "not repeat. Time it again on a quiet host or for longer (hwkd bench --duration 30s); ratios of models timed "
+            "together in one call hold up better than their absolute figures."
+        )
+
+
+def round_spread_pct(round_p50: Sequence[float]) -> float:
+    """(max - min) / median of per-round p50s, in %; 0 with fewer than two rounds."""
+    if len(round_p50) < 2:
+        return 0.0
+    mid = float(np.median(round_p50))
+    return 100.0 * (max(round_p50) - min(round_p50)) / mid if mid > 0 else 0.0
 
 
 def make_session(path: str | Path, providers: Sequence[str], threads: int) -> tuple[Any, list[str]]:
@@ -182,6 +217,8 @@ class BatchRun:
             "throughput_per_s": d["throughput"],
             "iterations": d["iterations"],
             "rounds": d["rounds"],
+            "round_p50": d["round_p50"],
+            "round_spread_pct": d["round_spread_pct"],
         }
 
 
@@ -332,16 +369,19 @@ def bench_models(
     if on_start is not None:
         on_start(sum(counts) if chunk_ns is None else len(plan))
     samples: list[list[int]] = [[] for _ in runners]
+    by_round: list[dict[int, list[int]]] = [{} for _ in runners]  # runner -> {round: its samples}
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection inside a timed call is noise the hand-written loop would not see
     try:
-        for _round, k, n in plan:
+        for round_, k, n in plan:
             _, run, out_names, feed = runners[k]
             if chunk_ns is None:
-                samples[k].extend(_time_runs(run, out_names, feed, n))
+                timed = _time_runs(run, out_names, feed, n)
             else:
-                samples[k].extend(_time_for(run, out_names, feed, chunk_ns))
+                timed = _time_for(run, out_names, feed, chunk_ns)
                 n = 1  # progress counts chunks in duration mode
+            samples[k].extend(timed)
+            by_round[k].setdefault(round_, []).extend(timed)
             if advance is not None:
                 advance(n)
     finally:
@@ -354,6 +394,7 @@ def bench_models(
         for run_ in m.runs:
             run_.stats = LatencyStats.from_samples(
                 samples[k],
+                [by_round[k][r] for r in sorted(by_round[k])],
                 batch=run_.batch,
                 providers=m.providers,
                 providers_requested=tuple(providers),

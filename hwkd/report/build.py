@@ -94,6 +94,8 @@ def build_report(*, run_dir: Path, profile, budget, dataset, teacher_metrics, re
         "model_size_mb": export.metrics.get("model_size_mb") if export else None,
         "estimated_memory_mb": final_memory,
         "measured_memory_mb": peak_mb(final_label),
+        # how far the timing rounds' p50s moved: above ROUND_SPREAD_WARN_PCT the measured figure may not repeat
+        "measured_latency_round_spread_pct": (latency.get(final_label) or {}).get("round_spread_pct"),
     }
     final["budget_check"] = _budget_check(final, budget)
     if teacher["measured_latency_ms"] and final["measured_latency_ms"]:

@@ -34,6 +34,7 @@ class Subject:
 
     name: str
     metrics: dict[str, float | None]  # latency_ms, memory_mb (per source), accuracy, size_mb
+    round_spread_pct: float | None = None  # how far the measured latency's timing rounds moved, %
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,8 @@ def load_gate_input(path: str | Path, what: str = "report") -> GateInput:
             "accuracy": _num(final.get("accuracy")),
             "size_mb": _num(final.get("model_size_mb")),
         }
-        return GateInput(str(path), "report", [Subject("final", metrics)], data.get("budget"), host)
+        spread = _num(final.get("measured_latency_round_spread_pct"))
+        return GateInput(str(path), "report", [Subject("final", metrics, spread)], data.get("budget"), host)
     if fmt == BENCH_FORMAT:
         subjects = []
         for row in data.get("results") or []:
@@ -145,7 +147,8 @@ def load_gate_input(path: str | Path, what: str = "report") -> GateInput:
                 "memory_mb:measured": _num(row.get("peak_memory_mb")),
                 "size_mb": _num(row.get("file_size_mb")),
             }
-            subjects.append(Subject(f"{Path(str(row.get('model'))).name} (batch {row.get('batch')})", metrics))
+            name = f"{Path(str(row.get('model'))).name} (batch {row.get('batch')})"
+            subjects.append(Subject(name, metrics, _num(row.get("round_spread_pct"))))
         if not subjects:
             raise ConfigError(f"The bench record {str(path)!r} has no results.")
         return GateInput(str(path), "bench", subjects, data.get("budget"), host)
@@ -282,12 +285,27 @@ def run_gate(
                 f"The baseline was measured on another host ({baseline.host}) than this report "
                 f"({gate_input.host}): latency ratios across hosts mean little."
             )
+    notes += _speed_change_notes(gate_input.subjects, checks)
     if not checks:
         raise ConfigError(
             f"Nothing to gate in {where!r}: it carries no budget and no threshold was given.",
             "Pass --max-latency-ms, --max-memory-mb, --min-accuracy or --baseline OTHER.json.",
         )
     return GateResult(checks, gate_input, baseline, notes)
+
+
+def _speed_change_notes(subjects: list[Subject], checks: list[Check]) -> list[str]:
+    """A note for each subject whose measured latency was checked although its timing rounds disagreed."""
+    from hwkd.onnx.bench import ROUND_SPREAD_WARN_PCT
+
+    gated = {c.subject for c in checks if c.metric == "latency_ms:measured" and c.status != "skipped"}
+    return [
+        f"{s.name}: the measured latency's timing rounds differed by {s.round_spread_pct:.0f}% (more than "
+        f"{ROUND_SPREAD_WARN_PCT:.0f}%): the host's speed changed while it was timed, so this latency verdict "
+        "may not repeat. Gate on a quiet runner, time for longer, or gate the estimate (--source estimated)."
+        for s in subjects
+        if s.name in gated and s.round_spread_pct is not None and s.round_spread_pct > ROUND_SPREAD_WARN_PCT
+    ]
 
 
 # --------------------------------------------------------------------------------------------- outputs

@@ -6,7 +6,7 @@ import base64
 import html
 from typing import Any
 
-from hwkd.report.markdown import _mb, _ms, _num, _pct, model_rows
+from hwkd.report.markdown import _mb, _ms, _num, _pct, bench_warnings, model_rows
 from hwkd.report.plots import PLOTS
 
 CSS = """
@@ -79,6 +79,7 @@ def render_html(report: dict[str, Any]) -> str:
             f'{"within" if ok else "over"} the {_e(bc["latency_budget_ms"])} ms budget.</p>'
         )
     parts.append(f"<p>Latency <b>measured on this host</b>: {_e(host.get('note', 'not measured'))}.</p>")
+    parts += [f'<p class="over"><b>Warning:</b> {_e(w)}</p>' for w in bench_warnings(report)]
 
     parts.append("<h2>Models</h2><table><tr>" + "".join(
         f"<th>{_e(h)}</th>" for h in ("model", "accuracy", "measured p50 ms (host)", "estimated ms (device)",

@@ -40,6 +40,12 @@ def model_rows(report: dict) -> list[tuple[str, dict]]:
     return rows
 
 
+def bench_warnings(report: dict) -> list[str]:
+    """The bench stage's warnings (a p50 whose timing rounds moved), to print beside the measured latencies."""
+    bench = next((s for s in report.get("stages", []) if s.get("name") == "bench"), None)
+    return list(((bench or {}).get("details") or {}).get("warnings") or [])
+
+
 def render_markdown(report: dict) -> str:
     t, f = report["teacher"], report["final"]
     prof, budget, host = report["profile"], report["budget"], report.get("measured_on", {})
@@ -58,6 +64,7 @@ def render_markdown(report: dict) -> str:
         "Estimated latency and memory are the cost model's figures for the profile's device; peak memory "
         "is the growth of the process peak RSS while onnxruntime loaded and warmed the model on this host.",
         "Plots: report.html.",
+        *(line for w in bench_warnings(report) for line in ("", f"**Warning:** {w}")),
         "",
         "| model | accuracy | measured p50 ms (host) | estimated ms (device) | params | MACs | size MB "
         "| est. memory MB | peak memory MB (host) |",

@@ -83,5 +83,10 @@ def run(state: PipelineState, cfg: BenchConfig, ctx: RunContext) -> tuple[Pipeli
     missing = ortbench.missing_providers(providers)
     if missing:
         metrics["providers_missing"] = missing
+    warnings = [w for p, st in stats.items() if (w := st.speed_change_warning(p.name))]
+    for warning in warnings:
+        ctx.log.warning("bench: %s", warning)
+    if warnings:
+        metrics["warnings"] = warnings
     ctx.log.info("bench: %s", ", ".join(f"{k} p50 {v['p50']:.3f} ms" for k, v in latency.items()))
     return state, StageResult("bench", metrics=metrics)

@@ -200,6 +200,10 @@ def test_report_html_memory_and_gate_on_a_real_run(tiny_run, tmp_path):
     for record in [report["teacher"], report["final"]]:
         assert record["measured_memory_mb"] is not None and record["measured_memory_mb"] >= 0
         assert record["estimated_memory_mb"] > 0
+    # How far the timing rounds moved reaches the final record (for the gate) from the bench stage's stats.
+    final_stats = report["latency"]["int8"]
+    assert len(final_stats["round_p50"]) == final_stats["rounds"] > 1
+    assert report["final"]["measured_latency_round_spread_pct"] == final_stats["round_spread_pct"] >= 0
     # The gate reads the real report: a threshold above the measured p50 passes, one below fails.
     p50 = report["final"]["measured_latency_ms"]
     junit = tmp_path / "gate.xml"

@@ -62,6 +62,19 @@ def test_json_has_ordered_percentiles_and_shapes(graphs):
     # measured in a fresh process (this one's peak was set by its imports), as the pipeline and calibration do
     assert model["peak_memory_mb"] > 0
     assert "fresh process" in model["memory_method"]
+    assert len(row["round_p50"]) == 3 and row["round_spread_pct"] >= 0
+    assert rec["warnings"] == [] or "timing rounds" in rec["warnings"][0]  # this host may move; the rule is tested below
+
+
+def test_a_p50_from_rounds_that_moved_is_warned_about_on_stderr_and_in_json(graphs, monkeypatch):
+    monkeypatch.setattr(ortbench, "ROUND_SPREAD_WARN_PCT", -1.0)  # every spread counts as moved
+    code, out, err = invoke("bench", graphs["fixed"], *FAST)
+    assert code == 0, err
+    text = " ".join(err.split())
+    assert f"warning: {graphs['fixed']}: the p50s of its 3 timing rounds range from" in text  # the path as given
+    code, out, _ = invoke("bench", graphs["fixed"], "--json", *FAST)
+    (warning,) = json.loads(out)["warnings"]
+    assert warning.startswith(f"{graphs['fixed']}: ")
 
 
 def test_named_dimensions_batches_and_int64_ids(graphs):

@@ -160,6 +160,29 @@ def test_gates_a_bench_record(tmp_path, monkeypatch):
         api.gate(path, min_accuracy=0.5)
 
 
+def test_a_latency_verdict_from_timing_rounds_that_moved_carries_a_note(tmp_path):
+    moved = report(tmp_path / "moved.json", measured_latency_round_spread_pct=24.0)
+    result = api.gate(moved)
+    assert result.exit_code == 0  # the verdict stands; the note says it may not repeat
+    (note,) = [n for n in result.notes if "timing rounds" in n]
+    assert note.startswith("final: ") and "24%" in note and "--source estimated" in note
+    code, out, _ = invoke(moved)
+    assert code == 0 and "differed by 24%" in out
+    assert not [n for n in api.gate(moved, source="estimated").notes if "timing rounds" in n]  # not gated: no note
+    steady = report(tmp_path / "steady.json", measured_latency_round_spread_pct=3.0)
+    assert not [n for n in api.gate(steady).notes if "timing rounds" in n]
+    assert not [n for n in api.gate(report(tmp_path / "old.json")).notes if "timing rounds" in n]  # older reports
+
+
+def test_a_bench_records_round_spread_reaches_the_gate(tmp_path):
+    rows = [{"model": "a.onnx", "batch": 1, "latency_ms": {"p50": 1.0}, "round_spread_pct": 30.0},
+            {"model": "b.onnx", "batch": 1, "latency_ms": {"p50": 1.0}, "round_spread_pct": 2.0}]  # fmt: skip
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"format": "hwkd.bench/1", "measured_on": {}, "results": rows}))
+    notes = [n for n in api.gate(path, max_latency_ms=5.0).notes if "timing rounds" in n]
+    assert len(notes) == 1 and notes[0].startswith("a.onnx (batch 1): ")
+
+
 def test_parse_fraction():
     assert gates.parse_fraction("5%", "--tolerance") == pytest.approx(0.05)
     assert gates.parse_fraction("0.05", "--tolerance") == pytest.approx(0.05)

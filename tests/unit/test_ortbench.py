@@ -111,6 +111,42 @@ def test_measure_returns_ordered_percentiles(models):
         d = s.to_dict()
         assert d["providers"] == ["CPUExecutionProvider"] and d["p50"] == pytest.approx(s.p50, abs=1e-4)
     assert sum(done) == 2 * 40 and len(done) == 2 * 4  # one advance per (round, model) chunk
+    for s in stats.values():  # one p50 per round, each from that round's 10 runs
+        assert len(s.round_p50) == 4 and min(s.round_p50) <= s.p50 <= max(s.round_p50)
+        assert s.round_spread_pct == pytest.approx(ortbench.round_spread_pct(s.round_p50))
+
+
+def test_round_spread_is_max_minus_min_over_the_median_of_round_p50s():
+    ms = 1_000_000  # ns
+    rounds = [[10 * ms] * 5, [12 * ms] * 5, [10 * ms, 10 * ms, 11 * ms, 30 * ms, 10 * ms]]
+    s = ortbench.LatencyStats.from_samples(
+        [t for r in rounds for t in r], rounds, batch=1, providers=(), providers_requested=(), threads=1,
+        threads_requested=1, rounds=3,
+    )
+    assert s.round_p50 == (10.0, 12.0, 10.0)  # the 30 ms outlier moves no round's p50
+    assert s.round_spread_pct == pytest.approx(100 * (12 - 10) / 10)
+    assert ortbench.round_spread_pct([5.0]) == 0.0 and ortbench.round_spread_pct([]) == 0.0
+    d = s.to_dict()
+    assert d["round_p50"] == [10.0, 12.0, 10.0] and d["round_spread_pct"] == 20.0
+
+
+def _stats(round_p50):
+    return ortbench.LatencyStats(
+        p50=sorted(round_p50)[len(round_p50) // 2], p90=0, p99=0, mean=0, std=0, min=0, iterations=40, batch=1,
+        throughput=0, providers=(), providers_requested=(), threads=2, threads_requested=2, rounds=len(round_p50),
+        round_p50=tuple(round_p50), round_spread_pct=ortbench.round_spread_pct(round_p50),
+    )
+
+
+def test_a_p50_whose_rounds_moved_more_than_the_threshold_is_warned_about():
+    limit = ortbench.ROUND_SPREAD_WARN_PCT
+    quiet = _stats([1.0, 1.02, 1.01, 0.99, 1.0])
+    two_speed = _stats([1.0, 1.25, 1.0, 1.24, 1.0])  # the project's two-speed VM host moves ~25%
+    assert quiet.round_spread_pct < limit < two_speed.round_spread_pct
+    assert quiet.speed_change_warning("m.onnx") is None
+    warning = two_speed.speed_change_warning("m.onnx")
+    assert warning.startswith("m.onnx: ") and "25% apart" in warning and "1 to 1.25 ms" in warning
+    assert _stats([1.0]).speed_change_warning("m.onnx") is None  # one round: nothing to compare
 
 
 def test_measure_uses_the_requested_batch(models):

@@ -82,6 +82,17 @@ def test_html_escapes_report_text():
     assert "<script>" not in render_html(data)
 
 
+def test_a_bench_warning_is_printed_beside_the_measured_latencies():
+    from hwkd.report.markdown import render_markdown
+
+    assert "Warning" not in render_markdown(BASE) and "Warning" not in render_html(BASE)
+    rep = json.loads(json.dumps(BASE))
+    rep["stages"][-1]["details"]["warnings"] = ["model.onnx: the p50s of its 5 timing rounds range from 1 to 1.3 ms"]
+    md = render_markdown(rep)
+    assert "\n\n**Warning:** model.onnx: the p50s of its 5 timing rounds range from 1 to 1.3 ms\n" in md
+    assert '<p class="over"><b>Warning:</b> model.onnx: the p50s of its 5 timing rounds' in render_html(rep)
+
+
 def test_report_command_regenerates_md_and_html(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
