@@ -69,11 +69,9 @@ class LatencyStats:
         return out
 
     @classmethod
-    def from_samples(
-        cls, samples_ns: Sequence[int], rounds_ns: Sequence[Sequence[int]] = (), **info: Any
-    ) -> LatencyStats:
-        """Stats of all ``samples_ns``; ``rounds_ns`` (the same samples split by round) gives the per-round p50s."""
-        ms = np.asarray(samples_ns, dtype=np.float64) / 1e6
+    def from_samples(cls, rounds_ns: Sequence[Sequence[int]], **info: Any) -> LatencyStats:
+        """Stats of the run times (ns) of every round together, and the p50 of each round."""
+        ms = np.asarray([t for r in rounds_ns for t in r], dtype=np.float64) / 1e6
         p50, p90, p99 = np.percentile(ms, [50, 90, 99])
         total_s = float(ms.sum()) / 1e3
         round_p50 = tuple(float(np.median(r)) / 1e6 for r in rounds_ns if len(r))
@@ -368,8 +366,7 @@ def bench_models(
     chunk_ns = None if duration_s is None else int(duration_s * 1e9 / (plan[-1][0] + 1))
     if on_start is not None:
         on_start(sum(counts) if chunk_ns is None else len(plan))
-    samples: list[list[int]] = [[] for _ in runners]
-    by_round: list[dict[int, list[int]]] = [{} for _ in runners]  # runner -> {round: its samples}
+    by_round: list[dict[int, list[int]]] = [{} for _ in runners]  # runner -> {round: its run times}
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection inside a timed call is noise the hand-written loop would not see
     try:
@@ -380,7 +377,6 @@ def bench_models(
             else:
                 timed = _time_for(run, out_names, feed, chunk_ns)
                 n = 1  # progress counts chunks in duration mode
-            samples[k].extend(timed)
             by_round[k].setdefault(round_, []).extend(timed)
             if advance is not None:
                 advance(n)
@@ -393,7 +389,6 @@ def bench_models(
     for m in models:
         for run_ in m.runs:
             run_.stats = LatencyStats.from_samples(
-                samples[k],
                 [by_round[k][r] for r in sorted(by_round[k])],
                 batch=run_.batch,
                 providers=m.providers,

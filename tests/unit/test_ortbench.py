@@ -120,10 +120,11 @@ def test_round_spread_is_max_minus_min_over_the_median_of_round_p50s():
     ms = 1_000_000  # ns
     rounds = [[10 * ms] * 5, [12 * ms] * 5, [10 * ms, 10 * ms, 11 * ms, 30 * ms, 10 * ms]]
     s = ortbench.LatencyStats.from_samples(
-        [t for r in rounds for t in r], rounds, batch=1, providers=(), providers_requested=(), threads=1,
+        rounds, batch=1, providers=(), providers_requested=(), threads=1,
         threads_requested=1, rounds=3,
     )
     assert s.round_p50 == (10.0, 12.0, 10.0)  # the 30 ms outlier moves no round's p50
+    assert s.iterations == 15 and s.p50 == 10.0 and s.min == 10.0
     assert s.round_spread_pct == pytest.approx(100 * (12 - 10) / 10)
     assert ortbench.round_spread_pct([5.0]) == 0.0 and ortbench.round_spread_pct([]) == 0.0
     d = s.to_dict()
