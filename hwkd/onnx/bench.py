@@ -98,8 +98,7 @@ class LatencyStats:
             f"{label}: the p50s of its {len(self.round_p50)} timing rounds range from {lo:.4g} to {hi:.4g} ms "
             f"({self.round_spread_pct:.0f}% apart, more than {ROUND_SPREAD_WARN_PCT:.0f}%): the host's speed changed "
             f"while it was timed (other load, frequency scaling or a shared VM), so its p50 of {self.p50:.4g} ms may "
-            "not repeat. Time it again on a quiet host or for longer (hwkd bench --duration 30s); ratios of models timed "
-            "together in one call hold up better than their absolute figures."
+            "not repeat: time it again on a quiet host before trusting or gating on it."
         )
 
 
