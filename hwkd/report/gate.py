@@ -302,7 +302,7 @@ def _speed_change_notes(subjects: list[Subject], checks: list[Check]) -> list[st
     return [
         f"{s.name}: the measured latency's timing rounds differed by {s.round_spread_pct:.0f}% (more than "
         f"{ROUND_SPREAD_WARN_PCT:.0f}%): the host's speed changed while it was timed, so this latency verdict "
-        "may not repeat. Gate on a quiet runner, time for longer, or gate the estimate (--source estimated)."
+        "may not repeat. Gate on a quiet runner, or gate the estimate (--source estimated)."
         for s in subjects
         if s.name in gated and s.round_spread_pct is not None and s.round_spread_pct > ROUND_SPREAD_WARN_PCT
     ]
