@@ -55,7 +55,11 @@ class LatencyStats:
     threads_requested: int
     rounds: int
     round_p50: tuple[float, ...] = ()  # the p50 of each interleaved round, in round order
-    round_spread_pct: float = 0.0  # (max - min) / median of round_p50, %: how much the host's speed moved
+
+    @property
+    def round_spread_pct(self) -> float:
+        """(max - min) / median of round_p50, %: how much the host's speed moved while this was timed."""
+        return round_spread_pct(self.round_p50)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -77,7 +81,6 @@ class LatencyStats:
         round_p50 = tuple(float(np.median(r)) / 1e6 for r in rounds_ns if len(r))
         return cls(
             round_p50=round_p50,
-            round_spread_pct=round_spread_pct(round_p50),
             p50=float(p50),
             p90=float(p90),
             p99=float(p99),
@@ -91,7 +94,7 @@ class LatencyStats:
 
     def speed_change_warning(self, label: str) -> str | None:
         """A warning when the rounds' p50s differ by more than ROUND_SPREAD_WARN_PCT, else None."""
-        if len(self.round_p50) < 2 or self.round_spread_pct <= ROUND_SPREAD_WARN_PCT:
+        if self.round_spread_pct <= ROUND_SPREAD_WARN_PCT:  # 0 with fewer than two rounds
             return None
         lo, hi = min(self.round_p50), max(self.round_p50)
         return (

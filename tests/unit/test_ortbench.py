@@ -135,7 +135,7 @@ def _stats(round_p50):
     return ortbench.LatencyStats(
         p50=sorted(round_p50)[len(round_p50) // 2], p90=0, p99=0, mean=0, std=0, min=0, iterations=40, batch=1,
         throughput=0, providers=(), providers_requested=(), threads=2, threads_requested=2, rounds=len(round_p50),
-        round_p50=tuple(round_p50), round_spread_pct=ortbench.round_spread_pct(round_p50),
+        round_p50=tuple(round_p50),
     )
 
 
