@@ -55,7 +55,8 @@ STEPS = ("split", "teacher", "pipeline", "small", "kd", "plateau", "hw")
 MEAN_STD = ["--mean", ",".join(map(str, teacher_mod.MEAN)), "--std", ",".join(map(str, teacher_mod.STD))]
 
 # The small step's student: the trained teacher at 30% width, channel counts not rounded (step_small).
-SMALL_STUDENT = ["--student", "0.3x", "--set", "prune.round_to=1"]
+SMALL_WIDTH = 0.3
+SMALL_STUDENT = ["--student", f"{SMALL_WIDTH}x", "--set", "prune.round_to=1"]
 
 # The protocol. Full: hwkd's defaults for the pipeline; the KD table long enough for the student
 # alone to plateau. Quick: the same code on a class-balanced subset, one epoch per stage.
@@ -219,10 +220,16 @@ def step_small(args, proto, split_dir, teacher_pt, out: dict) -> None:
     0.3x``, the trained teacher with 70% of every layer's channels removed by magnitude (weights kept),
     counts not rounded (``prune.round_to=1``: at the profiles' rounding of 8 the 16-channel stage cannot
     shrink and the student keeps 12% of the parameters). Both profiles, ``--jobs`` at a time.
-    ``--small-sets`` adds recipe overrides; such a run is kept under its own key (``rpi4 distill.lr=0.02``)."""
+    ``--small-sets`` adds recipe overrides and ``--small-width`` another width (0.32x: 27,185 parameters,
+    the most under 10% of the e30 teacher's 272,474); such a run is kept under its own key
+    (``rpi4 distill.lr=0.02``, ``rpi4 0.32x distill.epochs=60``)."""
     out.setdefault("small", {})
+    student = proto["small_student"]
     sets = [s.strip() for s in (args.small_sets or "").split(",") if s.strip()]
-    extra = [*proto["small_student"], *(x for s in sets for x in ("--set", s))]
+    if args.small_width is not None and args.small_width != SMALL_WIDTH:
+        student = ["--student", f"{args.small_width}x", *student[2:]]
+        sets = [f"{args.small_width}x", *sets]  # names the run; not passed as --set
+    extra = [*student, *(x for s in sets if "=" in s for x in ("--set", s))]
     def key(profile: str) -> str:
         return " ".join([profile, *sets])
     def one(profile: str) -> tuple[str, dict]:
@@ -517,6 +524,7 @@ def main() -> int:
     ap.add_argument("--kd-epochs", type=int, default=None, help="override the KD table's epochs")
     ap.add_argument("--plateau-epochs", type=int, default=None, help="override the plateau step's epochs")
     ap.add_argument("--plateau-methods", default=None, help="KD methods the plateau step trains beside the student alone")
+    ap.add_argument("--small-width", type=float, default=None, help=f"small step: the student's width multiplier (default {SMALL_WIDTH})")
     ap.add_argument("--small-sets", default=None, help="small step: recipe overrides, e.g. distill.lr=0.02 (comma-separated)")
     ap.add_argument("--kd-seeds", default=None, help="override the KD table's seeds, e.g. 0")
     ap.add_argument("--kd-retrain", action="store_true",
