@@ -1,0 +1,214 @@
+"""Offline: does the thread model miss small networks by noise or by a sign, and do extra terms fix it?
+
+Refits the thread model (hwkd/hardware/threads.py) on committed predictor_accuracy dumps, as
+``hwkd profiles calibrate`` fits it, in its current form and in candidate forms, and scores each on the
+dump's benchmark models at 2 threads; nothing is timed (docs/decisions-issue13.md, stop 26).
+
+    python benchmarks/thread_model_variants.py benchmarks/results/predictor_dumps/run_{stop19,1317,1512,1531}.json.gz
+
+Variants (each swaps hwkd.hardware.threads' features for the run; none is hwkd's model unless adopted):
+- ``current``: split kernels pay ``sync_ns``, the rest run at ``ratio_serial``;
+- ``serial``: + a fixed cost per kernel *not* split (ORT dispatching it through the pool anyway);
+- ``node``: + a fixed cost per kernel, split or not;
+- ``class_sync``: a fork/join cost per kernel class instead of one ``sync_ns``;
+- ``fine_grid``: the current terms, the MAC split threshold on a grid 3x finer;
+- ``unaligned``: convs whose input channels are not a multiple of the kernel model's ``input_align``
+  (FP32 on x86: the NCHWc block; they read NCHW through a kernel of their own) get a ratio of their own.
+
+"Thread model alone" divides each model's 2-thread error by its 1-thread error (est2/meas2 / est1/meas1):
+what the thread model adds to the kernel model's miss. The per-model table shows it for every model
+under 0.15 ms at one thread, on each dump: the same sign on every run is a bias, not noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import predictor_refit as pr  # noqa: E402
+
+from hwkd.artifacts import atomic_write, write_json  # noqa: E402
+from hwkd.hardware import fit  # noqa: E402
+from hwkd.hardware import threads as tm  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = ("current", "serial", "node", "class_sync", "fine_grid", "unaligned")
+FINE_GRID = (0.0, 2e3, 4e3, 8e3, 1.6e4, 3.2e4, 6.4e4, 1.28e5, 2.56e5, 5e5, 1e6, 2e6)
+SMALL_MS = 0.15
+
+
+@contextlib.contextmanager
+def variant(name: str):
+    """hwkd.hardware.threads with the variant's features, restored afterwards."""
+    saved = {k: getattr(tm, k) for k in ("COEFFICIENTS", "features", "layer_seconds_at", "MAC_GRAIN_GRID", "fitted_thread_model")}
+    saved_fit = fit.fit_thread_model
+    base_coefs, base_features, base_seconds = saved["COEFFICIENTS"], saved["features"], saved["layer_seconds_at"]
+    extra: list[str] = []
+
+    def count_kernel(w, mac_grain, value_grain) -> bool:
+        return not w.fused and (name == "node" or not tm.splits(w, mac_grain, value_grain))
+
+    if name in ("serial", "node"):
+        extra = [f"{name}_ns"]
+
+        def features(works, t1_layers, mac_grain, value_grain):
+            row = base_features(works, t1_layers, mac_grain, value_grain)[: len(base_coefs)]
+            return [*row, float(sum(count_kernel(w, mac_grain, value_grain) for w in works))]
+
+        def layer_seconds_at(w, t1_s, model):
+            s, sync = base_seconds(w, t1_s, model)
+            if count_kernel(w, model["mac_grain"], model["value_grain"]):
+                s, sync = s + model[extra[0]] * 1e-9, sync + model[extra[0]] * 1e-9
+            return s, sync
+
+        tm.features, tm.layer_seconds_at = features, layer_seconds_at
+    elif name == "class_sync":
+        extra = [f"sync_{k}" for k in tm.CLASSES]  # sync_ns stays a column of zeros (fit.py scales it)
+
+        def features(works, t1_layers, mac_grain, value_grain):
+            row = dict.fromkeys((*base_coefs, *extra), 0.0)
+            for w, t1 in zip(works, t1_layers, strict=True):
+                if tm.splits(w, mac_grain, value_grain):
+                    row[f"ratio_{w.kind}"] += t1
+                    row[f"sync_{w.kind}"] += 1.0
+                else:
+                    row["ratio_serial"] += t1
+            row["run_ns"] = 1.0
+            return list(row.values())
+
+        def layer_seconds_at(w, t1_s, model):
+            if tm.splits(w, model["mac_grain"], model["value_grain"]):
+                return t1_s * model[f"ratio_{w.kind}"] + model[f"sync_{w.kind}"] * 1e-9, model[f"sync_{w.kind}"] * 1e-9
+            return t1_s * model["ratio_serial"], 0.0
+
+        tm.features, tm.layer_seconds_at = features, layer_seconds_at
+    elif name == "fine_grid":
+        tm.MAC_GRAIN_GRID = FINE_GRID
+    elif name == "unaligned":
+        extra = ["ratio_unaligned"]
+        align = {"now": 4}
+
+        def unaligned(w, model=None) -> bool:
+            a = int(model["input_align"]) if model else align["now"]
+            return bool(w.kernel) and w.kind in ("conv", "pointwise") and w.in_channels % a != 0
+
+        def features(works, t1_layers, mac_grain, value_grain):
+            row = dict.fromkeys((*base_coefs, *extra), 0.0)
+            for w, t1 in zip(works, t1_layers, strict=True):
+                if tm.splits(w, mac_grain, value_grain):
+                    row["ratio_unaligned" if unaligned(w) else f"ratio_{w.kind}"] += t1
+                    row["sync_ns"] += 1.0
+                else:
+                    row["ratio_serial"] += t1
+            row["run_ns"] = 1.0
+            return list(row.values())
+
+        def layer_seconds_at(w, t1_s, model):
+            if tm.splits(w, model["mac_grain"], model["value_grain"]):
+                ratio = model["ratio_unaligned" if unaligned(w, model) else f"ratio_{w.kind}"]
+                return t1_s * ratio + model["sync_ns"] * 1e-9, model["sync_ns"] * 1e-9
+            return t1_s * model["ratio_serial"], 0.0
+
+        tm.features, tm.layer_seconds_at = features, layer_seconds_at
+    if extra:
+        tm.COEFFICIENTS = (*base_coefs, *extra)
+
+        def fitted(profile, precision, threads):
+            m = profile.calibration.get("thread_model", {}).get(precision)
+            return None if m is None or threads <= 1 or int(m["threads"]) != threads else {k: float(v) for k, v in m.items()}
+
+        def fit_thread_model(works_list, m1, mt, kernel_model, *a, **k):
+            if name == "unaligned":
+                align["now"] = int(kernel_model.get("input_align", 4))
+            model, stats = saved_fit(works_list, m1, mt, kernel_model, *a, **k)
+            for key in extra:
+                if not key.startswith("ratio_"):
+                    model[key] *= 1e9  # fitted in seconds, like sync_ns
+            model["input_align"] = align["now"] if name == "unaligned" else 0
+            return model, stats
+            return model, stats
+
+        tm.fitted_thread_model, fit.fit_thread_model = fitted, fit_thread_model
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(tm, k, v)
+        fit.fit_thread_model = saved_fit
+
+
+def score(dump: dict) -> tuple[list[dict], dict]:
+    """Per variant and precision, the 2-thread errors on the benchmark models; per model, the thread model's own error (current)."""
+    rows, per_model = [], {}
+    for name in VARIANTS:
+        with variant(name):
+            result = pr.refit(dump)
+        for prec, entry in result.items():
+            models = [m for m in entry["models"] if m["group"] == "benchmark"]
+            r1 = np.array([m["t1"]["estimated_ms"] / m["t1"]["measured_ms"] for m in models])
+            r2 = np.array([m["t2"]["estimated_ms"] / m["t2"]["measured_ms"] for m in models])
+            alone = r2 / r1 - 1
+            small = np.array([m["t1"]["measured_ms"] < 0.1 for m in models])
+            rows.append({"variant": name, "precision": prec, "n": len(models),
+                         "within_10pct_2t": round(float(np.mean(np.abs(r2 - 1) <= 0.10)), 3),
+                         "mape_2t_pct": round(float(np.mean(np.abs(r2 - 1)) * 100), 1),
+                         "alone_within_5pct": round(float(np.mean(np.abs(alone) <= 0.05)), 3),
+                         "alone_within_5pct_under_0.1ms": round(float(np.mean(np.abs(alone[small]) <= 0.05)), 3),
+                         "n_under_0.1ms": int(small.sum()),
+                         "calibration_cv_mape_pct": entry.get("thread_fit", {}).get("cv_mape_pct")})  # fmt: skip
+            if name == "current":
+                for m, a in zip(models, alone, strict=True):
+                    if m["t1"]["measured_ms"] < SMALL_MS:
+                        per_model[(prec, m["model"])] = {"alone_pct": round(float(a) * 100, 1),
+                                                         "t1_ms": round(m["t1"]["measured_ms"], 4),
+                                                         "t2_over_t1": round(m["t2"]["measured_ms"] / m["t1"]["measured_ms"], 2)}  # fmt: skip
+    return rows, per_model
+
+
+def render(paths: list[Path], rows: dict, per_model: dict) -> str:
+    names = [p.name.split(".")[0] for p in paths]
+    lines = ["# Thread-model variants, refitted offline on committed dumps", "",
+             f"`python benchmarks/thread_model_variants.py {' '.join(str(p) for p in paths)}`; nothing timed. "
+             "Benchmark models at 2 threads; \"alone\" is the thread model's own error (est2/meas2 over est1/meas1).", "",
+             "| dump | variant | precision | 2t within ±10% | 2t MAPE | alone within ±5% | alone within ±5%, < 0.1 ms | calibration CV MAPE |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name in names:
+        for r in rows[name]:
+            lines.append(f"| {name} | {r['variant']} | {r['precision']} | {100 * r['within_10pct_2t']:.0f}% | {r['mape_2t_pct']}% | "
+                         f"{100 * r['alone_within_5pct']:.0f}% | {100 * r['alone_within_5pct_under_0.1ms']:.0f}% of {r['n_under_0.1ms']} | "
+                         f"{r['calibration_cv_mape_pct']}% |")  # fmt: skip
+    lines += ["", f"Per model under {SMALL_MS} ms at one thread, current model: the thread model's own error on each dump "
+              "(measured 2-thread / 1-thread time in brackets).", "",
+              "| precision | model | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]  # fmt: skip
+    keys = sorted({k for d in per_model.values() for k in d}, key=lambda k: np.mean([per_model[n][k]["t1_ms"] for n in names if k in per_model[n]]))
+    for prec, model in keys:
+        cells = [f"{per_model[n][(prec, model)]['alone_pct']:+.0f}% ({per_model[n][(prec, model)]['t2_over_t1']})"
+                 if (prec, model) in per_model[n] else "" for n in names]  # fmt: skip
+        lines.append(f"| {prec} | {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dumps", type=Path, nargs="+")
+    args = ap.parse_args()
+    rows, per_model = {}, {}
+    for path in args.dumps:
+        name = path.name.split(".")[0]
+        rows[name], per_model[name] = score(pr.load_dump(path))
+        print(f"  scored {name}", flush=True)
+    write_json(RESULTS / "thread_model_variants.json", {"dumps": [str(p) for p in args.dumps], "rows": rows,
+               "per_model": {n: {f"{p} {m}": v for (p, m), v in d.items()} for n, d in per_model.items()}})  # fmt: skip
+    text = render(args.dumps, rows, per_model)
+    atomic_write(RESULTS / "thread_model_variants.md", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
