@@ -36,6 +36,12 @@ from hwkd.onnx.memory import MEMORY_METHOD, _memory_growth, _memory_kb, isolated
 ROUND_SPREAD_WARN_PCT = 10.0
 
 
+def speed_moved(round_spread_pct: float | None) -> bool:
+    """Whether timing rounds this far apart (percent) mean the host's speed changed while it was timed:
+    the one rule behind ``hwkd bench``'s warning and ``hwkd gate``'s note."""
+    return round_spread_pct is not None and round_spread_pct > ROUND_SPREAD_WARN_PCT
+
+
 @dataclass(frozen=True)
 class LatencyStats:
     """Per-call latency of one model, in milliseconds, over ``iterations`` timed runs."""
@@ -94,7 +100,7 @@ class LatencyStats:
 
     def speed_change_warning(self, label: str) -> str | None:
         """A warning when the rounds' p50s differ by more than ROUND_SPREAD_WARN_PCT, else None."""
-        if self.round_spread_pct <= ROUND_SPREAD_WARN_PCT:  # 0 with fewer than two rounds
+        if not speed_moved(self.round_spread_pct):  # 0 with fewer than two rounds
             return None
         lo, hi = min(self.round_p50), max(self.round_p50)
         return (

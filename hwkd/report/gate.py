@@ -296,7 +296,7 @@ def run_gate(
 
 def _speed_change_notes(subjects: list[Subject], checks: list[Check]) -> list[str]:
     """A note for each subject whose measured latency was checked although its timing rounds disagreed."""
-    from hwkd.onnx.bench import ROUND_SPREAD_WARN_PCT
+    from hwkd.onnx.bench import ROUND_SPREAD_WARN_PCT, speed_moved
 
     gated = {c.subject for c in checks if c.metric == "latency_ms:measured" and c.status != "skipped"}
     return [
@@ -304,7 +304,7 @@ def _speed_change_notes(subjects: list[Subject], checks: list[Check]) -> list[st
         f"{ROUND_SPREAD_WARN_PCT:.0f}%): the host's speed changed while it was timed, so this latency verdict "
         "may not repeat. Gate on a quiet runner, or gate the estimate (--source estimated)."
         for s in subjects
-        if s.name in gated and s.round_spread_pct is not None and s.round_spread_pct > ROUND_SPREAD_WARN_PCT
+        if s.name in gated and speed_moved(s.round_spread_pct)
     ]
 
 

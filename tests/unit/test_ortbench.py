@@ -150,6 +150,13 @@ def test_a_p50_whose_rounds_moved_more_than_the_threshold_is_warned_about():
     assert _stats([1.0]).speed_change_warning("m.onnx") is None  # one round: nothing to compare
 
 
+def test_speed_moved_is_the_threshold_rule_bench_and_gate_share():
+    limit = ortbench.ROUND_SPREAD_WARN_PCT
+    assert not ortbench.speed_moved(None)  # a record without rounds (older reports)
+    assert not ortbench.speed_moved(0.0) and not ortbench.speed_moved(limit)  # at the threshold: not moved
+    assert ortbench.speed_moved(limit + 0.1)
+
+
 def test_measure_uses_the_requested_batch(models):
     stats = ortbench.measure(models[:1], batch=4, warmup=1, iterations=5, rounds=1, threads=1)
     s = stats[models[0]]
