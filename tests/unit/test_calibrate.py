@@ -199,3 +199,25 @@ def test_predictor_refit_scores_a_recorded_run_without_timing(tmp_path):
     table = predictor_refit.cross([dump, slow])["fp32 1"]
     assert table[str(dump)] == {str(dump): 1.0, str(slow): 0.0}
     assert table[str(slow)] == {str(dump): 0.0, str(slow): 1.0}
+
+
+def test_thread_model_variants_leave_hwkds_thread_model_as_they_found_it():
+    """benchmarks/thread_model_variants.py swaps hwkd.hardware.threads' features per variant: each swap adds its
+    terms while it lasts and is undone afterwards, so nothing it tries leaks into hwkd's own pricing."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import thread_model_variants as tv
+
+    from hwkd.hardware import fit
+    from hwkd.hardware import threads as tm
+
+    before = (tm.COEFFICIENTS, tm.features, tm.layer_seconds_at, tm.MAC_GRAIN_GRID, tm.fitted_thread_model,
+              fit.fit_thread_model)  # fmt: skip
+    added = {"serial": ("serial_ns",), "node": ("node_ns",), "unaligned": ("ratio_unaligned",),
+             "class_sync": tuple(f"sync_{k}" for k in tm.CLASSES), "current": (), "fine_grid": ()}  # fmt: skip
+    for name in tv.VARIANTS:
+        with tv.variant(name):
+            assert tm.COEFFICIENTS == (*before[0], *added[name])
+            assert (tm.MAC_GRAIN_GRID == tv.FINE_GRID) == (name == "fine_grid")
+        after = (tm.COEFFICIENTS, tm.features, tm.layer_seconds_at, tm.MAC_GRAIN_GRID, tm.fitted_thread_model,
+                 fit.fit_thread_model)  # fmt: skip
+        assert after == before, name

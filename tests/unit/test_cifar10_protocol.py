@@ -294,3 +294,30 @@ def test_a_tagged_teacher_has_files_results_and_run_dirs_of_its_own(tmp_path):
     args = argparse.Namespace(teacher_tag="no-such-tag", quick=False, work=tmp_path, threads=1)
     with pytest.raises(SystemExit, match="cifar10_teacher.py and --finalise --tag no-such-tag"):
         cifar10.step_teacher(args, {}, tmp_path, {})
+
+
+def test_small_width_names_its_run_and_passes_the_width_as_the_student_not_as_a_set(tmp_path, monkeypatch):
+    import argparse
+
+    import cifar10
+
+    calls = []
+
+    def fake_compress(args, proto, split_dir, teacher_pt, profile, run_dir, extra=(), earlier=None):
+        calls.append((profile, run_dir.name, list(extra)))
+        return {"returncode": 1}  # not committed
+
+    monkeypatch.setattr(cifar10, "hwkd_compress", fake_compress)
+    monkeypatch.setattr(cifar10, "save", lambda args, out: None)
+    proto = {**cifar10.PROTOCOLS["full"], "profiles": ["rpi4"]}
+    args = argparse.Namespace(small_sets="distill.epochs=70", small_width=0.32, runs=tmp_path, jobs=1, quick=False,
+                              teacher_tag=None)  # fmt: skip
+    out = {}
+    cifar10.step_small(args, proto, tmp_path, tmp_path / "t.pt", out)
+    assert calls == [("rpi4", "small_rpi4_0.32x_distill.epochs70",
+                      ["--student", "0.32x", "--set", "prune.round_to=1", "--set", "distill.epochs=70"])]  # fmt: skip
+    assert list(out["small"]) == ["rpi4 0.32x distill.epochs=70"]
+    calls.clear()
+    cifar10.step_small(argparse.Namespace(**{**vars(args), "small_width": None, "small_sets": None}), proto, tmp_path,
+                       tmp_path / "t.pt", out)  # fmt: skip
+    assert calls == [("rpi4", "small_rpi4", ["--student", "0.3x", "--set", "prune.round_to=1"])]  # the default keeps its key
