@@ -43,6 +43,30 @@ FINE_GRID = (0.0, 2e3, 4e3, 8e3, 1.6e4, 3.2e4, 6.4e4, 1.28e5, 2.56e5, 5e5, 1e6, 
 SMALL_MS = 0.15
 
 
+def per_layer_terms(coefs, ratio_of, sync_of):
+    """features / layer_seconds_at of a thread model whose split layers are priced ``t1 * model[ratio_of(w)] +
+    model[sync_of(w)]`` (``ratio_of(w, None)`` while fitting) and the rest ``t1 * ratio_serial``."""
+
+    def features(works, t1_layers, mac_grain, value_grain):
+        row = dict.fromkeys(coefs, 0.0)
+        for w, t1 in zip(works, t1_layers, strict=True):
+            if tm.splits(w, mac_grain, value_grain):
+                row[ratio_of(w, None)] += t1
+                row[sync_of(w)] += 1.0
+            else:
+                row["ratio_serial"] += t1
+        row["run_ns"] = 1.0
+        return list(row.values())
+
+    def layer_seconds_at(w, t1_s, model):
+        if tm.splits(w, model["mac_grain"], model["value_grain"]):
+            sync = model[sync_of(w)] * 1e-9
+            return t1_s * model[ratio_of(w, model)] + sync, sync
+        return t1_s * model["ratio_serial"], 0.0
+
+    return features, layer_seconds_at
+
+
 @contextlib.contextmanager
 def variant(name: str):
     """hwkd.hardware.threads with the variant's features, restored afterwards."""
@@ -70,52 +94,21 @@ def variant(name: str):
         tm.features, tm.layer_seconds_at = features, layer_seconds_at
     elif name == "class_sync":
         extra = [f"sync_{k}" for k in tm.CLASSES]  # sync_ns stays a column of zeros (fit.py scales it)
-
-        def features(works, t1_layers, mac_grain, value_grain):
-            row = dict.fromkeys((*base_coefs, *extra), 0.0)
-            for w, t1 in zip(works, t1_layers, strict=True):
-                if tm.splits(w, mac_grain, value_grain):
-                    row[f"ratio_{w.kind}"] += t1
-                    row[f"sync_{w.kind}"] += 1.0
-                else:
-                    row["ratio_serial"] += t1
-            row["run_ns"] = 1.0
-            return list(row.values())
-
-        def layer_seconds_at(w, t1_s, model):
-            if tm.splits(w, model["mac_grain"], model["value_grain"]):
-                return t1_s * model[f"ratio_{w.kind}"] + model[f"sync_{w.kind}"] * 1e-9, model[f"sync_{w.kind}"] * 1e-9
-            return t1_s * model["ratio_serial"], 0.0
-
-        tm.features, tm.layer_seconds_at = features, layer_seconds_at
+        tm.features, tm.layer_seconds_at = per_layer_terms(
+            (*base_coefs, *extra), ratio_of=lambda w, model: f"ratio_{w.kind}", sync_of=lambda w: f"sync_{w.kind}"
+        )
     elif name == "fine_grid":
         tm.MAC_GRAIN_GRID = FINE_GRID
     elif name == "unaligned":
         extra = ["ratio_unaligned"]
-        align = {"now": 4}
+        align = {"now": 4}  # the kernel model's input_align while fitting; the thread model keeps its own
 
-        def unaligned(w, model=None) -> bool:
+        def ratio_of(w, model) -> str:
             a = int(model["input_align"]) if model else align["now"]
-            return bool(w.kernel) and w.kind in ("conv", "pointwise") and w.in_channels % a != 0
+            reads_nchw = bool(w.kernel) and w.kind in ("conv", "pointwise") and w.in_channels % a != 0
+            return "ratio_unaligned" if reads_nchw else f"ratio_{w.kind}"
 
-        def features(works, t1_layers, mac_grain, value_grain):
-            row = dict.fromkeys((*base_coefs, *extra), 0.0)
-            for w, t1 in zip(works, t1_layers, strict=True):
-                if tm.splits(w, mac_grain, value_grain):
-                    row["ratio_unaligned" if unaligned(w) else f"ratio_{w.kind}"] += t1
-                    row["sync_ns"] += 1.0
-                else:
-                    row["ratio_serial"] += t1
-            row["run_ns"] = 1.0
-            return list(row.values())
-
-        def layer_seconds_at(w, t1_s, model):
-            if tm.splits(w, model["mac_grain"], model["value_grain"]):
-                ratio = model["ratio_unaligned" if unaligned(w, model) else f"ratio_{w.kind}"]
-                return t1_s * ratio + model["sync_ns"] * 1e-9, model["sync_ns"] * 1e-9
-            return t1_s * model["ratio_serial"], 0.0
-
-        tm.features, tm.layer_seconds_at = features, layer_seconds_at
+        tm.features, tm.layer_seconds_at = per_layer_terms((*base_coefs, *extra), ratio_of, lambda w: "sync_ns")
     if extra:
         tm.COEFFICIENTS = (*base_coefs, *extra)
 
