@@ -222,7 +222,7 @@ def step_small(args, proto, split_dir, teacher_pt, out: dict) -> None:
     shrink and the student keeps 12% of the parameters). Both profiles, ``--jobs`` at a time.
     ``--small-sets`` adds recipe overrides and ``--small-width`` another width (0.32x: 27,185 parameters,
     the most under 10% of the e30 teacher's 272,474); such a run is kept under its own key
-    (``rpi4 distill.lr=0.02``, ``rpi4 0.32x distill.epochs=60``)."""
+    (``rpi4 distill.lr=0.02``, ``rpi4 0.32x distill.epochs=70``)."""
     out.setdefault("small", {})
     student = proto["small_student"]
     sets = [s.strip() for s in (args.small_sets or "").split(",") if s.strip()]
