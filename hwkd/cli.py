@@ -182,10 +182,23 @@ class _ConsoleWarnings(logging.Handler):
         err.print(f"[bold yellow]warning[/]: {escape(record.getMessage())}", highlight=False, soft_wrap=True)
 
 
+class _ConsoleNotes(logging.Handler):
+    """What the pipeline decided for the user (logger "hwkd.note", e.g. the width a params:N% student got)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from rich.markup import escape
+
+        err.print(f"[cyan]note[/]: {escape(record.getMessage())}", highlight=False, soft_wrap=True)
+
+
 def _show_warnings() -> None:
     logger = logging.getLogger("hwkd")
     if not any(isinstance(h, _ConsoleWarnings) for h in logger.handlers):
         logger.addHandler(_ConsoleWarnings())
+    notes = logging.getLogger("hwkd.note")
+    notes.setLevel(logging.INFO)
+    if not any(isinstance(h, _ConsoleNotes) for h in notes.handlers):
+        notes.addHandler(_ConsoleNotes(logging.INFO))
 
 
 def _stage_line(result) -> str:
@@ -229,7 +242,7 @@ def compress(
     data: Annotated[str | None, typer.Option(help="Image folder (one subfolder per class) or .npz with x/y.")] = None,
     student: Annotated[
         str | None,
-        typer.Option(help="torchvision:NAME, timm:NAME, a zoo name, module:factory, or a width of the teacher (0.5x)."),
+        typer.Option(help="torchvision:NAME, timm:NAME, a zoo name, module:factory, a width of the teacher (0.5x), or the widest width with at most a share of its parameters (params:10%)."),
     ] = None,
     student_weights: Annotated[
         Path | None, typer.Option(help="State dict (or hwkd checkpoint) to start the student from; default fresh.")

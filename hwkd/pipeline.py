@@ -206,6 +206,7 @@ class _Run:
     weights: list[float]
     student: Any
     student_spec: dict[str, Any]
+    student_note: str | None = None  # how a params:N% student's width was chosen
 
 
 def _quiet_libraries() -> None:
@@ -275,16 +276,20 @@ def _build(inputs: dict[str, Any], cfg, prof, device, trust_code: bool, progress
     # Seeded again so the student's initial weights do not depend on whether the teacher was cached
     # (training it draws from the same generator): a resumed run rebuilds exactly the same student.
     torch.manual_seed(cfg.seed)
+    notes: list[str] = []
     student, student_spec = build_student(
         inputs.get("student"), teachers[0], spec, dataset.num_classes, c, trust_code, dataset.example_input(),
-        weights=inputs.get("student_weights"), round_to=channel_rounding(cfg.prune, prof),
+        weights=inputs.get("student_weights"), round_to=channel_rounding(cfg.prune, prof), log=notes.append,
     )  # fmt: skip
+    for note in notes:  # "hwkd.note": the CLI prints these; library users get them as INFO records
+        log.getChild("note").info("%s", note)
     check_compatible(student, dataset)
     if "prune" in cfg.stages or cfg.distill.penalty_weight > 0:
         from hwkd.models.depgraph import unprunable_layers
 
         unprunable_layers(student, dataset.example_input(), check_groups=True)  # fails here, before training
-    return _Run(cfg, inputs, prof, device, dataset, teachers, spec, info, weights, student, student_spec)
+    return _Run(cfg, inputs, prof, device, dataset, teachers, spec, info, weights, student, student_spec,
+                " ".join(notes) or None)  # fmt: skip
 
 
 def compress(
@@ -340,6 +345,7 @@ def compress(
         "teacher": {"spec": run.teacher_spec, **{k: v for k, v in run.teacher_info.items() if k != "history"}},
         "teacher_weights": run.weights,
         "student_spec": run.student_spec,
+        **({"student_note": run.student_note} if run.student_note else {}),
         "stage_seconds": {},
         "stages_done": [],
     }

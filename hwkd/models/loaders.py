@@ -29,6 +29,7 @@ from hwkd.models.zoo import DEFAULT_STUDENT, ZOO
 __all__ = ["build_from_spec", "build_student", "find_head", "is_factory_ref", "load_teacher", "zoo_spec"]
 
 _WIDTH_RE = re.compile(r"^\s*(\d*\.?\d+)\s*[xX]?\s*$")
+_PARAMS_RE = re.compile(r"^\s*params\s*[:=]\s*(\d*\.?\d+)\s*%\s*$", re.IGNORECASE)
 _TRUST_FIX = "Loading a model from Python code runs that code; pass --trust-code if you trust {ref!r}."
 
 
@@ -246,6 +247,76 @@ def parse_width(text: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
+def parse_params_share(text: str) -> float | None:
+    """``"params:10%"`` -> 0.1 (a student with at most 10% of the teacher's parameters); None otherwise."""
+    m = _PARAMS_RE.match(text)
+    return float(m.group(1)) / 100.0 if m else None
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _layer_widths(model: nn.Module) -> list[int]:
+    return [m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+            for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]  # fmt: skip
+
+
+def widest_under_params(
+    teacher: nn.Module,
+    example_input: torch.Tensor,
+    share: float,
+    num_classes: int | None = None,
+    round_to: int = 8,
+) -> tuple[float, nn.Module]:
+    """The widest multiplier, in steps of 0.01, whose ``prune_uniform`` copy of the teacher keeps at most
+    ``share`` of its parameters, and that copy.
+
+    Why a search: the share a width keeps is not its square (the head is kept whole, channel counts are
+    rounded down to ``round_to``), so "90% fewer parameters" is 0.30x of one teacher and 0.32x of another
+    (the CIFAR-10 benchmark's ResNet-20 with ``prune.round_to=1``). And it is not monotone: a layer whose
+    kept count would round to 0 is left whole by torch-pruning, so past some narrowness a copy grows again.
+    Each width is therefore one of three states, in this order as the width grows: too narrow (a layer that
+    shrinks at 0.5x is whole), fits, too wide; bisection finds the last width that is not too wide.
+    """
+    total = count_params(teacher)
+    if share >= 1.0:
+        return 1.0, copy.deepcopy(teacher)
+    full = _layer_widths(teacher)
+
+    def pruned(step: int) -> nn.Module:
+        return prune_uniform(copy.deepcopy(teacher), example_input, step / 100, num_classes, round_to=round_to)
+
+    shrinks = [i for i, (w, f) in enumerate(zip(_layer_widths(pruned(50)), full, strict=True)) if w < f]
+    tried: dict[int, tuple[str, int, nn.Module]] = {}
+
+    def state(step: int) -> str:
+        model = pruned(step)
+        widths, n = _layer_widths(model), count_params(model)
+        kind = "narrow" if any(widths[i] == full[i] for i in shrinks) else "fits" if n <= share * total else "wide"
+        tried[step] = (kind, n, model if kind == "fits" else None)
+        return kind
+
+    lo, hi = 0, 100  # lo: not too wide (0: none tried); hi: too wide (100 is the teacher, share < 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if state(mid) == "wide":
+            hi = mid
+        else:
+            lo = mid
+    if lo and tried[lo][0] == "fits":
+        return lo / 100, tried[lo][2]
+    narrowest = tried[hi][1] if hi in tried else total
+    raise ModelError(
+        f"No width of the teacher keeps at most {share * 100:g}% of its {total:,} parameters: the narrowest that "
+        f"shrinks every layer it can ({hi / 100:g}x) keeps {narrowest:,} ({narrowest / total:.1%}); narrower, "
+        f"channel counts rounded down to prune.round_to={round_to} reach 0 and torch-pruning leaves those "
+        "layers whole. The classifier head and layers torch-pruning cannot follow are never pruned.",
+        "Ask for a larger share (--student params:N%), lower the rounding (--set prune.round_to=1), or "
+        "name a smaller architecture with --student.",
+    )
+
+
 def prune_uniform(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -304,12 +375,14 @@ def build_student(
     example_input: torch.Tensor,
     weights: str | None = None,
     round_to: int = 8,
+    log: Callable[[str], Any] = lambda _msg: None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build the student: an architecture (zoo name, default ``mobilenetv2``; ``torchvision:NAME``;
     ``timm:NAME``; ``pkg.mod:fn``), or a width multiplier of the teacher (``"0.5x"``: a copy of the trained
     teacher with half the channels of every prunable layer removed by magnitude, counts rounded to
-    ``round_to``; ``"1x"`` is the teacher's copy). ``weights`` is a state dict (or an hwkd checkpoint) to
-    start from instead of fresh weights.
+    ``round_to``; ``"1x"`` is the teacher's copy), or the widest such copy with at most a share of the
+    teacher's parameters (``"params:10%"``, ``widest_under_params``; the width chosen goes to ``log``).
+    ``weights`` is a state dict (or an hwkd checkpoint) to start from instead of fresh weights.
     """
     if weights is not None:
         wpath = Path(weights).expanduser()
@@ -332,20 +405,31 @@ def build_student(
             f"--student-weights needs a named student architecture, not {text!r}.",
             "Pass --student torchvision:NAME, timm:NAME, a built-in model or module:factory with it.",
         )
+    share = parse_params_share(text)
     mult = parse_width(text)
-    if mult is None:
+    if share is None and mult is None:
         raise ModelError(
             f"Unknown student {text!r}.",
             f"Use torchvision:NAME, timm:NAME, a built-in model ({_zoo_list()}), module:factory with "
-            "--trust-code, or a width multiplier of the teacher such as 0.5x.",
+            "--trust-code, a width multiplier of the teacher such as 0.5x, or a share of its parameters "
+            "such as params:10%.",
         )
-    if not 0.0 < mult <= 1.0:
+    if share is not None and not 0.0 < share <= 1.0:
+        raise ModelError(f"The student's share of the teacher's parameters {text!r} must be in (0%, 100%].",
+                         "For example params:10% (90% fewer parameters).")  # fmt: skip
+    if mult is not None and not 0.0 < mult <= 1.0:
         raise ModelError(f"The student width multiplier {text!r} must be in (0, 1].", "For example 0.5x.")
     kind = teacher_spec.get("kind")
     if kind in ("zoo", "factory", "torchvision", "timm") and not isinstance(teacher, torch.jit.ScriptModule):
         # A pruned copy, not a fresh narrower network: it starts from the teacher's trained weights
         # (docs/decisions-issue14.md, "Stop 20"); the saved structure rebuilds it from the teacher's spec.
-        model = prune_uniform(copy.deepcopy(teacher), example_input, mult, num_classes, round_to=round_to)
+        if share is not None:
+            mult, model = widest_under_params(teacher, example_input, share, num_classes, round_to=round_to)
+            log(f"student: {mult:g}x of the teacher, the widest with at most {text.split(':', 1)[-1].strip()} of its "
+                f"parameters ({count_params(model):,} of {count_params(teacher):,}, "
+                f"{count_params(model) / count_params(teacher):.2%})")  # fmt: skip
+        else:
+            model = prune_uniform(copy.deepcopy(teacher), example_input, mult, num_classes, round_to=round_to)
         return model, copy.deepcopy(teacher_spec)
     raise ModelError(
         f"A width-multiplier student ({text!r}) needs a teacher hwkd can rebuild, but the teacher is "

@@ -158,8 +158,8 @@ def test_existing_out_dir_is_refused_without_overwrite(tiny_run):
     assert "Traceback" not in proc.stderr
 
 
-def test_bring_your_own_npz_and_state_dict_teacher(tmp_path):
-    """A user's .npz data, a state-dict teacher with --teacher-arch, and a 0.5x student, no QAT."""
+def _toy_npz_and_teacher(tmp_path: Path) -> tuple[Path, Path]:
+    """A user's .npz data (3 classes, 12 px RGB) and an untrained zoo ``cnn`` teacher's state dict."""
     import numpy as np
     import torch
 
@@ -175,6 +175,12 @@ def test_bring_your_own_npz_and_state_dict_teacher(tmp_path):
     np.savez(data, x=x, y=y, labels=np.array(["red", "green", "blue"]))
     teacher = ZOO.get("cnn")(num_classes=classes, in_channels=3)
     torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
+    return data, tmp_path / "teacher.pt"
+
+
+def test_bring_your_own_npz_and_state_dict_teacher(tmp_path):
+    """A user's .npz data, a state-dict teacher with --teacher-arch, and a 0.5x student, no QAT."""
+    data, _ = _toy_npz_and_teacher(tmp_path)
     out = tmp_path / "run"
     proc = run_cli(
         "compress", "--profile", "x86-avx2", "--data", str(data), "--teacher", str(tmp_path / "teacher.pt"),
@@ -190,6 +196,26 @@ def test_bring_your_own_npz_and_state_dict_teacher(tmp_path):
     props = {p.key: p.value for p in onnx.load(out / "model.onnx").metadata_props}
     assert json.loads(props["hwkd.labels"]) == ["red", "green", "blue"]
     assert json.loads(props["hwkd.input_shape"]) == [3, 12, 12]
+
+
+def test_params_share_student_says_which_width_it_chose_or_why_none_fits(tmp_path):
+    """--student params:N%: the widest width of the teacher with at most N% of its parameters, printed as a
+    note and kept in the manifest; a share no width reaches is exit 2 before any training, nothing written."""
+    data, teacher = _toy_npz_and_teacher(tmp_path)
+    common = ["compress", "--profile", "x86-avx2", "--data", str(data), "--teacher", str(teacher),
+              "--teacher-arch", "cnn", "--allow-weak-teacher", "--stages", "distill", "--set", "distill.epochs=1"]  # fmt: skip
+    out = tmp_path / "run"
+    proc = run_cli(*common, "--student", "params:40%", "--set", "prune.round_to=1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "x of the teacher, the widest with at most 40% of its parameters" in manifest["student_note"]
+    assert "note: " + manifest["student_note"] in " ".join(proc.stderr.split())
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"][0]["params"] <= 0.40 * report["teacher"]["params"]
+    refused = run_cli(*common, "--student", "params:0.1%", "--out", str(tmp_path / "none"))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "No width of the teacher keeps at most 0.1%" in " ".join(refused.stderr.split())
+    assert not (tmp_path / "none").exists()
 
 
 def test_report_html_memory_and_gate_on_a_real_run(tiny_run, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 import textwrap
 
@@ -17,7 +18,9 @@ from hwkd.models.loaders import (
     build_student,
     find_head,
     load_teacher,
+    parse_params_share,
     parse_width,
+    prune_uniform,
     zoo_spec,
 )
 from hwkd.models.zoo import ZOO
@@ -307,6 +310,43 @@ def test_build_student_width_rounds_channels_as_told():
     assert any(w % 8 for w in widths[1])  # unrounded: 30% of a width, e.g. 9 of 32
     one, _ = build_student("1x", teacher, teacher_spec, NUM_CLASSES, 1, False, _example())
     assert one is not teacher and _nparams(one) == _nparams(teacher)
+
+
+def test_parse_params_share():
+    assert parse_params_share("params:10%") == pytest.approx(0.10)
+    assert parse_params_share(" PARAMS = 2.5 % ") == pytest.approx(0.025)
+    assert parse_params_share("params:10") is None  # the % says it is a share, not a count
+    assert parse_params_share("0.3x") is None and parse_params_share("pkg.mod:fn") is None
+
+
+def test_params_share_student_is_the_widest_width_under_the_share():
+    """params:N% picks the widest width (in steps of 0.01) whose copy keeps at most N% of the teacher's
+    parameters: checked against the next width up, pruned here by hand."""
+    teacher_spec = zoo_spec("resnet", NUM_CLASSES, 1)
+    teacher = build_from_spec(teacher_spec)
+    total, x, logged = _nparams(teacher), _example(), []
+    model, spec = build_student("params:20%", teacher, teacher_spec, NUM_CLASSES, 1, False, x, round_to=1,
+                                log=logged.append)  # fmt: skip
+    assert spec == teacher_spec and _nparams(teacher) == total  # a pruned copy; the teacher untouched
+    assert _nparams(model) <= 0.20 * total
+    width = float(logged[0].split("x of the teacher")[0].split()[-1])
+    assert f"({_nparams(model):,} of {total:,}" in logged[0]
+    same = prune_uniform(copy.deepcopy(teacher), x, width, NUM_CLASSES, round_to=1)
+    wider = prune_uniform(copy.deepcopy(teacher), x, width + 0.01, NUM_CLASSES, round_to=1)
+    assert _nparams(same) == _nparams(model) and _nparams(wider) > 0.20 * total
+
+
+def test_params_share_out_of_reach_names_the_floor_and_the_fix():
+    """Narrower than some width, channel counts rounded down to round_to reach 0 and torch-pruning leaves
+    those layers whole: the copy grows again, so such widths do not count and a tiny share is refused."""
+    teacher_spec = zoo_spec("resnet", NUM_CLASSES, 1)
+    teacher = build_from_spec(teacher_spec)
+    with pytest.raises(ModelError, match=r"at most 1% .*narrowest that shrinks every layer.*prune.round_to=8") as err:
+        build_student("params:1%", teacher, teacher_spec, NUM_CLASSES, 1, False, _example(), round_to=8)
+    assert "--set prune.round_to=1" in err.value.fix
+    for text in ("params:0%", "params:150%"):
+        with pytest.raises(ModelError, match="must be in"):
+            build_student(text, teacher, teacher_spec, NUM_CLASSES, 1, False, _example())
 
 
 @pytest.mark.parametrize("text", ["0", "1.5x", "-0.5"])
