@@ -604,6 +604,7 @@ def _execute(run: _Run, run_dir: Path, manifest: dict, progress, on_stage_done, 
         results=results,
         state=state,
         versions=manifest["versions"],
+        student_note=manifest.get("student_note"),
     )
     write_reports(run_dir, report)
     return report

@@ -37,7 +37,8 @@ def _latency_table(results) -> tuple[dict[str, Any], dict[str, Any], str]:
     return bench.metrics.get("latency", {}), bench.metrics.get("host", {}), bench.metrics.get("note", "")
 
 
-def build_report(*, run_dir: Path, profile, budget, dataset, teacher_metrics, results, state, versions) -> dict:
+def build_report(*, run_dir: Path, profile, budget, dataset, teacher_metrics, results, state, versions,
+                 student_note: str | None = None) -> dict:  # fmt: skip
     latency, host, note = _latency_table(results)
     has_int8 = "int8" in state.onnx  # the export stage sets it only for an INT8 model.onnx (QAT or PTQ)
 
@@ -114,6 +115,7 @@ def build_report(*, run_dir: Path, profile, budget, dataset, teacher_metrics, re
         "profile": {"name": profile.name, "source": str(profile.source), "description": profile.description},
         "budget": dataclasses.asdict(budget),
         "dataset": dataset.summary(),
+        **({"student_note": student_note} if student_note else {}),
         "measured_on": {"note": note, **host},
         "latency": latency,
         "teacher": teacher,

@@ -59,6 +59,7 @@ def render_markdown(report: dict) -> str:
         f"Budget on the device: latency {budget['latency_ms']:.4g} ms "
         f"({budget.get('source', {}).get('latency_ms', 'profile')}), memory {budget['memory_mb']:.4g} MB, "
         f"batch {budget['batch_size']}, at {budget.get('precision', 'fp32')}.",
+        *(("", f"Student: {report['student_note'].removeprefix('student: ')}.") if report.get("student_note") else ()),
         "",
         f"Latency **measured on this host**: {host.get('note', 'not measured')}.",
         "Estimated latency and memory are the cost model's figures for the profile's device; peak memory "

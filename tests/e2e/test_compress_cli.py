@@ -212,6 +212,8 @@ def test_params_share_student_says_which_width_it_chose_or_why_none_fits(tmp_pat
     assert "note: " + manifest["student_note"] in " ".join(proc.stderr.split())
     report = json.loads((out / "report.json").read_text())
     assert report["stages"][0]["params"] <= 0.40 * report["teacher"]["params"]
+    assert report["student_note"] == manifest["student_note"]
+    assert "Student: " + manifest["student_note"].removeprefix("student: ") in (out / "report.md").read_text()
     refused = run_cli(*common, "--student", "params:0.1%", "--out", str(tmp_path / "none"))
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "No width of the teacher keeps at most 0.1%" in " ".join(refused.stderr.split())
