@@ -15,35 +15,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from PIL import Image
+from score_onnx_images import normalize, resize_and_crop  # the same directory: run as a script
 from sklearn.datasets import load_digits
-
-PIL_FILTERS = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "bicubic": Image.BICUBIC}
-
-
-def _resize(img: Image.Image, meta: dict) -> Image.Image:
-    """resize ("exact" to H x W, or "shorter": the shorter side, aspect kept), then the center crop."""
-    h, w = meta["resize"]
-    if meta.get("resize_mode", "exact") == "shorter":
-        short = h
-        h, w = (short, int(short * img.width / img.height)) if img.height <= img.width else (int(short * img.height / img.width), short)
-    img = img.resize((w, h), PIL_FILTERS[meta["interpolation"]])
-    if meta.get("crop"):
-        ch, cw = meta["crop"]
-        top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
-        img = img.crop((left, top, left + cw, top + ch))
-    return img
 
 
 def preprocess(raw: np.ndarray, meta: dict) -> np.ndarray:
     """raw: N x H x W pixel values -> N x 1 x H' x W' float32 model input, as the metadata says:
-    resize -> center crop -> x * scale -> channel order -> (x - mean) / std."""
-    scaled = raw.astype(np.float32) * meta["scale"]  # scale is linear: before or after the resize is the same
-    resized = np.stack([np.asarray(_resize(Image.fromarray(img, mode="F"), meta)) for img in scaled])[:, None]
-    if meta.get("channel_order", "rgb") == "bgr":
-        resized = resized[:, ::-1]
-    mean = np.asarray(meta["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(meta["std"], dtype=np.float32).reshape(1, -1, 1, 1)
-    return ((resized - mean) / std).astype(np.float32)
+    resize -> center crop -> x * scale -> channel order -> (x - mean) / std (scale is linear, so resizing the
+    unscaled float image first is the same)."""
+    images = [Image.fromarray(img.astype(np.float32), mode="F") for img in raw]
+    return normalize(np.stack([np.asarray(resize_and_crop(img, meta)) for img in images])[:, None], meta)
 
 
 def main() -> None:
