@@ -280,6 +280,7 @@ def _build(inputs: dict[str, Any], cfg, prof, device, trust_code: bool, progress
     student, student_spec = build_student(
         inputs.get("student"), teachers[0], spec, dataset.num_classes, c, trust_code, dataset.example_input(),
         weights=inputs.get("student_weights"), round_to=channel_rounding(cfg.prune, prof), log=notes.append,
+        progress=progress,
     )  # fmt: skip
     for note in notes:  # "hwkd.note": the CLI prints these; library users get them as INFO records
         log.getChild("note").info("%s", note)

@@ -262,12 +262,16 @@ def _layer_widths(model: nn.Module) -> list[int]:
             for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]  # fmt: skip
 
 
+SEARCH_TRIES = 8  # pruned copies widest_under_params makes: the 0.5x reference + ceil(log2(100)) bisection steps
+
+
 def widest_under_params(
     teacher: nn.Module,
     example_input: torch.Tensor,
     share: float,
     num_classes: int | None = None,
     round_to: int = 8,
+    on_try: Callable[[], Any] = lambda: None,
 ) -> tuple[float, nn.Module]:
     """The widest multiplier, in steps of 0.01, whose ``prune_uniform`` copy of the teacher keeps at most
     ``share`` of its parameters, and that copy.
@@ -285,7 +289,9 @@ def widest_under_params(
     full = _layer_widths(teacher)
 
     def pruned(step: int) -> nn.Module:
-        return prune_uniform(copy.deepcopy(teacher), example_input, step / 100, num_classes, round_to=round_to)
+        model = prune_uniform(copy.deepcopy(teacher), example_input, step / 100, num_classes, round_to=round_to)
+        on_try()  # SEARCH_TRIES in all: 0.5x, then 7 bisection steps over 1..99
+        return model
 
     shrinks = [i for i, (w, f) in enumerate(zip(_layer_widths(pruned(50)), full, strict=True)) if w < f]
     tried: dict[int, tuple[str, int, nn.Module]] = {}
@@ -376,13 +382,15 @@ def build_student(
     weights: str | None = None,
     round_to: int = 8,
     log: Callable[[str], Any] = lambda _msg: None,
+    progress: Any = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build the student: an architecture (zoo name, default ``mobilenetv2``; ``torchvision:NAME``;
     ``timm:NAME``; ``pkg.mod:fn``), or a width multiplier of the teacher (``"0.5x"``: a copy of the trained
     teacher with half the channels of every prunable layer removed by magnitude, counts rounded to
     ``round_to``; ``"1x"`` is the teacher's copy), or the widest such copy with at most a share of the
     teacher's parameters (``"params:10%"``, ``widest_under_params``; the width chosen goes to ``log``).
-    ``weights`` is a state dict (or an hwkd checkpoint) to start from instead of fresh weights.
+    ``weights`` is a state dict (or an hwkd checkpoint) to start from instead of fresh weights; ``progress``
+    (hwkd.pipeline.Progress) shows the width search.
     """
     if weights is not None:
         wpath = Path(weights).expanduser()
@@ -424,7 +432,12 @@ def build_student(
         # A pruned copy, not a fresh narrower network: it starts from the teacher's trained weights
         # (docs/decisions-issue14.md, "Stop 20"); the saved structure rebuilds it from the teacher's spec.
         if share is not None:
-            mult, model = widest_under_params(teacher, example_input, share, num_classes, round_to=round_to)
+            with contextlib.ExitStack() as stack:  # a bar while the copies are pruned: a minute for a ResNet-50
+                advance = stack.enter_context(progress.task(f"student width for {text.strip()}", SEARCH_TRIES)) if progress else (lambda n=1: None)
+                tries = []
+                mult, model = widest_under_params(teacher, example_input, share, num_classes, round_to=round_to,
+                                                  on_try=lambda: (tries.append(1), advance()))  # fmt: skip
+                advance(SEARCH_TRIES - len(tries))  # some searches end a step early: the bar ends full
             log(f"student: {mult:g}x of the teacher, the widest with at most {text.split(':', 1)[-1].strip()} of its "
                 f"parameters ({count_params(model):,} of {count_params(teacher):,}, "
                 f"{count_params(model) / count_params(teacher):.2%})")  # fmt: skip
