@@ -438,7 +438,7 @@ def build_student(
                 mult, model = widest_under_params(teacher, example_input, share, num_classes, round_to=round_to,
                                                   on_try=lambda: (tries.append(1), advance()))  # fmt: skip
                 advance(SEARCH_TRIES - len(tries))  # some searches end a step early: the bar ends full
-            log(f"student: {mult:g}x of the teacher, the widest with at most {text.split(':', 1)[-1].strip()} of its "
+            log(f"student: {mult:g}x of the teacher, the widest with at most {share * 100:g}% of its "
                 f"parameters ({count_params(model):,} of {count_params(teacher):,}, "
                 f"{count_params(model) / count_params(teacher):.2%})")  # fmt: skip
         else:
