@@ -253,10 +253,6 @@ def parse_params_share(text: str) -> float | None:
     return float(m.group(1)) / 100.0 if m else None
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _layer_widths(model: nn.Module) -> list[int]:
     return [m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
             for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]  # fmt: skip
@@ -283,6 +279,8 @@ def widest_under_params(
     Each width is therefore one of three states, in this order as the width grows: too narrow (a layer that
     shrinks at 0.5x is whole), fits, too wide; bisection finds the last width that is not too wide.
     """
+    from hwkd.stages.common import count_params  # here, not at import: it pulls in the training loop
+
     total = count_params(teacher)
     if share >= 1.0:
         return 1.0, copy.deepcopy(teacher)
@@ -432,8 +430,11 @@ def build_student(
         # A pruned copy, not a fresh narrower network: it starts from the teacher's trained weights
         # (docs/decisions-issue14.md, "Stop 20"); the saved structure rebuilds it from the teacher's spec.
         if share is not None:
-            with contextlib.ExitStack() as stack:  # a bar while the copies are pruned: a minute for a ResNet-50
-                advance = stack.enter_context(progress.task(f"student width for {text.strip()}", SEARCH_TRIES)) if progress else (lambda n=1: None)
+            from hwkd.stages.common import count_params
+
+            bar = (progress.task(f"student width for {text.strip()}", SEARCH_TRIES) if progress
+                   else contextlib.nullcontext(lambda n=1: None))  # fmt: skip
+            with bar as advance:  # a bar while the copies are pruned: a minute for a ResNet-50
                 tries = []
                 mult, model = widest_under_params(teacher, example_input, share, num_classes, round_to=round_to,
                                                   on_try=lambda: (tries.append(1), advance()))  # fmt: skip
