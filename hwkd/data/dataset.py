@@ -173,16 +173,16 @@ class Dataset:
         view = SplitView(self.source, idx, self.preprocessing, None if aug == "none" else aug, seed)
         sampler = EpochBatchSampler(len(idx), batch_size, shuffle=train, seed=seed, epoch=epoch, drop_below=2 if train else 0)
         n_workers = self.workers if workers is None else workers
+        accelerator = device is not None and torch.device(device).type == "cuda"
         if n_workers < 0:
-            n_workers = auto_workers(self.source.kind, len(idx), batch_size)
+            n_workers = auto_workers(self.source.kind, len(idx), batch_size, accelerator)
         elif len(idx) <= 2 * batch_size:
             n_workers = 0  # starting processes costs more than decoding two batches
-        pin = device is not None and torch.device(device).type == "cuda"
         return make_loader(
             view,
             sampler,
             workers=n_workers,
-            pin_memory=pin,
+            pin_memory=accelerator,
             persistent=train if persistent is None else persistent,
             seed=seed,
         )

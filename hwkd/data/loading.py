@@ -183,9 +183,13 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
     loader.batch_sampler.set_epoch(epoch)
 
 
-def auto_workers(source_kind: str, n: int, batch_size: int) -> int:
+def auto_workers(source_kind: str, n: int, batch_size: int, accelerator: bool = False) -> int:
     """0 for in-memory arrays (a batch is one indexing op) and for small folders (fork costs more than
-    it saves); else up to 4 decoding processes, one core left for training."""
+    it saves); else decoding processes, one core left for the training process. Training on the CPU:
+    up to 4, the other cores run the model. On a GPU the cores only decode: up to 8 (an H200 host's 16
+    cores decoded CIFAR-10 JPEGs at 6.8k images/s with 4 workers, slower than the GPU trained a 27k-
+    parameter student, 8.5k/s; 14.1k/s with 8: docs/decisions-issue14.md, stop 28). Under torchrun the
+    host's cores are shared by its ranks (``LOCAL_WORLD_SIZE``)."""
     import os
 
     if source_kind != "files" or n < 8 * batch_size:
@@ -194,7 +198,11 @@ def auto_workers(source_kind: str, n: int, batch_size: int) -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    return max(1, min(4, cores - 1))
+    try:
+        ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        ranks = 1
+    return max(1, min(8 if accelerator else 4, cores // ranks - 1))
 
 
 def batches_for(n: int, batch_size: int) -> int:

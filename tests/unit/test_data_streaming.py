@@ -296,3 +296,23 @@ def test_auto_augmentation_follows_the_image_size(tmp_path):
     assert load_dataset(str(root), image_size=96).augment == "crop_flip"
     assert load_dataset(str(root), image_size=32).summary()["augment"] == "pad_crop_flip"  # the report says which
     assert load_dataset(None, image_size=16).augment == "affine"
+
+
+def test_auto_workers_leave_a_core_and_use_more_of_them_when_a_gpu_trains(monkeypatch):
+    """CPU training keeps cores for the model (at most 4 decoders); on a GPU the cores only decode (at
+    most 8); torchrun's ranks on one host share its cores; in-memory arrays and small folders use none."""
+    import os
+
+    from hwkd.data.loading import auto_workers
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
+    assert auto_workers("files", 45_000, 128) == 4
+    assert auto_workers("files", 45_000, 128, accelerator=True) == 8
+    assert auto_workers("array", 45_000, 128, accelerator=True) == 0
+    assert auto_workers("files", 8 * 128 - 1, 128, accelerator=True) == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 ranks x (3 decoders + 1 trainer) = 16 cores
+    assert auto_workers("files", 45_000, 128, accelerator=True) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert auto_workers("files", 45_000, 128) == 1  # never 0: a folder is always decoded off the main process
