@@ -621,6 +621,27 @@ def gate(
     raise typer.Exit(result.exit_code)
 
 
+def untrustworthy_calibration_warning(stability: dict) -> str:
+    """Rich markup for a calibration that did not trust its own timings: the reasons, what to do (an idle
+    host whose speed still moved is a VM sharing its cores: 1 thread held steadier there, stop 28) and
+    where the profile records it. Brackets in the text are escaped, not read as markup."""
+    from rich.markup import escape
+
+    reasons = stability.get("reasons", [])
+    idle = not any("busy" in r or "other processes" in r for r in reasons)
+    advice = (
+        "; if nothing else ran, the host's speed moves on its own (a virtual machine sharing its cores) and a "
+        "1-thread calibration (--threads 1) may hold steadier"
+        if idle
+        else ""
+    )
+    return (
+        f"[bold yellow]warning[/]: this calibration is not trustworthy after {stability.get('attempts')} "
+        f"attempt(s): {escape('; '.join(reasons))}. Calibrate again on an idle host{advice}. The spread is "
+        f"recorded in the profile's {escape('[calibration.measured.stability]')}."
+    )
+
+
 @profiles_app.command("calibrate")
 def profiles_calibrate(
     out_file: Annotated[Path, typer.Option("--out", "-o", help="Profile file to write (.toml).")],
@@ -655,12 +676,7 @@ def profiles_calibrate(
         )
         stability = fit.get("stability", {})
         if stability.get("trustworthy") is False:
-            err.print(
-                f"[bold yellow]warning[/]: this calibration is not trustworthy after {stability.get('attempts')} "
-                f"attempt(s): {'; '.join(stability.get('reasons', []))}. Calibrate again on an idle host "
-                "(the spread is recorded in [calibration.measured.stability]).",
-                highlight=False,
-            )
+            err.print(untrustworthy_calibration_warning(stability), highlight=False)
 
 
 @app.command()

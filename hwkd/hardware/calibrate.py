@@ -144,7 +144,8 @@ def calibrate(
     ``also_time``: ONNX files to time in the same interleaved rounds as the networks, at every thread
     count calibration times (their p50 in ms goes into ``timings[(path, threads)]``; they play no part
     in the fit), so a benchmark compares estimates with measurements taken under the same host load.
-    ``load``: the host-load reading (default: the 1-minute load average), replaceable in tests.
+    ``load``: the host-load reading, cores' worth of other processes' work (default: ``timing.busy_cores``,
+    sampled for a second before each attempt), replaceable in tests.
     ``record``: filled per precision with what the fits saw (each network's family, traced layers and
     timings), so a change to the models can be tried offline on one calibration's measurements.
     """
@@ -234,7 +235,7 @@ def calibrate(
         say(f"timing {len(nets)} networks at {' and '.join(map(str, counts))} thread(s), "
             f"{len(extra)} extra models, the probes")  # fmt: skip
         (times, cpu_by_index), verdict, attempts = timing.with_retries(
-            attempt, load or timing.load_average, cores, settings.retries, settings.tolerance, warn=say
+            attempt, load or timing.busy_cores, cores, settings.retries, settings.tolerance, warn=say
         )
         t = dict(zip(jobs, times, strict=True))
         # 1-thread CPU time: what the kernels cost, without the time the OS gave other processes

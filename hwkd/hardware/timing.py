@@ -3,8 +3,8 @@
 ``time_interleaved`` times (model, threads) jobs in rounds, every job once per round, so a burst of
 host load lands on all of them alike; ``reference`` is called before the first round, between rounds and
 after the last, and times one fixed probe network: if those probe timings disagree by more than
-``tolerance``, or the host was busy when calibration began (1-minute load average above
-``busy_load_per_core`` x cores), ``check_stability`` says so, ``with_retries`` warns and measures again,
+``tolerance``, or the host was busy when calibration began (other processes used ``BUSY_CORES`` of a
+core or more, ``busy_cores``), ``check_stability`` says so, ``with_retries`` warns and measures again,
 and the profile records the spread and whether the fit is to be trusted.
 """
 
@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 DEFAULT_TOLERANCE = 0.05  # probe spread (max - min) / median above which a calibration is not trusted
-BUSY_LOAD_PER_CORE = 0.5  # 1-minute load average per usable core above which the host counts as busy
+BUSY_CORES = 0.5  # cores' worth of other processes' work from which the host counts as busy
+BUSY_WINDOW_S = 1.0  # how long busy_cores watches the host while calibration waits
 MIN_CPU_SHARE = 0.9  # CPU time / wall time of a 1-thread run below which other processes took the core
 
 
@@ -32,6 +33,42 @@ def load_average() -> float:
         return float(os.getloadavg()[0])
     except (AttributeError, OSError):
         return -1.0
+
+
+def _busy_ticks() -> int | None:
+    """Clock ticks all cores spent not idle (user, nice, system, irq, softirq, steal), from /proc/stat."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    return user + nice + system + irq + softirq + steal
+
+
+def busy_cores(window_s: float = BUSY_WINDOW_S, ticks=_busy_ticks, own_cpu_s=time.process_time, sleep=time.sleep) -> float:
+    """Cores' worth of CPU time that *other* processes used over ``window_s`` while this one waited.
+
+    Read from /proc/stat, less this process's own CPU time over the window (a thread pool still
+    spinning down). Unlike the 1-minute load average it does not count what this process itself did
+    just before (building and exporting the networks kept a core busy for a minute: on 2 cores that
+    alone read as a busy host). Where /proc/stat is missing: the 1-minute load average (-1 if none).
+    """
+    first = ticks()
+    if first is None:
+        return load_average()
+    own = own_cpu_s()
+    start = time.perf_counter()
+    sleep(window_s)
+    elapsed = max(time.perf_counter() - start, window_s, 1e-3)  # sleep returns late, never early
+    last = ticks()
+    if last is None:
+        return load_average()
+    per_s = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    others = (last - first) / per_s - (own_cpu_s() - own)
+    return max(0.0, others / elapsed)
 
 
 def _session(path: Path, threads: int) -> tuple[Any, dict[str, np.ndarray]]:
@@ -112,7 +149,7 @@ class Verdict:
 
     trustworthy: bool
     spread_pct: float  # (max - min) / median of the reference probe's timings, %
-    load_per_core: float  # 1-minute load average per usable core when calibration began (-1: unknown)
+    load_per_core: float  # other processes' busy cores per usable core when calibration began (-1: unknown)
     probes_ms: list[float] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
     cpu_share: float = 1.0  # lowest CPU time / wall time of the 1-thread reference probe (1 = had a core to itself)
@@ -125,10 +162,11 @@ class Verdict:
 
 def check_stability(
     probes_ms: Sequence[float], load: float, cores: int, tolerance: float = DEFAULT_TOLERANCE,
-    busy_load_per_core: float = BUSY_LOAD_PER_CORE, cpu_shares: Sequence[float] = (),
+    busy: float = BUSY_CORES, cpu_shares: Sequence[float] = (),
 ) -> Verdict:
-    """Judge one calibration attempt from its reference-probe timings, the host load at its start and
-    (``cpu_shares``) the CPU time / wall time of the 1-thread reference probe."""
+    """Judge one calibration attempt from its reference-probe timings, the host load at its start
+    (``load``: cores' worth of other processes' work, ``busy_cores``; -1 unknown) and (``cpu_shares``)
+    the CPU time / wall time of the 1-thread reference probe."""
     probes = [float(p) for p in probes_ms]
     share = min(cpu_shares) if cpu_shares else 1.0
     spread = (max(probes) - min(probes)) / statistics.median(probes) if len(probes) > 1 else 0.0
@@ -139,9 +177,9 @@ def check_stability(
             f"the reference probe's timings at start, middle and end differ by {100 * spread:.1f}% "
             f"(more than {100 * tolerance:.0f}%): the host's speed changed during calibration"
         )
-    if per_core > busy_load_per_core:
+    if load >= busy:
         reasons.append(
-            f"the host was busy: 1-minute load average {load:.2f} on {cores} cores when calibration began"
+            f"the host was busy: other processes used {load:.2f} of its {cores} cores when calibration began"
         )
     if share < MIN_CPU_SHARE:
         reasons.append(
@@ -179,4 +217,4 @@ def with_retries(
     return result, verdict, retries + 1
 
 
-__all__ = ["Verdict", "check_stability", "load_average", "time_interleaved", "time_job", "with_retries"]
+__all__ = ["Verdict", "busy_cores", "check_stability", "load_average", "time_interleaved", "time_job", "with_retries"]

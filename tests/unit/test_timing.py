@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from hwkd.hardware.timing import check_stability, with_retries
+from hwkd.hardware.timing import busy_cores, check_stability, with_retries
 
 
 def test_steady_probes_on_an_idle_host_are_trusted():
@@ -26,7 +26,8 @@ def test_probes_that_disagree_are_not_trusted():
 def test_a_busy_host_is_not_trusted_even_with_steady_probes():
     v = check_stability([1.0, 1.0, 1.0], load=2.5, cores=2)
     assert not v.trustworthy and len(v.reasons) == 1 and "busy" in v.reasons[0] and "2.50" in v.reasons[0]
-    assert check_stability([1.0, 1.0], load=-1.0, cores=2).trustworthy  # no load average on this OS
+    assert check_stability([1.0, 1.0], load=-1.0, cores=2).trustworthy  # no load reading on this OS
+    assert not check_stability([1.0, 1.0], load=0.5, cores=16).trustworthy  # half a core taken on any host
 
 
 def _attempts(probe_sets):
@@ -93,3 +94,56 @@ def test_retries_pass_the_probe_cpu_shares_through():
     calls = iter([({"n": 1}, [1.0, 1.0], [0.5, 0.5]), ({"n": 2}, [1.0, 1.0], [1.0, 0.98])])
     result, verdict, attempts = with_retries(lambda: next(calls), load=lambda: 0.0, cores=2, retries=1)
     assert result == {"n": 2} and attempts == 2 and verdict.trustworthy and verdict.cpu_share == pytest.approx(0.98)
+
+
+def test_busy_cores_counts_other_processes_and_not_this_one():
+    """Ticks of every core over the window, less this process's own CPU time: 250 ticks (2.5 core-seconds
+    at 100 ticks/s) in a 1 s window of which this process used 1.0 s leaves 1.5 cores to others."""
+    import os
+
+    ticks = iter([1000, 1250])
+    own = iter([10.0, 11.0])
+    slept = []
+    busy = busy_cores(1.0, ticks=lambda: next(ticks), own_cpu_s=lambda: next(own), sleep=slept.append)
+    per_s = os.sysconf("SC_CLK_TCK")
+    assert slept == [1.0]
+    assert busy == pytest.approx(max(0.0, 250 / per_s - 1.0), rel=0.05, abs=0.05)
+    # no /proc/stat: the load average stands in
+    assert busy_cores(1.0, ticks=lambda: None, sleep=lambda _s: None) >= -1.0
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/stat"), reason="reads /proc/stat")
+def test_a_busy_loop_in_another_process_reads_as_about_one_core():
+    import subprocess
+    import sys
+    import time
+
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 20: pass"])
+    try:
+        time.sleep(0.3)  # the interpreter is up and spinning
+        busy = busy_cores(1.0)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert busy >= 0.8  # the loop's core (plus whatever else this host runs)
+
+
+def test_the_untrustworthy_warning_keeps_its_brackets_and_advises_by_reason():
+    """Printed through rich, the table name in brackets survives (it was eaten as markup), and the VM advice
+    comes only when nothing else was running."""
+    import io
+
+    from rich.console import Console
+
+    from hwkd.cli import untrustworthy_calibration_warning
+
+    def shown(stability):
+        console = Console(file=io.StringIO(), width=400)
+        console.print(untrustworthy_calibration_warning(stability), highlight=False)
+        return console.file.getvalue()
+
+    moved = shown({"attempts": 2, "reasons": ["the reference probe's timings [at start] differ by 73.6%"]})
+    assert "[calibration.measured.stability]" in moved and "[at start]" in moved
+    assert "--threads 1" in moved
+    busy = shown({"attempts": 2, "reasons": ["the host was busy: other processes used 1.02 of its 2 cores"]})
+    assert "--threads 1" not in busy and "after 2 attempt(s)" in busy
