@@ -67,8 +67,10 @@ FEATURES = (
     "unaligned_im2col",  # the same for convs whose input channels per group are not a multiple of
     # input_align, which the kernels cannot pack directly (an RGB stem is the usual case)
     "conv_activations",  # activation values a conv / gemm reads and writes (epilogue, requantize, layout)
-    "conv_pixels",  # output pixels of a conv, whatever its channels: per-pixel set-up (indirection
+    "conv_pixels",  # output pixels of a k x k conv, whatever its channels: per-pixel set-up (indirection
     # pointers, requantization blocks); INT8 convs at 64-96 px were 20-30% under-estimated without it
+    "light_pixels",  # the same for 1x1 and depthwise convs, which set up less per pixel: priced at the k x k
+    # rate, narrow INT8 MobileNetV2s were over-estimated by 7-26% (docs/decisions-issue13.md, stop 28)
     "unaligned_outputs",  # values written by a conv / gemm whose output channels are not a multiple of
     # the vector lanes (12 or 20 on 8-lane AVX2): the remainder takes a slower path
     "elementwise",  # values an unfused non-MAC op reads and writes (adds, pools, executed (de)quantize)
@@ -78,7 +80,7 @@ FEATURES = (
     "epilogue",  # values a fused activation other than ReLU rewrites after the kernel (ReLU6, sigmoid, ...)
 )
 # Features a profile calibrated before they existed lacks: priced at 0 there (what that fit assumed).
-_OPTIONAL_FEATURES = frozenset({"conv_pixels"})
+_OPTIONAL_FEATURES = frozenset({"conv_pixels", "light_pixels"})
 # Fused ops that cost nothing at all: BN is folded into the weights at load time, ReLU runs in-kernel.
 _FREE_FUSED = frozenset(
     {"BatchNormalization", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Relu", "ReLU"}
@@ -311,7 +313,7 @@ def _layer_features(w: LayerWork, tile: int, k_half: float, lanes: int, input_al
         return f
     f["conv_activations"] = float(w.act_in + w.act_out)
     if w.kernel:
-        f["conv_pixels"] = w.act_out / max(w.channels, 1)
+        f["conv_pixels" if kind == "conv" else "light_pixels"] = w.act_out / max(w.channels, 1)
     if w.channels % lanes:
         f["unaligned_outputs"] = float(w.act_out)
     f["mac_ops"] = 1.0
@@ -355,6 +357,8 @@ def fitted_kernel_model(profile: Any, precision: str) -> dict[str, float] | None
         return None
     if not isinstance(model, dict):
         raise ProfileError(f"{profile.source}: calibration.kernel_model.{precision} must be a table.")
+    if "light_pixels" not in model and "conv_pixels" in model:  # fitted before the split: one rate for all convs
+        model = {**model, "light_pixels": model["conv_pixels"]}
     model = {**dict.fromkeys(_OPTIONAL_FEATURES, 0.0), **model}
     missing = [k for k in (*FEATURES, "run_ns", "k_half") if k not in model]
     if missing:

@@ -382,11 +382,16 @@ def test_kernel_model_kinds_and_fused_epilogues():
 
 
 def test_kernel_model_charges_conv_output_pixels_whatever_the_channels():
-    prof = kernel_profile(conv_pixels=2.0)
+    """k x k convs pay conv_pixels per output pixel; 1x1 and depthwise convs light_pixels (stop 28)."""
+    prof = kernel_profile(conv_pixels=2.0, light_pixels=0.5)
     x = torch.randn(1, 8, 6, 6)
     for cout in (8, 16, 64):  # 36 output pixels each
         assert estimate(nn.Conv2d(8, cout, 3, padding=1), x, prof).latency_ms == pytest.approx(2.0 * 36 * 1e-6)
-    assert estimate(nn.Conv2d(8, 16, 1, stride=2), x, prof).latency_ms == pytest.approx(2.0 * 9 * 1e-6)
+    assert estimate(nn.Conv2d(8, 16, 1, stride=2), x, prof).latency_ms == pytest.approx(0.5 * 9 * 1e-6)
+    depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    assert estimate(depthwise, x, prof).latency_ms == pytest.approx(0.5 * 36 * 1e-6)
+    grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)  # grouped but not depthwise: a k x k conv
+    assert estimate(grouped, x, prof).latency_ms == pytest.approx(2.0 * 36 * 1e-6)
     assert estimate(nn.Linear(8, 16), torch.randn(1, 8), prof).latency_ms == 0.0  # a GEMM has no pixels
 
 
@@ -424,6 +429,17 @@ def test_a_profile_calibrated_before_conv_pixels_still_prices():
     model = fitted_kernel_model(prof, "fp32")
     assert model["conv_pixels"] == 0.0 and model["input_align"] == 4.0
     assert estimate(nn.Conv2d(8, 16, 3), torch.randn(1, 8, 6, 6), prof).latency_ms > 0
+
+
+def test_a_profile_fitted_before_light_pixels_prices_every_conv_pixel_at_its_one_rate():
+    """Before stop 28 one conv_pixels rate covered 1x1 and depthwise convs too: such a profile keeps its estimates."""
+    from hwkd.hardware.cost import fitted_kernel_model
+
+    prof = kernel_profile(conv_pixels=2.0)
+    del prof.calibration["kernel_model"]["fp32"]["light_pixels"]
+    assert fitted_kernel_model(prof, "fp32")["light_pixels"] == 2.0
+    x = torch.randn(1, 8, 6, 6)
+    assert estimate(nn.Conv2d(8, 16, 1), x, prof).latency_ms == pytest.approx(2.0 * 36 * 1e-6)
 
 
 def test_incomplete_kernel_model_names_the_fix():
