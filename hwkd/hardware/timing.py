@@ -54,21 +54,27 @@ def busy_cores(window_s: float = BUSY_WINDOW_S, ticks=_busy_ticks, own_cpu_s=tim
     Read from /proc/stat, less this process's own CPU time over the window (a thread pool still
     spinning down). Unlike the 1-minute load average it does not count what this process itself did
     just before (building and exporting the networks kept a core busy for a minute: on 2 cores that
-    alone read as a busy host). Where /proc/stat is missing: the 1-minute load average (-1 if none).
+    alone read as a busy host). Where /proc/stat is missing: the 1-minute load average less the one
+    core this process kept busy before (-1 if there is no load average either).
     """
     first = ticks()
     if first is None:
-        return load_average()
+        return _others_from_load_average()
     own = own_cpu_s()
     start = time.perf_counter()
     sleep(window_s)
     elapsed = max(time.perf_counter() - start, window_s, 1e-3)  # sleep returns late, never early
     last = ticks()
     if last is None:
-        return load_average()
+        return _others_from_load_average()
     per_s = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     others = (last - first) / per_s - (own_cpu_s() - own)
     return max(0.0, others / elapsed)
+
+
+def _others_from_load_average() -> float:
+    load = load_average()
+    return load if load < 0 else max(0.0, load - 1.0)
 
 
 def _session(path: Path, threads: int) -> tuple[Any, dict[str, np.ndarray]]:
