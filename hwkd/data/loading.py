@@ -187,9 +187,10 @@ def auto_workers(source_kind: str, n: int, batch_size: int, accelerator: bool = 
     """0 for in-memory arrays (a batch is one indexing op) and for small folders (fork costs more than
     it saves); else decoding processes, one core left for the training process. Training on the CPU:
     up to 4, the other cores run the model. On a GPU the cores only decode: up to 8 (an H200 host's 16
-    cores decoded CIFAR-10 JPEGs at 6.8k images/s with 4 workers, slower than the GPU trained a 27k-
-    parameter student, 8.4k/s; 14.1k/s with 8: docs/decisions-issue14.md, stop 28). Under torchrun the
-    host's cores are shared by its ranks (``LOCAL_WORLD_SIZE``)."""
+    cores decoded CIFAR-10 JPEGs at 6.8k images/s with 4 workers, 14.1k with 8: a ceiling for any GPU step
+    faster than 6.8k/s; hwkd's loop trained a 27k-parameter student at 2.7k/s either way, so it gained
+    nothing: docs/decisions-issue14.md, stop 28). Under torchrun the host's cores are shared by its
+    ranks (``LOCAL_WORLD_SIZE``)."""
     import os
 
     if source_kind != "files" or n < 8 * batch_size:
