@@ -623,18 +623,29 @@ def gate(
 
 def untrustworthy_calibration_warning(stability: dict) -> str:
     """Rich markup for a calibration that did not trust its own timings: the reasons, what to do (an idle
-    host whose speed still moved is a VM sharing its cores: 1 thread held steadier there, stop 28) and
-    where the profile records it. Brackets in the text are escaped, not read as markup."""
+    host whose speed still moved is a VM sharing its cores; where the 1-thread reference probe held, say
+    so: stop 28's VM flipped at 2 threads and held at 1) and where the profile records it. Brackets in the
+    text are escaped, not read as markup."""
     from rich.markup import escape
 
     reasons = stability.get("reasons", [])
     idle = not any("busy" in r or "other processes" in r for r in reasons)
-    advice = (
-        "; if nothing else ran, the host's speed moves on its own (a virtual machine sharing its cores) and a "
-        "1-thread calibration (--threads 1) may hold steadier"
-        if idle
-        else ""
-    )
+    one = stability.get("spread_1thread_pct")
+    tolerance = stability.get("tolerance_pct", 5.0)
+    if not idle:
+        advice = ""
+    elif one is not None and one <= tolerance:
+        advice = (
+            f"; nothing else ran, yet its speed moved (a virtual machine sharing its cores), while the same probe "
+            f"at 1 thread held within {one:.1f}%: calibrate with --threads 1 for figures that repeat"
+        )
+    elif one is not None:
+        advice = f"; nothing else ran, and the probe moved at 1 thread too ({one:.1f}%): the host itself is unsteady"
+    else:
+        advice = (
+            "; if nothing else ran, the host's speed moves on its own (a virtual machine sharing its cores) and a "
+            "1-thread calibration (--threads 1) may hold steadier"
+        )
     return (
         f"[bold yellow]warning[/]: this calibration is not trustworthy after {stability.get('attempts')} "
         f"attempt(s): {escape('; '.join(reasons))}. Calibrate again on an idle host{advice}. The spread is "

@@ -211,12 +211,17 @@ def calibrate(
         jobs += [(p, n) for p, _, _ in nets for n in counts] + [(p, n) for p in extra for n in counts]
         ref_iterations = max(5, settings.iterations // 2)
 
-        def attempt() -> tuple[tuple[list[float], dict[int, float]], list[float], list[float]]:
+        def attempt() -> tuple[tuple[list[float], dict[int, float], list[float]], list[float], list[float]]:
             probe_ms: list[float] = []
+            probe_1thread_ms: list[float] = []  # the same probe at 1 thread: does the host hold there?
             shares: list[float] = []
 
             def between(r: int) -> None:
                 probe_ms.append(float(np.median(timing.time_job(reference, threads, settings.warmup, ref_iterations))))
+                if threads > 1:
+                    probe_1thread_ms.append(
+                        float(np.median(timing.time_job(reference, 1, settings.warmup, ref_iterations)))
+                    )
                 # CPU share over a block of ~10 x 2-3 ms runs at 1 thread: longer than a scheduler slice,
                 # so other processes taking the core show (a 0.1 ms probe fits inside one slice)
                 cpu: list[float] = []
@@ -230,11 +235,11 @@ def calibrate(
             result = timing.time_interleaved(
                 jobs, settings.warmup, settings.iterations, settings.rounds, between, cpu_ms=cpu_ms
             )
-            return (result, cpu_ms), probe_ms, shares
+            return (result, cpu_ms, probe_1thread_ms), probe_ms, shares
 
         say(f"timing {len(nets)} networks at {' and '.join(map(str, counts))} thread(s), "
             f"{len(extra)} extra models, the probes")  # fmt: skip
-        (times, cpu_by_index), verdict, attempts = timing.with_retries(
+        (times, cpu_by_index, probe_1thread_ms), verdict, attempts = timing.with_retries(
             attempt, load or timing.busy_cores, cores, settings.retries, settings.tolerance, warn=say
         )
         t = dict(zip(jobs, times, strict=True))
@@ -298,7 +303,8 @@ def calibrate(
         "fit_within_10pct": round(sum(s_["fit_within_10pct"] * s_["networks"] for s_ in every) / networks, 3),
         "fit": fit_stats,
         "fit_target": "1-thread CPU time" if settings.fit_cpu_time else "1-thread wall time",
-        "stability": {**verdict.to_dict(), "attempts": attempts, "tolerance_pct": 100 * settings.tolerance},
+        "stability": {**verdict.to_dict(), "attempts": attempts, "tolerance_pct": 100 * settings.tolerance,
+                      **timing.one_thread_probe(probe_1thread_ms)},
     }
     if thread_stats:
         measured["threads_fit"] = thread_stats

@@ -194,6 +194,17 @@ def check_stability(
     return Verdict(not reasons, 100 * spread, per_core, probes, reasons, share)
 
 
+def one_thread_probe(probes_ms: Sequence[float]) -> dict[str, Any]:
+    """The reference probe timed at 1 thread beside the N-thread one (calibrations at N > 1 threads): its
+    timings and spread, so a profile whose N-thread probe moved says whether 1 thread held (stop 28: on a VM
+    whose 2-thread speed flipped 0.09 <-> 0.20 ms, the 1-thread probe held within 1%). Empty when not timed."""
+    probes = [float(p) for p in probes_ms]
+    if len(probes) < 2:
+        return {}
+    spread = (max(probes) - min(probes)) / statistics.median(probes)
+    return {"probes_1thread_ms": [round(p, 4) for p in probes], "spread_1thread_pct": round(100 * spread, 2)}
+
+
 def with_retries(
     attempt: Callable[[], tuple[Any, list[float]] | tuple[Any, list[float], list[float]]],
     load: Callable[[], float],
@@ -223,4 +234,4 @@ def with_retries(
     return result, verdict, retries + 1
 
 
-__all__ = ["Verdict", "busy_cores", "check_stability", "load_average", "time_interleaved", "time_job", "with_retries"]
+__all__ = ["Verdict", "busy_cores", "check_stability", "load_average", "one_thread_probe", "time_interleaved", "time_job", "with_retries"]

@@ -151,3 +151,29 @@ def test_the_untrustworthy_warning_keeps_its_brackets_and_advises_by_reason():
     assert "--threads 1" in moved
     busy = shown({"attempts": 2, "reasons": ["the host was busy: other processes used 1.02 of its 2 cores"]})
     assert "--threads 1" not in busy and "after 2 attempt(s)" in busy
+    # a 2-thread calibration also timed the probe at 1 thread: the advice follows what it measured
+    held = shown({"attempts": 2, "reasons": ["differ by 73.6%"], "spread_1thread_pct": 0.8, "tolerance_pct": 5.0})
+    assert "at 1 thread held within 0.8%" in held and "--threads 1" in held
+    moved = shown({"attempts": 2, "reasons": ["differ by 73.6%"], "spread_1thread_pct": 12.0, "tolerance_pct": 5.0})
+    assert "at 1 thread too (12.0%)" in moved and "--threads 1" not in moved
+
+
+def test_one_thread_probe_records_the_spread_only_when_timed():
+    from hwkd.hardware.timing import one_thread_probe
+
+    assert one_thread_probe([]) == {}
+    rec = one_thread_probe([0.108, 0.1085, 0.1078])
+    assert rec["probes_1thread_ms"] == [0.108, 0.1085, 0.1078]
+    assert rec["spread_1thread_pct"] == pytest.approx(100 * 0.0007 / 0.108, abs=0.01)
+
+
+def test_a_calibration_at_two_threads_also_times_its_probe_at_one():
+    """The profile of a 2-thread calibration records the reference probe at 1 thread beside it (start,
+    between rounds, end), which the untrustworthy warning reads."""
+    from hwkd.hardware.calibrate import TINY, calibrate
+
+    settings = dataclasses.replace(TINY, threads=2, precisions=("fp32",), retries=0)
+    profile = calibrate(name="two", settings=settings, log=lambda _m: None, load=lambda: 0.0)
+    stability = profile.calibration["measured"]["stability"]
+    assert len(stability["probes_1thread_ms"]) == len(stability["probes_ms"]) == settings.rounds + 1
+    assert stability["spread_1thread_pct"] >= 0
