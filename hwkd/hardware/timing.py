@@ -166,6 +166,11 @@ class Verdict:
                 "cpu_share": round(self.cpu_share, 3), "reasons": list(self.reasons)}  # fmt: skip
 
 
+def probe_spread(probes: Sequence[float]) -> float:
+    """(max - min) / median of a probe's timings (0 for fewer than two): how far the host's speed moved."""
+    return (max(probes) - min(probes)) / statistics.median(probes) if len(probes) > 1 else 0.0
+
+
 def check_stability(
     probes_ms: Sequence[float], load: float, cores: int, tolerance: float = DEFAULT_TOLERANCE,
     busy: float = BUSY_CORES, cpu_shares: Sequence[float] = (),
@@ -175,7 +180,7 @@ def check_stability(
     the CPU time / wall time of the 1-thread reference probe."""
     probes = [float(p) for p in probes_ms]
     share = min(cpu_shares) if cpu_shares else 1.0
-    spread = (max(probes) - min(probes)) / statistics.median(probes) if len(probes) > 1 else 0.0
+    spread = probe_spread(probes)
     per_core = load / max(1, cores) if load >= 0 else -1.0
     reasons = []
     if spread > tolerance:
@@ -201,8 +206,7 @@ def one_thread_probe(probes_ms: Sequence[float]) -> dict[str, Any]:
     probes = [float(p) for p in probes_ms]
     if len(probes) < 2:
         return {}
-    spread = (max(probes) - min(probes)) / statistics.median(probes)
-    return {"probes_1thread_ms": [round(p, 4) for p in probes], "spread_1thread_pct": round(100 * spread, 2)}
+    return {"probes_1thread_ms": [round(p, 4) for p in probes], "spread_1thread_pct": round(100 * probe_spread(probes), 2)}
 
 
 def with_retries(
