@@ -71,6 +71,9 @@ FEATURES = (
     # pointers, requantization blocks); INT8 convs at 64-96 px were 20-30% under-estimated without it
     "light_pixels",  # the same for 1x1 and depthwise convs, which set up less per pixel: priced at the k x k
     # rate, narrow INT8 MobileNetV2s were over-estimated by 7-26% (docs/decisions-issue13.md, stop 28)
+    "group_pixels",  # output pixels x groups of a grouped conv that is not depthwise (ResNeXt, RegNet): the
+    # runtime runs one GEMM per group, each with its own per-pixel set-up; without it unseen grouped INT8
+    # networks were under-estimated by 23-29% on every host (docs/decisions-issue13.md, stop 29)
     "unaligned_outputs",  # values written by a conv / gemm whose output channels are not a multiple of
     # the vector lanes (12 or 20 on 8-lane AVX2): the remainder takes a slower path
     "elementwise",  # values an unfused non-MAC op reads and writes (adds, pools, executed (de)quantize)
@@ -80,7 +83,7 @@ FEATURES = (
     "epilogue",  # values a fused activation other than ReLU rewrites after the kernel (ReLU6, sigmoid, ...)
 )
 # Features a profile calibrated before they existed lacks: priced at 0 there (what that fit assumed).
-_OPTIONAL_FEATURES = frozenset({"conv_pixels", "light_pixels"})
+_OPTIONAL_FEATURES = frozenset({"conv_pixels", "light_pixels", "group_pixels"})
 # Fused ops that cost nothing at all: BN is folded into the weights at load time, ReLU runs in-kernel.
 _FREE_FUSED = frozenset(
     {"BatchNormalization", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Relu", "ReLU"}
@@ -313,7 +316,10 @@ def _layer_features(w: LayerWork, tile: int, k_half: float, lanes: int, input_al
         return f
     f["conv_activations"] = float(w.act_in + w.act_out)
     if w.kernel:
-        f["conv_pixels" if kind == "conv" else "light_pixels"] = w.act_out / max(w.channels, 1)
+        pixels = w.act_out / max(w.channels, 1)
+        f["conv_pixels" if kind == "conv" else "light_pixels"] = pixels
+        if w.groups > 1 and kind != "depthwise":
+            f["group_pixels"] = pixels * w.groups
     if w.channels % lanes:
         f["unaligned_outputs"] = float(w.act_out)
     f["mac_ops"] = 1.0

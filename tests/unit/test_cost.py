@@ -395,6 +395,19 @@ def test_kernel_model_charges_conv_output_pixels_whatever_the_channels():
     assert estimate(nn.Linear(8, 16), torch.randn(1, 8), prof).latency_ms == 0.0  # a GEMM has no pixels
 
 
+def test_a_grouped_conv_pays_a_pixel_set_up_per_group_and_a_depthwise_or_plain_conv_none():
+    """ORT runs one GEMM per group of a grouped conv (stop 29): group_pixels is charged pixels x groups."""
+    prof = kernel_profile(group_pixels=1.0)
+    x = torch.randn(1, 8, 6, 6)  # 36 output pixels at padding 1
+    assert estimate(nn.Conv2d(8, 8, 3, padding=1, groups=2), x, prof).latency_ms == pytest.approx(2 * 36 * 1e-6)
+    assert estimate(nn.Conv2d(8, 16, 1, groups=4), x, prof).latency_ms == pytest.approx(4 * 36 * 1e-6)
+    assert estimate(nn.Conv2d(8, 16, 3, padding=1), x, prof).latency_ms == 0.0
+    assert estimate(nn.Conv2d(8, 8, 3, padding=1, groups=8), x, prof).latency_ms == 0.0  # depthwise: its own kernel
+    older = kernel_profile(conv_pixels=2.0)  # fitted before group_pixels existed: grouped pixels cost what it assumed
+    del older.calibration["kernel_model"]["fp32"]["group_pixels"]
+    assert estimate(nn.Conv2d(8, 8, 3, padding=1, groups=2), x, older).latency_ms == pytest.approx(2.0 * 36 * 1e-6)
+
+
 def test_a_gemm_is_priced_at_the_pointwise_flop_rate_and_an_old_gemm_figure_is_ignored():
     # calibration's Gemms are classifier heads, too small to fit a rate of their own (one draw fitted
     # 1.4 ns per FLOP, 350x a conv's): a Gemm is the 1x1 conv's GEMM kernel and costs as one
