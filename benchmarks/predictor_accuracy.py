@@ -44,7 +44,7 @@ from hwkd.onnx import bench as ortbench
 from hwkd.onnx.export import export_onnx
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TORCHVISION = ("resnet18", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large")
+TORCHVISION = ("resnet18", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "regnet_x_400mf")
 TIMM = ("efficientnet_b0",)
 
 
