@@ -52,7 +52,7 @@ def export_224(root: Path) -> list[Path]:
 
 
 def kind_of(w) -> str:
-    return w.kind + ("/grouped" if w.kind in ("conv", "pointwise") and w.groups > 1 else "")
+    return w.kind + ("/grouped" if w.grouped else "")
 
 
 def compare(path: Path, profile, runs: int) -> tuple[dict, list[dict]]:

@@ -118,6 +118,11 @@ class LayerWork:
             return "depthwise"
         return "pointwise" if self.kernel == 1 else "conv"
 
+    @property
+    def grouped(self) -> bool:
+        """A conv split into groups that is not depthwise (ResNeXt, RegNet): the runtime runs one GEMM per group."""
+        return self.kind in ("conv", "pointwise") and self.groups > 1
+
 
 @dataclass
 class Cost:
@@ -318,7 +323,7 @@ def _layer_features(w: LayerWork, tile: int, k_half: float, lanes: int, input_al
     if w.kernel:
         pixels = w.act_out / max(w.channels, 1)
         f["conv_pixels" if kind == "conv" else "light_pixels"] = pixels
-        if w.groups > 1 and kind != "depthwise":
+        if w.grouped:
             f["group_pixels"] = pixels * w.groups
     if w.channels % lanes:
         f["unaligned_outputs"] = float(w.act_out)
