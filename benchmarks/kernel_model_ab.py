@@ -87,9 +87,9 @@ def grouped_held_out(dump: dict, prec: str, folds: int = 4) -> dict:
         train = np.setdiff1d(np.arange(len(rows)), fold)
         model, _ = fit.fit_kernel_model([rows[i]["works"] for i in train], list(y[train]), tile, lanes=lanes,
                                         input_align=align)  # fmt: skip
-        x = fit.feature_matrix([rows[i]["works"] for i in fold], tile, model["k_half"], lanes, input_align=align)
-        coef = np.asarray([model[k] for k in cost.FEATURES] + [model["run_ns"]])
-        rel[fold] = x @ coef / (y[fold] * 1e6) - 1.0
+        for i in fold:  # priced as calibration's profile prices a layer (cost.kernel_seconds), plus the run
+            seconds = sum(fit.one_thread_layers(rows[i]["works"], model, lanes)) + model["run_ns"] * 1e-9
+            rel[i] = seconds * 1e3 / y[i] - 1.0
     rel = rel[grouped]
     return {f"{prec}_grouped_mape": round(float(np.abs(rel).mean() * 100), 1),
             f"{prec}_grouped_bias": round(float(np.median(rel) * 100), 1)}  # fmt: skip
