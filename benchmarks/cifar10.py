@@ -284,19 +284,23 @@ def step_kd(args, proto, split_dir, teacher_pt, out: dict) -> None:
 
 
 def step_plateau(args, proto, split_dir, teacher_pt, out: dict) -> None:
-    """The student trained long (seed 0, the KD table's recipe and learning-rate schedule stretched over
-    ``plateau_epochs``), alone and with ``--plateau-methods`` (KD recipes): the curve says how many epochs
-    the student needs before it plateaus, and whether KD still helps once it has. Methods already in the
-    results at the same epochs are kept, not trained again."""
+    """The student trained long (the KD table's recipe and learning-rate schedule stretched over
+    ``plateau_epochs``), alone and with ``--plateau-methods`` (KD recipes), for each of ``--plateau-seeds``
+    (default 0): the curve says how many epochs the student needs before it plateaus, and whether KD still
+    helps once it has. Runs already in the results at the same epochs and seed are kept, not trained again."""
     sets = load_sets(split_dir)
     epochs = args.plateau_epochs or proto["plateau_epochs"]
-    earlier = plateau_runs(out.get("plateau"), epochs)
+    seeds = plateau_seed_runs(out.get("plateau"), epochs)
     wanted = ["student_alone", *[m for m in plateau_methods(args) if m != "student_alone"]]
-    todo = {m: kd.METHODS[m] for m in wanted if m not in earlier}
-    t0 = time.time()
-    if todo:
+    for seed in proto["plateau_seeds"]:
+        earlier = seeds.setdefault(str(seed), {})
+        todo = {m: kd.METHODS[m] for m in wanted if m not in earlier}
+        if not todo:
+            log(f"plateau seed {seed}: every method already in the results")
+            continue
+        t0 = time.time()
         res = kd.run_seed(sets["train"], sets["val"], sets["test"], load_teacher(teacher_pt),
-                          kd.student_factory(*proto["student"]), seed=0, epochs=epochs, lr=proto["kd_lr"],
+                          kd.student_factory(*proto["student"]), seed=seed, epochs=epochs, lr=proto["kd_lr"],
                           methods=todo, log=log)  # fmt: skip
         wall = round(time.time() - t0, 1)
         for name, r in res.items():
@@ -304,18 +308,24 @@ def step_plateau(args, proto, split_dir, teacher_pt, out: dict) -> None:
                              "val_curve": [round(h["val_accuracy"], 4) for h in r["history"]],
                              "plateau_epoch": kd.plateau_epoch(r["history"]), "wall_s": wall,
                              "augmentation_rng": r["augmentation_rng"]}  # fmt: skip
-    out["plateau"] = {"epochs": epochs, "seed": 0, "student": proto["student"], "runs": earlier}
+        out["plateau"] = {"epochs": epochs, "student": proto["student"], "seeds": seeds}
+        save(args, out)  # merges the seeds another plateau invocation saved meanwhile (merged_with_disk)
+    out["plateau"] = {"epochs": epochs, "student": proto["student"], "seeds": seeds}
 
 
-def plateau_runs(entry: dict | None, epochs: int) -> dict:
-    """The plateau step's runs at ``epochs`` already in the results (the first layout held the student alone)."""
+def plateau_seed_runs(entry: dict | None, epochs: int) -> dict[str, dict]:
+    """The plateau step's runs at ``epochs`` already in the results, by seed (a string, as JSON keeps it).
+    Two earlier layouts are read too: one seed's ``runs`` (stops 24-29) and the student alone only."""
     if not entry or entry.get("epochs") != epochs:
         return {}
+    if "seeds" in entry:
+        return {seed: dict(runs) for seed, runs in entry["seeds"].items()}
     if "runs" in entry:
-        return dict(entry["runs"])
+        return {str(entry["seed"]): dict(entry["runs"])}
     curve = [{"val_accuracy": a} for a in entry["val_curve"]]  # plateau re-derived: its first definition read dips
-    return {"student_alone": {k: entry[k] for k in ("test_accuracy", "val_curve", "wall_s")}
-            | {"recipe": kd.METHODS["student_alone"], "plateau_epoch": kd.plateau_epoch(curve)}}
+    alone = {k: entry[k] for k in ("test_accuracy", "val_curve", "wall_s")}
+    return {str(entry["seed"]): {"student_alone": alone | {"recipe": kd.METHODS["student_alone"],
+                                                           "plateau_epoch": kd.plateau_epoch(curve)}}}  # fmt: skip
 
 
 def plateau_methods(args) -> list[str]:
@@ -464,6 +474,13 @@ def merged_with_disk(disk: dict, out: dict, steps: list[str]) -> dict:
         recipes = {**disk["kd"].get("recipes", {}), **out["kd"].get("recipes", {})}
         wall = max(disk["kd"].get("wall_s", 0.0), out["kd"].get("wall_s", 0.0))
         merged["kd"] = kd.rebuild({**out["kd"], "recipes": recipes, "wall_s": wall}, runs)
+    if "plateau" in steps and "plateau" in out:
+        # two plateau invocations (other seeds) at once: each adds its seeds' runs to the other's
+        epochs = out["plateau"]["epochs"]
+        seeds = plateau_seed_runs(disk.get("plateau"), epochs)
+        for seed, mine in plateau_seed_runs(out["plateau"], epochs).items():
+            seeds[seed] = {**seeds.get(seed, {}), **mine}
+        merged["plateau"] = {**out["plateau"], "seeds": seeds}
     meta, disk_meta = dict(out["meta"]), disk.get("meta", {})
     seen = {(i["command"], i["started_utc"]) for i in meta.get("invocations", [])}
     meta["invocations"] = [*meta.get("invocations", []),
@@ -523,6 +540,7 @@ def main() -> int:
     ap.add_argument("--kd-methods", default=None, help="override the KD table's methods (student_alone is always in)")
     ap.add_argument("--kd-epochs", type=int, default=None, help="override the KD table's epochs")
     ap.add_argument("--plateau-epochs", type=int, default=None, help="override the plateau step's epochs")
+    ap.add_argument("--plateau-seeds", default="0", help="the plateau step's seeds, e.g. 1,2 (default 0)")
     ap.add_argument("--plateau-methods", default=None, help="KD methods the plateau step trains beside the student alone")
     ap.add_argument("--small-width", type=float, default=None, help=f"small step: the student's width multiplier (default {SMALL_WIDTH})")
     ap.add_argument("--small-sets", default=None, help="small step: recipe overrides, e.g. distill.lr=0.02 (comma-separated)")
@@ -561,6 +579,7 @@ def main() -> int:
             ap.error(f"unknown --plateau-methods {bad}; choose from {','.join(kd.METHODS)}")
     if args.kd_epochs:
         proto["kd_epochs"] = args.kd_epochs
+    proto["plateau_seeds"] = [int(x) for x in args.plateau_seeds.split(",")]
     if args.kd_seeds:
         proto["kd_seeds"] = [int(x) for x in args.kd_seeds.split(",")]
     stem = results_stem(args)

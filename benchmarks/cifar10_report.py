@@ -152,20 +152,47 @@ def plateau_section(r: dict) -> list[str]:
     pl = r.get("plateau")
     if not pl:
         return []
-    runs = pl.get("runs") or {"student_alone": pl}  # the first layout: the student alone only
-    alone = runs.get("student_alone", {}).get("test_accuracy")
-    lines = ["## Trained long: the student alone, and KD, at 40 epochs (plateau)", "",
-             f"{pl['student'][0]} width {pl['student'][1]}, seed {pl['seed']}, {pl['epochs']} epochs (the KD table's "
-             "recipe, its cosine schedule over all epochs). Plateau: the first epoch whose best val accuracy so far "
-             "is within 0.5 point of the run's best, with 3 epochs after it.", "",
-             "| method | test accuracy | vs student alone | plateau epoch | wall |", "|---|---|---|---|---|"]  # fmt: skip
-    for name, run in runs.items():
-        diff = f"{100 * (run['test_accuracy'] - alone):+.2f}" if alone is not None and name != "student_alone" else "–"
-        when = run["plateau_epoch"] or f"not within {pl['epochs']}"
-        lines.append(f"| {name} | {_pct(run['test_accuracy'])} | {diff} | {when} | {run['wall_s']:.0f} s |")
+    seeds = plateau_seeds(pl)
+    lines = [f"## Trained long: the student alone, and KD, at {pl['epochs']} epochs (plateau)", "",
+             f"{pl['student'][0]} width {pl['student'][1]}, seeds {', '.join(seeds)}, {pl['epochs']} epochs (the KD "
+             "table's recipe, its cosine schedule over all epochs). Plateau: the first epoch whose best val accuracy "
+             "so far is within 0.5 point of the run's best, with 3 epochs after it.", "",
+             "| method | seed | test accuracy | vs student alone | plateau epoch | wall |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for seed, runs in seeds.items():
+        alone = runs.get("student_alone", {}).get("test_accuracy")
+        for name, run in runs.items():
+            diff = f"{100 * (run['test_accuracy'] - alone):+.2f}" if alone is not None and name != "student_alone" else "–"
+            when = run["plateau_epoch"] or f"not within {pl['epochs']}"
+            lines.append(f"| {name} | {seed} | {_pct(run['test_accuracy'])} | {diff} | {when} | {run['wall_s']:.0f} s |")
+    for name, (mean, gains, n) in plateau_means(seeds).items():
+        gain = f"{sum(gains) / len(gains):+.2f} (per seed {', '.join(f'{g:+.2f}' for g in gains)})" if gains else "–"
+        lines.append(f"| **{name}, mean** | {n} seeds | {_pct(mean)} | {gain} | | |")
     lines.append("")
-    lines += [f"Val accuracy per epoch, {name}: {run['val_curve']}." for name, run in runs.items()]
+    lines += [f"Val accuracy per epoch, {name}, seed {seed}: {run['val_curve']}."
+              for seed, runs in seeds.items() for name, run in runs.items()]  # fmt: skip
     return [*lines, ""]
+
+
+def plateau_seeds(pl: dict) -> dict[str, dict]:
+    """The plateau entry's runs by seed, whichever layout wrote it (``seeds``; one seed's ``runs``; the
+    student alone only)."""
+    if "seeds" in pl:
+        return dict(sorted(pl["seeds"].items(), key=lambda kv: int(kv[0])))
+    return {str(pl["seed"]): pl.get("runs") or {"student_alone": pl}}
+
+
+def plateau_means(seeds: dict[str, dict]) -> dict[str, tuple[float, list[float], int]]:
+    """Per method over the seeds that ran it: mean test accuracy, its gain over the student alone of the
+    same seed (points, seeds with both only), and how many seeds. Only with two seeds or more."""
+    names = list(dict.fromkeys(n for runs in seeds.values() for n in runs))
+    means = {}
+    for name in names:
+        accs = [runs[name]["test_accuracy"] for runs in seeds.values() if name in runs]
+        gains = [100 * (runs[name]["test_accuracy"] - runs["student_alone"]["test_accuracy"])
+                 for runs in seeds.values() if name in runs and "student_alone" in runs and name != "student_alone"]  # fmt: skip
+        if len(accs) >= 2:
+            means[name] = (sum(accs) / len(accs), gains, len(accs))
+    return means
 
 
 def hw_section(r: dict, plot: Path) -> list[str]:
