@@ -628,8 +628,13 @@ def untrustworthy_calibration_warning(stability: dict) -> str:
     text are escaped, not read as markup."""
     from rich.markup import escape
 
+    from hwkd.hardware.timing import OTHER_WORK
+
     reasons = stability.get("reasons", [])
-    idle = not any("busy" in r or "other processes" in r for r in reasons)
+    if "causes" in stability:
+        idle = not set(stability["causes"]) & OTHER_WORK
+    else:  # a profile written before causes were recorded (stop 29 and earlier): read its reasons' wording
+        idle = not any("busy" in r or "other processes" in r for r in reasons)
     one = stability.get("spread_1thread_pct")
     tolerance = stability.get("tolerance_pct", 5.0)
     if not idle:

@@ -159,11 +159,18 @@ class Verdict:
     probes_ms: list[float] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
     cpu_share: float = 1.0  # lowest CPU time / wall time of the 1-thread reference probe (1 = had a core to itself)
+    causes: list[str] = field(default_factory=list)  # one of CAUSES per reason, for code to read (reasons are for people)
 
     def to_dict(self) -> dict[str, Any]:
         return {"trustworthy": self.trustworthy, "spread_pct": round(self.spread_pct, 2),
                 "load_per_core": round(self.load_per_core, 2), "probes_ms": [round(p, 4) for p in self.probes_ms],
-                "cpu_share": round(self.cpu_share, 3), "reasons": list(self.reasons)}  # fmt: skip
+                "cpu_share": round(self.cpu_share, 3), "reasons": list(self.reasons), "causes": list(self.causes)}  # fmt: skip
+
+
+# Why a calibration attempt is not trusted, as recorded in the profile's stability table (``causes``):
+# its speed moved between the probes, the host was busy when it began, the OS gave the probe's time away.
+CAUSES = ("speed_moved", "host_busy", "cpu_taken")
+OTHER_WORK = frozenset({"host_busy", "cpu_taken"})
 
 
 def probe_spread(probes: Sequence[float]) -> float:
@@ -182,21 +189,24 @@ def check_stability(
     share = min(cpu_shares) if cpu_shares else 1.0
     spread = probe_spread(probes)
     per_core = load / max(1, cores) if load >= 0 else -1.0
-    reasons = []
+    reasons, causes = [], []
     if spread > tolerance:
+        causes.append("speed_moved")
         reasons.append(
             f"the reference probe's timings at start, middle and end differ by {100 * spread:.1f}% "
             f"(more than {100 * tolerance:.0f}%): the host's speed changed during calibration"
         )
     if load >= busy:
+        causes.append("host_busy")
         reasons.append(
             f"the host was busy: other processes used {load:.2f} of its {cores} cores when calibration began"
         )
     if share < MIN_CPU_SHARE:
+        causes.append("cpu_taken")
         reasons.append(
             f"the OS gave {100 * (1 - share):.0f}% of the reference probe's run time to other processes"
         )
-    return Verdict(not reasons, 100 * spread, per_core, probes, reasons, share)
+    return Verdict(not reasons, 100 * spread, per_core, probes, reasons, share, causes)
 
 
 def one_thread_probe(probes_ms: Sequence[float]) -> dict[str, Any]:
@@ -238,4 +248,4 @@ def with_retries(
     return result, verdict, retries + 1
 
 
-__all__ = ["Verdict", "busy_cores", "check_stability", "load_average", "one_thread_probe", "time_interleaved", "time_job", "with_retries"]
+__all__ = ["CAUSES", "OTHER_WORK", "Verdict", "busy_cores", "check_stability", "load_average", "one_thread_probe", "time_interleaved", "time_job", "with_retries"]

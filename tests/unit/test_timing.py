@@ -156,6 +156,20 @@ def test_the_untrustworthy_warning_keeps_its_brackets_and_advises_by_reason():
     assert "at 1 thread held within 0.8%" in held and "--threads 1" in held
     moved = shown({"attempts": 2, "reasons": ["differ by 73.6%"], "spread_1thread_pct": 12.0, "tolerance_pct": 5.0})
     assert "at 1 thread too (12.0%)" in moved and "--threads 1" not in moved
+    # profiles record why (causes), and the advice reads that, not the reasons' wording
+    busy = shown({"attempts": 2, "reasons": ["reworded: 1.02 of 2 cores taken"], "causes": ["host_busy"]})
+    assert "--threads 1" not in busy
+    moved = shown({"attempts": 2, "reasons": ["reworded: other processes were not busy"], "causes": ["speed_moved"]})
+    assert "--threads 1" in moved
+
+
+def test_each_reason_records_its_cause():
+    from hwkd.hardware.timing import CAUSES
+
+    v = check_stability([1.0, 1.3, 1.0], load=2.5, cores=2, cpu_shares=[0.4])
+    assert v.causes == ["speed_moved", "host_busy", "cpu_taken"] == list(CAUSES) and len(v.reasons) == 3
+    assert v.to_dict()["causes"] == v.causes
+    assert check_stability([1.0, 1.0], load=0.1, cores=2).causes == []
 
 
 def test_one_thread_probe_records_the_spread_only_when_timed():
