@@ -114,16 +114,13 @@ def main() -> int:
         summary[v] = {"sessions": len(x), "median_ms": round(float(np.median(x)), 4), "fastest_decile_ms": round(fast, 4),
                       "slow_share_pct": round(float((x > SLOW * fast).mean() * 100), 1)}  # fmt: skip
     # the rounds (one session of each variant) in which the 2-thread default was slow, and what the others did then
-    rounds = [sessions[i:i + len(variants)] for i in range(0, len(sessions) - len(variants) + 1, len(variants))]
+    rounds = [{s["variant"]: s["p50_ms"] for s in sessions[i:i + len(variants)]}
+              for i in range(0, len(sessions) - len(variants) + 1, len(variants))]  # fmt: skip
     if "2t" in variants:
-        fast2 = summary["2t"]["fastest_decile_ms"]
+        limit = SLOW * summary["2t"]["fastest_decile_ms"]
         for v in variants:
-            slow_rounds = [next(s for s in r if s["variant"] == v)["p50_ms"] for r in rounds
-                           if next(s for s in r if s["variant"] == "2t")["p50_ms"] > SLOW * fast2]  # fmt: skip
-            fast_rounds = [next(s for s in r if s["variant"] == v)["p50_ms"] for r in rounds
-                           if next(s for s in r if s["variant"] == "2t")["p50_ms"] <= SLOW * fast2]  # fmt: skip
-            summary[v]["median_ms_when_2t_slow"] = round(float(np.median(slow_rounds)), 4) if slow_rounds else None
-            summary[v]["median_ms_when_2t_fast"] = round(float(np.median(fast_rounds)), 4) if fast_rounds else None
+            for mode, rows in (("slow", [r[v] for r in rounds if r["2t"] > limit]), ("fast", [r[v] for r in rounds if r["2t"] <= limit])):
+                summary[v][f"median_ms_when_2t_{mode}"] = round(float(np.median(rows)), 4) if rows else None
     out = {"command": "python " + " ".join(sys.argv), "host": host.host_info(), "summary": summary, "sessions": sessions}
     stem = RESULTS / f"slow_mode_probe{('_' + args.tag) if args.tag else ''}"
     atomic_write(stem.with_suffix(".json"), json.dumps(out, indent=1) + "\n")
