@@ -290,7 +290,8 @@ def step_plateau(args, proto, split_dir, teacher_pt, out: dict) -> None:
     helps once it has. Runs already in the results at the same epochs and seed are kept, not trained again."""
     sets = load_sets(split_dir)
     epochs = args.plateau_epochs or proto["plateau_epochs"]
-    seeds = plateau_seed_runs(out.get("plateau"), epochs)
+    seeds = plateau_seed_runs(out.get("plateau"), epochs)  # filled in place as seeds finish
+    out["plateau"] = {"epochs": epochs, "student": proto["student"], "seeds": seeds}
     wanted = ["student_alone", *[m for m in plateau_methods(args) if m != "student_alone"]]
     for seed in proto["plateau_seeds"]:
         earlier = seeds.setdefault(str(seed), {})
@@ -308,9 +309,7 @@ def step_plateau(args, proto, split_dir, teacher_pt, out: dict) -> None:
                              "val_curve": [round(h["val_accuracy"], 4) for h in r["history"]],
                              "plateau_epoch": kd.plateau_epoch(r["history"]), "wall_s": wall,
                              "augmentation_rng": r["augmentation_rng"]}  # fmt: skip
-        out["plateau"] = {"epochs": epochs, "student": proto["student"], "seeds": seeds}
         save(args, out)  # merges the seeds another plateau invocation saved meanwhile (merged_with_disk)
-    out["plateau"] = {"epochs": epochs, "student": proto["student"], "seeds": seeds}
 
 
 def plateau_seed_runs(entry: dict | None, epochs: int) -> dict[str, dict]:
@@ -318,10 +317,8 @@ def plateau_seed_runs(entry: dict | None, epochs: int) -> dict[str, dict]:
     Two earlier layouts are read too: one seed's ``runs`` (stops 24-29) and the student alone only."""
     if not entry or entry.get("epochs") != epochs:
         return {}
-    if "seeds" in entry:
-        return {seed: dict(runs) for seed, runs in entry["seeds"].items()}
-    if "runs" in entry:
-        return {str(entry["seed"]): dict(entry["runs"])}
+    if "seeds" in entry or "runs" in entry:  # the report reads these layouts; copied, as runs are added in place
+        return {seed: dict(runs) for seed, runs in report.plateau_seeds(entry).items()}
     curve = [{"val_accuracy": a} for a in entry["val_curve"]]  # plateau re-derived: its first definition read dips
     alone = {k: entry[k] for k in ("test_accuracy", "val_curve", "wall_s")}
     return {str(entry["seed"]): {"student_alone": alone | {"recipe": kd.METHODS["student_alone"],
