@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hwkd.artifacts import atomic_write  # noqa: E402
-from hwkd.hardware.calibrate import random_network  # noqa: E402
+from hwkd.hardware.calib_graphs import reference_network  # noqa: E402
 from hwkd.onnx import host  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -101,7 +101,7 @@ def main() -> int:
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     path = Path(tempfile.mkdtemp()) / "reference.onnx"
-    onnx.save(random_network(np.random.default_rng(1234), max_macs=30e6), path)
+    onnx.save(reference_network(), path)
     sessions, t0 = [], time.time()
     while time.time() - t0 < args.seconds:
         for v in variants:

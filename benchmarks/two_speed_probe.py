@@ -1,6 +1,6 @@
 """Is this host's speed steady right now, at 1 and at 2 (or N) threads? Run it before timing anything.
 
-Calibration's reference network (``random_network(seed 1234)``), one fresh onnxruntime session after
+Calibration's reference network (``calib_graphs.reference_network``), one fresh onnxruntime session after
 another, alternating 1 thread and ``--threads``, each timed ``--runs`` times (p50), for ``--seconds``.
 Reports every session's p50 and, per thread count, the median, the spread ((max - min) / median) and the
 share of sessions more than 20% slower than that thread count's fastest decile: a VM whose cores are
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from hwkd.artifacts import atomic_write  # noqa: E402
 from hwkd.hardware import timing  # noqa: E402
-from hwkd.hardware.calibrate import random_network  # noqa: E402
+from hwkd.hardware.calib_graphs import reference_network  # noqa: E402
 from hwkd.onnx import host  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -45,7 +45,7 @@ def main() -> int:
     import onnx
 
     path = Path(tempfile.mkdtemp()) / "reference.onnx"
-    onnx.save(random_network(np.random.default_rng(1234), max_macs=30e6), path)
+    onnx.save(reference_network(), path)
     sessions = []
     t0 = time.time()
     while time.time() - t0 < args.seconds:

@@ -222,6 +222,12 @@ def random_network(rng: np.random.Generator, max_macs: float = 300e6, family: st
             return g.model()
 
 
+def reference_network() -> Any:
+    """The network calibration's stability probe times at its start, middle and end (a fixed draw of
+    ``random_network``, <= 30M MACs), and what the host-speed probes in benchmarks/ time to compare with it."""
+    return random_network(np.random.default_rng(1234), max_macs=30e6)
+
+
 def throughput_network(precision_hint: str, rng: np.random.Generator) -> tuple[Any, int]:
     """One long-reduction 3x3 conv (reduction 576): close to the best a CPU GEMM reaches. (model, MACs)"""
     g = _Graph((1, 64, 56, 56), rng)

@@ -49,6 +49,7 @@ from hwkd.hardware.calib_graphs import (
     bandwidth_network,
     overhead_network,
     random_network,
+    reference_network,
     throughput_network,
 )
 from hwkd.hardware.fit import (
@@ -203,7 +204,7 @@ def calibrate(
             nets.append((fp32, "fp32", family))
             if "int8" in settings.precisions:
                 nets.append((quantize(fp32, root / f"net{i}_int8.onnx", rng), "int8", family))
-        reference = save(random_network(np.random.default_rng(1234), max_macs=30e6), "reference")
+        reference = save(reference_network(), "reference")
         extra = [Path(p) for p in also_time]
         fixed = [*probes.values(), *(p for pairs in tile_paths.values() for p, _ in pairs)]
         jobs = [(p, threads) for p in fixed]
