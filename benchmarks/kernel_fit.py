@@ -94,7 +94,7 @@ def rest_vector(m: dict) -> list[float]:
     macs = set(kernel_dataset.mac_layers(m["works"]))
     f = features(m["works"], m["precision"], 0.0)
     rest = [f[i] for i in range(len(m["works"])) if i not in macs]
-    return [sum(r["elementwise"] for r in rest), sum(r["ops"] for r in rest), sum(r["epilogue"] for r in rest), 1.0]
+    return [sum(r["elementwise"] + r["pool"] for r in rest), sum(r["ops"] for r in rest), sum(r["epilogue"] for r in rest), 1.0]
 
 
 class NetworkFit:
@@ -140,7 +140,7 @@ class LayerFit(PerLayerFit):
     def fit_layers(self, models, prec):
         from scipy.optimize import nnls
 
-        names = [k for k in cost.FEATURES if k not in ("elementwise", "ops")]
+        names = [k for k in cost.FEATURES if k not in ("elementwise", "pool", "ops")]
         best = None
         for k_half in fit.K_HALF_GRID:
             x, y, w = [], [], []

@@ -76,7 +76,10 @@ FEATURES = (
     # networks were under-estimated by 23-29% on every host (docs/decisions-issue13.md, stop 29)
     "unaligned_outputs",  # values written by a conv / gemm whose output channels are not a multiple of
     # the vector lanes (12 or 20 on 8-lane AVX2): the remainder takes a slower path
-    "elementwise",  # values an unfused non-MAC op reads and writes (adds, pools, executed (de)quantize)
+    "elementwise",  # values an unfused non-MAC op reads and writes (adds, muls, activations, executed (de)quantize)
+    "pool",  # the same for a pooling op (max / average / global pool, ReduceMean): a window or a reduction per
+    # value, dearer than an add; at the add's rate the INT8 residual adds were over-priced by 1.4-1.7x and the
+    # narrow INT8 nets over-estimated (docs/decisions-issue13.md, stop 31)
     "weights",  # parameter values read
     "ops",  # one per executed kernel: dispatch
     "mac_ops",  # one more per conv / gemm kernel: packing, blocking and epilogue set-up
@@ -84,6 +87,8 @@ FEATURES = (
 )
 # Features a profile calibrated before they existed lacks: priced at 0 there (what that fit assumed).
 _OPTIONAL_FEATURES = frozenset({"conv_pixels", "light_pixels", "group_pixels"})
+# Reductions priced by the "pool" feature beside every op named *Pool* (ONNX op types, torch module names).
+_POOL_OPS = frozenset({"ReduceMean", "ReduceMax"})
 # Fused ops that cost nothing at all: BN is folded into the weights at load time, ReLU runs in-kernel.
 _FREE_FUSED = frozenset(
     {"BatchNormalization", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Relu", "ReLU"}
@@ -317,7 +322,7 @@ def _layer_features(w: LayerWork, tile: int, k_half: float, lanes: int, input_al
     f["weights"] = float(w.params)
     kind = w.kind
     if kind == "elementwise":
-        f["elementwise"] = float(w.act_in + w.act_out)
+        f["pool" if is_pool(w.op) else "elementwise"] = float(w.act_in + w.act_out)
         return f
     f["conv_activations"] = float(w.act_in + w.act_out)
     if w.kernel:
@@ -345,6 +350,11 @@ def _layer_features(w: LayerWork, tile: int, k_half: float, lanes: int, input_al
     return f
 
 
+def is_pool(op: str) -> bool:
+    """A pooling op (MaxPool, GlobalAveragePool, AdaptiveAvgPool2d, ...) or a mean / max reduction."""
+    return "Pool" in op or op in _POOL_OPS
+
+
 def kernel_seconds(
     w: LayerWork, model: dict[str, float], tile: int, lanes: int = 8
 ) -> tuple[float, str, float]:
@@ -370,6 +380,8 @@ def fitted_kernel_model(profile: Any, precision: str) -> dict[str, float] | None
         raise ProfileError(f"{profile.source}: calibration.kernel_model.{precision} must be a table.")
     if "light_pixels" not in model and "conv_pixels" in model:  # fitted before the split: one rate for all convs
         model = {**model, "light_pixels": model["conv_pixels"]}
+    if "pool" not in model and "elementwise" in model:  # fitted before pools had a rate: priced as adds were
+        model = {**model, "pool": model["elementwise"]}
     model = {**dict.fromkeys(_OPTIONAL_FEATURES, 0.0), **model}
     missing = [k for k in (*FEATURES, "run_ns", "k_half") if k not in model]
     if missing:

@@ -455,6 +455,23 @@ def test_a_profile_fitted_before_light_pixels_prices_every_conv_pixel_at_its_one
     assert estimate(nn.Conv2d(8, 16, 1), x, prof).latency_ms == pytest.approx(2.0 * 36 * 1e-6)
 
 
+def test_pools_are_priced_per_value_at_their_own_rate_and_an_older_profile_prices_them_as_adds():
+    """A pool reads a window or reduces per value (stop 31): its own rate, not the add's."""
+    from hwkd.hardware.cost import fitted_kernel_model, is_pool
+
+    prof = kernel_profile(elementwise=1.0, pool=3.0)
+    x = torch.randn(1, 8, 6, 6)  # 288 values
+    assert estimate(nn.MaxPool2d(2), x, prof).latency_ms == pytest.approx(3.0 * (288 + 72) * 1e-6)
+    assert estimate(nn.AdaptiveAvgPool2d(1), x, prof).latency_ms == pytest.approx(3.0 * (288 + 8) * 1e-6)
+    assert estimate(nn.SiLU(), x, prof).latency_ms == pytest.approx(1.0 * (288 + 288) * 1e-6)
+    assert all(map(is_pool, ("MaxPool", "GlobalAveragePool", "AveragePool", "ReduceMean", "AdaptiveAvgPool2d")))
+    assert not any(map(is_pool, ("Add", "Mul", "Concat", "QuantizeLinear", "HardSwish")))
+    older = kernel_profile(elementwise=1.0)
+    del older.calibration["kernel_model"]["fp32"]["pool"]
+    assert fitted_kernel_model(older, "fp32")["pool"] == 1.0
+    assert estimate(nn.MaxPool2d(2), x, older).latency_ms == pytest.approx(1.0 * (288 + 72) * 1e-6)
+
+
 def test_incomplete_kernel_model_names_the_fix():
     prof = kernel_profile()
     del prof.calibration["kernel_model"]["fp32"]["ops"]
