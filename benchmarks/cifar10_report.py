@@ -168,6 +168,13 @@ def plateau_section(r: dict) -> list[str]:
         gain = f"{sum(gains) / len(gains):+.2f} (per seed {', '.join(f'{g:+.2f}' for g in gains)})" if gains else "–"
         lines.append(f"| **{name}, mean** | {n} seeds | {_pct(mean)} | {gain} | | |")
     lines.append("")
+    paired = paired_difference(seeds, "hinton_T_adaptive", "hinton_T4")
+    if paired:
+        mean, diffs = paired
+        images = r.get("split", {}).get("counts", {}).get("test")
+        image = f"; one test image is {100 / images:.2f}" if images else ""
+        lines += [f"Adaptive T minus fixed T=4, paired by seed: **{mean:+.2f} points** (per seed "
+                  f"{', '.join(f'{d:+.2f}' for d in diffs)}{image}).", ""]  # fmt: skip
     lines += [f"Val accuracy per epoch, {name}, seed {seed}: {run['val_curve']}."
               for seed, runs in seeds.items() for name, run in runs.items()]  # fmt: skip
     return [*lines, ""]
@@ -193,6 +200,12 @@ def plateau_means(seeds: dict[str, dict]) -> dict[str, tuple[float, list[float],
         if len(accs) >= 2:
             means[name] = (sum(accs) / len(accs), gains, len(accs))
     return means
+
+
+def paired_difference(seeds: dict[str, dict], a: str, b: str) -> tuple[float, list[float]] | None:
+    """Method ``a`` minus method ``b`` in test accuracy (points), per seed that ran both, and their mean."""
+    diffs = [100 * (runs[a]["test_accuracy"] - runs[b]["test_accuracy"]) for runs in seeds.values() if a in runs and b in runs]
+    return (sum(diffs) / len(diffs), diffs) if diffs else None
 
 
 def hw_section(r: dict, plot: Path) -> list[str]:

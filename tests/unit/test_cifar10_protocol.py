@@ -229,6 +229,11 @@ def test_the_student_alone_trains_without_a_teacher_pass_and_its_plateau_is_repo
     text = "\n".join(report.plateau_section(merged))
     assert "| **hinton_T_adaptive, mean** | 2 seeds | 82.50% | +2.00 (per seed +3.00, +1.00) | | |" in text
     assert "| **student_alone, mean** | 2 seeds | 80.50% | – | | |" in text
+    assert "minus fixed T=4" not in text  # no seed ran both
+    merged["plateau"]["seeds"]["1"]["hinton_T4"] = {**alone1, "test_accuracy": 0.8250}
+    merged["split"] = {"counts": {"test": 2500}}
+    text = "\n".join(report.plateau_section(merged))
+    assert "Adaptive T minus fixed T=4, paired by seed: **-0.50 points** (per seed -0.50; one test image is 0.04)." in text
     assert report.plateau_section({}) == []
 
 
