@@ -78,8 +78,8 @@ FEATURES = (
     # the vector lanes (12 or 20 on 8-lane AVX2): the remainder takes a slower path
     "elementwise",  # values an unfused non-MAC op reads and writes (adds, muls, activations, executed (de)quantize)
     "pool",  # the same for a pooling op (max / average / global pool, ReduceMean): a window or a reduction per
-    # value, dearer than an add; at the add's rate the INT8 residual adds were over-priced by 1.4-1.7x and the
-    # narrow INT8 nets over-estimated (docs/decisions-issue13.md, stop 31)
+    # value, about twice an add's; one rate for both left INT8 residual adds over-priced 1.4-1.7x, and with its
+    # own rate the held-out error fell on 17 (FP32) / 15 (INT8) of 18 recorded runs (decisions-issue13.md, stop 31)
     "weights",  # parameter values read
     "ops",  # one per executed kernel: dispatch
     "mac_ops",  # one more per conv / gemm kernel: packing, blocking and epilogue set-up
