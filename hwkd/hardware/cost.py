@@ -87,6 +87,9 @@ FEATURES = (
 )
 # Features a profile calibrated before they existed lacks: priced at 0 there (what that fit assumed).
 _OPTIONAL_FEATURES = frozenset({"conv_pixels", "light_pixels", "group_pixels"})
+# Features split off from another: a profile fitted before the split prices them at that one's rate (stop 28:
+# 1x1 / depthwise conv pixels from the k x k convs'; stop 31: pools from the other elementwise ops').
+_SPLIT_FROM = {"light_pixels": "conv_pixels", "pool": "elementwise"}
 # Reductions priced by the "pool" feature beside every op named *Pool* (ONNX op types, torch module names).
 _POOL_OPS = frozenset({"ReduceMean", "ReduceMax"})
 # Fused ops that cost nothing at all: BN is folded into the weights at load time, ReLU runs in-kernel.
@@ -378,10 +381,9 @@ def fitted_kernel_model(profile: Any, precision: str) -> dict[str, float] | None
         return None
     if not isinstance(model, dict):
         raise ProfileError(f"{profile.source}: calibration.kernel_model.{precision} must be a table.")
-    if "light_pixels" not in model and "conv_pixels" in model:  # fitted before the split: one rate for all convs
-        model = {**model, "light_pixels": model["conv_pixels"]}
-    if "pool" not in model and "elementwise" in model:  # fitted before pools had a rate: priced as adds were
-        model = {**model, "pool": model["elementwise"]}
+    for feature, parent in _SPLIT_FROM.items():  # fitted before the split: the feature keeps its parent's rate
+        if feature not in model and parent in model:
+            model = {**model, feature: model[parent]}
     model = {**dict.fromkeys(_OPTIONAL_FEATURES, 0.0), **model}
     missing = [k for k in (*FEATURES, "run_ns", "k_half") if k not in model]
     if missing:
