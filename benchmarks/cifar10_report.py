@@ -195,8 +195,8 @@ def plateau_means(seeds: dict[str, dict]) -> dict[str, tuple[float, list[float],
     means = {}
     for name in names:
         accs = [runs[name]["test_accuracy"] for runs in seeds.values() if name in runs]
-        gains = [100 * (runs[name]["test_accuracy"] - runs["student_alone"]["test_accuracy"])
-                 for runs in seeds.values() if name in runs and "student_alone" in runs and name != "student_alone"]  # fmt: skip
+        paired = paired_difference(seeds, name, "student_alone") if name != "student_alone" else None
+        gains = paired[1] if paired else []
         if len(accs) >= 2:
             means[name] = (sum(accs) / len(accs), gains, len(accs))
     return means
