@@ -339,7 +339,11 @@ def pipeline_stand_in(out: dict, proto: dict, budget_pct: int) -> dict | None:
     trained in full, gave byte-identical weights (docs/decisions-issue14.md, stop 19). None otherwise.
     """
     run = (out.get("pipeline") or {}).get(proto["hw_profile"])
-    if not run or run.get("returncode") != 0 or not Path(run.get("model", "")).is_file():
+    if not run or run.get("returncode") != 0:
+        return None
+    # the run folder may be gone (another session's /tmp); the committed copy is the same bytes
+    model = next((m for m in (Path(run.get("model", "")), ROOT / run.get("committed_model", "")) if m.is_file()), None)
+    if model is None:
         return None
     if any(s["name"] == "prune" and s["epochs"] for s in run["stages"]):
         return None
@@ -347,8 +351,9 @@ def pipeline_stand_in(out: dict, proto: dict, budget_pct: int) -> dict | None:
     est = run["final"]["estimated_latency_ms"]
     if run["final"].get("precision") != "int8" or est > budget_ms:
         return None
-    return {**run, "stand_in": f"pipeline {proto['hw_profile']} run: budget not binding (INT8 estimate "
-            f"{est:.3f} ms <= {budget_ms:.3f} ms, nothing pruned)"}  # fmt: skip
+    copy = "" if model == Path(run["model"]) else f"; its committed copy {run['committed_model']}"
+    return {**run, "model": str(model), "stand_in": f"pipeline {proto['hw_profile']} run: budget not binding (INT8 "
+            f"estimate {est:.3f} ms <= {budget_ms:.3f} ms, nothing pruned{copy})"}  # fmt: skip
 
 
 def peer_kept(earlier: dict | None, ratio: float, epochs: int, *, retrain: bool, reuse: bool) -> bool:

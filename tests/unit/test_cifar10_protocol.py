@@ -173,8 +173,13 @@ def test_the_default_pipeline_stands_in_only_where_the_budget_cannot_bind(tmp_pa
     pruned = {**run, "stages": [{"name": "prune", "epochs": 6}]}
     assert cifar10.pipeline_stand_in({"pipeline": {"rpi4": pruned}}, proto, 50) is None
     assert cifar10.pipeline_stand_in({"pipeline": {"jetson": run}}, proto, 50) is None
+    copy = tmp_path / "rpi4_int8.onnx"  # the run folder gone, its committed copy kept: the copy stands in
+    copy.write_bytes(b"onnx")
     model.unlink()
-    assert cifar10.pipeline_stand_in(out, proto, 50) is None
+    kept = {"pipeline": {"rpi4": {**run, "committed_model": str(copy)}}}
+    assert cifar10.pipeline_stand_in(kept, proto, 50)["model"] == str(copy)
+    assert "committed copy" in cifar10.pipeline_stand_in(kept, proto, 50)["stand_in"]
+    assert cifar10.pipeline_stand_in(out, proto, 50) is None  # neither on disk
 
 
 def test_an_earlier_peer_stands_unless_retrained_and_reuse_keeps_only_the_same_ratio_and_epochs(tmp_path):
