@@ -149,7 +149,8 @@ def hwkd_compress(args, proto: dict, split_dir: Path, teacher_pt: Path, profile:
                   extra: list[str] = (), earlier: dict | None = None) -> dict:  # fmt: skip
     """One ``hwkd compress`` through the CLI, as a user types it; returns the report's key figures.
     With ``--reuse-runs``, an ``earlier`` result of the very same command whose model is still on disk
-    is returned instead of training again (marked ``reused``)."""
+    is returned instead of training again (marked ``reused``). An unfinished run of the same command in
+    ``run_dir`` (a session ended under it) is resumed from its last complete epoch (marked ``resumed``)."""
     cmd = [sys.executable, "-m", "hwkd", "compress", "--profile", profile, "--data", str(split_dir),
            "--teacher", str(teacher_pt), "--teacher-arch", teacher_mod.ARCH, *MEAN_STD,
            "--out", str(run_dir), "--overwrite", "--json", *extra]  # fmt: skip
@@ -160,6 +161,10 @@ def hwkd_compress(args, proto: dict, split_dir: Path, teacher_pt: Path, profile:
     if getattr(args, "reuse_runs", False) and reusable(earlier, shown):
         log(f"reused (same command, model on disk): {shown}")
         return {**earlier, "reused": True}
+    resumed = unfinished_run(run_dir, cmd[3:])
+    if resumed:  # a run of this very command was killed (e.g. the session ended): continue it, do not restart
+        log(f"resume ({resumed}, from its last complete epoch): {shown}")
+        cmd = [*cmd[:4], "--resume", str(run_dir), "--json"]
     log(f"run: {shown}")
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
@@ -175,12 +180,27 @@ def hwkd_compress(args, proto: dict, split_dir: Path, teacher_pt: Path, profile:
                "epochs": stage_epochs(s)} for s in rep["stages"]]  # fmt: skip
     return {
         "command": shown, "returncode": 0, "wall_s": round(wall, 1), "run_dir": str(run_dir),
+        **({"resumed": resumed} if resumed else {}),  # then wall_s is this invocation's part only
         "teacher": {k: rep["teacher"].get(k) for k in keys},
         "final": {k: rep["final"].get(k) for k in (*keys, "precision")},
         "budget": rep.get("budget"), "stages": stages,
         "train_epochs": sum(s["epochs"] for s in stages if s["name"] in ("distill", "prune", "qat")),
         "model": str(run_dir / "model.onnx"),
     }  # fmt: skip
+
+
+def unfinished_run(run_dir: Path, argv: list[str]) -> str | None:
+    """The status of an unfinished ``hwkd compress`` of exactly ``argv`` in ``run_dir`` (killed, interrupted,
+    failed: resumable from its last complete epoch), or None when there is none to resume."""
+    from hwkd.rundir import RESUMABLE
+
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    same = [str(a) for a in manifest.get("command", [])[1:]] == [str(a) for a in argv]
+    trained = any(run_dir.glob("stages/*/last.pt"))
+    return manifest.get("status") if same and trained and manifest.get("status") in RESUMABLE else None
 
 
 def reusable(earlier: dict | None, command: str) -> bool:

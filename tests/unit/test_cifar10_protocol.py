@@ -158,6 +158,26 @@ def test_an_earlier_hw_run_is_reused_only_for_the_same_command_with_its_model_on
     assert not cifar10.reusable(None, earlier["command"])
 
 
+def test_a_killed_run_of_the_same_command_is_resumed_and_nothing_else_is(tmp_path):
+    import json
+
+    import cifar10
+
+    argv = ["compress", "--profile", "rpi4", "--latency-budget", "10%"]
+    manifest = {"command": ["/x/hwkd/__main__.py", *argv], "status": "running"}  # SIGKILLed: still "running"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert cifar10.unfinished_run(tmp_path, argv) is None  # no epoch finished: nothing to resume from
+    (tmp_path / "stages" / "distill").mkdir(parents=True)
+    (tmp_path / "stages" / "distill" / "last.pt").write_bytes(b"ckpt")
+    assert cifar10.unfinished_run(tmp_path, argv) == "running"
+    assert cifar10.unfinished_run(tmp_path, [*argv[:-1], "20%"]) is None  # another command: started afresh
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "status": "complete"}))
+    assert cifar10.unfinished_run(tmp_path, argv) is None
+    (tmp_path / "manifest.json").write_text("{not json")
+    assert cifar10.unfinished_run(tmp_path, argv) is None
+    assert cifar10.unfinished_run(tmp_path / "absent", argv) is None
+
+
 def test_the_default_pipeline_stands_in_only_where_the_budget_cannot_bind(tmp_path):
     import cifar10
 
