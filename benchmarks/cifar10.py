@@ -21,6 +21,9 @@ Steps (each writes benchmarks/results/cifar10[_quick].{json,md,png} as it finish
 - hw:       hwkd (budget pruning + penalty + QAT, rpi4) at 10/20/30/50% of the teacher's latency,
             penalty on and off, against the peer pipeline (``cifar10_peer.py``) at the same measured
             latency; a Pareto plot of accuracy vs measured latency.
+- penalty:  penalty on vs off where the budget binds for a student that starts over it (``--student
+            0.5x``, the teacher at half width from its trained weights, at 20 and 30%): at 20-50% the
+            default student already meets the budget, so the hw step's arms are one model there.
 """
 
 from __future__ import annotations
@@ -51,12 +54,17 @@ from hwkd.artifacts import atomic_write  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = RESULTS / "cifar10"
-STEPS = ("split", "teacher", "pipeline", "small", "kd", "plateau", "hw")
+STEPS = ("split", "teacher", "pipeline", "small", "kd", "plateau", "hw", "penalty")
 MEAN_STD = ["--mean", ",".join(map(str, teacher_mod.MEAN)), "--std", ",".join(map(str, teacher_mod.STD))]
 
 # The small step's student: the trained teacher at 30% width, channel counts not rounded (step_small).
 SMALL_WIDTH = 0.3
 SMALL_STUDENT = ["--student", f"{SMALL_WIDTH}x", "--set", "prune.round_to=1"]
+
+# The penalty step's student: the teacher at half width (68.8k params, est. 1.32 ms INT8 on rpi4, 32.5% of the
+# teacher's 4.05 ms), so 20% and 30% budgets bind (the default student, 19.3%, meets both unpruned).
+PENALTY_STUDENT = "0.5x"
+PENALTY_ARMS = (("on", []), ("off", ["--set", "distill.penalty_weight=0", "--set", "prune.penalty_weight=0"]))
 
 # The protocol. Full: hwkd's defaults for the pipeline; the KD table long enough for the student
 # alone to plateau. Quick: the same code on a class-balanced subset, one epoch per stage.
@@ -64,12 +72,12 @@ PROTOCOLS = {
     "full": {"per_class": None, "profiles": ["rpi4", "jetson"], "hw_profile": "rpi4", "budgets": [10, 20, 30, 50],
              "kd_epochs": 40, "kd_seeds": [0, 1, 2], "kd_lr": 0.05, "student": ["mobilenetv2", 1.0], "plateau_epochs": 40,
              "hwkd_sets": [], "bench_rounds": 5, "grid_step": 0.05,
-             "small_student": SMALL_STUDENT},
+             "small_student": SMALL_STUDENT, "penalty_budgets": [20, 30]},
     "quick": {"per_class": {"train": 100, "val": 50, "test": 50}, "grid_step": 0.1, "profiles": ["rpi4", "jetson"],
               "hw_profile": "rpi4", "budgets": [10, 20, 30, 50], "kd_epochs": 2, "kd_seeds": [0], "kd_lr": 0.05,
               "plateau_epochs": 3,
               "student": ["mobilenetv2", 1.0], "bench_rounds": 3,
-              "small_student": SMALL_STUDENT,
+              "small_student": SMALL_STUDENT, "penalty_budgets": [20],
               "hwkd_sets": ["distill.epochs=1", "prune.recovery_epochs=1", "qat.epochs=1",
                             "bench.iterations=50", "bench.rounds=3"]},
 }  # fmt: skip
@@ -392,8 +400,7 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
         hw = {"profile": proto["hw_profile"], "budgets": {}}
     out["hw"] = hw  # budgets run earlier (another invocation) are kept, and re-timed with the new ones
     t0 = time.time()
-    arms = (("on", []), ("off", ["--set", "distill.penalty_weight=0", "--set", "prune.penalty_weight=0"]))
-    runs = [(b, arm, extra) for b in proto["budgets"] for arm, extra in arms]
+    runs = [(b, arm, extra) for b in proto["budgets"] for arm, extra in PENALTY_ARMS]
     earlier = {str(b): hw["budgets"].get(str(b), {}) for b in proto["budgets"]}
     for b in proto["budgets"]:  # the hwkd runs are redone (or reused); the peers are decided below
         hw["budgets"][str(b)] = {k: v for k, v in earlier[str(b)].items() if k in ("peer", "peer_at_budget")}
@@ -477,7 +484,40 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
     save(args, out)
 
 
-_SAVE_LOCK = threading.RLock()  # save() runs from the hw step's threads too
+def step_penalty(args, proto, split_dir, teacher_pt, out: dict) -> None:
+    """Penalty on vs off at budgets that bind for ``--penalty-student`` (default the teacher at half width):
+    both arms through the CLI at once (``--jobs``), then their final models timed in the same rounds."""
+    student = args.penalty_student or PENALTY_STUDENT
+    pen: dict = out.get("penalty") or {}
+    if pen.get("student") != student or pen.get("profile") != proto["hw_profile"]:
+        pen = {"student": student, "profile": proto["hw_profile"], "budgets": {}}
+    out["penalty"] = pen  # budgets run earlier (another invocation) are kept, and re-timed with the new ones
+    budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else proto["penalty_budgets"]
+    earlier = {str(b): pen["budgets"].pop(str(b), {}) for b in budgets}
+
+    def one(run) -> None:
+        b, arm, extra = run
+        result = hwkd_compress(args, proto, split_dir, teacher_pt, proto["hw_profile"],
+                               args.runs / f"penalty_{student}_{b}_{arm}",
+                               ["--student", student, "--latency-budget", f"{b}%", *extra], earlier[str(b)].get(arm))  # fmt: skip
+        with _SAVE_LOCK:
+            pen["budgets"].setdefault(str(b), {})[arm] = result
+            save(args, out)
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        list(pool.map(one, [(b, arm, extra) for b in budgets for arm, extra in PENALTY_ARMS]))
+    finals = {(b, arm): Path(x["model"]) for b, row in pen["budgets"].items() for arm, x in row.items()
+              if x.get("returncode") == 0 and Path(x.get("model", "")).is_file()}  # fmt: skip
+    if finals:  # the runs' own p50s were taken beside each other (--jobs): time them again, together
+        from hwkd.onnx import bench
+
+        stats = bench.measure(list(finals.values()), iterations=100, warmup=10, rounds=proto["bench_rounds"])
+        for (b, arm), path in finals.items():
+            pen["budgets"][b][arm]["paired_p50_ms"] = stats[path].p50
+    save(args, out)
+
+
+_SAVE_LOCK = threading.RLock()  # save() runs from the hw and penalty steps' threads too
 
 
 def merged_with_disk(disk: dict, out: dict, steps: list[str]) -> dict:
@@ -569,6 +609,8 @@ def main() -> int:
     ap.add_argument("--kd-seeds", default=None, help="override the KD table's seeds, e.g. 0")
     ap.add_argument("--kd-retrain", action="store_true",
                     help="kd step: train the seeds' methods again, replacing their earlier runs (one invocation per seed)")
+    ap.add_argument("--penalty-student", default=None,
+                    help=f"penalty step: the student that starts over the budget (default {PENALTY_STUDENT}); --budgets applies")
     ap.add_argument("--teacher-tag", default=None,
                     help="the committed teacher_resnet20_TAG.pt instead of teacher_resnet20.pt; results go to cifar10_TAG.*")
     args = ap.parse_args()
@@ -618,7 +660,8 @@ def main() -> int:
                    "step_wall_s": out.get("meta", {}).get("step_wall_s", {})}  # fmt: skip
     split_dir = step_split(args, proto, out)
     teacher_pt = step_teacher(args, proto, split_dir, out)
-    for name, fn in (("pipeline", step_pipeline), ("small", step_small), ("kd", step_kd), ("plateau", step_plateau), ("hw", step_hw)):
+    for name, fn in (("pipeline", step_pipeline), ("small", step_small), ("kd", step_kd), ("plateau", step_plateau), ("hw", step_hw),
+                     ("penalty", step_penalty)):  # fmt: skip
         if name in steps:
             t0 = time.time()
             log(f"step {name}")

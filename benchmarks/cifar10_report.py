@@ -270,6 +270,39 @@ def hw_section(r: dict, plot: Path) -> list[str]:
     return [*lines, ""]
 
 
+def penalty_section(r: dict) -> list[str]:
+    """Penalty on vs off for a student that starts over the budget (the ``penalty`` step), per budget."""
+    pen = r.get("penalty")
+    if not pen or not pen.get("budgets"):
+        return []
+    lines = [
+        "## Penalty on vs off where the budget binds",
+        "",
+        f"Profile {pen['profile']}, `hwkd compress --student {pen['student']} --latency-budget B%` (penalty on = "
+        "defaults; off = `--set distill.penalty_weight=0 --set prune.penalty_weight=0`), both arms at once, 1 "
+        "thread each; p50: the two final models re-timed in the same interleaved rounds.",
+        "",
+        "| budget | arm | final INT8 acc | params | MACs | est. ms (device) | p50 ms (host) | after distill | after prune | on − off |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for b, row in pen["budgets"].items():
+        accs = {arm: x["final"]["accuracy"] for arm, x in row.items() if x.get("returncode") == 0}
+        diff = f"{100 * (accs['on'] - accs['off']):+.2f}" if {"on", "off"} <= accs.keys() else "–"
+        for arm in ("on", "off"):
+            x = row.get(arm)
+            if not x:
+                continue
+            if x.get("returncode") != 0:
+                lines.append(f"| {b}% | {arm} | failed (exit {x.get('returncode')}) | | | | | | | |")
+                continue
+            f, stage = x["final"], {st["name"]: st.get("accuracy") for st in x["stages"]}
+            budget = (x.get("budget") or {}).get("latency_ms")
+            lines.append(f"| {b}% ({_ms(budget)} ms) | {arm} | {_pct(f['accuracy'])} | {_k(f['params'])} | {_m(f['macs'])} | "
+                         f"{_ms(f['estimated_latency_ms'])} | {_ms(x.get('paired_p50_ms'))} | {_pct(stage.get('distill'))} | "
+                         f"{_pct(stage.get('prune'))} | {diff if arm == 'on' else ''} |")  # fmt: skip
+    return [*lines, "", "Commands:", "", *(f"    {x['command']}" for row in pen["budgets"].values() for x in row.values()), ""]
+
+
 def plot_pareto(r: dict, path: Path) -> None:
     hw = r.get("hw")
     if not hw or not hw.get("budgets"):
@@ -310,7 +343,7 @@ def plot_pareto(r: dict, path: Path) -> None:
 
 def write(r: dict, md: Path, png: Path) -> None:
     plot_pareto(r, png)
-    text = "\n".join(header(r) + teacher_section(r) + pipeline_section(r) + pipeline_section(r, "small") + kd_section(r) + plateau_section(r) + hw_section(r, png))
+    text = "\n".join(header(r) + teacher_section(r) + pipeline_section(r) + pipeline_section(r, "small") + kd_section(r) + plateau_section(r) + hw_section(r, png) + penalty_section(r))
     tmp = md.with_suffix(".md.tmp")
     tmp.write_text(text)
     tmp.replace(md)

@@ -364,3 +364,41 @@ def test_small_width_names_its_run_and_passes_the_width_as_the_student_not_as_a_
     cifar10.step_small(argparse.Namespace(**{**vars(args), "small_width": None, "small_sets": None}), proto, tmp_path,
                        tmp_path / "t.pt", out)  # fmt: skip
     assert calls == [("rpi4", "small_rpi4", ["--student", "0.3x", "--set", "prune.round_to=1"])]  # the default keeps its key
+
+
+def test_penalty_step_runs_both_arms_with_the_over_budget_student_and_reports_on_minus_off(tmp_path, monkeypatch):
+    import argparse
+
+    import cifar10
+    import cifar10_report as report
+
+    calls = []
+
+    def fake_compress(args, proto, split_dir, teacher_pt, profile, run_dir, extra=(), earlier=None):
+        calls.append((run_dir.name, list(extra)))
+        if "30%" in extra and "--set" in extra:
+            return {"returncode": 1, "command": "off 30", "wall_s": 1.0}
+        acc = 0.80 if "--set" in extra else 0.815  # penalty off, on
+        return {"returncode": 0, "command": f"hwkd compress {' '.join(extra)}", "model": str(tmp_path / "missing.onnx"),
+                "budget": {"latency_ms": 0.809}, "final": {"accuracy": acc, "params": 40_000, "macs": 6e6,
+                "estimated_latency_ms": 0.80}, "stages": [{"name": "distill", "accuracy": 0.83}, {"name": "prune", "accuracy": 0.79}]}  # fmt: skip
+
+    monkeypatch.setattr(cifar10, "hwkd_compress", fake_compress)
+    monkeypatch.setattr(cifar10, "save", lambda args, out: None)
+    args = argparse.Namespace(penalty_student=None, budgets=None, runs=tmp_path, jobs=1)
+    out = {"penalty": {"student": "0.5x", "profile": "rpi4", "budgets": {"50": {"on": {"returncode": 2, "command": "x"}}}}}
+    cifar10.step_penalty(args, cifar10.PROTOCOLS["full"], tmp_path, tmp_path / "t.pt", out)
+    off = ["--set", "distill.penalty_weight=0", "--set", "prune.penalty_weight=0"]
+    assert calls == [("penalty_0.5x_20_on", ["--student", "0.5x", "--latency-budget", "20%"]),
+                     ("penalty_0.5x_20_off", ["--student", "0.5x", "--latency-budget", "20%", *off]),
+                     ("penalty_0.5x_30_on", ["--student", "0.5x", "--latency-budget", "30%"]),
+                     ("penalty_0.5x_30_off", ["--student", "0.5x", "--latency-budget", "30%", *off])]  # fmt: skip
+    assert list(out["penalty"]["budgets"]) == ["50", "20", "30"]  # a budget run earlier is kept
+    text = "\n".join(report.penalty_section(out))
+    assert "| 20% (0.809 ms) | on | 81.50% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | +1.50 |" in text
+    assert "| 30% | off | failed (exit 1) |" in text and "| 20% (0.809 ms) | off | 80.00% |" in text
+    other = argparse.Namespace(**{**vars(args), "penalty_student": "0.6x", "budgets": "20"})
+    calls.clear()
+    cifar10.step_penalty(other, cifar10.PROTOCOLS["full"], tmp_path, tmp_path / "t.pt", out)
+    assert out["penalty"]["student"] == "0.6x" and list(out["penalty"]["budgets"]) == ["20"]  # another student: afresh
+    assert report.penalty_section({}) == []
