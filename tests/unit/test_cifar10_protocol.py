@@ -386,13 +386,13 @@ def test_penalty_step_runs_both_arms_with_the_over_budget_student_and_reports_on
     monkeypatch.setattr(cifar10, "hwkd_compress", fake_compress)
     monkeypatch.setattr(cifar10, "save", lambda args, out: None)
     args = argparse.Namespace(penalty_student=None, budgets=None, runs=tmp_path, jobs=1)
-    out = {"penalty": {"student": "0.5x", "profile": "rpi4", "budgets": {"50": {"on": {"returncode": 2, "command": "x"}}}}}
-    cifar10.step_penalty(args, cifar10.PROTOCOLS["full"], tmp_path, tmp_path / "t.pt", out)
+    out = {"penalty": {"student": "0.75x", "profile": "rpi4", "budgets": {"50": {"on": {"returncode": 2, "command": "x"}}}}}
+    cifar10.step_penalty(args, {**cifar10.PROTOCOLS["full"], "penalty_budgets": [20, 30]}, tmp_path, tmp_path / "t.pt", out)
     off = ["--set", "distill.penalty_weight=0", "--set", "prune.penalty_weight=0"]
-    assert calls == [("penalty_0.5x_20_on", ["--student", "0.5x", "--latency-budget", "20%"]),
-                     ("penalty_0.5x_20_off", ["--student", "0.5x", "--latency-budget", "20%", *off]),
-                     ("penalty_0.5x_30_on", ["--student", "0.5x", "--latency-budget", "30%"]),
-                     ("penalty_0.5x_30_off", ["--student", "0.5x", "--latency-budget", "30%", *off])]  # fmt: skip
+    assert calls == [("penalty_0.75x_20_on", ["--student", "0.75x", "--latency-budget", "20%"]),
+                     ("penalty_0.75x_20_off", ["--student", "0.75x", "--latency-budget", "20%", *off]),
+                     ("penalty_0.75x_30_on", ["--student", "0.75x", "--latency-budget", "30%"]),
+                     ("penalty_0.75x_30_off", ["--student", "0.75x", "--latency-budget", "30%", *off])]  # fmt: skip
     assert list(out["penalty"]["budgets"]) == ["50", "20", "30"]  # a budget run earlier is kept
     text = "\n".join(report.penalty_section(out))
     assert "| 20% (0.809 ms) | on | 81.50% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | +1.50 |" in text
