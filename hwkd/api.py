@@ -354,7 +354,7 @@ def estimate(
         return cost_model.estimate_onnx(model, prof, precision, threads=threads)
     if example_input is None:
         raise ConfigError("Estimating a torch module needs example_input.", "Pass a batch of one input.")
-    works = cost_model.trace_torch(model, example_input)
+    works = cost_model.trace_torch(model, example_input, precision or "fp32")
     params = sum(p.numel() for p in model.parameters())
     return cost_model.price(works, prof, precision or "fp32", params=params, threads=threads)
 

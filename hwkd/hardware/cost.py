@@ -3,8 +3,10 @@
 Two steps, kept apart so either can be deepened alone:
 
 1. *Trace* the model into hardware-free ``LayerWork`` records (MACs, parameters, activation elements,
-   output channels, whether the runtime fuses the op away): ``trace_torch`` (forward hooks) or
-   ``trace_onnx`` (shape inference).
+   output channels, whether the runtime fuses the op away): ``trace_torch`` (forward hooks, and a torch
+   function mode for ops written in ``forward``) or ``trace_onnx`` (shape inference). The two give the same
+   nodes for a model and its export (residual adds, SE gates, INT8's Q/DQ included), so what a run prunes to
+   is what ``hwkd estimate model.onnx`` says of the result.
 2. *Price* them on a profile: ``price`` applies, per layer,
    ``max(2*MACs / (peak * efficiency * k/(k + k_half)), bytes / bandwidth) + per-op overhead``,
    plus a fixed per-inference cost (``[calibration] per_run_overhead_us``, 0 unless calibrated),
@@ -13,7 +15,7 @@ Two steps, kept apart so either can be deepened alone:
    convs) cannot amortise their loads and stores, which is why MACs alone mispredict MobileNets.
 
 Cross-check with the defaults on profile rpi4 at 224x224, FP32: ResNet-18 ~121 ms and MobileNetV2
-~56 ms (without its residual adds), against 123.1 / 61.9 ms published for ncnn on that board
+~56 ms, against 123.1 / 61.9 ms published for ncnn on that board
 (DEVICE-FIGURES.md).
 
 A profile written by ``hwkd profiles calibrate`` carries, per precision, a fitted *kernel model* in
@@ -162,7 +164,7 @@ class Cost:
 
 def estimate(model: Any, example_input: Any, profile: Any, precision: str = "fp32") -> Cost:
     """Estimate a torch ``nn.Module`` at batch 1 (the first sample of ``example_input``) on ``profile``."""
-    works = trace_torch(model, example_input)
+    works = trace_torch(model, example_input, precision)
     params = sum(p.numel() for p in model.parameters())
     return price(works, profile, precision, params=params)
 
@@ -491,27 +493,35 @@ def _calibration_number(profile, key, value, upper=math.inf, allow_zero=False) -
 # ---------------------------------------------------------------------------------------------- torch
 
 
-def trace_torch(model: Any, example_input: Any) -> list[LayerWork]:
-    """Run the model once at batch 1 in eval mode with hooks on conv/linear/norm/activation/pool leaves.
-
-    Functional ops in ``forward`` (``F.relu``, residual ``+``) are not modules and are not seen here;
-    ``trace_onnx`` on the exported graph sees everything.
+def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list[LayerWork]:
+    """Run the model once at batch 1 in eval mode with hooks on conv/linear/norm/activation/pool leaves, and
+    a torch function mode for the ops ``forward`` calls outside them (residual ``+``, SE's ``*``, ``cat``,
+    ``F.relu``, ``x.mean((2, 3))``): the same nodes ``trace_onnx`` sees in the exported graph, so the
+    estimate a run prunes to is the estimate ``hwkd estimate model.onnx`` gives. At ``int8`` the exported
+    graph also quantizes its input and dequantizes its output, and those two nodes are added here.
     """
     import torch
+    from torch.overrides import TorchFunctionMode
 
     kinds = _torch_kinds()
+    functional = _torch_functional_ops()
     works: list[LayerWork] = []
     calls: Counter[str] = Counter()
     fusable_out: list[Any] = [None]  # last output a following BN/activation may fold into
+    depth = [0]  # > 0 inside a traced module: its own functional calls are that module's work
+
+    def label_for(name: str) -> str:
+        calls[name] += 1
+        return name if calls[name] == 1 else f"{name}#{calls[name]}"
 
     def hook(name, module, args, output):
+        depth[0] -= 1
         kind = next(k for k, classes in kinds.items() if isinstance(module, classes))
         x = args[0] if args else None
         y = output[0] if isinstance(output, tuple | list) else output
         if not isinstance(y, torch.Tensor):
             return
-        calls[name] += 1
-        label = name if calls[name] == 1 else f"{name}#{calls[name]}"
+        label = label_for(name)
         in_numel = x.numel() if isinstance(x, torch.Tensor) else 0
         fused = kind == "fusable" and x is not None and x is fusable_out[0]
         macs, channels = _torch_macs(module, kind, x, y)
@@ -534,23 +544,119 @@ def trace_torch(model: Any, example_input: Any) -> list[LayerWork]:
         if kind in ("conv", "linear") or fused:
             fusable_out[0] = y
 
+    class FunctionalOps(TorchFunctionMode):
+        """Records the ops of ``functional`` that run outside traced modules, priced as their ONNX nodes."""
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            op = functional.get(func)
+            if op is None or depth[0] or not isinstance(out, torch.Tensor):
+                return out
+            flat = args[0] if op == "Concat" else args
+            # weights (a layer scale's gamma) and Python numbers are constants of the graph, not inputs
+            data = [a for a in flat if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter)]
+            if op in ("ReduceMean", "ReduceMax") and out.dim() == data[0].dim() and out.numel() == data[0].numel():
+                return out
+            fused = len(data) == 1 and data[0] is fusable_out[0] and op in _FUSABLE_FUNCTIONAL
+            works.append(LayerWork(name=label_for(op.lower()), op=op, macs=0, params=0,
+                                   act_in=sum(a.numel() for a in data), act_out=out.numel(), fused=fused))  # fmt: skip
+            if fused or out is fusable_out[0]:  # an in-place op (``out += identity``) ends the conv's epilogue
+                fusable_out[0] = out if fused else None
+            return out
+
     traced = tuple(c for classes in kinds.values() for c in classes)
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, traced):
             label = name or type(module).__name__
+            handles.append(module.register_forward_pre_hook(lambda m, a: depth.__setitem__(0, depth[0] + 1)))
             handles.append(module.register_forward_hook(lambda m, a, o, _n=label: hook(_n, m, a, o)))
     was_training = model.training
     inputs = _batch_one(example_input, _device_of(model))
     try:
         model.eval()
-        with torch.no_grad():
-            model(*inputs)
+        with torch.no_grad(), FunctionalOps():
+            output = model(*inputs)
     finally:
         model.train(was_training)
         for handle in handles:
             handle.remove()
+    if precision == "int8":  # the exported QDQ graph's QuantizeLinear of the input, DequantizeLinear of the output
+        works = _as_int8_graph(works)
+        first = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
+        last = output[0] if isinstance(output, tuple | list) else output
+        if isinstance(first, torch.Tensor) and first.is_floating_point():
+            works.insert(0, LayerWork(name="input_quantize", op="QuantizeLinear", macs=0, params=0,
+                                      act_in=first.numel(), act_out=first.numel()))  # fmt: skip
+        if isinstance(last, torch.Tensor):
+            works.append(LayerWork(name="output_dequantize", op="DequantizeLinear", macs=0, params=0,
+                                   act_in=last.numel(), act_out=last.numel()))  # fmt: skip
     return works
+
+
+# How an INT8 QDQ graph runs activations (what trace_onnx sees in the exported graph): ReLU-like clamps fold into
+# the quantized conv / add's output range; Sigmoid and LeakyRelu run as quantized ops of their own; the rest run
+# in float between a DequantizeLinear and a QuantizeLinear; SiLU is exported as Sigmoid and Mul.
+_INT8_FOLDED = {"ReLU", "ReLU6", "Hardtanh", "Relu", "Clip"}
+_INT8_OWN_OP = {"Sigmoid", "LeakyReLU", "LeakyRelu"}
+_INT8_IN_FLOAT = {"Hardswish", "HardSwish", "Hardsigmoid", "HardSigmoid", "Tanh", "GELU", "Gelu", "Mish", "ELU"}
+
+
+def _as_int8_graph(works: list[LayerWork]) -> list[LayerWork]:
+    """Module-level works rewritten as the INT8 QDQ graph runs their activations (see _INT8_FOLDED)."""
+    out: list[LayerWork] = []
+    for w in works:
+        if w.op in _INT8_FOLDED:
+            out.append(dataclasses.replace(w, fused=True))
+        elif w.op in _INT8_OWN_OP:
+            out.append(dataclasses.replace(w, fused=False))
+        elif w.op == "SiLU":
+            out += [LayerWork(name=f"{w.name}/sigmoid", op="Sigmoid", macs=0, params=0, act_in=w.act_in, act_out=w.act_out),
+                    LayerWork(name=f"{w.name}/mul", op="Mul", macs=0, params=0, act_in=w.act_in + w.act_out,
+                              act_out=w.act_out)]  # fmt: skip
+        elif w.op in _INT8_IN_FLOAT:
+            out += [LayerWork(name=f"{w.name}/dequantize", op="DequantizeLinear", macs=0, params=0, act_in=w.act_in,
+                              act_out=w.act_in), dataclasses.replace(w, fused=False),
+                    LayerWork(name=f"{w.name}/quantize", op="QuantizeLinear", macs=0, params=0, act_in=w.act_out,
+                              act_out=w.act_out)]  # fmt: skip
+        else:
+            out.append(w)
+    return out
+
+
+# Functional activations the runtime folds into a preceding conv / linear, as ``_FUSABLE_OPS`` in onnx_trace.
+_FUSABLE_FUNCTIONAL = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Add"}
+
+
+def _torch_functional_ops() -> dict[Any, str]:
+    """torch functions and Tensor methods a model's ``forward`` calls outside modules, by their ONNX op."""
+    import torch
+    import torch.nn.functional as F
+    from torch import Tensor
+
+    ops: dict[Any, str] = {}
+    for onnx_op, funcs in {
+        "Add": (torch.add, Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__),
+        "Sub": (torch.sub, Tensor.sub, Tensor.sub_, Tensor.__sub__, Tensor.__rsub__, Tensor.__isub__),
+        "Mul": (torch.mul, Tensor.mul, Tensor.mul_, Tensor.__mul__, Tensor.__rmul__, Tensor.__imul__),
+        "Div": (torch.div, Tensor.div, Tensor.div_, Tensor.__truediv__, Tensor.__itruediv__),
+        "Concat": (torch.cat, torch.concat),
+        "Relu": (torch.relu, torch.relu_, F.relu, Tensor.relu, Tensor.relu_),
+        "Clip": (F.relu6, F.hardtanh, F.hardtanh_, torch.clamp, Tensor.clamp, Tensor.clamp_),
+        "Sigmoid": (torch.sigmoid, F.sigmoid, Tensor.sigmoid, Tensor.sigmoid_),
+        "HardSigmoid": (F.hardsigmoid,),
+        "HardSwish": (F.hardswish,),
+        "SiLU": (F.silu,),
+        "Gelu": (F.gelu,),
+        "Tanh": (torch.tanh, Tensor.tanh),
+        "ReduceMean": (torch.mean, Tensor.mean),
+        "ReduceMax": (torch.amax, Tensor.amax),
+        "GlobalAveragePool": (F.adaptive_avg_pool2d,),
+        "AveragePool": (F.avg_pool2d,),
+        "MaxPool": (F.max_pool2d,),
+    }.items():
+        ops.update(dict.fromkeys(funcs, onnx_op))
+    return ops
 
 
 def _torch_kinds() -> dict[str, tuple[type, ...]]:
@@ -564,10 +670,10 @@ def _torch_kinds() -> dict[str, tuple[type, ...]]:
         "convT": (_ConvTransposeNd,),
         "conv": (_ConvNd,),
         "linear": (nn.Linear,),
-        "fusable": (_BatchNorm, nn.ReLU, nn.Hardtanh, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Hardsigmoid),
+        "fusable": (_BatchNorm, nn.ReLU, nn.Hardtanh, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Hardswish),
         "elementwise": (
             nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
-            nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Softmax, nn.LogSoftmax,
+            nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Softmax, nn.LogSoftmax,
         ),
         "pool": (_MaxPoolNd, _AvgPoolNd, _AdaptiveAvgPoolNd, _AdaptiveMaxPoolNd),
     }  # fmt: skip

@@ -312,8 +312,9 @@ def test_calibrated_overheads_per_op_precision_and_per_run():
     assert plain == pytest.approx(compute_ms + 2.0e-3, rel=1e-3)
     # one conv: 5 us dispatch (the calibrated fp32 figure replaces the hardware one) + 40 us per run
     assert estimate(conv, x, prof).latency_ms == pytest.approx(compute_ms + 5.0e-3 + 40.0e-3, rel=1e-3)
-    # int8 has no calibrated figure here: the hardware one applies
-    assert estimate(conv, x, prof, "int8").latency_ms == pytest.approx(2.0e-3 + 40.0e-3, rel=1e-2)
+    # int8 has no calibrated figure here: the hardware one applies, to the conv and to the INT8 graph's
+    # QuantizeLinear of the input and DequantizeLinear of the output
+    assert estimate(conv, x, prof, "int8").latency_ms == pytest.approx(3 * 2.0e-3 + 40.0e-3, rel=1e-2)
 
 
 # ---------------------------------------------------------------------------------------------- kernel model
@@ -509,3 +510,78 @@ def test_kernel_model_with_threads_splits_only_large_layers():
         split = layer_features(w, tile=8, k_half=0.0, threads=2, grain=1e6)
         assert split["conv_flops"] == pytest.approx(serial["conv_flops"] / speedup, rel=0.02)
         assert split["ops"] == serial["ops"] == 1.0  # dispatch does not split
+
+
+# ---------------------------------------------------------------------------------------------- functional ops
+
+
+class _Block(nn.Module):
+    """A residual block whose add, SE-style gate and activations are written in ``forward``, not as modules."""
+
+    def __init__(self, c: int = 8, in_place: bool = False):
+        super().__init__()
+        self.conv, self.bn, self.in_place = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), in_place
+        self.gate = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        if self.in_place:
+            out += x
+        else:
+            out = out + x
+        y = torch.relu(out)
+        gate = torch.sigmoid(self.gate(y.mean((2, 3), keepdim=True)))
+        return torch.cat([y * gate, x], 1)
+
+
+def test_functional_ops_in_forward_are_traced_as_the_onnx_nodes_they_export_to():
+    """Residual +, torch.relu, x.mean, sigmoid, * and cat in forward are work (stop 32: they were invisible)."""
+    from hwkd.hardware.cost import trace_torch
+
+    n = 8 * 6 * 6
+    works = {w.name: w for w in trace_torch(_Block().eval(), torch.randn(1, 8, 6, 6))}
+    assert (works["add"].op, works["add"].act_in, works["add"].act_out, works["add"].fused) == ("Add", 2 * n, n, False)
+    assert works["relu"].op == "Relu" and not works["relu"].fused  # after an add: no conv epilogue to fold into
+    assert (works["reducemean"].op, works["reducemean"].act_in, works["reducemean"].act_out) == ("ReduceMean", n, 8)
+    assert works["sigmoid"].fused  # straight after the 1x1 gate conv: its epilogue
+    assert (works["mul"].act_in, works["mul"].act_out) == (n + 8, n)
+    assert (works["concat"].op, works["concat"].act_in, works["concat"].act_out) == ("Concat", 2 * n, 2 * n)
+    assert {"conv", "bn", "gate"} <= works.keys() and len(works) == 9  # BN's own F.batch_norm is not counted again
+    # the in-place ``out += x`` returns the BN output itself: the relu after it still is not a conv epilogue
+    in_place = {w.name: w for w in trace_torch(_Block(in_place=True).eval(), torch.randn(1, 8, 6, 6))}
+    assert in_place["add"].op == "Add" and not in_place["relu"].fused
+
+
+def test_int8_adds_the_graphs_input_quantize_output_dequantize_and_runs_activations_as_a_qdq_graph_does():
+    from hwkd.hardware.cost import trace_torch
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Hardswish(), nn.Conv2d(8, 8, 1), nn.SiLU(), nn.Conv2d(8, 8, 1),
+                          nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Sigmoid()).eval()  # fmt: skip
+    x = torch.randn(1, 3, 8, 8)
+    fp32 = [(w.op, w.fused) for w in trace_torch(model, x)]
+    assert fp32 == [("Conv2d", False), ("Hardswish", True), ("Conv2d", False), ("SiLU", False), ("Conv2d", False),
+                    ("ReLU", True), ("Conv2d", False), ("Sigmoid", True)]  # fmt: skip
+    int8 = [(w.op, w.fused) for w in trace_torch(model, x, "int8")]
+    assert int8 == [
+        ("QuantizeLinear", False), ("Conv2d", False),
+        ("DequantizeLinear", False), ("Hardswish", False), ("QuantizeLinear", False),  # runs in float
+        ("Conv2d", False), ("Sigmoid", False), ("Mul", False),  # SiLU exports as Sigmoid * x
+        ("Conv2d", False), ("ReLU", True),  # folded into the quantized conv's range
+        ("Conv2d", False), ("Sigmoid", False),  # a quantized op of its own
+        ("DequantizeLinear", False),
+    ]  # fmt: skip
+    works = trace_torch(model, x, "int8")
+    assert works[0].act_in == 3 * 64 and works[-1].act_in == 8 * 36  # the input image and the output map
+
+
+@pytest.mark.parametrize("arch", ["resnet", "mobilenetv2"])
+def test_torch_estimate_equals_the_exported_graphs_for_residual_zoo_nets(arch, tmp_path):
+    """The estimate a run prunes to is the one ``hwkd estimate model.onnx`` gives (FP32: exact, same nodes)."""
+    from hwkd.models import zoo
+
+    model = getattr(zoo, arch)(10, 3, 0.5).eval()
+    x = torch.randn(1, 3, 32, 32)
+    path = tmp_path / f"{arch}.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=True)
+    profile = load_profile("rpi4")
+    assert estimate(model, x, profile).latency_ms == pytest.approx(estimate_onnx(path, profile).latency_ms, rel=1e-3)
