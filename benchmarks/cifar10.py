@@ -24,6 +24,7 @@ Steps (each writes benchmarks/results/cifar10[_quick].{json,md,png} as it finish
 - penalty:  penalty on vs off where the budget binds for a student that starts over it (``--student
             0.75x``, the teacher at 3/4 width from its trained weights, at 30%): at 20-50% the default
             student already meets the budget, so the hw step's arms are one model there.
+            An ``hwkd compress`` killed with its session is resumed by the next invocation of the same step.
 """
 
 from __future__ import annotations
@@ -61,10 +62,10 @@ MEAN_STD = ["--mean", ",".join(map(str, teacher_mod.MEAN)), "--std", ",".join(ma
 SMALL_WIDTH = 0.3
 SMALL_STUDENT = ["--student", f"{SMALL_WIDTH}x", "--set", "prune.round_to=1"]
 
-# The penalty step's student: the teacher at 3/4 width (148k params, 18.3M MACs, est. 1.73 ms INT8 on rpi4, 42.8%
-# of the teacher's 4.05 ms), so a 30% budget binds (a 30% cut), where the default student (19.3%) meets 20-50%
-# unpruned. 20% is out of pruning's reach for a ResNet-20 shape (floor ~0.99 ms at 8 channels a layer: hwkd says
-# so and leaves it whole), and a 0.5x copy (1.32 ms) would need only 8% at 30%.
+# The penalty step's student: the teacher at 3/4 width (148k params, 18.3M MACs, est. 1.77 ms INT8 on rpi4, 41.1%
+# of the teacher's 4.31 ms), so a 30% budget binds (a 27% cut), where the default student (0.861 ms, 19.98%) meets
+# 20-50% unpruned. 20% is out of pruning's reach for a ResNet-20 shape (floor ~1 ms at 8 channels a layer: hwkd
+# says so and leaves it whole), and a 0.5x copy (1.35 ms, 31.4%) would need only 4% at 30%.
 PENALTY_STUDENT = "0.75x"
 PENALTY_ARMS = (("on", []), ("off", ["--set", "distill.penalty_weight=0", "--set", "prune.penalty_weight=0"]))
 
