@@ -360,7 +360,7 @@ def plateau_methods(args) -> list[str]:
     return [m.strip() for m in (args.plateau_methods or "").split(",") if m.strip()]
 
 
-def pipeline_stand_in(out: dict, proto: dict, budget_pct: int) -> dict | None:
+def pipeline_stand_in(out: dict, proto: dict, budget_pct: int, estimate_now=None) -> dict | None:
     """The pipeline step's run of the hw profile, where a ``budget_pct``% budget cannot change it.
 
     Under a budget the default student already meets on the cost model, hwkd's run is the budget-free
@@ -368,6 +368,8 @@ def pipeline_stand_in(out: dict, proto: dict, budget_pct: int) -> dict | None:
     die) and the prune stage has nothing to do. So when the pipeline run pruned nothing and its INT8
     estimate is within the budget, it stands in for both arms (``--stand-in-pipeline``); the 20% run,
     trained in full, gave byte-identical weights (docs/decisions-issue14.md, stop 19). None otherwise.
+    ``estimate_now(model_path) -> (model_ms, teacher_ms)`` re-prices both on today's cost model, so a run
+    recorded by an older one is judged by the estimate a new run would budget by (stop 32 changed it).
     """
     run = (out.get("pipeline") or {}).get(proto["hw_profile"])
     if not run or run.get("returncode") != 0:
@@ -378,8 +380,10 @@ def pipeline_stand_in(out: dict, proto: dict, budget_pct: int) -> dict | None:
         return None
     if any(s["name"] == "prune" and s["epochs"] for s in run["stages"]):
         return None
-    budget_ms = budget_pct / 100 * run["teacher"]["estimated_latency_ms"]
-    est = run["final"]["estimated_latency_ms"]
+    est, teacher_ms = run["final"]["estimated_latency_ms"], run["teacher"]["estimated_latency_ms"]
+    if estimate_now is not None:
+        est, teacher_ms = estimate_now(model)
+    budget_ms = budget_pct / 100 * teacher_ms
     if run["final"].get("precision") != "int8" or est > budget_ms:
         return None
     copy = "" if model == Path(run["model"]) else f"; its committed copy {run['committed_model']}"
@@ -408,9 +412,18 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
     for b in proto["budgets"]:  # the hwkd runs are redone (or reused); the peers are decided below
         hw["budgets"][str(b)] = {k: v for k, v in earlier[str(b)].items() if k in ("peer", "peer_at_budget")}
 
+    def estimate_now(model: Path) -> tuple[float, float]:
+        """The stand-in's INT8 estimate and the teacher's FP32 one (a % budget's base) on today's cost model."""
+        from hwkd.hardware.cost import estimate, estimate_onnx
+        from hwkd.hardware.profiles import load_profile
+
+        prof = load_profile(proto["hw_profile"])
+        return (estimate_onnx(model, prof, "int8").latency_ms,
+                estimate(load_teacher(teacher_pt), example, prof, "fp32").latency_ms)  # fmt: skip
+
     def one(run) -> None:
         b, arm, extra = run
-        stand_in = pipeline_stand_in(out, proto, b) if args.stand_in_pipeline else None
+        stand_in = pipeline_stand_in(out, proto, b, estimate_now) if args.stand_in_pipeline else None
         if stand_in is not None:
             log(f"{b}% {arm}: {stand_in['stand_in']}")
         result = stand_in or hwkd_compress(args, proto, split_dir, teacher_pt, proto["hw_profile"], args.runs / f"hw_{b}_{arm}",
@@ -488,7 +501,7 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
 
 
 def step_penalty(args, proto, split_dir, teacher_pt, out: dict) -> None:
-    """Penalty on vs off at budgets that bind for ``--penalty-student`` (default the teacher at half width):
+    """Penalty on vs off at budgets that bind for ``--penalty-student`` (default the teacher at 3/4 width):
     both arms through the CLI at once (``--jobs``), then their final models timed in the same rounds."""
     student = args.penalty_student or PENALTY_STUDENT
     pen: dict = out.get("penalty") or {}

@@ -190,6 +190,9 @@ def test_the_default_pipeline_stands_in_only_where_the_budget_cannot_bind(tmp_pa
     assert cifar10.pipeline_stand_in(out, proto, 20)["stand_in"].startswith("pipeline rpi4 run: budget not binding")
     assert cifar10.pipeline_stand_in(out, proto, 20)["command"] == run["command"]  # says what really ran
     assert cifar10.pipeline_stand_in(out, proto, 19) is None  # 0.76 ms: the student is over it
+    # judged on today's cost model when given: a student re-priced at 0.86 of a teacher at 4.3 ms is within 20%...
+    assert cifar10.pipeline_stand_in(out, proto, 20, lambda m: (0.86, 4.3))["stand_in"].find("0.860 ms <= 0.860") > 0
+    assert cifar10.pipeline_stand_in(out, proto, 20, lambda m: (0.87, 4.3)) is None  # ... and at 0.87 it is not
     pruned = {**run, "stages": [{"name": "prune", "epochs": 6}]}
     assert cifar10.pipeline_stand_in({"pipeline": {"rpi4": pruned}}, proto, 50) is None
     assert cifar10.pipeline_stand_in({"pipeline": {"jetson": run}}, proto, 50) is None

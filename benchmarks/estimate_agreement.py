@@ -1,0 +1,101 @@
+"""Does the estimate a run prunes by equal ``hwkd estimate`` of the model it exports?
+
+During training hwkd prices the PyTorch student (``cost.estimate``: hooks on layers plus a torch function
+mode for ops written in ``forward``); users and CI price the exported ONNX (``hwkd estimate model.onnx``,
+the path ``predictor_accuracy.py`` checks against measured latency). The two must agree, or a run's
+"budget met" is a claim about a different graph. This script builds the models predictor_accuracy uses
+(the zoo grid and the torchvision/timm 224 px set, exported with hwkd's exporter, INT8 by onnxruntime's
+static QDQ quantization) plus the committed CIFAR-10 default-pipeline INT8 model (torchao PT2E QAT export),
+and compares both estimates per model and precision on a profile. Nothing is timed.
+
+    python benchmarks/estimate_agreement.py                  # rpi4; ~5 min on 2 cores
+    python benchmarks/estimate_agreement.py --profile jetson --tag jetson
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import predictor_accuracy as pa  # noqa: E402
+
+from hwkd.artifacts import atomic_write, write_json  # noqa: E402
+from hwkd.hardware.cost import estimate, estimate_onnx  # noqa: E402
+from hwkd.hardware.profiles import load_profile  # noqa: E402
+from hwkd.models.zoo import ZOO  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# The committed default-pipeline model of the CIFAR-10 benchmark and the architecture it was trained as.
+CIFAR_INT8 = RESULTS / "cifar10" / "e30" / "rpi4_int8.onnx"
+
+
+def torch_model(row: dict) -> torch.nn.Module:
+    if row["group"] == "benchmark":
+        arch, width = row["model"].split("-w")[0], float(row["model"].split("-w")[1].split("-r")[0])
+        return ZOO.get(arch)(num_classes=10, in_channels=3, width=width).eval()
+    return pa.build_224(row["model"]).eval()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="rpi4")
+    ap.add_argument("--tag", default="", help="results go to estimate_agreement[_TAG].{json,md}")
+    ap.add_argument("--quick", action="store_true", help="three zoo models and one 224 px model")
+    args = ap.parse_args()
+    profile = load_profile(args.profile)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)  # the exported weights and the priced ones are the same module's
+        rows = pa.export_models(Path(tmp), args.quick)
+        models: dict[str, torch.nn.Module] = {}
+        for row in rows:
+            model = models.setdefault(row["model"], torch_model(row))
+            results.append(compare(row["model"], row["group"], row["precision"], model, row["resolution"],
+                                   row["path"], profile))  # fmt: skip
+    if CIFAR_INT8.is_file():  # the pipeline's own INT8 export, not ORT's quantizer
+        student = ZOO.get("mobilenetv2")(num_classes=10, in_channels=3, width=1.0).eval()
+        results.append(compare("cifar10 default student (pipeline export)", "hwkd pipeline", "int8", student, 32,
+                               CIFAR_INT8, profile))  # fmt: skip
+    off = [r for r in results if abs(r["ratio"] - 1) > 0.02]
+    summary = {"profile": args.profile, "pairs": len(results), "max_abs_diff_pct": round(max(abs(r["ratio"] - 1) for r in results) * 100, 3),
+               "off_by_more_than_2pct": len(off), "rows": results}  # fmt: skip
+    stem = RESULTS / f"estimate_agreement{'_' + args.tag if args.tag else ''}"
+    write_json(stem.with_suffix(".json"), summary)
+    atomic_write(stem.with_suffix(".md"), render(summary))
+    print(render(summary))
+    return 0
+
+
+def compare(name: str, group: str, precision: str, model: torch.nn.Module, res: int, path, profile) -> dict:
+    x = torch.zeros(1, 3, res, res)
+    from_torch = estimate(model, x, profile, precision).latency_ms
+    from_onnx = estimate_onnx(path, profile, precision).latency_ms
+    return {"model": name, "group": group, "precision": precision, "torch_ms": round(from_torch, 4),
+            "onnx_ms": round(from_onnx, 4), "ratio": round(from_torch / from_onnx, 5)}  # fmt: skip
+
+
+def render(s: dict) -> str:
+    lines = [
+        f"# PyTorch-side estimate vs `hwkd estimate` of the export (profile {s['profile']})",
+        "",
+        "Reproduce: `python benchmarks/estimate_agreement.py" + (f" --profile {s['profile']}" if s["profile"] != "rpi4" else "") + "`",
+        "",
+        f"**{s['pairs']} model/precision pairs; largest difference {s['max_abs_diff_pct']}%; "
+        f"{s['off_by_more_than_2pct']} differ by more than 2%.**",
+        "",
+        "| model | group | precision | PyTorch ms | ONNX ms | PyTorch / ONNX |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {r['model']} | {r['group']} | {r['precision']} | {r['torch_ms']:.4f} | {r['onnx_ms']:.4f} | {r['ratio']:.4f} |"
+              for r in s["rows"]]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
