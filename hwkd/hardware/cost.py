@@ -509,6 +509,10 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
     calls: Counter[str] = Counter()
     fusable_out: list[Any] = [None]  # last output a following BN/activation may fold into
     depth = [0]  # > 0 inside a traced module: its own functional calls are that module's work
+    # The traced module each activation comes from (through functional ops too): a functional op is named
+    # "<module>#<op>", so the penalty's per-channel weights (penalty.channel_groups, by module name) count a
+    # residual add in the channel group of the layer that feeds it. Tensors are kept alive so ids stay unique.
+    owner: dict[int, tuple[Any, str]] = {}
 
     def label_for(name: str) -> str:
         calls[name] += 1
@@ -543,6 +547,7 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
         )
         if kind in ("conv", "linear") or fused:
             fusable_out[0] = y
+        owner[id(y)] = (y, name)
 
     class FunctionalOps(TorchFunctionMode):
         """Records the ops of ``functional`` that run outside traced modules, priced as their ONNX nodes."""
@@ -558,8 +563,11 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
             if op in ("ReduceMean", "ReduceMax") and out.dim() == data[0].dim() and out.numel() == data[0].numel():
                 return out
             fused = len(data) == 1 and data[0] is fusable_out[0] and op in _FUSABLE_FUNCTIONAL
-            works.append(LayerWork(name=label_for(op.lower()), op=op, macs=0, params=0,
-                                   act_in=sum(a.numel() for a in data), act_out=out.numel(), fused=fused))  # fmt: skip
+            source = next((owner[id(a)][1] for a in data if id(a) in owner and owner[id(a)][0] is a), None)
+            if source is not None:
+                owner[id(out)] = (out, source)
+            works.append(LayerWork(name=label_for(f"{source}#{op.lower()}" if source else op.lower()), op=op, macs=0,
+                                   params=0, act_in=sum(a.numel() for a in data), act_out=out.numel(), fused=fused))  # fmt: skip
             if fused or out is fusable_out[0]:  # an in-place op (``out += identity``) ends the conv's epilogue
                 fusable_out[0] = out if fused else None
             return out
