@@ -513,6 +513,7 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
     # "<module>#<op>", so the penalty's per-channel weights (penalty.channel_groups, by module name) count a
     # residual add in the channel group of the layer that feeds it. Tensors are kept alive so ids stay unique.
     owner: dict[int, tuple[Any, str]] = {}
+    constants: dict[int, Any] = {}  # results computed from weights alone (``gamma.mean()``): graph constants
 
     def label_for(name: str) -> str:
         calls[name] += 1
@@ -559,7 +560,11 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
                 return out
             flat = args[0] if op == "Concat" else args
             # weights (a layer scale's gamma) and Python numbers are constants of the graph, not inputs
-            data = [a for a in flat if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter)]
+            data = [a for a in flat if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter)
+                    and constants.get(id(a)) is not a]  # fmt: skip
+            if not data:  # on constants only: the exporter folds it (trace_onnx skips such nodes); so is its result
+                constants[id(out)] = out
+                return out
             if op in ("ReduceMean", "ReduceMax") and out.dim() == data[0].dim() and out.numel() == data[0].numel():
                 return out
             fused = len(data) == 1 and data[0] is fusable_out[0] and op in _FUSABLE_FUNCTIONAL

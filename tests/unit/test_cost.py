@@ -554,6 +554,21 @@ def test_functional_ops_in_forward_are_traced_as_the_onnx_nodes_they_export_to()
     assert in_place["bn#add"].op == "Add" and not in_place["bn#relu"].fused
 
 
+def test_an_op_on_weights_alone_is_folded_by_the_export_and_not_priced():
+    from hwkd.hardware.cost import trace_torch
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.gamma = nn.Conv2d(3, 4, 1), nn.Parameter(torch.ones(4, 1, 1))
+
+        def forward(self, x):
+            return self.conv(x) * torch.sigmoid(self.gamma.mean())  # the gate is a constant of the graph
+
+    ops = [w.op for w in trace_torch(Scaled().eval(), torch.randn(1, 3, 4, 4))]
+    assert ops == ["Conv2d", "Mul"]
+
+
 class _Residual(nn.Module):
     def __init__(self):
         super().__init__()
