@@ -17,9 +17,10 @@ import pytest
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 # A budget that budget pruning can reach: at 8x8 px the student's jetson estimate is nearly all per-layer cost
-# (INT8: 0.182 ms, 0.177 ms with every layer at 8 channels, teacher 0.207 ms), so 40% of the teacher is out of
-# reach and nothing would be pruned (prune.budget_reach); 87% (0.180 ms) is between the floor and the start.
-BUDGET = "87%"
+# (INT8: 0.222 ms, 0.217 ms with every layer at 8 channels, teacher 0.231 ms, residual adds and INT8's Q/DQ
+# counted since stop 32), so 40% of the teacher is out of reach and nothing would be pruned (prune.budget_reach);
+# 95% (0.2197 ms) is between the floor and the start.
+BUDGET = "95%"
 
 
 def tiny_npz(path: Path) -> Path:
