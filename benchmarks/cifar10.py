@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -412,6 +413,7 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
     for b in proto["budgets"]:  # the hwkd runs are redone (or reused); the peers are decided below
         hw["budgets"][str(b)] = {k: v for k, v in earlier[str(b)].items() if k in ("peer", "peer_at_budget")}
 
+    @functools.cache  # one stand-in model, one teacher: priced once, not per (budget, arm)
     def estimate_now(model: Path) -> tuple[float, float]:
         """The stand-in's INT8 estimate and the teacher's FP32 one (a % budget's base) on today's cost model."""
         from hwkd.hardware.cost import estimate, estimate_onnx
@@ -491,11 +493,7 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
         if "peer_at_budget" in r:
             finals[(b, "peer_at_budget")] = Path(r["peer_at_budget"]["model"])
     # Every final model timed again in the same interleaved rounds: the latencies the plot compares.
-    from hwkd.onnx import bench
-
-    stats = bench.measure(list(dict.fromkeys(finals.values())), iterations=100, warmup=10, rounds=proto["bench_rounds"])
-    for (b, key), path in finals.items():
-        hw["budgets"][b][key]["paired_p50_ms"] = stats[Path(path)].p50
+    time_together(hw["budgets"], finals, proto["bench_rounds"])
     hw["wall_s"] = round(time.time() - t0, 1)
     save(args, out)
 
@@ -525,12 +523,18 @@ def step_penalty(args, proto, split_dir, teacher_pt, out: dict) -> None:
     finals = {(b, arm): Path(x["model"]) for b, row in pen["budgets"].items() for arm, x in row.items()
               if x.get("returncode") == 0 and Path(x.get("model", "")).is_file()}  # fmt: skip
     if finals:  # the runs' own p50s were taken beside each other (--jobs): time them again, together
-        from hwkd.onnx import bench
-
-        stats = bench.measure(list(finals.values()), iterations=100, warmup=10, rounds=proto["bench_rounds"])
-        for (b, arm), path in finals.items():
-            pen["budgets"][b][arm]["paired_p50_ms"] = stats[path].p50
+        time_together(pen["budgets"], finals, proto["bench_rounds"])
     save(args, out)
+
+
+def time_together(budgets: dict, finals: dict[tuple[str, str], Path], rounds: int) -> None:
+    """Time every final model in the same interleaved onnxruntime rounds (each file once) and record its p50
+    as ``budgets[b][key]["paired_p50_ms"]`` for each ``(b, key)`` of ``finals``."""
+    from hwkd.onnx import bench
+
+    stats = bench.measure(list(dict.fromkeys(finals.values())), iterations=100, warmup=10, rounds=rounds)
+    for (b, key), path in finals.items():
+        budgets[b][key]["paired_p50_ms"] = stats[Path(path)].p50
 
 
 _SAVE_LOCK = threading.RLock()  # save() runs from the hw and penalty steps' threads too
