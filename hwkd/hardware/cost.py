@@ -503,6 +503,8 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
     import torch
     from torch.overrides import TorchFunctionMode
 
+    from hwkd.hardware.onnx_trace import EPILOGUE_OPS  # its fusion rule, applied to functional ops below
+
     kinds = _torch_kinds()
     functional = _torch_functional_ops()
     works: list[LayerWork] = []
@@ -567,7 +569,7 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
                 return out
             if op in ("ReduceMean", "ReduceMax") and out.dim() == data[0].dim() and out.numel() == data[0].numel():
                 return out
-            fused = len(data) == 1 and data[0] is fusable_out[0] and op in _FUSABLE_FUNCTIONAL
+            fused = len(data) == 1 and data[0] is fusable_out[0] and op in EPILOGUE_OPS
             source = next((owner[id(a)][1] for a in data if id(a) in owner and owner[id(a)][0] is a), None)
             if source is not None:
                 owner[id(out)] = (out, source)
@@ -635,10 +637,6 @@ def _as_int8_graph(works: list[LayerWork]) -> list[LayerWork]:
         else:
             out.append(w)
     return out
-
-
-# Functional activations the runtime folds into a preceding conv / linear, as ``_FUSABLE_OPS`` in onnx_trace.
-_FUSABLE_FUNCTIONAL = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Add"}
 
 
 def _torch_functional_ops() -> dict[Any, str]:

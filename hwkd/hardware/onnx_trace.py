@@ -47,6 +47,8 @@ _QDQ_FOLDING = {
 _CONV_WEIGHT_SLOT = {"Conv": 1, "ConvInteger": 1, "ConvTranspose": 1, "QLinearConv": 3}
 # Ops ONNX Runtime folds into a preceding Conv/Gemm (ConvBNFusion, ConvActivationFusion, MatMulAddFusion).
 _FUSABLE_OPS = {"BatchNormalization", "Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish"}
+# What folds into the op before it when that is a conv / gemm (or already folded): the above, and a bias-like Add.
+EPILOGUE_OPS = _FUSABLE_OPS | {"Add"}
 _FUSE_PRODUCERS = {"Conv", "QLinearConv", "Gemm", "MatMul"}
 # Ops that pass a constant through unchanged (for finding a weight behind DequantizeLinear etc.).
 _CONST_PASS = {"DequantizeLinear", "Cast", "Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze"}
@@ -119,7 +121,7 @@ def trace_onnx(path_or_model: Any) -> tuple[list[LayerWork], int, str]:
         kernel, groups, in_channels = _conv_geometry(node, shapes, consts, const_source)
         src = producer.get(data_inputs[0])
         fused = (
-            node.op_type in _FUSABLE_OPS | {"Add"}
+            node.op_type in EPILOGUE_OPS
             and src is not None
             and (src.op_type in _FUSE_PRODUCERS or src.output[0] in fused_outputs)
             and consumers[data_inputs[0]] == 1
