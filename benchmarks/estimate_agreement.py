@@ -51,7 +51,8 @@ def main() -> int:
     profile = load_profile(args.profile)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)  # the exported weights and the priced ones are the same module's
+        torch.manual_seed(0)  # reproducible exports; both estimates depend on shapes only, so a fresh
+        # instance of each architecture (torch_model) is priced beside its export
         rows = pa.export_models(Path(tmp), args.quick)
         models: dict[str, torch.nn.Module] = {}
         for row in rows:
