@@ -68,7 +68,13 @@ SMALL_STUDENT = ["--student", f"{SMALL_WIDTH}x", "--set", "prune.round_to=1"]
 # 20-50% unpruned. 20% is out of pruning's reach for a ResNet-20 shape (floor ~1 ms at 8 channels a layer: hwkd
 # says so and leaves it whole), and a 0.5x copy (1.35 ms, 31.4%) would need only 4% at 30%.
 PENALTY_STUDENT = "0.75x"
-PENALTY_ARMS = (("on", []), ("off", ["--set", "distill.penalty_weight=0", "--set", "prune.penalty_weight=0"]))
+PENALTY_ARMS = (
+    ("on", []),
+    ("off", ["--set", "distill.penalty_weight=0", "--set", "prune.penalty_weight=0"]),
+    # The penalty aimed at the pruner's own plan (issue 14's fallback), held off for the first 30% of distillation.
+    ("plan", ["--set", "distill.penalty_target=plan", "--set", "distill.penalty_start=0.3",
+              "--set", "prune.penalty_target=plan"]),
+)
 
 # The protocol. Full: hwkd's defaults for the pipeline; the KD table long enough for the student
 # alone to plateau. Quick: the same code on a class-balanced subset, one epoch per stage.
@@ -160,8 +166,8 @@ def step_teacher(args, proto: dict, split_dir: Path, out: dict) -> Path:
 def hwkd_compress(args, proto: dict, split_dir: Path, teacher_pt: Path, profile: str, run_dir: Path,
                   extra: list[str] = (), earlier: dict | None = None) -> dict:  # fmt: skip
     """One ``hwkd compress`` through the CLI, as a user types it; returns the report's key figures.
-    With ``--reuse-runs``, an ``earlier`` result of the very same command whose model is still on disk
-    is returned instead of training again (marked ``reused``). An unfinished run of the same command in
+    With ``--reuse-runs``, an ``earlier`` result of the very same command whose model is still on disk,
+    or a complete run of it in ``run_dir``, is returned instead of training again (marked ``reused``). An unfinished run of the same command in
     ``run_dir`` (a session ended under it) is resumed from its last complete epoch (marked ``resumed``)."""
     cmd = [sys.executable, "-m", "hwkd", "compress", "--profile", profile, "--data", str(split_dir),
            "--teacher", str(teacher_pt), "--teacher-arch", teacher_mod.ARCH, *MEAN_STD,
@@ -173,6 +179,11 @@ def hwkd_compress(args, proto: dict, split_dir: Path, teacher_pt: Path, profile:
     if getattr(args, "reuse_runs", False) and reusable(earlier, shown):
         log(f"reused (same command, model on disk): {shown}")
         return {**earlier, "reused": True}
+    finished = finished_run(run_dir, cmd[3:]) if getattr(args, "reuse_runs", False) else None
+    if finished:  # run by hand (or by another invocation) with this very command, and complete
+        log(f"reused (same command, complete run folder): {shown}")
+        manifest, rep = finished
+        return {**run_result(rep, shown, run_dir, manifest.get("wall_seconds")), "reused": True}
     resumed = unfinished_run(run_dir, cmd[3:])
     if resumed:  # a run of this very command was killed (e.g. the session ended): continue it, do not restart
         log(f"resume ({resumed}, from its last complete epoch): {shown}")
@@ -186,13 +197,17 @@ def hwkd_compress(args, proto: dict, split_dir: Path, teacher_pt: Path, profile:
         log(f"hwkd compress exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
         return {"command": shown, "returncode": proc.returncode, "wall_s": round(wall, 1),
                 "error": proc.stderr.strip()[-2000:]}  # fmt: skip
-    rep = json.loads(proc.stdout)
+    result = run_result(json.loads(proc.stdout), shown, run_dir, wall)
+    return {**result, "resumed": resumed} if resumed else result  # then wall_s is this invocation's part only
+
+
+def run_result(rep: dict, shown: str, run_dir: Path, wall: float | None) -> dict:
+    """The key figures of one ``hwkd compress`` report (its ``--json`` output, or the run's report.json)."""
     keys = ("accuracy", "params", "macs", "measured_latency_ms", "estimated_latency_ms", "model_size_mb")
     stages = [{"name": s["name"], "seconds": s.get("seconds"), "accuracy": s.get("accuracy"),
                "epochs": stage_epochs(s)} for s in rep["stages"]]  # fmt: skip
     return {
-        "command": shown, "returncode": 0, "wall_s": round(wall, 1), "run_dir": str(run_dir),
-        **({"resumed": resumed} if resumed else {}),  # then wall_s is this invocation's part only
+        "command": shown, "returncode": 0, "wall_s": None if wall is None else round(wall, 1), "run_dir": str(run_dir),
         "teacher": {k: rep["teacher"].get(k) for k in keys},
         "final": {k: rep["final"].get(k) for k in (*keys, "precision")},
         "budget": rep.get("budget"), "stages": stages,
@@ -213,6 +228,18 @@ def unfinished_run(run_dir: Path, argv: list[str]) -> str | None:
     same = [str(a) for a in manifest.get("command", [])[1:]] == [str(a) for a in argv]
     trained = any(run_dir.glob("stages/*/last.pt"))
     return manifest.get("status") if same and trained and manifest.get("status") in RESUMABLE else None
+
+
+def finished_run(run_dir: Path, argv: list[str]) -> tuple[dict, dict] | None:
+    """(manifest, report) of a complete ``hwkd compress`` of exactly ``argv`` in ``run_dir``, else None."""
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+        rep = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    same = [str(a) for a in manifest.get("command", [])[1:]] == [str(a) for a in argv]
+    complete = manifest.get("status") == "complete" and (run_dir / "model.onnx").is_file()
+    return (manifest, rep) if same and complete else None
 
 
 def reusable(earlier: dict | None, command: str) -> bool:

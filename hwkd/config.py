@@ -70,6 +70,10 @@ class DistillConfig:
     temperature: float = 4.0
     alpha: float = 0.7  # weight of the soft (teacher) term; 1 - alpha goes to the hard labels
     penalty_weight: float = 1.0  # hardware budget penalty in the loss (0 = off); see hwkd.hardware.penalty
+    # What the penalty shrinks: "cost" = every channel's BN scale weighted by its device cost (MorphNet);
+    # "plan" = only the channels the pruner would remove now to meet the budget, re-planned as it trains.
+    penalty_target: str = "cost"
+    penalty_start: float = 0.0  # fraction of distillation before the penalty starts (0 = from the first step)
     temperature_schedule: str = "adaptive"  # constant | linear | adaptive | multi (see hwkd.kd.schedules)
     temperature_end: float = 1.0  # linear / adaptive: T at the end of training
     temperatures: tuple[float, ...] = (6.0, 3.0, 1.0)  # multi: fused temperatures
@@ -96,6 +100,7 @@ class PruneConfig:
     mode: str = "budget"
     max_layer_ratio: float = 0.75  # mode "budget": at most this share of a layer's channels goes per step
     penalty_weight: float = 1.0  # budget penalty in the recovery loss (0 = off)
+    penalty_target: str = "cost"  # cost | plan, as distill.penalty_target
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,7 @@ class PipelineConfig:
         order = [s for s in STAGE_ORDER if s in cfg.stages]
         cfg = dataclasses.replace(cfg, stages=tuple(order))
         check_ranges(cfg, where)
+        check_choices(cfg, where)
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -231,6 +237,7 @@ RANGES: dict[str, Range] = {
     "distill.temperature": _POSITIVE,
     "distill.alpha": _FRACTION,
     "distill.penalty_weight": _ge(0, "0 = off"),
+    "distill.penalty_start": Range(0.0, 1.0, hi_open=True),
     "distill.temperature_end": _POSITIVE,
     "distill.temperatures": _POSITIVE,
     "distill.temperature_weights": _ge(0),
@@ -254,6 +261,27 @@ RANGES: dict[str, Range] = {
     "bench.iterations": _ge(1),
     "bench.rounds": _ge(1),
 }
+
+
+# String keys with a fixed set of values, checked with the ranges (before any training, not at the stage).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "distill.penalty_target": ("cost", "plan"),
+    "prune.penalty_target": ("cost", "plan"),
+    "prune.mode": ("budget", "ratio"),
+}
+
+
+def check_choices(cfg: Any, where: str = "config") -> None:
+    """Raise ConfigError naming the first string key whose value is not one of its choices."""
+    for key, allowed in CHOICES.items():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value not in allowed:
+            raise ConfigError(
+                f"{key} = {value!r} in {where} is not one of {', '.join(allowed)}.",
+                f"Fix it in the recipe or with --set {key}={allowed[0]}.",
+            )
 
 
 def numeric_keys(cls: type = None, prefix: str = "") -> list[str]:

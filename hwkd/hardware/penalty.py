@@ -21,15 +21,27 @@ model that already fits. The channels it drives down are the ones BN-scale impor
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from hwkd.errors import ConfigError
 from hwkd.hardware.cost import BYTES_PER_VALUE, estimate
 
 _MB = 2**20
+# "cost": every channel's |gamma| weighted by what it costs (MorphNet); "plan": only the channels the prune
+# stage's planner would remove now to meet the budget, re-planned as training goes (docs/decisions-issue14.md).
+PENALTY_TARGETS = ("cost", "plan")
+
+
+def tp_bn_scale_importance():
+    """torch-pruning's Network Slimming score, unnormalised: the prune stage's default ``bn_scale``."""
+    import torch_pruning as tp
+
+    return tp.importance.BNScaleImportance(normalizer=None)
 
 
 @dataclass
@@ -128,6 +140,68 @@ def _pruned_dim_size(module: nn.Module, handler: str) -> int:
     return 0
 
 
+@dataclass
+class RemovalPlan:
+    """Which channels of which group a budget-pruning step removes, and the saving it predicts."""
+
+    channels: dict[int, list[int]]  # group index -> channel positions in the group's root, cheapest first
+    saved_ms: float
+    saved_mb: float
+
+
+def plan_removal(
+    groups: list[ChannelGroup], scores: list[torch.Tensor | None], *, need_ms: float, need_mb: float,
+    round_to: int = 1, max_layer_ratio: float = 0.75, min_channels: int | None = None,
+) -> RemovalPlan:  # fmt: skip
+    """The greedy HALP-like choice of the prune stage, without pruning: take channel chunks with the least
+    importance (``scores[i]``, per channel of ``groups[i]``; None skips the group) per unit of cost saved
+    until the linearised saving covers ``need_ms`` and ``need_mb``.
+
+    Chunks are ``round_to`` channels, so every layer keeps a count the device's vector units like. A group
+    keeps at least ``min_channels`` when given, else ``1 - max_layer_ratio`` of what it has. The budget
+    penalty's "plan" target calls this during training to learn which channels pruning will take.
+    """
+    chunk = max(1, round_to)
+    candidates, orders = [], {}
+    for gi, (g, score) in enumerate(zip(groups, scores, strict=True)):
+        if score is None:
+            continue
+        order = torch.argsort(score.detach().float().cpu()).tolist()
+        orders[gi] = order
+        floor = min_channels or max(chunk, math.ceil(g.channels * (1 - max_layer_ratio) / chunk) * chunk)
+        first = g.channels % chunk or chunk  # align the rest to multiples of round_to
+        pos = 0
+        size = first
+        while g.channels - (pos + size) >= floor:
+            saved_ms = size * g.latency_ms_per_channel
+            saved_mb = size * g.memory_mb_per_channel
+            gain = _share(saved_ms, need_ms) + _share(saved_mb, need_mb)
+            if gain > 0:
+                value = float(score[order[pos : pos + size]].sum())
+                candidates.append((value / gain, gi, pos + size, saved_ms, saved_mb))
+            pos += size
+            size = chunk
+    candidates.sort(key=lambda c: c[0])
+    upto: dict[int, int] = {}
+    got_ms = got_mb = 0.0
+    for _, gi, end, saved_ms, saved_mb in candidates:
+        if got_ms >= need_ms and got_mb >= need_mb:
+            break
+        if end <= upto.get(gi, 0):
+            continue
+        upto[gi] = end  # chunks of one group are taken cheapest first, since value/gain rises with score
+        got_ms += saved_ms
+        got_mb += saved_mb
+    return RemovalPlan({gi: orders[gi][:end] for gi, end in upto.items()}, got_ms, got_mb)
+
+
+def _share(saved: float, need: float) -> float:
+    """What a chunk's saving is worth against what is still needed (an unlimited need: any saving counts)."""
+    if need <= 0:
+        return 0.0
+    return saved / need if math.isfinite(need) else float(saved > 0)
+
+
 class BudgetPenalty:
     """``penalty(model) -> scalar``: cost-weighted L1 on BN scales that fades once under budget.
 
@@ -150,7 +224,21 @@ class BudgetPenalty:
         ignored_layers: list[nn.Module] | None = None,
         dead_fraction: float = 0.05,
         ramp: float = 0.05,
+        target: str = "cost",
+        round_to: int = 1,
+        plan_max_layer_ratio: float = 0.9375,
+        replan_every: int = 50,
     ):
+        if target not in PENALTY_TARGETS:
+            raise ConfigError(f"the penalty target must be one of {', '.join(PENALTY_TARGETS)}, got {target!r}.")
+        self.target = target
+        self.round_to = round_to
+        self.plan_max_layer_ratio = plan_max_layer_ratio
+        self.replan_every = max(1, replan_every)
+        self.calls = 0
+        self.enabled = True  # False: the penalty is 0 and plans nothing (distill.penalty_start)
+        self.plan: list[list[int]] | None = None  # "plan": per group, the channels pruning would take now
+        self._masks: list[torch.Tensor] | None = None
         self.precision = precision or getattr(budget, "precision", "fp32")
         self.budget_ms = float(budget.latency_ms)
         self.budget_mb = float(budget.memory_mb)
@@ -172,10 +260,38 @@ class BudgetPenalty:
 
         Rebuilt from a partly trained model these would differ, so a resumed epoch would see another loss.
         """
-        return {"g0": self.g0, "latency_ms": self.latency_ms, "memory_mb": self.memory_mb}
+        state: dict[str, Any] = {"g0": self.g0, "latency_ms": self.latency_ms, "memory_mb": self.memory_mb}
+        if self.target == "plan":
+            state.update(calls=self.calls, plan=self.plan)
+        return state
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.g0, self.latency_ms, self.memory_mb = state["g0"], state["latency_ms"], state["memory_mb"]
+        if self.target == "plan" and state.get("plan") is not None:
+            self.calls = int(state["calls"])
+            self._set_plan(state["plan"])
+
+    def replan(self) -> None:
+        """Ask the pruner's own planner which channels it would remove now to meet the budget (1% under it,
+        as the prune stage aims), ranking by raw |gamma| like the default ``bn_scale`` importance."""
+        importance = tp_bn_scale_importance()
+        with torch.no_grad():
+            scores = [importance(g.group) for g in self.groups]
+        plan = plan_removal(
+            self.groups, scores, round_to=self.round_to, max_layer_ratio=self.plan_max_layer_ratio,
+            need_ms=max(0.0, self.latency_ms - 0.99 * self.budget_ms),
+            need_mb=max(0.0, self.memory_mb - 0.99 * self.budget_mb),
+        )  # fmt: skip
+        self._set_plan([plan.channels.get(i, []) for i in range(len(self.groups))])
+
+    def _set_plan(self, plan: list[list[int]]) -> None:
+        self.plan = [list(map(int, p)) for p in plan]
+        self._masks = []
+        for g, idxs in zip(self.groups, self.plan, strict=True):
+            w = g.bn_scales[0][0]
+            mask = torch.zeros(g.channels, dtype=w.dtype, device=w.device)
+            mask[idxs] = 1.0
+            self._masks.append(mask)
 
     def gates(self) -> tuple[float, float]:
         """(latency, memory) gates in [0, 1]: 0 once the estimate, with dead channels removed, fits."""
@@ -193,8 +309,9 @@ class BudgetPenalty:
     def soft_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Ungated (latency, memory) sums, each about channel-dependent cost / budget at the start."""
         lat = mem = None
-        for g in self.groups:
-            mag = g.scale_magnitude().sum()
+        for i, g in enumerate(self.groups):
+            mag = g.scale_magnitude()
+            mag = (mag if self._masks is None else mag * self._masks[i]).sum()
             a = mag * (g.latency_ms_per_channel / (self.budget_ms * self.g0))
             b = mag * (g.memory_mb_per_channel / (self.budget_mb * self.g0))
             lat = a if lat is None else lat + a
@@ -205,6 +322,12 @@ class BudgetPenalty:
         return lat, mem
 
     def __call__(self, model: nn.Module | None = None) -> torch.Tensor:
+        if not self.enabled:
+            return torch.zeros(())
+        if self.target == "plan":
+            if self.calls % self.replan_every == 0 or self._masks is None:
+                self.replan()
+            self.calls += 1
         gate_ms, gate_mb = self.gates()
         lat, mem = self.soft_terms()
         return gate_ms * lat + gate_mb * mem
@@ -217,4 +340,4 @@ def _ramp(over: float, width: float) -> float:
     return min(1.0, over / width)
 
 
-__all__ = ["BudgetPenalty", "ChannelGroup", "channel_groups", "dependency_graph"]
+__all__ = ["PENALTY_TARGETS", "BudgetPenalty", "ChannelGroup", "RemovalPlan", "channel_groups", "dependency_graph", "plan_removal"]

@@ -35,6 +35,17 @@ def schedule_hooks(kd, schedule: KDSchedule, epochs: int):
     return on_epoch_start, on_epoch_end
 
 
+def _start_penalty_at(penalty: BudgetPenalty, start: float, epochs: int, on_start):
+    """Hold the penalty off for the first ``start`` of the epochs: the plan target then ranks channels
+    the student has learned to use, not the equal BN scales of a fresh initialisation."""
+
+    def on_epoch_start(epoch: int) -> dict[str, float]:
+        penalty.enabled = epoch / max(1, epochs) >= start
+        return on_start(epoch)
+
+    return on_epoch_start
+
+
 def run(state: PipelineState, cfg: DistillConfig, ctx: RunContext) -> tuple[PipelineState, StageResult]:
     kd = make_kd_loss(cfg.kd, cfg.temperature, cfg.alpha)
     schedule = KDSchedule.from_config(cfg)
@@ -44,9 +55,12 @@ def run(state: PipelineState, cfg: DistillConfig, ctx: RunContext) -> tuple[Pipe
     reachable = state.budget_reach is None or state.budget_reach["reachable"]
     if cfg.penalty_weight > 0 and state.budget is not None and reachable:
         penalty = BudgetPenalty(student, state.example_input, state.profile, state.budget,
-                                ignored_layers=[find_head(student)])  # fmt: skip
+                                ignored_layers=[find_head(student)], target=cfg.penalty_target,
+                                round_to=state.profile.runtime.channel_multiple)  # fmt: skip
     extra = kd.attach(student, state.teachers, state.example_input, cfg.student_layers, cfg.teacher_layers)
     on_start, on_end = schedule_hooks(kd, schedule, cfg.epochs)
+    if penalty is not None and cfg.penalty_start > 0:
+        on_start = _start_penalty_at(penalty, cfg.penalty_start, cfg.epochs, on_start)
     try:
         history = fit(
             student,
@@ -79,6 +93,8 @@ def run(state: PipelineState, cfg: DistillConfig, ctx: RunContext) -> tuple[Pipe
             "kd": cfg.kd,
             "temperature": cfg.temperature,
             "penalty_weight": cfg.penalty_weight if reachable else 0.0,
+            "penalty_target": cfg.penalty_target,
+            "penalty_start": cfg.penalty_start,
             **({} if reachable else {"penalty_note": "off: the budget is out of reach of channel pruning"}),
             "temperature_schedule": cfg.temperature_schedule,
             "alpha": cfg.alpha,

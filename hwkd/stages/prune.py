@@ -17,7 +17,13 @@ from hwkd.config import PruneConfig
 from hwkd.distributed import sync_model
 from hwkd.errors import ConfigError
 from hwkd.hardware.cost import estimate
-from hwkd.hardware.penalty import BudgetPenalty, channel_groups, dependency_graph
+from hwkd.hardware.penalty import (
+    BudgetPenalty,
+    channel_groups,
+    dependency_graph,
+    plan_removal,
+    tp_bn_scale_importance,
+)
 from hwkd.kd.losses import make_kd_loss
 from hwkd.models.depgraph import base_pruner, torch_pruning_errors, unprunable_layers
 from hwkd.models.loaders import find_head
@@ -32,7 +38,7 @@ IMPORTANCE.register("l2")(lambda: tp.importance.GroupMagnitudeImportance(p=2))
 # Raw |gamma|, not normalised per group: the budget penalty shrinks the BN scales of expensive channels
 # across the whole network, and only unnormalised scores let that reach the cross-layer choice of what
 # to prune (as in Network Slimming). l2 / taylor scores are normalised per group (mean 1) to compare.
-IMPORTANCE.register("bn_scale")(lambda: tp.importance.BNScaleImportance(normalizer=None))
+IMPORTANCE.register("bn_scale")(tp_bn_scale_importance)
 IMPORTANCE.register("taylor")(lambda: tp.importance.GroupTaylorImportance())
 
 
@@ -108,8 +114,11 @@ def _recover(model, state, cfg, ctx, loss_fn, step: int, label: str, stage_state
     checkpoint.stage_state = {"mode": cfg.mode, "step": step, **(stage_state or {})}
     penalty = None
     if cfg.penalty_weight > 0:
+        remaining = max(1, cfg.steps - step)  # prune steps still to come, each at most max_layer_ratio
         penalty = BudgetPenalty(model, state.example_input, state.profile, state.budget,
-                                ignored_layers=[find_head(model)])  # fmt: skip
+                                ignored_layers=[find_head(model)], target=cfg.penalty_target,
+                                round_to=channel_rounding(cfg, state.profile),
+                                plan_max_layer_ratio=1 - (1 - cfg.max_layer_ratio) ** remaining)  # fmt: skip
     return fit(
         model,
         state.dataset,
@@ -194,6 +203,7 @@ def _prune_to_budget(model, state, cfg, ctx, loss_fn, round_to) -> tuple[list[di
         "budget_precision": precision,
         "start_estimated_latency_ms": start.latency_ms,
         "penalty_weight": cfg.penalty_weight,
+        "penalty_target": cfg.penalty_target,
     }
     if not fits(start, budget):
         reach = state.budget_reach or budget_reach(model, example, profile, budget, round_to)
@@ -339,53 +349,17 @@ def prune_step(
     head = find_head(model)
     dg = dependency_graph(model, example)
     groups = channel_groups(model, example, profile, precision, ignored_layers=[head], dg=dg)
-    chunk = max(1, round_to)
-    candidates, orders = [], {}
-    for gi, g in enumerate(groups):
-        scores = importance(g.group)
-        if scores is None:
-            scores = tp.importance.GroupMagnitudeImportance(p=2)(g.group)
-        if scores is None:
-            continue
-        order = torch.argsort(scores.detach().float().cpu()).tolist()
-        orders[gi] = order
-        floor = min_channels or max(chunk, math.ceil(g.channels * (1 - max_layer_ratio) / chunk) * chunk)
-        first = g.channels % chunk or chunk  # align the rest to multiples of round_to
-        pos = 0
-        size = first
-        while g.channels - (pos + size) >= floor:
-            saved_ms = size * g.latency_ms_per_channel
-            saved_mb = size * g.memory_mb_per_channel
-            gain = _share(saved_ms, need_ms) + _share(saved_mb, need_mb)
-            if gain > 0:
-                value = float(scores[order[pos : pos + size]].sum())
-                candidates.append((value / gain, gi, pos + size, saved_ms, saved_mb))
-            pos += size
-            size = chunk
-    candidates.sort(key=lambda c: c[0])
-    upto: dict[int, int] = {}
-    got_ms = got_mb = 0.0
-    for _, gi, end, saved_ms, saved_mb in candidates:
-        if got_ms >= need_ms and got_mb >= need_mb:
-            break
-        if end <= upto.get(gi, 0):
-            continue
-        upto[gi] = end  # chunks of one group are taken cheapest first, since value/gain rises with score
-        got_ms += saved_ms
-        got_mb += saved_mb
+    scores = []
+    for g in groups:
+        score = importance(g.group)
+        scores.append(tp.importance.GroupMagnitudeImportance(p=2)(g.group) if score is None else score)
+    plan = plan_removal(groups, scores, need_ms=need_ms, need_mb=need_mb, round_to=round_to,
+                        max_layer_ratio=max_layer_ratio, min_channels=min_channels)  # fmt: skip
     removed, layers = 0, {}
-    for gi, end in upto.items():
+    for gi, idxs in plan.channels.items():
         g = groups[gi]
-        idxs = orders[gi][:end]  # ranked before any group was pruned
         root = g.group[0]
         dg.get_pruning_group(root.dep.target.module, root.dep.handler, idxs).prune()
         removed += len(idxs)
         layers[g.root_name] = len(idxs)
-    return {"removed": removed, "layers": layers, "predicted_saving_ms": got_ms, "predicted_saving_mb": got_mb}
-
-
-def _share(saved: float, need: float) -> float:
-    """What a chunk's saving is worth against what is still needed (an unlimited need: any saving counts)."""
-    if need <= 0:
-        return 0.0
-    return saved / need if math.isfinite(need) else float(saved > 0)
+    return {"removed": removed, "layers": layers, "predicted_saving_ms": plan.saved_ms, "predicted_saving_mb": plan.saved_mb}

@@ -306,3 +306,85 @@ def test_distill_drops_the_penalty_when_pruning_cannot_reach_the_budget(profile,
     _, off = distill.run(unreachable, cfg, RunContext(run_dir=tmp_path / "off", train=ctx.train))
     assert off.metrics["penalty_weight"] == 0.0 and "out of reach" in off.metrics["penalty_note"]
     assert not any("penalty" in row for row in off.history)
+
+
+# --- penalty target "plan": only the channels the pruner would take now ------------------------------------
+
+
+def test_plan_penalty_pushes_exactly_the_channels_the_pruner_would_remove(profile):
+    """The plan target's gradient is nonzero on the channels prune_step removes and zero everywhere else."""
+    import copy
+
+    model = tiny(width=2.0)
+    with torch.no_grad():  # distinct |gamma| so the plan is unambiguous
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.copy_(torch.linspace(0.2, 1.0, mod.num_features)[torch.randperm(mod.num_features)])
+    base = estimate(model, X, profile, "fp32").latency_ms
+    budget = Budget(latency_ms=0.7 * base, memory_mb=1e6)
+    penalty = BudgetPenalty(model, X, profile, budget, precision="fp32", ignored_layers=[model.head],
+                            target="plan", round_to=8, plan_max_layer_ratio=0.75)  # fmt: skip
+    value = penalty(model)
+    value.backward()
+    assert value.item() > 0
+    pruned = copy.deepcopy(model)
+    plan = prune_step(pruned, X, profile, "fp32", IMPORTANCE.get("bn_scale")(), need_ms=base - 0.99 * budget.latency_ms,
+                      need_mb=0.0, round_to=8, max_layer_ratio=0.75)  # fmt: skip
+    assert plan["removed"] > 0
+    targeted = {}
+    for g, idxs in zip(penalty.groups, penalty.plan, strict=True):
+        targeted[g.root_name] = len(idxs)
+        bn = g.bn_scales[0][0]
+        pushed = (bn.grad != 0).nonzero().flatten().tolist()
+        assert sorted(pushed) == sorted(idxs)  # no force on the channels the plan keeps
+    assert {k: v for k, v in targeted.items() if v} == plan["layers"]
+
+
+def test_plan_penalty_replans_and_its_state_resumes(profile):
+    model = tiny(width=2.0)
+    base = estimate(model, X, profile, "fp32").latency_ms
+    budget = Budget(latency_ms=0.7 * base, memory_mb=1e6)
+
+    def make():
+        return BudgetPenalty(model, X, profile, budget, precision="fp32", ignored_layers=[model.head],
+                             target="plan", round_to=8, replan_every=2)  # fmt: skip
+
+    penalty = make()
+    penalty(model)
+    first = [list(p) for p in penalty.plan]
+    gi = next(i for i, idxs in enumerate(first) if idxs)
+    bn = penalty.groups[gi].bn_scales[0][0]
+    with torch.no_grad():  # the planned channels become the most important ones of their group
+        bn[first[gi]] += 10.0
+    penalty(model)
+    assert penalty.plan == first  # replan_every=2: the second call keeps the plan
+    penalty(model)
+    assert penalty.plan != first
+    resumed = make()
+    resumed.load_state_dict(penalty.state_dict())
+    assert resumed.plan == penalty.plan and resumed.calls == penalty.calls == 3
+    assert resumed(model).item() == pytest.approx(penalty(model).item())
+
+
+def test_penalty_target_is_checked_before_training():
+    from hwkd.config import PipelineConfig
+    from hwkd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="distill.penalty_target"):
+        PipelineConfig.from_dict({"distill": {"penalty_target": "plans"}})
+    with pytest.raises(ConfigError, match="prune.mode"):
+        PipelineConfig.from_dict({"prune": {"mode": "fast"}})
+    assert PipelineConfig.from_dict({"prune": {"penalty_target": "plan"}}).prune.penalty_target == "plan"
+
+
+def test_distill_holds_the_penalty_off_until_penalty_start(profile, tiny_dataset, tmp_path):
+    from hwkd.config import DistillConfig, TrainConfig
+    from hwkd.pipeline import RunContext
+    from hwkd.stages import distill
+
+    state = _prune_state(profile, tiny_dataset, budget_fraction=0.3)
+    ctx = RunContext(run_dir=tmp_path, train=TrainConfig(batch_size=8, augment=False))
+    cfg = DistillConfig(epochs=2, penalty_weight=1.0, penalty_target="plan", penalty_start=0.5)
+    _, result = distill.run(state, cfg, ctx)
+    assert [row["penalty"] == 0.0 for row in result.history] == [True, False]
+    assert result.metrics["penalty_target"] == "plan" and result.metrics["penalty_start"] == 0.5
