@@ -128,13 +128,30 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def folder_fingerprint(root: str | os.PathLike) -> str:
-    """Hash of every file's relative path, size and mtime: cheap on big image folders, catches edits."""
+    """``<timed>:<untimed>``: hashes of every file's relative path and size, with and without its mtime.
+    Cheap on big image folders (no file is read) and catches edits; the untimed half tells a folder copied
+    or re-synced with new file times (same names and sizes) from one whose files changed."""
     root = Path(root)
-    h = hashlib.sha256()
+    timed, untimed = hashlib.sha256(), hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         st = path.stat()
-        h.update(f"{path.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+        entry = f"{path.relative_to(root)}\0{st.st_size}"
+        timed.update(f"{entry}\0{st.st_mtime_ns}\n".encode())
+        untimed.update(f"{entry}\n".encode())
+    return f"{timed.hexdigest()}:{untimed.hexdigest()}"
+
+
+def compare_fingerprints(saved: str | None, now: str | None) -> str:
+    """``"same"``, ``"times"`` (a folder whose files kept their names and sizes but not their times) or
+    ``"differs"``. A fingerprint saved before the untimed half existed compares on the timed half alone."""
+    if saved == now:
+        return "same"
+    if not (saved and now and saved.startswith("tree:") and now.startswith("tree:")):
+        return "differs"
+    old, new = saved[5:].split(":"), now[5:].split(":")
+    if old[0] == new[0]:
+        return "same"
+    return "times" if len(old) == len(new) == 2 and old[1] == new[1] else "differs"
 
 
 def path_fingerprint(source: str | None) -> str | None:

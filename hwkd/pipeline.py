@@ -382,7 +382,7 @@ def resume(
     """
     import json
 
-    from hwkd.checkpoint import config_sha256, weights_fingerprint
+    from hwkd.checkpoint import compare_fingerprints, config_sha256, weights_fingerprint
     from hwkd.config import PipelineConfig, merge
     from hwkd.errors import ConfigError
     from hwkd.rundir import (
@@ -435,7 +435,14 @@ def resume(
     cfg, prof, device = _check_up_front(saved_inputs, cfg)
     prints = input_fingerprints(saved_inputs, str(prof.source))
     for key, value in prints.items():
-        if value != manifest["fingerprints"].get(key):
+        same = compare_fingerprints(manifest["fingerprints"].get(key), value)
+        if same == "times":
+            (log or logging.getLogger("hwkd")).warning(
+                "--resume: the files of the %s input (%s) have new modification times but the same names and sizes "
+                "as when the run started (copied, restored or re-synced?); resuming on them.",
+                key, saved_inputs.get(key.split("[")[0]),
+            )  # fmt: skip
+        elif same != "same":
             raise ConfigError(
                 f"--resume: the {key} input ({saved_inputs.get(key.split('[')[0]) or prof.source}) changed since the "
                 "run started (its content fingerprint differs).",

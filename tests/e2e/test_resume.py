@@ -170,3 +170,29 @@ def test_ctrl_c_or_sigterm_marks_the_run_interrupted_and_resumable(tmp_path, sig
     assert f"hwkd compress --resume {run}" in stderr.replace("\n", "") and "Traceback" not in stderr
     m = manifest(run)
     assert m["status"] == "interrupted" and "distill" in m["error"]
+
+
+def test_resume_goes_on_over_an_image_folder_copied_with_new_file_times(tmp_path):
+    """Data restored or re-synced keeps names and sizes but not file times: --resume warns and goes on; a
+    resized file still stops it."""
+    from image_folders import make_image_folder
+
+    data, cache, run = make_image_folder(tmp_path / "imgs", per_class=12, size=16), tmp_path / "cache", tmp_path / "run"
+    args = [*settings(data)[2:], "--stages", "distill", "--set", "distill.epochs=1"]  # settings() minus its --data
+    first = run_cli(["--data", str(data), *args, "--out", str(run)], cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    m = manifest(run)
+    m["status"] = "interrupted"
+    (run / "manifest.json").write_text(json.dumps(m))
+    for path in data.rglob("*.png"):
+        os.utime(path, ns=(10**18, 10**18))
+    touched = run_cli(["--resume", str(run)], cache)
+    assert touched.returncode == 0, touched.stderr[-3000:]
+    assert "new modification times" in touched.stderr.replace("\n", " "), touched.stderr[-3000:]
+    m = manifest(run)
+    m["status"] = "interrupted"
+    (run / "manifest.json").write_text(json.dumps(m))
+    first_image = sorted(data.rglob("*.png"))[0]
+    first_image.write_bytes(first_image.read_bytes() + b"\0")
+    resized = run_cli(["--resume", str(run)], cache)
+    assert resized.returncode == 2 and "data input" in resized.stderr and "changed" in resized.stderr, resized.stderr

@@ -60,3 +60,29 @@ def test_clear_run_dir_removes_every_ptq_variant_and_the_stage_dirs(tmp_path):
     assert [n for n in names if (tmp_path / n).exists()] == []
     assert not (tmp_path / "stages").exists()
     assert (tmp_path / "notes.txt").read_text() == "the user's own file"
+
+
+def test_a_folder_copied_with_new_file_times_is_told_from_an_edited_one(tmp_path):
+    """Data re-synced or restored from a backup keeps names and sizes but not times: resume may go on (with a
+    warning); a file added, removed, renamed or resized is a changed input."""
+    import os
+
+    from hwkd.checkpoint import compare_fingerprints, path_fingerprint
+
+    folder = tmp_path / "imgs"
+    (folder / "cat").mkdir(parents=True)
+    (folder / "cat" / "1.png").write_bytes(b"xx")
+    first = path_fingerprint(str(folder))
+    assert compare_fingerprints(first, path_fingerprint(str(folder))) == "same"
+    os.utime(folder / "cat" / "1.png", ns=(1, 1))
+    touched = path_fingerprint(str(folder))
+    assert touched != first and compare_fingerprints(first, touched) == "times"
+    (folder / "cat" / "1.png").write_bytes(b"xyz")
+    assert compare_fingerprints(first, path_fingerprint(str(folder))) == "differs"
+    (folder / "cat" / "1.png").write_bytes(b"xx")
+    (folder / "cat" / "2.png").write_bytes(b"y")
+    assert compare_fingerprints(first, path_fingerprint(str(folder))) == "differs"
+    # A manifest written before the untimed half existed: its timed half alone decides.
+    old = first.rsplit(":", 1)[0]
+    assert compare_fingerprints(old, first) == "same" and compare_fingerprints(old, touched) == "differs"
+    assert compare_fingerprints("sha256:a", "sha256:b") == "differs"
