@@ -158,6 +158,35 @@ def test_an_earlier_hw_run_is_reused_only_for_the_same_command_with_its_model_on
     assert not cifar10.reusable(None, earlier["command"])
 
 
+def test_reuse_runs_takes_a_complete_run_folder_of_the_same_command(tmp_path, monkeypatch):
+    """An arm run by hand with the benchmark's very command is read from its folder, not trained again."""
+    import argparse
+    import json
+
+    import cifar10
+
+    monkeypatch.setattr(cifar10.subprocess, "run", lambda *a, **k: pytest.fail("trained again"))
+    run = tmp_path / "penalty_0.75x_30_plan"
+    run.mkdir()
+    args = argparse.Namespace(threads=1, reuse_runs=True)
+    proto = cifar10.PROTOCOLS["full"]
+    argv = ["compress", "--profile", "rpi4", "--data", str(tmp_path), "--teacher", str(tmp_path / "t.pt"),
+            "--teacher-arch", cifar10.teacher_mod.ARCH, *cifar10.MEAN_STD, "--out", str(run), "--overwrite", "--json",
+            "--latency-budget", "30%"]  # fmt: skip
+    (run / "manifest.json").write_text(json.dumps({"command": ["/x/hwkd/__main__.py", *argv], "status": "complete",
+                                                   "wall_seconds": 4321.0}))  # fmt: skip
+    (run / "model.onnx").write_bytes(b"onnx")
+    stage = {"name": "distill", "accuracy": 0.8, "seconds": 10.0, "history": [{"epoch": 1}, {"epoch": 2}]}
+    rep = {"teacher": {"accuracy": 0.866}, "final": {"accuracy": 0.81, "precision": "int8"}, "stages": [stage]}
+    (run / "report.json").write_text(json.dumps(rep))
+    got = cifar10.hwkd_compress(args, proto, tmp_path, tmp_path / "t.pt", "rpi4", run, ["--latency-budget", "30%"])
+    assert got["reused"] and got["final"]["accuracy"] == 0.81 and got["wall_s"] == 4321.0 and got["train_epochs"] == 2
+    assert got["command"].startswith("hwkd compress --profile rpi4") and got["model"] == str(run / "model.onnx")
+    assert cifar10.finished_run(run, [*argv[:-1], "20%"]) is None  # another command
+    (run / "manifest.json").write_text(json.dumps({"command": ["/x", *argv], "status": "running"}))
+    assert cifar10.finished_run(run, argv) is None  # not complete
+
+
 def test_a_killed_run_of_the_same_command_is_resumed_and_nothing_else_is(tmp_path):
     import json
 
@@ -369,7 +398,7 @@ def test_small_width_names_its_run_and_passes_the_width_as_the_student_not_as_a_
     assert calls == [("rpi4", "small_rpi4", ["--student", "0.3x", "--set", "prune.round_to=1"])]  # the default keeps its key
 
 
-def test_penalty_step_runs_both_arms_with_the_over_budget_student_and_reports_on_minus_off(tmp_path, monkeypatch):
+def test_penalty_step_runs_every_arm_with_the_over_budget_student_and_reports_each_minus_off(tmp_path, monkeypatch):
     import argparse
 
     import cifar10
@@ -379,9 +408,10 @@ def test_penalty_step_runs_both_arms_with_the_over_budget_student_and_reports_on
 
     def fake_compress(args, proto, split_dir, teacher_pt, profile, run_dir, extra=(), earlier=None):
         calls.append((run_dir.name, list(extra)))
-        if "30%" in extra and "--set" in extra:
+        arm = run_dir.name.rsplit("_", 1)[1]
+        if "30%" in extra and arm == "off":
             return {"returncode": 1, "command": "off 30", "wall_s": 1.0}
-        acc = 0.80 if "--set" in extra else 0.815  # penalty off, on
+        acc = {"on": 0.815, "off": 0.80, "plan": 0.8275}[arm]
         return {"returncode": 0, "command": f"hwkd compress {' '.join(extra)}", "model": str(tmp_path / "missing.onnx"),
                 "budget": {"latency_ms": 0.809}, "final": {"accuracy": acc, "params": 40_000, "macs": 6e6,
                 "estimated_latency_ms": 0.80}, "stages": [{"name": "distill", "accuracy": 0.83}, {"name": "prune", "accuracy": 0.79}]}  # fmt: skip
@@ -392,14 +422,20 @@ def test_penalty_step_runs_both_arms_with_the_over_budget_student_and_reports_on
     out = {"penalty": {"student": "0.75x", "profile": "rpi4", "budgets": {"50": {"on": {"returncode": 2, "command": "x"}}}}}
     cifar10.step_penalty(args, {**cifar10.PROTOCOLS["full"], "penalty_budgets": [20, 30]}, tmp_path, tmp_path / "t.pt", out)
     off = ["--set", "distill.penalty_weight=0", "--set", "prune.penalty_weight=0"]
+    plan = ["--set", "distill.penalty_target=plan", "--set", "distill.penalty_start=0.3", "--set", "prune.penalty_target=plan"]
     assert calls == [("penalty_0.75x_20_on", ["--student", "0.75x", "--latency-budget", "20%"]),
                      ("penalty_0.75x_20_off", ["--student", "0.75x", "--latency-budget", "20%", *off]),
+                     ("penalty_0.75x_20_plan", ["--student", "0.75x", "--latency-budget", "20%", *plan]),
                      ("penalty_0.75x_30_on", ["--student", "0.75x", "--latency-budget", "30%"]),
-                     ("penalty_0.75x_30_off", ["--student", "0.75x", "--latency-budget", "30%", *off])]  # fmt: skip
+                     ("penalty_0.75x_30_off", ["--student", "0.75x", "--latency-budget", "30%", *off]),
+                     ("penalty_0.75x_30_plan", ["--student", "0.75x", "--latency-budget", "30%", *plan])]  # fmt: skip
     assert list(out["penalty"]["budgets"]) == ["50", "20", "30"]  # a budget run earlier is kept
     text = "\n".join(report.penalty_section(out))
     assert "| 20% (0.809 ms) | on | 81.50% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | +1.50 |" in text
-    assert "| 30% | off | failed (exit 1) |" in text and "| 20% (0.809 ms) | off | 80.00% |" in text
+    assert "| 20% (0.809 ms) | plan | 82.75% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | +2.75 |" in text
+    assert "| 20% (0.809 ms) | off | 80.00% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% |  |" in text
+    assert "| 30% | off | failed (exit 1) |" in text and "| 30% (0.809 ms) | plan | 82.75% |" in text
+    assert "| 30% (0.809 ms) | plan | 82.75% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% |  |" in text  # no off
     other = argparse.Namespace(**{**vars(args), "penalty_student": "0.6x", "budgets": "20"})
     calls.clear()
     cifar10.step_penalty(other, cifar10.PROTOCOLS["full"], tmp_path, tmp_path / "t.pt", out)
