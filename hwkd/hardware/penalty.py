@@ -17,6 +17,10 @@ are pushed harder; channels that cost nothing (layers bound by dispatch overhead
 gate in [0, 1] fades the term once the estimate, counting channels whose |gamma| has fallen below
 ``dead_fraction`` of their group's largest as pruned, is under budget, so the penalty stops shrinking a
 model that already fits. The channels it drives down are the ones BN-scale importance prunes first.
+
+With ``target="plan"`` the sums run only over the channels the prune stage's own planner
+(``plan_removal``) would remove now to meet the budget, re-planned every ``replan_every`` calls: the
+pruner's choice is made soft ahead of time, and the channels it keeps train without the penalty's pull.
 """
 
 from __future__ import annotations
