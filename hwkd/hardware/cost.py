@@ -558,14 +558,26 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
         def __torch_function__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             op = functional.get(func)
-            if op is None or depth[0] or not isinstance(out, torch.Tensor):
+            # Inside a traced module its own work is priced by the hook, except a transpose (timm's LayerNorm2d
+            # permutes around F.layer_norm): the export writes it as a Transpose node of its own.
+            if depth[0] and op != "Transpose":
                 return out
-            flat = args[0] if op == "Concat" else args
+            if op == "Split" and isinstance(out, tuple | list) and isinstance(args[0], torch.Tensor):
+                if not isinstance(args[0], torch.nn.Parameter) and constants.get(id(args[0])) is not args[0]:
+                    source = owner.get(id(args[0]), (None, None))[1] if owner.get(id(args[0]), (None,))[0] is args[0] else None
+                    for part in out:  # qkv.unbind(0): one Slice per part, each reading the whole input
+                        works.append(LayerWork(name=label_for(f"{source}#slice" if source else "slice"), op="Slice",
+                                               macs=0, params=0, act_in=args[0].numel(), act_out=part.numel()))  # fmt: skip
+                return out
+            if not isinstance(out, torch.Tensor):
+                return out
+            tensors = [a for x in args for a in (x if isinstance(x, list | tuple) else (x,)) if isinstance(a, torch.Tensor)]
             # weights (a layer scale's gamma) and Python numbers are constants of the graph, not inputs
-            data = [a for a in flat if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter)
-                    and constants.get(id(a)) is not a]  # fmt: skip
-            if not data:  # on constants only: the exporter folds it (trace_onnx skips such nodes); so is its result
-                constants[id(out)] = out
+            data = [a for a in tensors if not isinstance(a, torch.nn.Parameter) and constants.get(id(a)) is not a]
+            if tensors and not data:  # on constants only (any op: a weight's std too): the exporter folds it
+                constants[id(out)] = out  # (trace_onnx skips such nodes), and so is its result
+                return out
+            if op is None:
                 return out
             if op in ("ReduceMean", "ReduceMax") and out.dim() == data[0].dim() and out.numel() == data[0].numel():
                 return out
@@ -573,8 +585,17 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
             source = next((owner[id(a)][1] for a in data if id(a) in owner and owner[id(a)][0] is a), None)
             if source is not None:
                 owner[id(out)] = (out, source)
-            works.append(LayerWork(name=label_for(f"{source}#{op.lower()}" if source else op.lower()), op=op, macs=0,
-                                   params=0, act_in=sum(a.numel() for a in data), act_out=out.numel(), fused=fused))  # fmt: skip
+            name = label_for(f"{source}#{op.lower()}" if source else op.lower())
+            if op in ("Conv", "Gemm", "MatMul"):  # F.conv2d / F.linear / ``@`` written in forward
+                works.append(_functional_product(name, op, args, kwargs or {}, data, out))
+                fusable_out[0] = out
+                return out
+            if op == "Attention":  # F.scaled_dot_product_attention: the nodes the exporter writes for it
+                works.extend(_attention_nodes(name, args[0], args[1], args[2], out))
+                fusable_out[0] = None
+                return out
+            works.append(LayerWork(name=name, op=op, macs=0, params=0, act_in=sum(a.numel() for a in data),
+                                   act_out=out.numel(), fused=fused))  # fmt: skip
             if fused or out is fusable_out[0]:  # an in-place op (``out += identity``) ends the conv's epilogue
                 fusable_out[0] = out if fused else None
             return out
@@ -596,6 +617,8 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
         model.train(was_training)
         for handle in handles:
             handle.remove()
+    if precision != "int8":
+        works = _gelu_as_exported(works)
     if precision == "int8":  # the exported QDQ graph's QuantizeLinear of the input, DequantizeLinear of the output
         works = _as_int8_graph(works)
         first = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
@@ -607,6 +630,22 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
             works.append(LayerWork(name="output_dequantize", op="DequantizeLinear", macs=0, params=0,
                                    act_in=last.numel(), act_out=last.numel()))  # fmt: skip
     return works
+
+
+def _gelu_as_exported(works: list[LayerWork]) -> list[LayerWork]:
+    """Exact GELU as the exporter writes it below opset 20 (hwkd exports at 18): x * 0.5 * (1 + erf(x / sqrt 2)),
+    five elementwise nodes ONNX Runtime's CPU provider runs one by one. (INT8 keeps one float op between
+    a DequantizeLinear and a QuantizeLinear: _as_int8_graph.)"""
+    out: list[LayerWork] = []
+    for w in works:
+        if w.op not in ("GELU", "Gelu"):
+            out.append(w)
+            continue
+        n = w.act_out
+        for suffix, op, act_in in (("div", "Div", n), ("erf", "Erf", n), ("add", "Add", n), ("mul", "Mul", 2 * n),
+                                   ("half", "Mul", n)):  # fmt: skip
+            out.append(LayerWork(name=f"{w.name}/{suffix}", op=op, macs=0, params=0, act_in=act_in, act_out=n))
+    return out
 
 
 # How an INT8 QDQ graph runs activations (what trace_onnx sees in the exported graph): ReLU-like clamps fold into
@@ -639,6 +678,49 @@ def _as_int8_graph(works: list[LayerWork]) -> list[LayerWork]:
     return out
 
 
+def _functional_product(name: str, op: str, args: tuple, kwargs: dict, data: list, out: Any) -> LayerWork:
+    """The work of a conv / linear / matmul called as a function: as its module would be, or its ONNX node."""
+    import torch
+
+    weight = args[1] if len(args) > 1 else kwargs.get("weight", kwargs.get("other"))
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    params = sum(t.numel() for t in (weight, bias) if isinstance(t, torch.Tensor) and not any(t is a for a in data))
+    act_in = sum(a.numel() for a in data)
+    if op == "Conv":  # weight (out, in / groups, *kernel)
+        groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
+        return LayerWork(name=name, op=op, macs=out.numel() * weight[0].numel(), params=params, act_in=act_in,
+                         act_out=out.numel(), channels=weight.shape[0], kernel=math.prod(weight.shape[2:]),
+                         groups=groups, in_channels=weight.shape[1])  # fmt: skip
+    reduce = weight.shape[-1] if op == "Gemm" else args[0].shape[-1]  # linear: W (out, in); matmul: a (..., k)
+    return LayerWork(name=name, op=op, macs=out.numel() * reduce, params=params, act_in=act_in,
+                     act_out=out.numel(), channels=out.shape[-1] if out.dim() else 0)  # fmt: skip
+
+
+def _attention_nodes(name: str, q: Any, k: Any, v: Any, out: Any) -> list[LayerWork]:
+    """F.scaled_dot_product_attention as torch.onnx writes it: k transposed, q and k^T each scaled by
+    sqrt(scale), q @ k^T, Softmax, @ v (no fused attention kernel on ONNX Runtime's CPU provider)."""
+    scores = q.numel() // q.shape[-1] * k.shape[-2]  # (..., L, S)
+
+    def node(suffix: str, op: str, act_in: int, act_out: int, macs: int = 0, channels: int = 0) -> LayerWork:
+        return LayerWork(name=f"{name}/{suffix}", op=op, macs=macs, params=0, act_in=act_in, act_out=act_out,
+                         channels=channels)  # fmt: skip
+
+    # rank-4 (batch, heads, tokens, dim): k is reshaped to rank 3 to transpose, its new shape sliced and
+    # concatenated from k's shape at run time (the batch is dynamic in hwkd's export)
+    shape_nodes = [node("shape_slice", "Slice", 4, 1), node("shape_slice#2", "Slice", 4, 1),
+                   node("shape_slice#3", "Slice", 4, 2), node("shape_concat", "Concat", 2, 3),
+                   node("shape_concat#2", "Concat", 4, 4)] if k.dim() == 4 else []  # fmt: skip
+    return [
+        *shape_nodes,
+        node("transpose_k", "Transpose", k.numel(), k.numel()),
+        node("scale_q", "Mul", q.numel(), q.numel()),
+        node("scale_k", "Mul", k.numel(), k.numel()),
+        node("scores", "MatMul", q.numel() + k.numel(), scores, scores * q.shape[-1], k.shape[-2]),
+        node("softmax", "Softmax", scores, scores),
+        node("context", "MatMul", scores + v.numel(), out.numel(), scores * v.shape[-1], v.shape[-1]),
+    ]
+
+
 def _torch_functional_ops() -> dict[Any, str]:
     """torch functions and Tensor methods a model's ``forward`` calls outside modules, by their ONNX op."""
     import torch
@@ -665,6 +747,12 @@ def _torch_functional_ops() -> dict[Any, str]:
         "GlobalAveragePool": (F.adaptive_avg_pool2d,),
         "AveragePool": (F.avg_pool2d,),
         "MaxPool": (F.max_pool2d,),
+        "Transpose": (torch.transpose, Tensor.transpose, torch.permute, Tensor.permute),
+        "Conv": (F.conv1d, F.conv2d, F.conv3d),
+        "Gemm": (F.linear,),
+        "MatMul": (torch.matmul, torch.mm, torch.bmm, Tensor.matmul, Tensor.__matmul__),
+        "Attention": (F.scaled_dot_product_attention,),
+        "Split": (torch.unbind, Tensor.unbind),
     }.items():
         ops.update(dict.fromkeys(funcs, onnx_op))
     return ops

@@ -171,8 +171,13 @@ def _load_onnx(path_or_model: Any) -> Any:
 
 
 def _fixed_batch(model: Any) -> Any:
-    """Pin a dynamic leading (batch) dimension of every graph input to 1; other dynamic dims are errors."""
+    """Pin a dynamic leading (batch) dimension of every graph input to 1; other dynamic dims are errors.
+
+    The exporter's own value_info and outputs name the batch too (``batch``); shape inference keeps a
+    symbolic dimension it finds there, so every dimension with the inputs' batch symbol is pinned as well
+    (a timm ConvNeXt's classifier Gemm otherwise kept ``[batch, 1000]`` and could not be priced)."""
     initializers = {init.name for init in model.graph.initializer}
+    symbols = set()
     for value in model.graph.input:
         if value.name in initializers or not value.type.HasField("tensor_type"):
             continue
@@ -180,6 +185,8 @@ def _fixed_batch(model: Any) -> Any:
             if dim.HasField("dim_value") and dim.dim_value > 0:
                 continue
             if axis == 0:
+                if dim.dim_param:
+                    symbols.add(dim.dim_param)
                 dim.Clear()
                 dim.dim_value = 1
             else:
@@ -187,6 +194,11 @@ def _fixed_batch(model: Any) -> Any:
                     f"ONNX input {value.name!r} has a dynamic dimension {dim.dim_param or '?'!r} at axis {axis}.",
                     "The cost model needs fixed shapes beyond the batch axis; export with a fixed input size.",
                 )
+    for value in (*model.graph.value_info, *model.graph.output):
+        for dim in value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else ():
+            if dim.HasField("dim_param") and dim.dim_param in symbols:
+                dim.Clear()
+                dim.dim_value = 1
     return model
 
 
