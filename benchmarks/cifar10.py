@@ -559,7 +559,8 @@ def time_together(budgets: dict, finals: dict[tuple[str, str], Path], rounds: in
     as ``budgets[b][key]["paired_p50_ms"]`` for each ``(b, key)`` of ``finals``."""
     from hwkd.onnx import bench
 
-    stats = bench.measure(list(dict.fromkeys(finals.values())), iterations=100, warmup=10, rounds=rounds)
+    # 1,000 runs a round: the finals are sub-millisecond, and 100 (0.03 s a round) left their order to chance
+    stats = bench.measure(list(dict.fromkeys(finals.values())), iterations=1000, warmup=50, rounds=rounds)
     for (b, key), path in finals.items():
         budgets[b][key]["paired_p50_ms"] = stats[Path(path)].p50
 
