@@ -167,8 +167,9 @@ def hwkd_compress(args, proto: dict, split_dir: Path, teacher_pt: Path, profile:
                   extra: list[str] = (), earlier: dict | None = None) -> dict:  # fmt: skip
     """One ``hwkd compress`` through the CLI, as a user types it; returns the report's key figures.
     With ``--reuse-runs``, an ``earlier`` result of the very same command whose model is still on disk,
-    or a complete run of it in ``run_dir``, is returned instead of training again (marked ``reused``). An unfinished run of the same command in
-    ``run_dir`` (a session ended under it) is resumed from its last complete epoch (marked ``resumed``)."""
+    or a complete run of it in ``run_dir``, is returned instead of training again (marked ``reused``). An
+    unfinished run of the same command in ``run_dir`` (a session ended under it) is resumed from its last
+    complete epoch (marked ``resumed``)."""
     cmd = [sys.executable, "-m", "hwkd", "compress", "--profile", profile, "--data", str(split_dir),
            "--teacher", str(teacher_pt), "--teacher-arch", teacher_mod.ARCH, *MEAN_STD,
            "--out", str(run_dir), "--overwrite", "--json", *extra]  # fmt: skip

@@ -517,6 +517,11 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
     owner: dict[int, tuple[Any, str]] = {}
     constants: dict[int, Any] = {}  # results computed from weights alone (``gamma.mean()``): graph constants
 
+    def source_of(tensor: Any) -> str | None:
+        """The traced module whose output ``tensor`` is (directly or through functional ops), if any."""
+        entry = owner.get(id(tensor))
+        return entry[1] if entry is not None and entry[0] is tensor else None
+
     def label_for(name: str) -> str:
         calls[name] += 1
         return name if calls[name] == 1 else f"{name}#{calls[name]}"
@@ -564,7 +569,7 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
                 return out
             if op == "Split" and isinstance(out, tuple | list) and isinstance(args[0], torch.Tensor):
                 if not isinstance(args[0], torch.nn.Parameter) and constants.get(id(args[0])) is not args[0]:
-                    source = owner.get(id(args[0]), (None, None))[1] if owner.get(id(args[0]), (None,))[0] is args[0] else None
+                    source = source_of(args[0])
                     for part in out:  # qkv.unbind(0): one Slice per part, each reading the whole input
                         works.append(LayerWork(name=label_for(f"{source}#slice" if source else "slice"), op="Slice",
                                                macs=0, params=0, act_in=args[0].numel(), act_out=part.numel()))  # fmt: skip
@@ -582,7 +587,7 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
             if op in ("ReduceMean", "ReduceMax") and out.dim() == data[0].dim() and out.numel() == data[0].numel():
                 return out
             fused = len(data) == 1 and data[0] is fusable_out[0] and op in EPILOGUE_OPS
-            source = next((owner[id(a)][1] for a in data if id(a) in owner and owner[id(a)][0] is a), None)
+            source = next((src for a in data if (src := source_of(a)) is not None), None)
             if source is not None:
                 owner[id(out)] = (out, source)
             name = label_for(f"{source}#{op.lower()}" if source else op.lower())
