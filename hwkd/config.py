@@ -263,20 +263,29 @@ RANGES: dict[str, Range] = {
 }
 
 
+# "cost": every channel's |gamma| weighted by what it costs (MorphNet); "plan": only the channels the prune
+# stage's planner would remove now to meet the budget, re-planned as training goes (hwkd.hardware.penalty).
+PENALTY_TARGETS = ("cost", "plan")
+PRUNE_MODES = ("budget", "ratio")
 # String keys with a fixed set of values, checked with the ranges (before any training, not at the stage).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "distill.penalty_target": ("cost", "plan"),
-    "prune.penalty_target": ("cost", "plan"),
-    "prune.mode": ("budget", "ratio"),
+    "distill.penalty_target": PENALTY_TARGETS,
+    "prune.penalty_target": PENALTY_TARGETS,
+    "prune.mode": PRUNE_MODES,
 }
+
+
+def _lookup(cfg: Any, key: str) -> Any:
+    """The value of a dotted key (``prune.mode``) in a nested config."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def check_choices(cfg: Any, where: str = "config") -> None:
     """Raise ConfigError naming the first string key whose value is not one of its choices."""
     for key, allowed in CHOICES.items():
-        value: Any = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
+        value = _lookup(cfg, key)
         if value not in allowed:
             raise ConfigError(
                 f"{key} = {value!r} in {where} is not one of {', '.join(allowed)}.",
@@ -301,9 +310,7 @@ def numeric_keys(cls: type = None, prefix: str = "") -> list[str]:
 def check_ranges(cfg: Any, where: str = "config") -> None:
     """Raise ConfigError naming the first key whose value is outside its range (before any training)."""
     for key, rng in RANGES.items():
-        value: Any = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
+        value = _lookup(cfg, key)
         items = value if isinstance(value, tuple) else (value,)
         for i, item in enumerate(items):
             if not rng.admits(item):

@@ -567,18 +567,17 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
             # permutes around F.layer_norm): the export writes it as a Transpose node of its own.
             if depth[0] and op != "Transpose":
                 return out
-            if op == "Split" and isinstance(out, tuple | list) and isinstance(args[0], torch.Tensor):
-                if not isinstance(args[0], torch.nn.Parameter) and constants.get(id(args[0])) is not args[0]:
-                    source = source_of(args[0])
-                    for part in out:  # qkv.unbind(0): one Slice per part, each reading the whole input
-                        works.append(LayerWork(name=label_for(f"{source}#slice" if source else "slice"), op="Slice",
-                                               macs=0, params=0, act_in=args[0].numel(), act_out=part.numel()))  # fmt: skip
-                return out
-            if not isinstance(out, torch.Tensor):
-                return out
             tensors = [a for x in args for a in (x if isinstance(x, list | tuple) else (x,)) if isinstance(a, torch.Tensor)]
             # weights (a layer scale's gamma) and Python numbers are constants of the graph, not inputs
             data = [a for a in tensors if not isinstance(a, torch.nn.Parameter) and constants.get(id(a)) is not a]
+            if op == "Split" and isinstance(out, tuple | list) and data:
+                source = source_of(data[0])
+                for part in out:  # qkv.unbind(0): one Slice per part, each reading the whole input
+                    works.append(LayerWork(name=label_for(f"{source}#slice" if source else "slice"), op="Slice",
+                                           macs=0, params=0, act_in=data[0].numel(), act_out=part.numel()))  # fmt: skip
+                return out
+            if not isinstance(out, torch.Tensor):
+                return out
             if tensors and not data:  # on constants only (any op: a weight's std too): the exporter folds it
                 constants[id(out)] = out  # (trace_onnx skips such nodes), and so is its result
                 return out
@@ -623,17 +622,17 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
         for handle in handles:
             handle.remove()
     if precision != "int8":
-        works = _gelu_as_exported(works)
-    if precision == "int8":  # the exported QDQ graph's QuantizeLinear of the input, DequantizeLinear of the output
-        works = _as_int8_graph(works)
-        first = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
-        last = output[0] if isinstance(output, tuple | list) else output
-        if isinstance(first, torch.Tensor) and first.is_floating_point():
-            works.insert(0, LayerWork(name="input_quantize", op="QuantizeLinear", macs=0, params=0,
-                                      act_in=first.numel(), act_out=first.numel()))  # fmt: skip
-        if isinstance(last, torch.Tensor):
-            works.append(LayerWork(name="output_dequantize", op="DequantizeLinear", macs=0, params=0,
-                                   act_in=last.numel(), act_out=last.numel()))  # fmt: skip
+        return _gelu_as_exported(works)
+    # the exported QDQ graph's QuantizeLinear of the input, DequantizeLinear of the output
+    works = _as_int8_graph(works)
+    first = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
+    last = output[0] if isinstance(output, tuple | list) else output
+    if isinstance(first, torch.Tensor) and first.is_floating_point():
+        works.insert(0, LayerWork(name="input_quantize", op="QuantizeLinear", macs=0, params=0,
+                                  act_in=first.numel(), act_out=first.numel()))  # fmt: skip
+    if isinstance(last, torch.Tensor):
+        works.append(LayerWork(name="output_dequantize", op="DequantizeLinear", macs=0, params=0,
+                               act_in=last.numel(), act_out=last.numel()))  # fmt: skip
     return works
 
 

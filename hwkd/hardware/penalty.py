@@ -32,13 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from hwkd.config import PENALTY_TARGETS
 from hwkd.errors import ConfigError
 from hwkd.hardware.cost import BYTES_PER_VALUE, estimate
 
 _MB = 2**20
-# "cost": every channel's |gamma| weighted by what it costs (MorphNet); "plan": only the channels the prune
-# stage's planner would remove now to meet the budget, re-planned as training goes (docs/decisions-issue14.md).
-PENALTY_TARGETS = ("cost", "plan")
 
 
 def tp_bn_scale_importance():

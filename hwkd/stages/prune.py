@@ -13,7 +13,7 @@ import math
 import torch
 import torch_pruning as tp
 
-from hwkd.config import PruneConfig
+from hwkd.config import PRUNE_MODES, PruneConfig
 from hwkd.distributed import sync_model
 from hwkd.errors import ConfigError
 from hwkd.hardware.cost import estimate
@@ -32,7 +32,6 @@ from hwkd.registry import Registry
 from hwkd.stages.common import channel_rounding, model_metrics, out_channels
 from hwkd.train import distill_loss_fn, fit
 
-PRUNE_MODES = ("budget", "ratio")
 IMPORTANCE: Registry = Registry("importance criterion")
 IMPORTANCE.register("l2")(lambda: tp.importance.GroupMagnitudeImportance(p=2))
 # Raw |gamma|, not normalised per group: the budget penalty shrinks the BN scales of expensive channels
