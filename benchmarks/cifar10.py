@@ -217,30 +217,37 @@ def run_result(rep: dict, shown: str, run_dir: Path, wall: float | None) -> dict
     }  # fmt: skip
 
 
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def run_manifest(run_dir: Path, argv: list[str]) -> dict | None:
+    """The manifest in ``run_dir`` if it records a ``hwkd compress`` of exactly ``argv``, else None."""
+    manifest = _read_json(run_dir / "manifest.json")
+    same = manifest is not None and [str(a) for a in manifest.get("command", [])[1:]] == [str(a) for a in argv]
+    return manifest if same else None
+
+
 def unfinished_run(run_dir: Path, argv: list[str]) -> str | None:
     """The status of an unfinished ``hwkd compress`` of exactly ``argv`` in ``run_dir`` (killed, interrupted,
     failed: resumable from its last complete epoch), or None when there is none to resume."""
     from hwkd.rundir import RESUMABLE
 
-    try:
-        manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    same = [str(a) for a in manifest.get("command", [])[1:]] == [str(a) for a in argv]
+    manifest = run_manifest(run_dir, argv)
     trained = any(run_dir.glob("stages/*/last.pt"))
-    return manifest.get("status") if same and trained and manifest.get("status") in RESUMABLE else None
+    return manifest["status"] if manifest and trained and manifest.get("status") in RESUMABLE else None
 
 
 def finished_run(run_dir: Path, argv: list[str]) -> tuple[dict, dict] | None:
     """(manifest, report) of a complete ``hwkd compress`` of exactly ``argv`` in ``run_dir``, else None."""
-    try:
-        manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
-        rep = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    manifest = run_manifest(run_dir, argv)
+    if not manifest or manifest.get("status") != "complete" or not (run_dir / "model.onnx").is_file():
         return None
-    same = [str(a) for a in manifest.get("command", [])[1:]] == [str(a) for a in argv]
-    complete = manifest.get("status") == "complete" and (run_dir / "model.onnx").is_file()
-    return (manifest, rep) if same and complete else None
+    rep = _read_json(run_dir / "report.json")
+    return (manifest, rep) if rep is not None else None
 
 
 def reusable(earlier: dict | None, command: str) -> bool:
