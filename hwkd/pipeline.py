@@ -40,6 +40,7 @@ class PipelineState:
     channels: dict[str, dict[str, int]] = field(default_factory=dict)  # snapshot -> layer -> out channels
     exported: dict[str, Path] = field(default_factory=dict)  # export_key (weights, opset) -> FP32 ONNX written
     budget_reach: dict[str, Any] | None = None  # prune.budget_reach of the student, when over budget at the start
+    round_to: int = 0  # prune.round_to (0: the profile's channel_multiple), which the distill stage's plan penalty needs
 
     @property
     def example_input(self):
@@ -279,7 +280,7 @@ def _build(inputs: dict[str, Any], cfg, prof, device, trust_code: bool, progress
     notes: list[str] = []
     student, student_spec = build_student(
         inputs.get("student"), teachers[0], spec, dataset.num_classes, c, trust_code, dataset.example_input(),
-        weights=inputs.get("student_weights"), round_to=channel_rounding(cfg.prune, prof), log=notes.append,
+        weights=inputs.get("student_weights"), round_to=channel_rounding(cfg.prune.round_to, prof), log=notes.append,
         progress=progress,
     )  # fmt: skip
     for note in notes:  # "hwkd.note": the CLI prints these; library users get them as INFO records
@@ -532,6 +533,7 @@ def _execute(run: _Run, run_dir: Path, manifest: dict, progress, on_stage_done, 
         kd=make_kd_loss(cfg.distill.kd, cfg.distill.temperature, cfg.distill.alpha).logits_only(),
         channels={"student_initial": out_channels(run.student)},
         budget_reach=_budget_reach(run.student, dataset.example_input(), prof, budget, cfg, log),
+        round_to=cfg.prune.round_to,
     )
     metadata = onnx_metadata(__version__, prof.name, dataset)
     teacher_onnx = run_dir / "teacher.onnx"
@@ -632,7 +634,7 @@ def _budget_reach(student, example, prof, budget, cfg, log) -> dict | None:
         return None
     if fits(estimate(student, example, prof, budget.precision), budget):
         return None
-    reach = budget_reach(student, example, prof, budget, channel_rounding(cfg.prune, prof))
+    reach = budget_reach(student, example, prof, budget, channel_rounding(cfg.prune.round_to, prof))
     if not reach["reachable"] and distributed.is_main():  # every rank decides alike; one says so
         log.warning("%s", unreachable_message(reach))
     return reach

@@ -20,10 +20,10 @@ def out_channels(model: torch.nn.Module) -> dict[str, int]:
     return out
 
 
-def channel_rounding(prune_cfg: Any, profile: Any) -> int:
+def channel_rounding(round_to: int, profile: Any) -> int:
     """Channel counts pruning rounds to: ``prune.round_to``, or the profile's ``channel_multiple`` when 0.
-    The prune stage and a width-multiplier student both round this way."""
-    return prune_cfg.round_to or profile.runtime.channel_multiple
+    The prune stage, the plan penalty and a width-multiplier student all round this way."""
+    return round_to or profile.runtime.channel_multiple
 
 
 def count_params(model: torch.nn.Module) -> int:

@@ -15,7 +15,7 @@ from hwkd.kd.losses import make_kd_loss
 from hwkd.kd.schedules import KDSchedule
 from hwkd.models.loaders import find_head
 from hwkd.pipeline import PipelineState, RunContext, StageResult
-from hwkd.stages.common import model_metrics
+from hwkd.stages.common import channel_rounding, model_metrics
 from hwkd.train import distill_loss_fn, fit
 
 
@@ -56,7 +56,7 @@ def run(state: PipelineState, cfg: DistillConfig, ctx: RunContext) -> tuple[Pipe
     if cfg.penalty_weight > 0 and state.budget is not None and reachable:
         penalty = BudgetPenalty(student, state.example_input, state.profile, state.budget,
                                 ignored_layers=[find_head(student)], target=cfg.penalty_target,
-                                round_to=state.profile.runtime.channel_multiple)  # fmt: skip
+                                round_to=channel_rounding(state.round_to, state.profile))  # fmt: skip
     extra = kd.attach(student, state.teachers, state.example_input, cfg.student_layers, cfg.teacher_layers)
     on_start, on_end = schedule_hooks(kd, schedule, cfg.epochs)
     if penalty is not None and cfg.penalty_start > 0:

@@ -62,7 +62,7 @@ def run(state: PipelineState, cfg: PruneConfig, ctx: RunContext) -> tuple[Pipeli
         raise ConfigError(f"prune.steps must be at least 1, got {cfg.steps}.")
     model = state.student
     model.eval()
-    round_to = channel_rounding(cfg, state.profile)
+    round_to = channel_rounding(cfg.round_to, state.profile)
     kd = state.kd or make_kd_loss("hinton", 4.0, 0.7)
     loss_fn = distill_loss_fn(kd, state.teachers, state.teacher_weights)
     before = out_channels(model)
@@ -116,7 +116,7 @@ def _recover(model, state, cfg, ctx, loss_fn, step: int, label: str, stage_state
         remaining = max(1, cfg.steps - step)  # prune steps still to come, each at most max_layer_ratio
         penalty = BudgetPenalty(model, state.example_input, state.profile, state.budget,
                                 ignored_layers=[find_head(model)], target=cfg.penalty_target,
-                                round_to=channel_rounding(cfg, state.profile),
+                                round_to=channel_rounding(cfg.round_to, state.profile),
                                 plan_max_layer_ratio=1 - (1 - cfg.max_layer_ratio) ** remaining)  # fmt: skip
     return fit(
         model,

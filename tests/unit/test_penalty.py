@@ -388,3 +388,19 @@ def test_distill_holds_the_penalty_off_until_penalty_start(profile, tiny_dataset
     _, result = distill.run(state, cfg, ctx)
     assert [row["penalty"] == 0.0 for row in result.history] == [True, False]
     assert result.metrics["penalty_target"] == "plan" and result.metrics["penalty_start"] == 0.5
+
+
+def test_the_distill_plan_penalty_rounds_channels_as_the_prune_stage_will(profile, tiny_dataset, tmp_path, monkeypatch):
+    """prune.round_to reaches the distill stage's plan (it used the profile's multiple whatever the user set)."""
+    from hwkd.config import DistillConfig, TrainConfig
+    from hwkd.pipeline import RunContext
+    from hwkd.stages import distill
+
+    built = []
+    monkeypatch.setattr(distill, "BudgetPenalty", lambda *a, **k: built.append(k) or BudgetPenalty(*a, **k))
+    cfg = DistillConfig(epochs=1, penalty_target="plan")
+    ctx = RunContext(run_dir=tmp_path, train=TrainConfig(batch_size=8, augment=False))
+    distill.run(dataclasses.replace(_prune_state(profile, tiny_dataset, 0.3), round_to=1), cfg, ctx)
+    distill.run(_prune_state(profile, tiny_dataset, 0.3), cfg, RunContext(run_dir=tmp_path / "b", train=ctx.train))
+    assert [k["round_to"] for k in built] == [1, profile.runtime.channel_multiple]
+    assert profile.runtime.channel_multiple != 1
