@@ -542,24 +542,36 @@ def step_penalty(args, proto, split_dir, teacher_pt, out: dict) -> None:
         pen = {"student": student, "profile": proto["hw_profile"], "budgets": {}}
     out["penalty"] = pen  # budgets run earlier (another invocation) are kept, and re-timed with the new ones
     budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else proto["penalty_budgets"]
-    earlier = {str(b): pen["budgets"].pop(str(b), {}) for b in budgets}
+    seeds = [int(s) for s in args.penalty_seeds.split(",")]
+    arms = [(a, extra) for a, extra in PENALTY_ARMS if not args.penalty_arms or a in args.penalty_arms.split(",")]
+    runs = [(b, arm, extra, seed) for seed in seeds for b in budgets for arm, extra in arms]
+    # the runs of this invocation are redone (or reused); other arms and seeds at these budgets are kept
+    earlier = {(b, arm, seed): pen["budgets"].get(str(b), {}).pop(penalty_key(arm, seed), None) for b, arm, _, seed in runs}
 
     def one(run) -> None:
-        b, arm, extra = run
+        b, arm, extra, seed = run
+        key = penalty_key(arm, seed)
+        seed_args = ["--seed", str(seed)] if seed else []  # seed 0 is hwkd's default: its command stays as before
         result = hwkd_compress(args, proto, split_dir, teacher_pt, proto["hw_profile"],
-                               args.runs / f"penalty_{student}_{b}_{arm}",
-                               ["--student", student, "--latency-budget", f"{b}%", *extra], earlier[str(b)].get(arm))  # fmt: skip
+                               args.runs / f"penalty_{student}_{b}_{key}",
+                               ["--student", student, "--latency-budget", f"{b}%", *extra, *seed_args],
+                               earlier[(b, arm, seed)])  # fmt: skip
         with _SAVE_LOCK:
-            pen["budgets"].setdefault(str(b), {})[arm] = result
+            pen["budgets"].setdefault(str(b), {})[key] = {**result, "arm": arm, "seed": seed}
             save(args, out)
 
     with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        list(pool.map(one, [(b, arm, extra) for b in budgets for arm, extra in PENALTY_ARMS]))
+        list(pool.map(one, runs))
     finals = {(b, arm): Path(x["model"]) for b, row in pen["budgets"].items() for arm, x in row.items()
               if x.get("returncode") == 0 and Path(x.get("model", "")).is_file()}  # fmt: skip
     if finals:  # the runs' own p50s were taken beside each other (--jobs): time them again, together
         time_together(pen["budgets"], finals, proto["bench_rounds"])
     save(args, out)
+
+
+def penalty_key(arm: str, seed: int) -> str:
+    """A penalty run's key in its budget's row: the arm for seed 0 (the layout before seeds), else arm_seedN."""
+    return arm if seed == 0 else f"{arm}_seed{seed}"
 
 
 def time_together(budgets: dict, finals: dict[tuple[str, str], Path], rounds: int) -> None:
@@ -626,6 +638,8 @@ def _results_lock(path: Path):
 
 
 def save(args, out: dict) -> None:
+    if args.penalty_arms and set(args.penalty_arms.split(",")) - {a for a, _ in PENALTY_ARMS}:
+        ap.error(f"unknown --penalty-arms {args.penalty_arms}; choose from {','.join(a for a, _ in PENALTY_ARMS)}")
     stem = results_stem(args)
     out["meta"]["wall_s_so_far"] = round(time.time() - args.started, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -667,6 +681,9 @@ def main() -> int:
                     help="kd step: train the seeds' methods again, replacing their earlier runs (one invocation per seed)")
     ap.add_argument("--penalty-student", default=None,
                     help=f"penalty step: the student that starts over the budget (default {PENALTY_STUDENT}); --budgets applies")
+    ap.add_argument("--penalty-seeds", default="0", help="penalty step: hwkd's --seed for each run, e.g. 1 (default 0)")
+    ap.add_argument("--penalty-arms", default=None,
+                    help=f"penalty step: a subset of the arms {','.join(a for a, _ in PENALTY_ARMS)} (default all)")
     ap.add_argument("--teacher-tag", default=None,
                     help="the committed teacher_resnet20_TAG.pt instead of teacher_resnet20.pt; results go to cifar10_TAG.*")
     args = ap.parse_args()

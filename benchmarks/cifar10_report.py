@@ -277,39 +277,60 @@ PENALTY_ARM_NOTES = {
 }
 
 
+def penalty_runs(row: dict) -> dict[tuple[str, int], dict]:
+    """A penalty budget's runs by (arm, seed): keys are the arm (seed 0, the layout before seeds) or arm_seedN."""
+    runs = {}
+    for key, x in row.items():
+        arm, _, seed = key.partition("_seed")
+        runs[(x.get("arm", arm), int(x.get("seed", seed or 0)))] = x
+    return runs
+
+
 def penalty_section(r: dict) -> list[str]:
     """Penalty arms (on = cost target, off, plan target) for a student that starts over the budget (the
-    ``penalty`` step), per budget, each against off."""
+    ``penalty`` step), per budget and seed, each against off of the same seed; with several seeds, the mean."""
     pen = r.get("penalty")
     if not pen or not pen.get("budgets"):
         return []
-    arms = [a for a in PENALTY_ARM_NOTES if any(a in row for row in pen["budgets"].values())]
+    by_budget = {b: penalty_runs(row) for b, row in pen["budgets"].items()}
+    arms = [a for a in PENALTY_ARM_NOTES if any(a == arm for runs in by_budget.values() for arm, _ in runs)]
     lines = [
         "## Penalty on vs off where the budget binds",
         "",
-        f"Profile {pen['profile']}, `hwkd compress --student {pen['student']} --latency-budget B%`; arms: "
-        + "; ".join(f"{a} = {PENALTY_ARM_NOTES[a]}" for a in arms)
+        f"Profile {pen['profile']}, `hwkd compress --student {pen['student']} --latency-budget B%` (seed N: `--seed N`); "
+        "arms: " + "; ".join(f"{a} = {PENALTY_ARM_NOTES[a]}" for a in arms)
         + ". 1 thread each; p50: the final models re-timed in the same interleaved rounds.",
         "",
-        "| budget | arm | final INT8 acc | params | MACs | est. ms (device) | p50 ms (host) | after distill | after prune | − off |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| budget | seed | arm | final INT8 acc | params | MACs | est. ms (device) | p50 ms (host) | after distill | after prune | − off |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for b, row in pen["budgets"].items():
-        accs = {arm: x["final"]["accuracy"] for arm, x in row.items() if x.get("returncode") == 0}
+    means = []
+    for b, runs in by_budget.items():
+        ok = {k: x["final"]["accuracy"] for k, x in runs.items() if x.get("returncode") == 0}
+        for seed in sorted({s for _, s in runs}):
+            for arm in arms:
+                x = runs.get((arm, seed))
+                if not x:
+                    continue
+                budget = (x.get("budget") or {}).get("latency_ms")
+                if x.get("returncode") != 0:
+                    lines.append(f"| {b}% | {seed} | {arm} | failed (exit {x.get('returncode')}) | | | | | | | |")
+                    continue
+                off = ok.get(("off", seed))
+                diff = f"{100 * (ok[(arm, seed)] - off):+.2f}" if arm != "off" and off is not None else ""
+                f, stage = x["final"], {st["name"]: st.get("accuracy") for st in x["stages"]}
+                lines.append(f"| {b}% ({_ms(budget)} ms) | {seed} | {arm} | {_pct(f['accuracy'])} | {_k(f['params'])} | "
+                             f"{_m(f['macs'])} | {_ms(f['estimated_latency_ms'])} | {_ms(x.get('paired_p50_ms'))} | "
+                             f"{_pct(stage.get('distill'))} | {_pct(stage.get('prune'))} | {diff} |")  # fmt: skip
         for arm in arms:
-            x = row.get(arm)
-            if not x:
-                continue
-            if x.get("returncode") != 0:
-                lines.append(f"| {b}% | {arm} | failed (exit {x.get('returncode')}) | | | | | | | |")
-                continue
-            diff = f"{100 * (accs[arm] - accs['off']):+.2f}" if arm != "off" and "off" in accs else ""
-            f, stage = x["final"], {st["name"]: st.get("accuracy") for st in x["stages"]}
-            budget = (x.get("budget") or {}).get("latency_ms")
-            lines.append(f"| {b}% ({_ms(budget)} ms) | {arm} | {_pct(f['accuracy'])} | {_k(f['params'])} | {_m(f['macs'])} | "
-                         f"{_ms(f['estimated_latency_ms'])} | {_ms(x.get('paired_p50_ms'))} | {_pct(stage.get('distill'))} | "
-                         f"{_pct(stage.get('prune'))} | {diff} |")  # fmt: skip
-    return [*lines, "", "Commands:", "", *(f"    {x['command']}" for row in pen["budgets"].values() for x in row.values()), ""]
+            diffs = [100 * (ok[(arm, s)] - ok[("off", s)]) for a, s in ok if a == arm != "off" and ("off", s) in ok]
+            if len(diffs) > 1:
+                means.append(f"{b}% {arm} − off: mean {sum(diffs) / len(diffs):+.2f} over {len(diffs)} seeds "
+                             f"({', '.join(f'{d:+.2f}' for d in diffs)})")  # fmt: skip
+    if means:
+        lines += ["", "Paired by seed: " + "; ".join(means) + "."]
+    commands = [x["command"] for runs in by_budget.values() for x in runs.values() if x.get("command")]
+    return [*lines, "", "Commands:", "", *(f"    {c}" for c in commands), ""]
 
 
 def plot_pareto(r: dict, path: Path) -> None:

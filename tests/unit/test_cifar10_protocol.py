@@ -408,17 +408,17 @@ def test_penalty_step_runs_every_arm_with_the_over_budget_student_and_reports_ea
 
     def fake_compress(args, proto, split_dir, teacher_pt, profile, run_dir, extra=(), earlier=None):
         calls.append((run_dir.name, list(extra)))
-        arm = run_dir.name.rsplit("_", 1)[1]
+        arm = run_dir.name.split("_")[3]  # penalty_<student>_<budget>_<arm>[_seedN]
         if "30%" in extra and arm == "off":
             return {"returncode": 1, "command": "off 30", "wall_s": 1.0}
-        acc = {"on": 0.815, "off": 0.80, "plan": 0.8275}[arm]
+        acc = {"on": 0.815, "off": 0.80, "plan": 0.8275}[arm] + (0.005 if "--seed" in extra and arm == "off" else 0)
         return {"returncode": 0, "command": f"hwkd compress {' '.join(extra)}", "model": str(tmp_path / "missing.onnx"),
                 "budget": {"latency_ms": 0.809}, "final": {"accuracy": acc, "params": 40_000, "macs": 6e6,
                 "estimated_latency_ms": 0.80}, "stages": [{"name": "distill", "accuracy": 0.83}, {"name": "prune", "accuracy": 0.79}]}  # fmt: skip
 
     monkeypatch.setattr(cifar10, "hwkd_compress", fake_compress)
     monkeypatch.setattr(cifar10, "save", lambda args, out: None)
-    args = argparse.Namespace(penalty_student=None, budgets=None, runs=tmp_path, jobs=1)
+    args = argparse.Namespace(penalty_student=None, budgets=None, runs=tmp_path, jobs=1, penalty_seeds="0", penalty_arms=None)
     out = {"penalty": {"student": "0.75x", "profile": "rpi4", "budgets": {"50": {"on": {"returncode": 2, "command": "x"}}}}}
     cifar10.step_penalty(args, {**cifar10.PROTOCOLS["full"], "penalty_budgets": [20, 30]}, tmp_path, tmp_path / "t.pt", out)
     off = ["--set", "distill.penalty_weight=0", "--set", "prune.penalty_weight=0"]
@@ -431,11 +431,22 @@ def test_penalty_step_runs_every_arm_with_the_over_budget_student_and_reports_ea
                      ("penalty_0.75x_30_plan", ["--student", "0.75x", "--latency-budget", "30%", *plan])]  # fmt: skip
     assert list(out["penalty"]["budgets"]) == ["50", "20", "30"]  # a budget run earlier is kept
     text = "\n".join(report.penalty_section(out))
-    assert "| 20% (0.809 ms) | on | 81.50% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | +1.50 |" in text
-    assert "| 20% (0.809 ms) | plan | 82.75% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | +2.75 |" in text
-    assert "| 20% (0.809 ms) | off | 80.00% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% |  |" in text
-    assert "| 30% | off | failed (exit 1) |" in text and "| 30% (0.809 ms) | plan | 82.75% |" in text
-    assert "| 30% (0.809 ms) | plan | 82.75% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% |  |" in text  # no off
+    assert "| 20% (0.809 ms) | 0 | on | 81.50% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | +1.50 |" in text
+    assert "| 20% (0.809 ms) | 0 | plan | 82.75% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | +2.75 |" in text
+    assert "| 20% (0.809 ms) | 0 | off | 80.00% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% |  |" in text
+    assert "| 30% | 0 | off | failed (exit 1) |" in text and "| 30% (0.809 ms) | 0 | plan | 82.75% |" in text
+    assert "| 30% (0.809 ms) | 0 | plan | 82.75% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% |  |" in text  # no off
+    assert "Paired by seed" not in text  # one seed each
+    # a second seed of two arms: `--seed 1` in the command and the run folder; seed 0's runs are kept beside it
+    calls.clear()
+    seed1 = argparse.Namespace(**{**vars(args), "budgets": "20", "penalty_seeds": "1", "penalty_arms": "off,plan"})
+    cifar10.step_penalty(seed1, cifar10.PROTOCOLS["full"], tmp_path, tmp_path / "t.pt", out)
+    assert calls == [("penalty_0.75x_20_off_seed1", ["--student", "0.75x", "--latency-budget", "20%", *off, "--seed", "1"]),
+                     ("penalty_0.75x_20_plan_seed1", ["--student", "0.75x", "--latency-budget", "20%", *plan, "--seed", "1"])]  # fmt: skip
+    assert sorted(out["penalty"]["budgets"]["20"]) == ["off", "off_seed1", "on", "plan", "plan_seed1"]
+    text = "\n".join(report.penalty_section(out))
+    assert "| 20% (0.809 ms) | 1 | plan | 82.75% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | +2.25 |" in text
+    assert "Paired by seed: 20% plan − off: mean +2.50 over 2 seeds (+2.75, +2.25)." in text  # on: one seed, no mean
     other = argparse.Namespace(**{**vars(args), "penalty_student": "0.6x", "budgets": "20"})
     calls.clear()
     cifar10.step_penalty(other, cifar10.PROTOCOLS["full"], tmp_path, tmp_path / "t.pt", out)
