@@ -541,7 +541,7 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
         works.append(
             LayerWork(
                 name=label,
-                op=type(module).__name__,
+                op=_module_op(module),
                 macs=macs,
                 params=sum(p.numel() for p in module.parameters(recurse=False)),
                 act_in=in_numel,
@@ -594,6 +594,8 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
                 works.append(_functional_product(name, op, args, kwargs or {}, data, out))
                 fusable_out[0] = out
                 return out
+            if op == "Gelu" and (kwargs or {}).get("approximate", args[1] if len(args) > 1 else "none") == "tanh":
+                op = "GeluTanh"
             if op == "Attention":  # F.scaled_dot_product_attention: the nodes the exporter writes for it
                 works.extend(_attention_nodes(name, args[0], args[1], args[2], out))
                 fusable_out[0] = None
@@ -636,19 +638,34 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
     return works
 
 
+def _module_op(module: Any) -> str:
+    """A traced module's op: its class name, but GELU(approximate="tanh") exports as other nodes than exact GELU."""
+    return "GeluTanh" if type(module).__name__ == "GELU" and getattr(module, "approximate", "none") == "tanh" \
+        else type(module).__name__
+
+
+# GELU as the exporter writes it below opset 20 (hwkd exports at 18), elementwise nodes ONNX Runtime's CPU
+# provider runs one by one: (suffix, op, inputs read in units of the activation). Exact: x * 0.5 * (1 + erf(x /
+# sqrt 2)); tanh: x * (0.5 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x ** 3)))).
+_GELU_NODES = {
+    "exact": (("div", "Div", 1), ("erf", "Erf", 1), ("add", "Add", 1), ("mul", "Mul", 2), ("half", "Mul", 1)),
+    "tanh": (("pow", "Pow", 1), ("cubic", "Mul", 1), ("add", "Add", 2), ("scale", "Mul", 1), ("tanh", "Tanh", 1),
+             ("one", "Add", 1), ("half", "Mul", 1), ("mul", "Mul", 2)),
+}  # fmt: skip
+
+
 def _gelu_as_exported(works: list[LayerWork]) -> list[LayerWork]:
-    """Exact GELU as the exporter writes it below opset 20 (hwkd exports at 18): x * 0.5 * (1 + erf(x / sqrt 2)),
-    five elementwise nodes ONNX Runtime's CPU provider runs one by one. (INT8 keeps one float op between
-    a DequantizeLinear and a QuantizeLinear: _as_int8_graph.)"""
+    """GELU (exact or tanh) as the nodes of its FP32 export (_GELU_NODES). (INT8 keeps one float op between a
+    DequantizeLinear and a QuantizeLinear: _as_int8_graph.)"""
     out: list[LayerWork] = []
     for w in works:
-        if w.op not in ("GELU", "Gelu"):
+        form = "tanh" if w.op == "GeluTanh" else "exact" if w.op in ("GELU", "Gelu") else None
+        if form is None:
             out.append(w)
             continue
         n = w.act_out
-        for suffix, op, act_in in (("div", "Div", n), ("erf", "Erf", n), ("add", "Add", n), ("mul", "Mul", 2 * n),
-                                   ("half", "Mul", n)):  # fmt: skip
-            out.append(LayerWork(name=f"{w.name}/{suffix}", op=op, macs=0, params=0, act_in=act_in, act_out=n))
+        out += [LayerWork(name=f"{w.name}/{suffix}", op=op, macs=0, params=0, act_in=reads * n, act_out=n)
+                for suffix, op, reads in _GELU_NODES[form]]  # fmt: skip
     return out
 
 
@@ -657,7 +674,7 @@ def _gelu_as_exported(works: list[LayerWork]) -> list[LayerWork]:
 # in float between a DequantizeLinear and a QuantizeLinear; SiLU is exported as Sigmoid and Mul.
 _INT8_FOLDED = {"ReLU", "ReLU6", "Hardtanh", "Relu", "Clip"}
 _INT8_OWN_OP = {"Sigmoid", "LeakyReLU", "LeakyRelu"}
-_INT8_IN_FLOAT = {"Hardswish", "HardSwish", "Hardsigmoid", "HardSigmoid", "Tanh", "GELU", "Gelu", "Mish", "ELU"}
+_INT8_IN_FLOAT = {"Hardswish", "HardSwish", "Hardsigmoid", "HardSigmoid", "Tanh", "GELU", "Gelu", "GeluTanh", "Mish", "ELU"}
 
 
 def _as_int8_graph(works: list[LayerWork]) -> list[LayerWork]:

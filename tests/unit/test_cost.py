@@ -675,3 +675,27 @@ def trace_torch_ops(model):
     from hwkd.hardware.cost import trace_torch
 
     return trace_torch(model, torch.zeros(1, 3, 32, 32))
+
+
+class _TanhGelu(nn.Module):
+    """GELU's tanh form, as a module and as a function: exported as eight nodes, not exact GELU's five."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.GELU(approximate="tanh"), nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = self.act(self.conv(x)).mean((2, 3))
+        return self.fc(F.gelu(y, approximate="tanh"))
+
+
+def test_tanh_gelu_is_priced_as_its_export(tmp_path):
+    from hwkd.hardware.cost import estimate_onnx, trace_torch
+
+    model, x, profile = _TanhGelu().eval(), torch.randn(1, 3, 16, 16), load_profile("rpi4")
+    ops = [w.op for w in trace_torch(model, x)]
+    assert ops.count("Tanh") == 2 and ops.count("Pow") == 2 and "Erf" not in ops  # stop 34: priced as exact before
+    from hwkd.onnx.export import export_onnx  # at hwkd's opset (18), where GELU is not one ONNX op yet
+
+    path = export_onnx(model, x, tmp_path / "tanh_gelu.onnx", {}, name="tanh_gelu")
+    assert estimate(model, x, profile).latency_ms == pytest.approx(estimate_onnx(path, profile).latency_ms, rel=1e-3)
