@@ -638,8 +638,6 @@ def _results_lock(path: Path):
 
 
 def save(args, out: dict) -> None:
-    if args.penalty_arms and set(args.penalty_arms.split(",")) - {a for a, _ in PENALTY_ARMS}:
-        ap.error(f"unknown --penalty-arms {args.penalty_arms}; choose from {','.join(a for a, _ in PENALTY_ARMS)}")
     stem = results_stem(args)
     out["meta"]["wall_s_so_far"] = round(time.time() - args.started, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -719,6 +717,8 @@ def main() -> int:
     proto["plateau_seeds"] = [int(x) for x in args.plateau_seeds.split(",")]
     if args.kd_seeds:
         proto["kd_seeds"] = [int(x) for x in args.kd_seeds.split(",")]
+    if args.penalty_arms and set(args.penalty_arms.split(",")) - {a for a, _ in PENALTY_ARMS}:
+        ap.error(f"unknown --penalty-arms {args.penalty_arms}; choose from {','.join(a for a, _ in PENALTY_ARMS)}")
     stem = results_stem(args)
     prior = RESULTS / f"{stem}.json"
     out = json.loads(prior.read_text()) if prior.exists() else {}  # steps not re-run are kept
