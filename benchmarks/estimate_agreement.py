@@ -40,6 +40,7 @@ CIFAR_INT8 = RESULTS / "cifar10" / "e30" / "rpi4_int8.onnx"
 # attention's matmuls), outside the families predictor_accuracy times: where the PyTorch-side trace has
 # the most to miss. Exported and quantized the same way; shown as their own group.
 FORWARD_WRITTEN = ("convnext_atto", "vit_tiny_patch16_224")
+PT2E_FAMILY = "arm"  # rpi4's and jetson's CPU family: the quantizer a run on those profiles uses
 
 
 def torch_model(row: dict) -> torch.nn.Module:
@@ -61,9 +62,28 @@ def export_forward_written(root: Path) -> list[dict]:
         model = timm.create_model(name, pretrained=False).eval()
         fp32 = export_onnx(model, torch.randn(1, 3, 224, 224), root / f"{name}-fp32.onnx", {}, name=name)
         int8 = quantize(fp32, root / f"{name}-int8.onnx", rng)
-        rows += [{"model": name, "group": "forward-written ops (timm 224px)", "resolution": 224, "precision": prec,
-                  "path": path, "build": model} for path, prec in ((fp32, "fp32"), (int8, "int8"))]  # fmt: skip
+        pt2e = export_pt2e(model, root / f"{name}-pt2e.onnx")
+        rows += [{"model": label, "group": "forward-written ops (timm 224px)", "resolution": 224, "precision": prec,
+                  "path": path, "build": model}
+                 for label, path, prec in ((name, fp32, "fp32"), (f"{name} (ORT static QDQ)", int8, "int8"),
+                                           (f"{name} (hwkd PT2E)", pt2e, "int8"))]  # fmt: skip
     return rows
+
+
+def export_pt2e(model: torch.nn.Module, path: Path) -> Path:
+    """``model`` quantized as the pipeline's qat stage does (torchao PT2E, hwkd's quantizer for the profile's CPU
+    family, observers fed two random batches, no training) and exported as its export stage does: the INT8
+    graph a run's estimate stands for, where ORT's quantizer places its Q/DQ pairs elsewhere."""
+    import copy
+
+    from hwkd.onnx.export import export_onnx
+    from hwkd.stages.qat import convert, prepare_qat
+
+    x = torch.randn(2, 3, 224, 224)
+    prepared, _ = prepare_qat(copy.deepcopy(model).eval(), x, PT2E_FAMILY)
+    with torch.no_grad():
+        prepared(x)
+    return export_onnx(convert(prepared), x[:1], path, {}, name=path.stem)
 
 
 def main() -> int:

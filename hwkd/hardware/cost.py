@@ -506,11 +506,14 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
     from hwkd.hardware.onnx_trace import EPILOGUE_OPS  # its fusion rule, applied to functional ops below
 
     kinds = _torch_kinds()
+    norms = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.instancenorm._InstanceNorm)
     functional = _torch_functional_ops()
     works: list[LayerWork] = []
     calls: Counter[str] = Counter()
     fusable_out: list[Any] = [None]  # last output a following BN/activation may fold into
     depth = [0]  # > 0 inside a traced module: its own functional calls are that module's work
+    entered: list[int] = []  # len(works) as each traced module's forward began (a stack)
+    norms_in_float: set[str] = set()  # at INT8: norms run in float between a DequantizeLinear and a QuantizeLinear
     # The traced module each activation comes from (through functional ops too): a functional op is named
     # "<module>#<op>", so the penalty's per-channel weights (penalty.channel_groups, by module name) count a
     # residual add in the channel group of the layer that feeds it. Tensors are kept alive so ids stay unique.
@@ -526,8 +529,13 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
         calls[name] += 1
         return name if calls[name] == 1 else f"{name}#{calls[name]}"
 
+    def enter(module, args):
+        depth[0] += 1
+        entered.append(len(works))
+
     def hook(name, module, args, output):
         depth[0] -= 1
+        inner = works[entered.pop():]  # what its forward recorded itself (the transposes of timm's LayerNorm2d)
         kind = next(k for k, classes in kinds.items() if isinstance(module, classes))
         x = args[0] if args else None
         y = output[0] if isinstance(output, tuple | list) else output
@@ -556,6 +564,10 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
         if kind in ("conv", "linear") or fused:
             fusable_out[0] = y
         owner[id(y)] = (y, name)
+        # a norm between transposes (channels-last LayerNorm of a conv net) reads and writes through them, and
+        # the exported graph's Q/DQ pair folds into those; a norm on tokens (a ViT's) converts at both ends
+        if isinstance(module, norms) and not any(w.op == "Transpose" for w in inner):
+            norms_in_float.add(label)
 
     class FunctionalOps(TorchFunctionMode):
         """Records the ops of ``functional`` that run outside traced modules, priced as their ONNX nodes."""
@@ -611,7 +623,7 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
     for name, module in model.named_modules():
         if isinstance(module, traced):
             label = name or type(module).__name__
-            handles.append(module.register_forward_pre_hook(lambda m, a: depth.__setitem__(0, depth[0] + 1)))
+            handles.append(module.register_forward_pre_hook(enter))
             handles.append(module.register_forward_hook(lambda m, a, o, _n=label: hook(_n, m, a, o)))
     was_training = model.training
     inputs = _batch_one(example_input, _device_of(model))
@@ -626,7 +638,7 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
     if precision != "int8":
         return _gelu_as_exported(works)
     # the exported QDQ graph's QuantizeLinear of the input, DequantizeLinear of the output
-    works = _as_int8_graph(works)
+    works = _as_int8_graph(works, norms_in_float)
     first = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
     last = output[0] if isinstance(output, tuple | list) else output
     if isinstance(first, torch.Tensor) and first.is_floating_point():
@@ -655,8 +667,8 @@ _GELU_NODES = {
 
 
 def _gelu_as_exported(works: list[LayerWork]) -> list[LayerWork]:
-    """GELU (exact or tanh) as the nodes of its FP32 export (_GELU_NODES). (INT8 keeps one float op between a
-    DequantizeLinear and a QuantizeLinear: _as_int8_graph.)"""
+    """GELU (exact or tanh) as the nodes of its export (_GELU_NODES); at INT8 they follow a DequantizeLinear
+    (_as_int8_graph)."""
     out: list[LayerWork] = []
     for w in works:
         form = "tanh" if w.op == "GeluTanh" else "exact" if w.op in ("GELU", "Gelu") else None
@@ -674,11 +686,15 @@ def _gelu_as_exported(works: list[LayerWork]) -> list[LayerWork]:
 # in float between a DequantizeLinear and a QuantizeLinear; SiLU is exported as Sigmoid and Mul.
 _INT8_FOLDED = {"ReLU", "ReLU6", "Hardtanh", "Relu", "Clip"}
 _INT8_OWN_OP = {"Sigmoid", "LeakyReLU", "LeakyRelu"}
-_INT8_IN_FLOAT = {"Hardswish", "HardSwish", "Hardsigmoid", "HardSigmoid", "Tanh", "GELU", "Gelu", "GeluTanh", "Mish", "ELU"}
+_INT8_IN_FLOAT = {"Hardswish", "HardSwish", "Hardsigmoid", "HardSigmoid", "Tanh", "Mish", "ELU"}
+# GELU is exported as elementwise nodes (_GELU_NODES) in float after a DequantizeLinear; the QuantizeLinear after its
+# last node (a Mul) folds, as trace_onnx reads a QDQ graph (both hwkd's PT2E export and onnxruntime's quantizer).
+_GELU_OPS = {"GELU", "Gelu", "GeluTanh"}
 
 
-def _as_int8_graph(works: list[LayerWork]) -> list[LayerWork]:
-    """Module-level works rewritten as the INT8 QDQ graph runs their activations (see _INT8_FOLDED)."""
+def _as_int8_graph(works: list[LayerWork], norms_in_float: set[str] = frozenset()) -> list[LayerWork]:
+    """Module-level works rewritten as the INT8 QDQ graph runs their activations (see _INT8_FOLDED) and the
+    norms named in ``norms_in_float``."""
     out: list[LayerWork] = []
     for w in works:
         if w.op in _INT8_FOLDED:
@@ -689,7 +705,10 @@ def _as_int8_graph(works: list[LayerWork]) -> list[LayerWork]:
             out += [LayerWork(name=f"{w.name}/sigmoid", op="Sigmoid", macs=0, params=0, act_in=w.act_in, act_out=w.act_out),
                     LayerWork(name=f"{w.name}/mul", op="Mul", macs=0, params=0, act_in=w.act_in + w.act_out,
                               act_out=w.act_out)]  # fmt: skip
-        elif w.op in _INT8_IN_FLOAT:
+        elif w.op in _GELU_OPS:
+            out += [LayerWork(name=f"{w.name}/dequantize", op="DequantizeLinear", macs=0, params=0, act_in=w.act_in,
+                              act_out=w.act_in), *_gelu_as_exported([dataclasses.replace(w, fused=False)])]  # fmt: skip
+        elif w.op in _INT8_IN_FLOAT or w.name in norms_in_float:
             out += [LayerWork(name=f"{w.name}/dequantize", op="DequantizeLinear", macs=0, params=0, act_in=w.act_in,
                               act_out=w.act_in), dataclasses.replace(w, fused=False),
                     LayerWork(name=f"{w.name}/quantize", op="QuantizeLinear", macs=0, params=0, act_in=w.act_out,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -699,3 +700,48 @@ def test_tanh_gelu_is_priced_as_its_export(tmp_path):
 
     path = export_onnx(model, x, tmp_path / "tanh_gelu.onnx", {}, name="tanh_gelu")
     assert estimate(model, x, profile).latency_ms == pytest.approx(estimate_onnx(path, profile).latency_ms, rel=1e-3)
+
+
+def _pt2e_int8(model, x, path):
+    """``model`` quantized and exported as the pipeline's qat and export stages do (observers fed ``x``)."""
+    from hwkd.onnx.export import export_onnx
+    from hwkd.stages.qat import convert, prepare_qat
+
+    prepared, _ = prepare_qat(model, x, "arm")
+    with torch.no_grad():
+        prepared(x)
+    return export_onnx(convert(prepared), x[:1], path, {}, name=path.stem)
+
+
+def test_int8_transformer_and_convnext_blocks_are_priced_as_hwkd_exports_them(tmp_path):
+    """Stop 34: at INT8 the PyTorch side kept GELU as one op between a DQ and a Q, and a ViT's LayerNorms
+    quantized; hwkd's PT2E export runs GELU as five float nodes after a DQ, and a norm on tokens between a DQ
+    and a Q (one between transposes, a ConvNeXt's, folds them). A toy ViT was priced at 0.78 of its export."""
+    timm = pytest.importorskip("timm")
+    from timm.models.vision_transformer import VisionTransformer
+
+    from hwkd.hardware.cost import estimate_onnx
+
+    profile = load_profile("rpi4")
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    path = _pt2e_int8(copy.deepcopy(vit), x, tmp_path / "vit_int8.onnx")
+    ops = [w.op for w in trace_torch_int8(vit, x)]
+    assert ops.count("Erf") == 2 and ops.count("LayerNorm") == 5 and ops.count("DequantizeLinear") == 8
+    # left: the class token's Expand and Concat of its shape, and the x[:, 0] Gather (3.5% of this toy)
+    assert estimate(vit, x[:1], profile, "int8").latency_ms == pytest.approx(
+        estimate_onnx(path, profile, "int8").latency_ms, rel=0.05
+    )
+    convnext = timm.create_model("convnext_atto", pretrained=False, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    path = _pt2e_int8(copy.deepcopy(convnext), x, tmp_path / "convnext_int8.onnx")
+    assert estimate(convnext, x[:1], profile, "int8").latency_ms == pytest.approx(
+        estimate_onnx(path, profile, "int8").latency_ms, rel=0.02
+    )
+
+
+def trace_torch_int8(model, x):
+    from hwkd.hardware.cost import trace_torch
+
+    return trace_torch(model, x[:1], "int8")
