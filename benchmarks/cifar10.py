@@ -445,7 +445,7 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
         hw = {"profile": proto["hw_profile"], "budgets": {}}
     out["hw"] = hw  # budgets run earlier (another invocation) are kept, and re-timed with the new ones
     t0 = time.time()
-    runs = [(b, arm, extra) for b in proto["budgets"] for arm, extra in PENALTY_ARMS]
+    runs = [(b, arm, extra) for b in proto["budgets"] for arm, extra in hw_arms(args)]
     earlier = {str(b): hw["budgets"].get(str(b), {}) for b in proto["budgets"]}
     for b in proto["budgets"]:  # the hwkd runs are redone (or reused); the peers are decided below
         hw["budgets"][str(b)] = {k: v for k, v in earlier[str(b)].items() if k in ("peer", "peer_at_budget")}
@@ -480,9 +480,8 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
     teacher = load_teacher(teacher_pt)
     plain_train = teacher_mod.DecodedFolder(split_dir / "train", teacher_mod.transforms(False))
     calibration = peer.calibration_images(plain_train)
-    targets = {f"{b}_{arm}": Path(r[f"hwkd_penalty_{arm}"]["model"]) for b, r in hw["budgets"].items()
-               for arm in ("on", "off") if r[f"hwkd_penalty_{arm}"]["returncode"] == 0
-               and Path(r[f"hwkd_penalty_{arm}"]["model"]).exists()}  # fmt: skip
+    targets = {f"{b}_{arm}": Path(x["model"]) for b, r in hw["budgets"].items() for arm, _ in PENALTY_ARMS
+               if (x := r.get(f"hwkd_penalty_{arm}")) and x["returncode"] == 0 and Path(x["model"]).exists()}  # fmt: skip
     log(f"peer: timing the uniform-pruning grid (step {proto['grid_step']}) with {len(targets)} hwkd models")
     ratios = tuple(round(proto["grid_step"] * i, 2) for i in range(round(0.95 / proto["grid_step"]) + 1))
     grid = peer.latency_grid(teacher, example, calibration, args.runs / "peer_grid", targets, proto["bench_rounds"],
@@ -533,6 +532,13 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
     time_together(hw["budgets"], finals, proto["bench_rounds"])
     hw["wall_s"] = round(time.time() - t0, 1)
     save(args, out)
+
+
+def hw_arms(args) -> list[tuple[str, list[str]]]:
+    """The hw step's hwkd arms: penalty on (the peer is matched to its latency) and off, and any other arm of
+    ``--penalty-arms`` (``plan``)."""
+    names = {"on", "off", *(args.penalty_arms.split(",") if getattr(args, "penalty_arms", None) else ())}
+    return [(a, extra) for a, extra in PENALTY_ARMS if a in names]
 
 
 def step_penalty(args, proto, split_dir, teacher_pt, out: dict) -> None:
@@ -683,7 +689,8 @@ def main() -> int:
                     help=f"penalty step: the student that starts over the budget (default {PENALTY_STUDENT}); --budgets applies")
     ap.add_argument("--penalty-seeds", default="0", help="penalty step: hwkd's --seed for each run, e.g. 1 (default 0)")
     ap.add_argument("--penalty-arms", default=None,
-                    help=f"penalty step: a subset of the arms {','.join(a for a, _ in PENALTY_ARMS)} (default all)")
+                    help=f"penalty step: a subset of the arms {','.join(a for a, _ in PENALTY_ARMS)} (default all); "
+                         "hw step: arms besides on and off (e.g. plan)")
     ap.add_argument("--teacher-tag", default=None,
                     help="the committed teacher_resnet20_TAG.pt instead of teacher_resnet20.pt; results go to cifar10_TAG.*")
     args = ap.parse_args()

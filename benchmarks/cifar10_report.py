@@ -222,8 +222,14 @@ def hw_section(r: dict, plot: Path) -> list[str]:
         "same epochs, onnxruntime quantize_static defaults. p50: every final model re-timed in the same "
         "interleaved rounds.",
         "",
-        "| budget | hwkd on: acc / p50 ms | hwkd off: acc / p50 ms | peer: ratio / acc / p50 ms | on − peer | on − off |",
-        "|---|---|---|---|---|---|",
+    ]
+    plan = any("hwkd_penalty_plan" in row for row in hw["budgets"].values())  # --penalty-arms plan
+    if plan:
+        lines[2] += f" Plan: {PENALTY_ARM_NOTES['plan']}."
+    lines += [
+        "| budget | hwkd on: acc / p50 ms | hwkd off: acc / p50 ms | peer: ratio / acc / p50 ms | on − peer | on − off |"
+        + (" hwkd plan: acc / p50 ms | plan − off |" if plan else ""),
+        "|---|---|---|---|---|---|" + ("---|---|" if plan else ""),
     ]
     for b, row in hw["budgets"].items():
         on, off, pe = row.get("hwkd_penalty_on", {}), row.get("hwkd_penalty_off", {}), row.get("peer")
@@ -241,7 +247,13 @@ def hw_section(r: dict, plot: Path) -> list[str]:
         peer_cell = f"{pe['ratio']:.2f} / {cell(pe)}" if pe else "–"
         if pe and on.get("paired_p50_ms") and pe.get("paired_p50_ms") and pe["paired_p50_ms"] > on["paired_p50_ms"]:
             peer_cell += " (slower: no grid ratio reached hwkd's latency; the fastest grid point)"
-        lines.append(f"| {b}% | {cell(on)} | {cell(off)} | {peer_cell} | {d_peer} | {d_off} |")
+        extra = ""
+        if plan:
+            pl = row.get("hwkd_penalty_plan", {})
+            acc_plan = pl.get("final", {}).get("accuracy")
+            d_plan = f"{100 * (acc_plan - acc_off):+.2f}" if acc_plan is not None and acc_off is not None else "–"
+            extra = f" {cell(pl)} | {d_plan} |"
+        lines.append(f"| {b}% | {cell(on)} | {cell(off)} | {peer_cell} | {d_peer} | {d_off} |{extra}")
     at_budget = [(b, row["peer_at_budget"], row.get("hwkd_penalty_on", {})) for b, row in hw["budgets"].items()
                  if row.get("peer_at_budget")]  # fmt: skip
     if at_budget:

@@ -452,3 +452,26 @@ def test_penalty_step_runs_every_arm_with_the_over_budget_student_and_reports_ea
     cifar10.step_penalty(other, cifar10.PROTOCOLS["full"], tmp_path, tmp_path / "t.pt", out)
     assert out["penalty"]["student"] == "0.6x" and list(out["penalty"]["budgets"]) == ["20"]  # another student: afresh
     assert report.penalty_section({}) == []
+
+
+def test_the_hw_step_runs_on_and_off_and_a_plan_arm_only_when_asked(tmp_path):
+    """Stop 34: the hw step took every PENALTY_ARMS entry, so adding the plan arm made each budget one run dearer
+    without a place in its table; now on and off, plus what --penalty-arms names, and the table shows plan."""
+    import argparse
+
+    import cifar10
+    import cifar10_report as report
+
+    assert [a for a, _ in cifar10.hw_arms(argparse.Namespace(penalty_arms=None))] == ["on", "off"]
+    assert [a for a, _ in cifar10.hw_arms(argparse.Namespace(penalty_arms="plan"))] == ["on", "off", "plan"]
+
+    def run(acc):
+        return {"returncode": 0, "final": {"accuracy": acc}, "paired_p50_ms": 0.2}
+
+    row = {"hwkd_penalty_on": run(0.81), "hwkd_penalty_off": run(0.80), "hwkd_penalty_plan": run(0.8225)}
+    text = "\n".join(report.hw_section({"hw": {"profile": "rpi4", "budgets": {"15": row}}}, tmp_path / "none.png"))
+    assert "| 15% | 81.00% / 0.200 | 80.00% / 0.200 | – | – | +1.00 | 82.25% / 0.200 | +2.25 |" in text
+    assert "prune.penalty_target=plan" in text
+    del row["hwkd_penalty_plan"]
+    text = "\n".join(report.hw_section({"hw": {"profile": "rpi4", "budgets": {"15": row}}}, tmp_path / "none.png"))
+    assert "plan" not in text and "| 15% | 81.00% / 0.200 | 80.00% / 0.200 | – | – | +1.00 |" in text
