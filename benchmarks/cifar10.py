@@ -545,10 +545,11 @@ def step_penalty(args, proto, split_dir, teacher_pt, out: dict) -> None:
     """Penalty on vs off at budgets that bind for ``--penalty-student`` (default the teacher at 3/4 width):
     both arms through the CLI at once (``--jobs``), then their final models timed in the same rounds."""
     student = args.penalty_student or PENALTY_STUDENT
-    pen: dict = out.get("penalty") or {}
-    if pen.get("student") != student or pen.get("profile") != proto["hw_profile"]:
+    students = report.penalty_students(out.get("penalty"))  # other students' runs are kept beside this one's
+    pen = students.get(student) or {}
+    if pen.get("profile") != proto["hw_profile"]:
         pen = {"student": student, "profile": proto["hw_profile"], "budgets": {}}
-    out["penalty"] = pen  # budgets run earlier (another invocation) are kept, and re-timed with the new ones
+    out["penalty"] = {**students, student: pen}  # budgets run earlier are kept, and re-timed with the new ones
     budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else proto["penalty_budgets"]
     seeds = [int(s) for s in args.penalty_seeds.split(",")]
     arms = [(a, extra) for a, extra in PENALTY_ARMS if not args.penalty_arms or a in args.penalty_arms.split(",")]
@@ -612,6 +613,15 @@ def merged_with_disk(disk: dict, out: dict, steps: list[str]) -> dict:
         recipes = {**disk["kd"].get("recipes", {}), **out["kd"].get("recipes", {})}
         wall = max(disk["kd"].get("wall_s", 0.0), out["kd"].get("wall_s", 0.0))
         merged["kd"] = kd.rebuild({**out["kd"], "recipes": recipes, "wall_s": wall}, runs)
+    if "penalty" in steps and "penalty" in out:
+        # two penalty invocations (other students, seeds or arms) at once: each adds its runs to the other's
+        students = report.penalty_students(disk.get("penalty"))
+        for student, mine in report.penalty_students(out["penalty"]).items():
+            theirs = students.get(student) or {}
+            same = theirs.get("profile") == mine["profile"]
+            budgets = {b: {**(theirs["budgets"].get(b, {}) if same else {}), **row} for b, row in mine["budgets"].items()}
+            students[student] = {**mine, "budgets": {**(theirs.get("budgets", {}) if same else {}), **budgets}}
+        merged["penalty"] = students
     if "plateau" in steps and "plateau" in out:
         # two plateau invocations (other seeds) at once: each adds its seeds' runs to the other's
         epochs = out["plateau"]["epochs"]

@@ -298,16 +298,29 @@ def penalty_runs(row: dict) -> dict[tuple[str, int], dict]:
     return runs
 
 
+def penalty_students(entry: dict | None) -> dict[str, dict]:
+    """The penalty step's results by student (``--penalty-student``); until stop 34 one student's entry alone."""
+    if not entry:
+        return {}
+    if "student" in entry:
+        return {entry["student"]: entry}
+    return {student: dict(pen) for student, pen in entry.items()}
+
+
 def penalty_section(r: dict) -> list[str]:
-    """Penalty arms (on = cost target, off, plan target) for a student that starts over the budget (the
-    ``penalty`` step), per budget and seed, each against off of the same seed; with several seeds, the mean."""
-    pen = r.get("penalty")
-    if not pen or not pen.get("budgets"):
+    """Penalty arms (on = cost target, off, plan target) for students that start over the budget (the
+    ``penalty`` step), per student, budget and seed, each against off of the same seed; with several seeds,
+    the mean."""
+    return [line for pen in penalty_students(r.get("penalty")).values() for line in student_penalty_section(pen)]
+
+
+def student_penalty_section(pen: dict) -> list[str]:
+    if not pen.get("budgets"):
         return []
     by_budget = {b: penalty_runs(row) for b, row in pen["budgets"].items()}
     arms = [a for a in PENALTY_ARM_NOTES if any(a == arm for runs in by_budget.values() for arm, _ in runs)]
     lines = [
-        "## Penalty on vs off where the budget binds",
+        f"## Penalty on vs off where the budget binds: student {pen['student']}",
         "",
         f"Profile {pen['profile']}, `hwkd compress --student {pen['student']} --latency-budget B%` (seed N: `--seed N`); "
         "arms: " + "; ".join(f"{a} = {PENALTY_ARM_NOTES[a]}" for a in arms)

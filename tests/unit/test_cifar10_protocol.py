@@ -429,7 +429,8 @@ def test_penalty_step_runs_every_arm_with_the_over_budget_student_and_reports_ea
                      ("penalty_0.75x_30_on", ["--student", "0.75x", "--latency-budget", "30%"]),
                      ("penalty_0.75x_30_off", ["--student", "0.75x", "--latency-budget", "30%", *off]),
                      ("penalty_0.75x_30_plan", ["--student", "0.75x", "--latency-budget", "30%", *plan])]  # fmt: skip
-    assert list(out["penalty"]["budgets"]) == ["50", "20", "30"]  # a budget run earlier is kept
+    assert list(out["penalty"]) == ["0.75x"]  # the layout before stop 34 (one student's entry) is read as its student's
+    assert list(out["penalty"]["0.75x"]["budgets"]) == ["50", "20", "30"]  # a budget run earlier is kept
     text = "\n".join(report.penalty_section(out))
     assert "| 20% (0.809 ms) | 0 | on | 81.50% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | +1.50 |" in text
     assert "| 20% (0.809 ms) | 0 | plan | 82.75% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | +2.75 |" in text
@@ -443,14 +444,15 @@ def test_penalty_step_runs_every_arm_with_the_over_budget_student_and_reports_ea
     cifar10.step_penalty(seed1, cifar10.PROTOCOLS["full"], tmp_path, tmp_path / "t.pt", out)
     assert calls == [("penalty_0.75x_20_off_seed1", ["--student", "0.75x", "--latency-budget", "20%", *off, "--seed", "1"]),
                      ("penalty_0.75x_20_plan_seed1", ["--student", "0.75x", "--latency-budget", "20%", *plan, "--seed", "1"])]  # fmt: skip
-    assert sorted(out["penalty"]["budgets"]["20"]) == ["off", "off_seed1", "on", "plan", "plan_seed1"]
+    assert sorted(out["penalty"]["0.75x"]["budgets"]["20"]) == ["off", "off_seed1", "on", "plan", "plan_seed1"]
     text = "\n".join(report.penalty_section(out))
     assert "| 20% (0.809 ms) | 1 | plan | 82.75% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | +2.25 |" in text
     assert "Paired by seed: 20% plan − off: mean +2.50 over 2 seeds (+2.75, +2.25)." in text  # on: one seed, no mean
     other = argparse.Namespace(**{**vars(args), "penalty_student": "0.6x", "budgets": "20"})
     calls.clear()
     cifar10.step_penalty(other, cifar10.PROTOCOLS["full"], tmp_path, tmp_path / "t.pt", out)
-    assert out["penalty"]["student"] == "0.6x" and list(out["penalty"]["budgets"]) == ["20"]  # another student: afresh
+    assert list(out["penalty"]) == ["0.75x", "0.6x"] and list(out["penalty"]["0.6x"]["budgets"]) == ["20"]  # beside
+    assert "## Penalty on vs off where the budget binds: student 0.6x" in "\n".join(report.penalty_section(out))
     assert report.penalty_section({}) == []
 
 
@@ -475,3 +477,21 @@ def test_the_hw_step_runs_on_and_off_and_a_plan_arm_only_when_asked(tmp_path):
     del row["hwkd_penalty_plan"]
     text = "\n".join(report.hw_section({"hw": {"profile": "rpi4", "budgets": {"15": row}}}, tmp_path / "none.png"))
     assert "plan" not in text and "| 15% | 81.00% / 0.200 | 80.00% / 0.200 | – | – | +1.00 |" in text
+
+
+def test_two_penalty_invocations_at_once_keep_each_others_runs():
+    """Stop 34: a second student (or seed) in another invocation saved over the first's penalty results."""
+    import cifar10
+
+    def pen(student, budgets):
+        return {"student": student, "profile": "rpi4", "budgets": budgets}
+
+    disk = {"penalty": {"0.75x": pen("0.75x", {"30": {"on": 1, "off": 2, "plan_seed1": 3}})}, "meta": {}}
+    mine = {"penalty": {"0.75x": pen("0.75x", {"30": {"off": 20, "off_seed1": 4}}),
+                        "mobilenetv2": pen("mobilenetv2", {"15": {"on": 5}})}, "meta": {}}  # fmt: skip
+    merged = cifar10.merged_with_disk(disk, mine, ["penalty"])["penalty"]
+    assert merged["0.75x"]["budgets"]["30"] == {"on": 1, "off": 20, "plan_seed1": 3, "off_seed1": 4}
+    assert merged["mobilenetv2"]["budgets"] == {"15": {"on": 5}}
+    old_layout = {"penalty": pen("0.75x", {"30": {"on": 1}}), "meta": {}}  # a file written before stop 34
+    merged = cifar10.merged_with_disk(old_layout, mine, ["penalty"])["penalty"]
+    assert merged["0.75x"]["budgets"]["30"] == {"on": 1, "off": 20, "off_seed1": 4}
