@@ -546,12 +546,16 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
         fused = kind == "fusable" and x is not None and x is fusable_out[0]
         macs, channels = _torch_macs(module, kind, x, y)
         conv = kind in ("conv", "convT")
+        # a linear layer on tokens (rank > 2) exports as MatMul + Add, which ORT leaves apart (onnx_trace's
+        # _batched_matmul): the bias is a node of its own and nothing after it folds into the MatMul
+        on_tokens = kind == "linear" and isinstance(x, torch.Tensor) and x.dim() > 2
+        bias = module.bias if on_tokens and isinstance(getattr(module, "bias", None), torch.Tensor) else None
         works.append(
             LayerWork(
                 name=label,
                 op=_module_op(module),
                 macs=macs,
-                params=sum(p.numel() for p in module.parameters(recurse=False)),
+                params=sum(p.numel() for p in module.parameters(recurse=False)) - (bias.numel() if bias is not None else 0),
                 act_in=in_numel,
                 act_out=y.numel(),
                 channels=channels,
@@ -561,8 +565,13 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
                 in_channels=module.in_channels // module.groups if conv else 0,
             )
         )
-        if kind in ("conv", "linear") or fused:
+        if bias is not None:
+            works.append(LayerWork(name=label_for(f"{name}#add"), op="Add", macs=0, params=bias.numel(),
+                                   act_in=y.numel(), act_out=y.numel()))  # fmt: skip
+        if (kind in ("conv", "linear") and not on_tokens) or fused:
             fusable_out[0] = y
+        elif on_tokens:
+            fusable_out[0] = None
         owner[id(y)] = (y, name)
         # a norm between transposes (channels-last LayerNorm of a conv net) reads and writes through them, and
         # the exported graph's Q/DQ pair folds into those; a norm on tokens (a ViT's) converts at both ends
@@ -604,7 +613,13 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
             name = label_for(f"{source}#{op.lower()}" if source else op.lower())
             if op in ("Conv", "Gemm", "MatMul"):  # F.conv2d / F.linear / ``@`` written in forward
                 works.append(_functional_product(name, op, args, kwargs or {}, data, out))
-                fusable_out[0] = out
+                on_tokens = op != "Conv" and out.dim() > 2  # MatMul (+ Add) left apart by ORT, as for nn.Linear
+                bias = (args[2] if len(args) > 2 else (kwargs or {}).get("bias")) if op == "Gemm" else None
+                if on_tokens and isinstance(bias, torch.Tensor) and not any(bias is a for a in data):
+                    works[-1] = dataclasses.replace(works[-1], params=works[-1].params - bias.numel())
+                    works.append(LayerWork(name=label_for(f"{name}#add"), op="Add", macs=0, params=bias.numel(),
+                                           act_in=out.numel(), act_out=out.numel()))  # fmt: skip
+                fusable_out[0] = None if on_tokens else out
                 return out
             if op == "Gelu" and (kwargs or {}).get("approximate", args[1] if len(args) > 1 else "none") == "tanh":
                 op = "GeluTanh"

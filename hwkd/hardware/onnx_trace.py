@@ -124,6 +124,7 @@ def trace_onnx(path_or_model: Any) -> tuple[list[LayerWork], int, str]:
             node.op_type in EPILOGUE_OPS
             and src is not None
             and (src.op_type in _FUSE_PRODUCERS or src.output[0] in fused_outputs)
+            and not _batched_matmul(src, shapes)
             and consumers[data_inputs[0]] == 1
             and data_inputs[0] not in graph_outputs
             and len(data_inputs) == 1
@@ -152,6 +153,12 @@ def trace_onnx(path_or_model: Any) -> tuple[list[LayerWork], int, str]:
         )
     total_params = sum(w.params for w in works)
     return works, total_params, _detect_precision(graph, const_types, const_source)
+
+
+def _batched_matmul(node: Any, shapes: dict) -> bool:
+    """A MatMul with a rank > 2 output (a linear layer on tokens): ORT fuses MatMul + Add into a Gemm only in 2-D,
+    so its bias Add and activation run as nodes of their own (a ViT's optimised graph keeps them, FP32 and INT8)."""
+    return node.op_type == "MatMul" and len(shapes.get(node.output[0]) or ()) > 2
 
 
 def _load_onnx(path_or_model: Any) -> Any:

@@ -745,3 +745,36 @@ def trace_torch_int8(model, x):
     from hwkd.hardware.cost import trace_torch
 
     return trace_torch(model, x[:1], "int8")
+
+
+class _TokenMLP(nn.Module):
+    """Linear layers on tokens (rank 3), as a module and as F.linear, each followed by an activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2_w, self.fc2_b = nn.Linear(8, 32), nn.Parameter(torch.randn(8, 32)), nn.Parameter(torch.zeros(8))
+        self.head = nn.Linear(16 * 8, 10)
+
+    def forward(self, x):  # x: (batch, 16 tokens, 8)
+        y = F.gelu(F.linear(F.gelu(self.fc1(x)), self.fc2_w, self.fc2_b))
+        return self.head(y.flatten(1))
+
+
+def test_a_linear_on_tokens_keeps_its_bias_add_and_activation_apart(tmp_path):
+    """Stop 34: ORT fuses MatMul + Add into a Gemm only in 2-D; a ViT's optimised graph keeps each token linear's
+    bias Add (and what follows) as nodes of their own, which both sides priced as a free epilogue."""
+    from hwkd.hardware.cost import estimate_onnx, trace_onnx, trace_torch
+    from hwkd.onnx.export import export_onnx
+
+    model, x, profile = _TokenMLP().eval(), torch.randn(1, 16, 8), load_profile("rpi4")
+    path = export_onnx(model, x, tmp_path / "tokens.onnx", {}, name="tokens")
+    onnx_works = trace_onnx(path)[0]
+    assert [(w.op, w.fused) for w in onnx_works if w.op in ("Add", "Div")] == [("Add", False), ("Div", False), ("Add", False)] * 2
+    works = trace_torch(model, x)
+    assert [(w.op, w.fused) for w in works if w.op in ("Add", "Div")] == [("Add", False), ("Div", False), ("Add", False)] * 2
+    assert sum(w.params for w in works) == sum(p.numel() for p in model.parameters())
+    int8 = _pt2e_int8(copy.deepcopy(model), torch.randn(2, 16, 8), tmp_path / "tokens_int8.onnx")
+    for precision, exported in (("fp32", path), ("int8", int8)):  # the head (2-D) still takes its bias as a Gemm
+        assert estimate(model, x, profile, precision).latency_ms == pytest.approx(
+            estimate_onnx(exported, profile, precision).latency_ms, rel=1e-3
+        )
