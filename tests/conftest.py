@@ -53,3 +53,24 @@ def split_tensors(dataset, split: str):
 @pytest.fixture
 def tiny_dataset():
     return make_tiny_dataset()
+
+
+def calibrated_int8(model, shape, family="arm", tmp_path=None, batches=3, filename="int8.onnx"):
+    """``model`` (inputs of ``shape`` without the batch) quantized as the qat stage does, observers fed random
+    batches instead of training, and exported as the export stage does: (converted model, ONNX path)."""
+    from hwkd.onnx import export as ox
+    from hwkd.stages import qat
+
+    torch.manual_seed(0)
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn(8, *shape))
+    model.eval()
+    prepared, _ = qat.prepare_qat(model, torch.randn(2, *shape), family)
+    with torch.no_grad():
+        for _ in range(batches):
+            prepared(torch.randn(8, *shape))
+    converted = qat.convert(prepared)
+    path = ox.export_onnx(converted, torch.randn(2, *shape), tmp_path / filename, {})
+    return converted, path

@@ -23,6 +23,7 @@ from hwkd.hardware.cost import (
     round_up_factor,
 )
 from hwkd.hardware.profiles import list_profiles, load_profile
+from tests.conftest import calibrated_int8
 
 CONV_MACS = 8 * 3 * 9 * 64  # Conv2d 3->8, k3, pad 1 on 8x8: out elements x (in/groups x k x k)
 
@@ -702,17 +703,6 @@ def test_tanh_gelu_is_priced_as_its_export(tmp_path):
     assert estimate(model, x, profile).latency_ms == pytest.approx(estimate_onnx(path, profile).latency_ms, rel=1e-3)
 
 
-def _pt2e_int8(model, x, path):
-    """``model`` quantized and exported as the pipeline's qat and export stages do (observers fed ``x``)."""
-    from hwkd.onnx.export import export_onnx
-    from hwkd.stages.qat import convert, prepare_qat
-
-    prepared, _ = prepare_qat(model, x, "arm")
-    with torch.no_grad():
-        prepared(x)
-    return export_onnx(convert(prepared), x[:1], path, {}, name=path.stem)
-
-
 def test_int8_transformer_and_convnext_blocks_are_priced_as_hwkd_exports_them(tmp_path):
     """Stop 34: at INT8 the PyTorch side kept GELU as one op between a DQ and a Q, and a ViT's LayerNorms
     quantized; hwkd's PT2E export runs GELU as five float nodes after a DQ, and a norm on tokens between a DQ
@@ -726,7 +716,7 @@ def test_int8_transformer_and_convnext_blocks_are_priced_as_hwkd_exports_them(tm
     torch.manual_seed(0)
     vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)
-    path = _pt2e_int8(copy.deepcopy(vit), x, tmp_path / "vit_int8.onnx")
+    _, path = calibrated_int8(copy.deepcopy(vit), x.shape[1:], tmp_path=tmp_path, filename="vit_int8.onnx")
     ops = [w.op for w in trace_torch_int8(vit, x)]
     assert ops.count("Erf") == 2 and ops.count("LayerNorm") == 5 and ops.count("DequantizeLinear") == 8
     # left: the class token's Expand and Concat of its shape, and the x[:, 0] Gather (3.5% of this toy)
@@ -735,7 +725,7 @@ def test_int8_transformer_and_convnext_blocks_are_priced_as_hwkd_exports_them(tm
     )
     convnext = timm.create_model("convnext_atto", pretrained=False, num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)
-    path = _pt2e_int8(copy.deepcopy(convnext), x, tmp_path / "convnext_int8.onnx")
+    _, path = calibrated_int8(copy.deepcopy(convnext), x.shape[1:], tmp_path=tmp_path, filename="convnext_int8.onnx")
     assert estimate(convnext, x[:1], profile, "int8").latency_ms == pytest.approx(
         estimate_onnx(path, profile, "int8").latency_ms, rel=0.02
     )
@@ -773,7 +763,7 @@ def test_a_linear_on_tokens_keeps_its_bias_add_and_activation_apart(tmp_path):
     works = trace_torch(model, x)
     assert [(w.op, w.fused) for w in works if w.op in ("Add", "Div")] == [("Add", False), ("Div", False), ("Add", False)] * 2
     assert sum(w.params for w in works) == sum(p.numel() for p in model.parameters())
-    int8 = _pt2e_int8(copy.deepcopy(model), torch.randn(2, 16, 8), tmp_path / "tokens_int8.onnx")
+    _, int8 = calibrated_int8(copy.deepcopy(model), (16, 8), tmp_path=tmp_path, filename="tokens_int8.onnx")
     for precision, exported in (("fp32", path), ("int8", int8)):  # the head (2-D) still takes its bias as a Gemm
         assert estimate(model, x, profile, precision).latency_ms == pytest.approx(
             estimate_onnx(exported, profile, precision).latency_ms, rel=1e-3

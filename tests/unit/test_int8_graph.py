@@ -13,25 +13,9 @@ from torch import nn
 from hwkd.errors import StageError
 from hwkd.models.zoo import ZOO
 from hwkd.onnx import check
-from hwkd.onnx import export as ox
 from hwkd.onnx.quantizer import OrtQuantizer
 from hwkd.stages import qat
-
-
-def _calibrated_int8(model, shape, family="arm", tmp_path=None, batches=3):
-    torch.manual_seed(0)
-    model.train()
-    with torch.no_grad():
-        for _ in range(batches):
-            model(torch.randn(8, *shape))
-    model.eval()
-    prepared, _ = qat.prepare_qat(model, torch.randn(2, *shape), family)
-    with torch.no_grad():
-        for _ in range(batches):
-            prepared(torch.randn(8, *shape))
-    converted = qat.convert(prepared)
-    path = ox.export_onnx(converted, torch.randn(2, *shape), tmp_path / "int8.onnx", {})
-    return converted, path
+from tests.conftest import calibrated_int8
 
 
 def _n_convs(model) -> int:
@@ -44,7 +28,7 @@ def test_default_student_has_no_fp32_conv_or_add_island(tmp_path):
     same recipe, see test_quant; the default profile, jetson, is "arm".)"""
     family = "arm"
     student = ZOO.get("mobilenetv2")(10, 1)
-    converted, path = _calibrated_int8(student, (1, 32, 32), family, tmp_path)
+    converted, path = calibrated_int8(student, (1, 32, 32), family, tmp_path)
     ex = check.executed_summary(path)
     ops = ex["ops"]
     assert ops.get("QLinearConv") == _n_convs(student), ops
@@ -61,7 +45,7 @@ def test_torchvision_resnet18_quantizes_to_integer_kernels(tmp_path):
     (resnet18 reuses one ReLU module); hwkd's quantizer annotates the ATen graph itself."""
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.resnet18(num_classes=10)
-    _, path = _calibrated_int8(model, (3, 32, 32), "x86", tmp_path, batches=2)
+    _, path = calibrated_int8(model, (3, 32, 32), "x86", tmp_path, batches=2)
     ex = check.executed_summary(path)
     assert ex["ops"].get("QLinearConv") == _n_convs(model), ex
     assert ex["ops"].get("QLinearAdd") == 8, ex
@@ -87,7 +71,7 @@ class SqueezeExciteSiLU(nn.Module):
 
 def test_silu_and_squeeze_excite_run_as_integer_kernels(tmp_path):
     model = SqueezeExciteSiLU()
-    _, path = _calibrated_int8(model, (3, 16, 16), "x86", tmp_path)
+    _, path = calibrated_int8(model, (3, 16, 16), "x86", tmp_path)
     ex = check.executed_summary(path)
     assert ex["ops"].get("QLinearConv") == 4, ex
     assert ex["ops"].get("QLinearSigmoid", 0) >= 4 and ex["ops"].get("QLinearMul", 0) >= 3, ex
