@@ -555,11 +555,11 @@ def step_penalty(args, proto, split_dir, teacher_pt, out: dict) -> None:
     arms = [(a, extra) for a, extra in PENALTY_ARMS if not args.penalty_arms or a in args.penalty_arms.split(",")]
     runs = [(b, arm, extra, seed) for seed in seeds for b in budgets for arm, extra in arms]
     # the runs of this invocation are redone (or reused); other arms and seeds at these budgets are kept
-    earlier = {(b, arm, seed): pen["budgets"].get(str(b), {}).pop(penalty_key(arm, seed), None) for b, arm, _, seed in runs}
+    earlier = {(b, arm, seed): pen["budgets"].get(str(b), {}).pop(report.penalty_key(arm, seed), None) for b, arm, _, seed in runs}
 
     def one(run) -> None:
         b, arm, extra, seed = run
-        key = penalty_key(arm, seed)
+        key = report.penalty_key(arm, seed)
         seed_args = ["--seed", str(seed)] if seed else []  # seed 0 is hwkd's default: its command stays as before
         result = hwkd_compress(args, proto, split_dir, teacher_pt, proto["hw_profile"],
                                args.runs / f"penalty_{student}_{b}_{key}",
@@ -576,11 +576,6 @@ def step_penalty(args, proto, split_dir, teacher_pt, out: dict) -> None:
     if finals:  # the runs' own p50s were taken beside each other (--jobs): time them again, together
         time_together(pen["budgets"], finals, proto["bench_rounds"])
     save(args, out)
-
-
-def penalty_key(arm: str, seed: int) -> str:
-    """A penalty run's key in its budget's row: the arm for seed 0 (the layout before seeds), else arm_seedN."""
-    return arm if seed == 0 else f"{arm}_seed{seed}"
 
 
 def time_together(budgets: dict, finals: dict[tuple[str, str], Path], rounds: int) -> None:

@@ -289,8 +289,13 @@ PENALTY_ARM_NOTES = {
 }
 
 
+def penalty_key(arm: str, seed: int) -> str:
+    """A penalty run's key in its budget's row: the arm for seed 0 (the layout before seeds), else arm_seedN."""
+    return arm if seed == 0 else f"{arm}_seed{seed}"
+
+
 def penalty_runs(row: dict) -> dict[tuple[str, int], dict]:
-    """A penalty budget's runs by (arm, seed): keys are the arm (seed 0, the layout before seeds) or arm_seedN."""
+    """A penalty budget's runs by (arm, seed), the keys penalty_key wrote read back."""
     runs = {}
     for key, x in row.items():
         arm, _, seed = key.partition("_seed")

@@ -679,6 +679,9 @@ _GELU_NODES = {
     "tanh": (("pow", "Pow", 1), ("cubic", "Mul", 1), ("add", "Add", 2), ("scale", "Mul", 1), ("tanh", "Tanh", 1),
              ("one", "Add", 1), ("half", "Mul", 1), ("mul", "Mul", 2)),
 }  # fmt: skip
+# GELU's op names (module class, functional, tanh form). At INT8 its nodes run in float after a DequantizeLinear; the
+# QuantizeLinear after its last node (a Mul) folds, as trace_onnx reads a QDQ graph (hwkd's PT2E export and ORT's).
+_GELU_OPS = {"GELU", "Gelu", "GeluTanh"}
 
 
 def _gelu_as_exported(works: list[LayerWork]) -> list[LayerWork]:
@@ -686,13 +689,12 @@ def _gelu_as_exported(works: list[LayerWork]) -> list[LayerWork]:
     (_as_int8_graph)."""
     out: list[LayerWork] = []
     for w in works:
-        form = "tanh" if w.op == "GeluTanh" else "exact" if w.op in ("GELU", "Gelu") else None
-        if form is None:
+        if w.op not in _GELU_OPS:
             out.append(w)
             continue
         n = w.act_out
         out += [LayerWork(name=f"{w.name}/{suffix}", op=op, macs=0, params=0, act_in=reads * n, act_out=n)
-                for suffix, op, reads in _GELU_NODES[form]]  # fmt: skip
+                for suffix, op, reads in _GELU_NODES["tanh" if w.op == "GeluTanh" else "exact"]]  # fmt: skip
     return out
 
 
@@ -702,9 +704,6 @@ def _gelu_as_exported(works: list[LayerWork]) -> list[LayerWork]:
 _INT8_FOLDED = {"ReLU", "ReLU6", "Hardtanh", "Relu", "Clip"}
 _INT8_OWN_OP = {"Sigmoid", "LeakyReLU", "LeakyRelu"}
 _INT8_IN_FLOAT = {"Hardswish", "HardSwish", "Hardsigmoid", "HardSigmoid", "Tanh", "Mish", "ELU"}
-# GELU is exported as elementwise nodes (_GELU_NODES) in float after a DequantizeLinear; the QuantizeLinear after its
-# last node (a Mul) folds, as trace_onnx reads a QDQ graph (both hwkd's PT2E export and onnxruntime's quantizer).
-_GELU_OPS = {"GELU", "Gelu", "GeluTanh"}
 
 
 def _as_int8_graph(works: list[LayerWork], norms_in_float: set[str] = frozenset()) -> list[LayerWork]:
