@@ -519,6 +519,7 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
     # residual add in the channel group of the layer that feeds it. Tensors are kept alive so ids stay unique.
     owner: dict[int, tuple[Any, str]] = {}
     constants: dict[int, Any] = {}  # results computed from weights alone (``gamma.mean()``): graph constants
+    counted: set[int] = set()  # weights already priced by a functional op
 
     def source_of(tensor: Any) -> str | None:
         """The traced module whose output ``tensor`` is (directly or through functional ops), if any."""
@@ -528,6 +529,11 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
     def label_for(name: str) -> str:
         calls[name] += 1
         return name if calls[name] == 1 else f"{name}#{calls[name]}"
+
+    def bias_add(name: str, bias: Any, out: Any) -> LayerWork:
+        """The bias of a linear layer on tokens: an Add node of its own (onnx_trace's _batched_matmul)."""
+        return LayerWork(name=label_for(f"{name}#add"), op="Add", macs=0, params=bias.numel(), act_in=out.numel(),
+                         act_out=out.numel())  # fmt: skip
 
     def enter(module, args):
         depth[0] += 1
@@ -566,8 +572,7 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
             )
         )
         if bias is not None:
-            works.append(LayerWork(name=label_for(f"{name}#add"), op="Add", macs=0, params=bias.numel(),
-                                   act_in=y.numel(), act_out=y.numel()))  # fmt: skip
+            works.append(bias_add(name, bias, y))
         if (kind in ("conv", "linear") and not on_tokens) or fused:
             fusable_out[0] = y
         elif on_tokens:
@@ -599,6 +604,14 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
                 return out
             if not isinstance(out, torch.Tensor):
                 return out
+            if op == "Expand" and not data:  # a class token expanded to the batch (timm's ViT): batch-dependent
+                works.extend(_expand_nodes(label_for("expand"), args[0], out))
+                return out
+            if op == "Index" and data:  # x[:, 0] (a ViT's class token): a Gather per integer index, a Slice per slice
+                if (source := source_of(args[0])) is not None:
+                    owner[id(out)] = (out, source)
+                works.extend(_index_nodes(label_for, source, args[0], args[1] if len(args) > 1 else ()))
+                return out
             if tensors and not data:  # on constants only (any op: a weight's std too): the exporter folds it
                 constants[id(out)] = out  # (trace_onnx skips such nodes), and so is its result
                 return out
@@ -617,8 +630,7 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
                 bias = (args[2] if len(args) > 2 else (kwargs or {}).get("bias")) if op == "Gemm" else None
                 if on_tokens and isinstance(bias, torch.Tensor) and not any(bias is a for a in data):
                     works[-1] = dataclasses.replace(works[-1], params=works[-1].params - bias.numel())
-                    works.append(LayerWork(name=label_for(f"{name}#add"), op="Add", macs=0, params=bias.numel(),
-                                           act_in=out.numel(), act_out=out.numel()))  # fmt: skip
+                    works.append(bias_add(name, bias, out))
                 fusable_out[0] = None if on_tokens else out
                 return out
             if op == "Gelu" and (kwargs or {}).get("approximate", args[1] if len(args) > 1 else "none") == "tanh":
@@ -627,8 +639,12 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
                 works.extend(_attention_nodes(name, args[0], args[1], args[2], out))
                 fusable_out[0] = None
                 return out
-            works.append(LayerWork(name=name, op=op, macs=0, params=0, act_in=sum(a.numel() for a in data),
-                                   act_out=out.numel(), fused=fused))  # fmt: skip
+            # an elementwise op's weight (a layer scale's gamma; not a scalar), counted once, as trace_onnx counts
+            weights = [a for a in tensors if op in ("Add", "Mul", "Sub", "Div") and a.numel() > 1
+                       and not any(a is d for d in data) and id(a) not in counted]  # fmt: skip
+            counted.update(id(a) for a in weights)
+            works.append(LayerWork(name=name, op=op, macs=0, params=sum(a.numel() for a in weights),
+                                   act_in=sum(a.numel() for a in data), act_out=out.numel(), fused=fused))  # fmt: skip
             if fused or out is fusable_out[0]:  # an in-place op (``out += identity``) ends the conv's epilogue
                 fusable_out[0] = out if fused else None
             return out
@@ -775,6 +791,43 @@ def _attention_nodes(name: str, q: Any, k: Any, v: Any, out: Any) -> list[LayerW
     ]
 
 
+def _expand_nodes(name: str, tensor: Any, out: Any) -> list[LayerWork]:
+    """A weight expanded in ``forward`` (``cls_token.expand(x.shape[0], -1, -1)``) exports, with hwkd's dynamic
+    batch, as a Concat building the shape from the input's batch size and an Expand reading that shape."""
+    rank = out.dim()
+    return [
+        LayerWork(name=f"{name}/shape", op="Concat", macs=0, params=0, act_in=1, act_out=rank),
+        LayerWork(name=name, op="Expand", macs=0, params=tensor.numel(), act_in=rank, act_out=out.numel()),
+    ]
+
+
+def _index_nodes(label_for: Any, source: str | None, tensor: Any, index: Any) -> list[LayerWork]:
+    """``x[...]`` as the exporter writes it: a Gather per integer index (aten.select), a Slice per slice that
+    takes less than the whole dimension (aten.slice), each reading what the previous one left. An index with
+    ``None``, ``...``, a bool or a tensor (advanced indexing) is not priced."""
+    index = index if isinstance(index, tuple) else (index,)
+    if not all(type(i) in (int, slice) for i in index):
+        return []
+    shape, works, dim = list(tensor.shape), [], 0
+    for i in index:  # aten.select drops its dim, so the next index applies at the same position
+        if dim >= len(shape):
+            return works
+        before = math.prod(shape)
+        if isinstance(i, int):
+            op = "Gather"
+            del shape[dim]
+        elif isinstance(i, slice):
+            kept = len(range(*i.indices(shape[dim])))
+            op = "Slice" if kept < shape[dim] else None
+            shape[dim], dim = kept, dim + 1
+        else:
+            return works
+        if op is not None:
+            works.append(LayerWork(name=label_for(f"{source}#{op.lower()}" if source else op.lower()), op=op,
+                                   macs=0, params=0, act_in=before, act_out=math.prod(shape)))  # fmt: skip
+    return works
+
+
 def _torch_functional_ops() -> dict[Any, str]:
     """torch functions and Tensor methods a model's ``forward`` calls outside modules, by their ONNX op."""
     import torch
@@ -807,6 +860,8 @@ def _torch_functional_ops() -> dict[Any, str]:
         "MatMul": (torch.matmul, torch.mm, torch.bmm, Tensor.matmul, Tensor.__matmul__),
         "Attention": (F.scaled_dot_product_attention,),
         "Split": (torch.unbind, Tensor.unbind),
+        "Expand": (Tensor.expand,),
+        "Index": (Tensor.__getitem__,),
     }.items():
         ops.update(dict.fromkeys(funcs, onnx_op))
     return ops

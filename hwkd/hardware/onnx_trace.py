@@ -31,6 +31,7 @@ _WEIGHT_SLOTS = {
     "MatMul": (0, 1), "MatMulInteger": (0, 1), "QLinearMatMul": (0, 3), "Gemm": (0, 1, 2),
     "BatchNormalization": (1, 2), "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2),
     "GroupNormalization": (1, 2), "PRelu": (1,), "Add": (0, 1), "Mul": (0, 1), "Sub": (0, 1), "Div": (0, 1),
+    "Expand": (0,),  # a class token expanded to the batch
 }  # fmt: skip
 # Ops that cost nothing at run time: views.
 _FREE_OPS = {
