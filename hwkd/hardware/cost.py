@@ -512,8 +512,10 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
     calls: Counter[str] = Counter()
     fusable_out: list[Any] = [None]  # last output a following BN/activation may fold into
     depth = [0]  # > 0 inside a traced module: its own functional calls are that module's work
-    entered: list[int] = []  # len(works) as each traced module's forward began (a stack)
     norms_in_float: set[str] = set()  # at INT8: norms run in float between a DequantizeLinear and a QuantizeLinear
+    quantized_after: set[str] = set()  # at INT8: works whose float output a QuantizeLinear converts (it runs)
+    float_only: dict[int, Any] = {}  # at INT8: activations no quantized op produced (a class token's Expand)
+    int8 = precision == "int8"
     # The traced module each activation comes from (through functional ops too): a functional op is named
     # "<module>#<op>", so the penalty's per-channel weights (penalty.channel_groups, by module name) count a
     # residual add in the channel group of the layer that feeds it. Tensors are kept alive so ids stay unique.
@@ -537,11 +539,9 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
 
     def enter(module, args):
         depth[0] += 1
-        entered.append(len(works))
 
     def hook(name, module, args, output):
         depth[0] -= 1
-        inner = works[entered.pop():]  # what its forward recorded itself (the transposes of timm's LayerNorm2d)
         kind = next(k for k, classes in kinds.items() if isinstance(module, classes))
         x = args[0] if args else None
         y = output[0] if isinstance(output, tuple | list) else output
@@ -573,14 +573,15 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
         )
         if bias is not None:
             works.append(bias_add(name, bias, y))
+            quantized_after.add(works[-1].name)  # the Add runs in float after ORT's MatMulIntegerToFloat
         if (kind in ("conv", "linear") and not on_tokens) or fused:
             fusable_out[0] = y
         elif on_tokens:
             fusable_out[0] = None
         owner[id(y)] = (y, name)
-        # a norm between transposes (channels-last LayerNorm of a conv net) reads and writes through them, and
-        # the exported graph's Q/DQ pair folds into those; a norm on tokens (a ViT's) converts at both ends
-        if isinstance(module, norms) and not any(w.op == "Transpose" for w in inner):
+        # a norm runs in float in ORT, converting at both ends (through the transposes of a channels-last
+        # LayerNorm2d too: ORT moves the DQ / Q past them)
+        if isinstance(module, norms):
             norms_in_float.add(label)
 
     class FunctionalOps(TorchFunctionMode):
@@ -606,6 +607,7 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
                 return out
             if op == "Expand" and not data:  # a class token expanded to the batch (timm's ViT): batch-dependent
                 works.extend(_expand_nodes(label_for("expand"), args[0], out))
+                float_only[id(out)] = out
                 return out
             if op == "Index" and data:  # x[:, 0] (a ViT's class token): a Gather per integer index, a Slice per slice
                 if (source := source_of(args[0])) is not None:
@@ -631,18 +633,24 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
                 if on_tokens and isinstance(bias, torch.Tensor) and not any(bias is a for a in data):
                     works[-1] = dataclasses.replace(works[-1], params=works[-1].params - bias.numel())
                     works.append(bias_add(name, bias, out))
+                    quantized_after.add(works[-1].name)
                 fusable_out[0] = None if on_tokens else out
                 return out
             if op == "Gelu" and (kwargs or {}).get("approximate", args[1] if len(args) > 1 else "none") == "tanh":
                 op = "GeluTanh"
             if op == "Attention":  # F.scaled_dot_product_attention: the nodes the exporter writes for it
-                works.extend(_attention_nodes(name, args[0], args[1], args[2], out))
+                works.extend(_attention_nodes(name, args[0], args[1], args[2], out, int8))
                 fusable_out[0] = None
                 return out
             # an elementwise op's weight (a layer scale's gamma; not a scalar), counted once, as trace_onnx counts
             weights = [a for a in tensors if op in ("Add", "Mul", "Sub", "Div") and a.numel() > 1
                        and not any(a is d for d in data) and id(a) not in counted]  # fmt: skip
             counted.update(id(a) for a in weights)
+            floats = [a for a in data if float_only.get(id(a)) is a]
+            if int8 and op == "Concat" and floats:  # with a float input (a class token) the Concat runs in float
+                works.extend(LayerWork(name=f"{name}/dequantize", op="DequantizeLinear", macs=0, params=0,
+                                       act_in=a.numel(), act_out=a.numel()) for a in data if not any(a is f for f in floats))  # fmt: skip
+                quantized_after.add(name)
             works.append(LayerWork(name=name, op=op, macs=0, params=sum(a.numel() for a in weights),
                                    act_in=sum(a.numel() for a in data), act_out=out.numel(), fused=fused))  # fmt: skip
             if fused or out is fusable_out[0]:  # an in-place op (``out += identity``) ends the conv's epilogue
@@ -669,7 +677,7 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
     if precision != "int8":
         return _gelu_as_exported(works)
     # the exported QDQ graph's QuantizeLinear of the input, DequantizeLinear of the output
-    works = _as_int8_graph(works, norms_in_float)
+    works = _as_int8_graph(works, norms_in_float, quantized_after)
     first = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
     last = output[0] if isinstance(output, tuple | list) else output
     if isinstance(first, torch.Tensor) and first.is_floating_point():
@@ -695,9 +703,10 @@ _GELU_NODES = {
     "tanh": (("pow", "Pow", 1), ("cubic", "Mul", 1), ("add", "Add", 2), ("scale", "Mul", 1), ("tanh", "Tanh", 1),
              ("one", "Add", 1), ("half", "Mul", 1), ("mul", "Mul", 2)),
 }  # fmt: skip
-# GELU's op names (module class, functional, tanh form). At INT8 its nodes run in float after a DequantizeLinear; the
-# QuantizeLinear after its last node (a Mul) folds, as trace_onnx reads a QDQ graph (hwkd's PT2E export and ORT's).
+# GELU's op names (module class, functional, tanh form). At INT8 its nodes run in float: ORT dequantizes x once per
+# node reading it (exact: Div and the Mul; tanh: Pow, Add and the Mul) and quantizes the result.
 _GELU_OPS = {"GELU", "Gelu", "GeluTanh"}
+_GELU_X_READERS = {"exact": 2, "tanh": 3}
 
 
 def _gelu_as_exported(works: list[LayerWork]) -> list[LayerWork]:
@@ -722,9 +731,16 @@ _INT8_OWN_OP = {"Sigmoid", "LeakyReLU", "LeakyRelu"}
 _INT8_IN_FLOAT = {"Hardswish", "HardSwish", "Hardsigmoid", "HardSigmoid", "Tanh", "Mish", "ELU"}
 
 
-def _as_int8_graph(works: list[LayerWork], norms_in_float: set[str] = frozenset()) -> list[LayerWork]:
-    """Module-level works rewritten as the INT8 QDQ graph runs their activations (see _INT8_FOLDED) and the
-    norms named in ``norms_in_float``."""
+def _as_int8_graph(works: list[LayerWork], norms_in_float: set[str] = frozenset(),
+                   quantized_after: set[str] = frozenset()) -> list[LayerWork]:  # fmt: skip
+    """Module-level works rewritten as ONNX Runtime runs the INT8 QDQ graph (as trace_onnx reads it, checked
+    against ORT's optimised graph): ReLU-like clamps fold (_INT8_FOLDED); the norms named in ``norms_in_float``,
+    GELU and the float-only activations convert at both ends; a QuantizeLinear runs after each work named in
+    ``quantized_after`` (a token linear's bias Add, a Concat with a class token)."""
+
+    def convert(op: str, w: LayerWork, size: int, suffix: str) -> LayerWork:
+        return LayerWork(name=f"{w.name}/{suffix}", op=op, macs=0, params=0, act_in=size, act_out=size)
+
     out: list[LayerWork] = []
     for w in works:
         if w.op in _INT8_FOLDED:
@@ -735,16 +751,21 @@ def _as_int8_graph(works: list[LayerWork], norms_in_float: set[str] = frozenset(
             out += [LayerWork(name=f"{w.name}/sigmoid", op="Sigmoid", macs=0, params=0, act_in=w.act_in, act_out=w.act_out),
                     LayerWork(name=f"{w.name}/mul", op="Mul", macs=0, params=0, act_in=w.act_in + w.act_out,
                               act_out=w.act_out)]  # fmt: skip
-        elif w.op in _GELU_OPS:
-            out += [LayerWork(name=f"{w.name}/dequantize", op="DequantizeLinear", macs=0, params=0, act_in=w.act_in,
-                              act_out=w.act_in), *_gelu_as_exported([dataclasses.replace(w, fused=False)])]  # fmt: skip
+        elif w.op in _GELU_OPS:  # a DequantizeLinear per node reading x (ORT copies it per consumer)
+            form = "tanh" if w.op == "GeluTanh" else "exact"
+            out += [convert("DequantizeLinear", w, w.act_in, f"dequantize{'' if k == 0 else f'#{k + 1}'}")
+                    for k in range(_GELU_X_READERS[form])]  # fmt: skip
+            out += [*_gelu_as_exported([dataclasses.replace(w, fused=False)]),
+                    convert("QuantizeLinear", w, w.act_out, "quantize")]
         elif w.op in _INT8_IN_FLOAT or w.name in norms_in_float:
-            out += [LayerWork(name=f"{w.name}/dequantize", op="DequantizeLinear", macs=0, params=0, act_in=w.act_in,
-                              act_out=w.act_in), dataclasses.replace(w, fused=False),
-                    LayerWork(name=f"{w.name}/quantize", op="QuantizeLinear", macs=0, params=0, act_in=w.act_out,
-                              act_out=w.act_out)]  # fmt: skip
+            out += [convert("DequantizeLinear", w, w.act_in, "dequantize"), dataclasses.replace(w, fused=False),
+                    convert("QuantizeLinear", w, w.act_out, "quantize")]
+        elif w.op == "Gather" and out and out[-1].op == "QuantizeLinear" and out[-1].name.endswith("/quantize"):
+            out[-1:] = [w, convert("QuantizeLinear", w, w.act_out, "quantize")]  # a norm's Q moves past x[:, 0]
         else:
             out.append(w)
+            if w.name in quantized_after:
+                out.append(convert("QuantizeLinear", w, w.act_out, "quantize"))
     return out
 
 
@@ -766,9 +787,11 @@ def _functional_product(name: str, op: str, args: tuple, kwargs: dict, data: lis
                      act_out=out.numel(), channels=out.shape[-1] if out.dim() else 0)  # fmt: skip
 
 
-def _attention_nodes(name: str, q: Any, k: Any, v: Any, out: Any) -> list[LayerWork]:
+def _attention_nodes(name: str, q: Any, k: Any, v: Any, out: Any, int8: bool = False) -> list[LayerWork]:
     """F.scaled_dot_product_attention as torch.onnx writes it: k transposed, q and k^T each scaled by
-    sqrt(scale), q @ k^T, Softmax, @ v (no fused attention kernel on ONNX Runtime's CPU provider)."""
+    sqrt(scale), q @ k^T, Softmax, @ v (no fused attention kernel on ONNX Runtime's CPU provider). At INT8 all of
+    it runs in float: q, k and v are dequantized (k twice at rank 4, once more for its shape) and the context
+    quantized."""
     scores = q.numel() // q.shape[-1] * k.shape[-2]  # (..., L, S)
 
     def node(suffix: str, op: str, act_in: int, act_out: int, macs: int = 0, channels: int = 0) -> LayerWork:
@@ -780,7 +803,10 @@ def _attention_nodes(name: str, q: Any, k: Any, v: Any, out: Any) -> list[LayerW
     shape_nodes = [node("shape_slice", "Slice", 4, 1), node("shape_slice#2", "Slice", 4, 1),
                    node("shape_slice#3", "Slice", 4, 2), node("shape_concat", "Concat", 2, 3),
                    node("shape_concat#2", "Concat", 4, 4)] if k.dim() == 4 else []  # fmt: skip
+    dequantize = [node(f"dequantize_{t}", "DequantizeLinear", x.numel(), x.numel())
+                  for t, x in (("q", q), ("k", k), *((("k_shape", k),) if k.dim() == 4 else ()), ("v", v))]  # fmt: skip
     return [
+        *(dequantize if int8 else []),
         *shape_nodes,
         node("transpose_k", "Transpose", k.numel(), k.numel()),
         node("scale_q", "Mul", q.numel(), q.numel()),
@@ -788,6 +814,7 @@ def _attention_nodes(name: str, q: Any, k: Any, v: Any, out: Any) -> list[LayerW
         node("scores", "MatMul", q.numel() + k.numel(), scores, scores * q.shape[-1], k.shape[-2]),
         node("softmax", "Softmax", scores, scores),
         node("context", "MatMul", scores + v.numel(), out.numel(), scores * v.shape[-1], v.shape[-1]),
+        *([node("quantize", "QuantizeLinear", out.numel(), out.numel())] if int8 else []),
     ]
 
 

@@ -37,13 +37,15 @@ _WEIGHT_SLOTS = {
 _FREE_OPS = {
     "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Constant", "Shape", "Size", "Dropout",
 }  # fmt: skip
+# Views ONNX Runtime's QDQ propagation moves a QuantizeLinear before (and a DequantizeLinear after).
+_VIEW_OPS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice"}
 # Ops ONNX Runtime's QDQ transformer turns into QLinear kernels (or runs on int8 directly): a Q/DQ node
 # between two of them is folded away; one next to anything else (a graph input or output, a ReduceMean)
 # really runs, converting every value.
 _QDQ_FOLDING = {
     "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "MaxPool", "AveragePool", "GlobalAveragePool",
     "Concat", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Resize", "Sigmoid", "LeakyRelu",
-    "Relu", "Clip", "Identity", "QuantizeLinear", "DequantizeLinear",
+    "Relu", "Clip", "Identity", "QuantizeLinear", "DequantizeLinear", "Softmax",
 }  # fmt: skip
 _CONV_WEIGHT_SLOT = {"Conv": 1, "ConvInteger": 1, "ConvTranspose": 1, "QLinearConv": 3}
 # Ops ONNX Runtime folds into a preceding Conv/Gemm (ConvBNFusion, ConvActivationFusion, MatMulAddFusion).
@@ -71,7 +73,7 @@ def trace_onnx(path_or_model: Any) -> tuple[list[LayerWork], int, str]:
     shapes = _onnx_shapes(graph)
     consts = {init.name: tuple(init.dims) for init in graph.initializer}
     const_types = {init.name: init.data_type for init in graph.initializer}
-    producer, consumers, consumer_ops = {}, defaultdict(int), defaultdict(set)
+    producer, consumers, consumer_ops, consumer_nodes = {}, defaultdict(int), defaultdict(set), defaultdict(list)
     for node in graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:
@@ -83,15 +85,70 @@ def trace_onnx(path_or_model: Any) -> tuple[list[LayerWork], int, str]:
         for name in node.input:
             consumers[name] += 1
             consumer_ops[name].add(node.op_type)
+            consumer_nodes[name].append(node)
     graph_outputs = {o.name for o in graph.output}
 
-    def qdq_folded(node: Any, data_input: str) -> bool:
-        """Whether ONNX Runtime folds this QuantizeLinear / DequantizeLinear into its neighbours."""
-        if node.op_type == "QuantizeLinear":
-            src = producer.get(data_input)
-            return src is not None and src.op_type in _QDQ_FOLDING
+    def upstream(name: str) -> Any:
+        """The node behind ``name`` through views: ORT's QDQ propagation moves a Q before a Reshape / Transpose."""
+        node = producer.get(name)
+        while node is not None and node.op_type in _VIEW_OPS and consumers[node.output[0]] == 1:
+            node = producer.get(node.input[0])
+        return node
+
+    def from_dq(node: Any) -> bool:
+        """Every activation input of ``node`` comes from a DequantizeLinear: ORT can run it on the int8 values."""
+        inputs = [n for n in node.input if n and const_source(n) is None]
+        return bool(inputs) and all((src := upstream(n)) is not None and src.op_type == "DequantizeLinear"
+                                    for n in inputs)  # fmt: skip
+
+    def to_q(node: Any) -> bool:
+        """``node``'s output is quantized next (through views, and a Relu / Clip, which ORT drops before a Q)."""
         out = node.output[0]
-        return out not in graph_outputs and bool(consumer_ops[out]) and consumer_ops[out] <= _QDQ_FOLDING
+        nxt = consumer_nodes[out] if out not in graph_outputs else []
+        if len(nxt) == 1 and nxt[0].op_type in ("Relu", "Clip", *_VIEW_OPS):
+            return to_q(nxt[0])
+        return bool(nxt) and all(c.op_type == "QuantizeLinear" for c in nxt)
+
+    def integer_unit(node: Any) -> bool:
+        """ORT runs ``node`` as an integer kernel (a QDQ node unit): its inputs dequantized, and its output
+        quantized, or a MatMul / Gemm / Conv reading int8 with a float output (MatMulIntegerToFloat)."""
+        if node.op_type not in _QDQ_FOLDING or not from_dq(node):
+            return False
+        if node.op_type == "QuantizeLinear":  # DQ -> views -> Q runs the views on int8; a bare DQ -> Q pair
+            direct = producer.get(node.input[0])
+            return (direct is not None and direct.op_type in _VIEW_OPS) or pair_removed(upstream(node.input[0]))
+        return node.op_type in ("MatMul", "Gemm", "Conv") or to_q(node)
+
+    def pair_removed(dq: Any) -> bool:
+        """A Q -> DQ -> Q chain whose DQ feeds only that Q: DoubleQDQPairsRemover drops the middle DQ -> Q (the
+        first Q takes the second's scale); a DQ with other consumers keeps it, and the pair requantizes."""
+        src = producer.get(dq.input[0])
+        return src is not None and src.op_type == "QuantizeLinear" and consumers[dq.output[0]] == 1
+
+    def dq_copies(node: Any, via: str) -> list[int]:
+        """The sizes of the DequantizeLinear copies ORT runs for ``node``, a consumer reading ``via``: none where
+        ``node`` runs as an integer kernel; a view passes the DQ on to its own consumers (DQ propagation), so the
+        copy converts the view's output."""
+        out = node.output[0]
+        if node.op_type in _VIEW_OPS and out not in graph_outputs:
+            return [size for c in consumer_nodes[out] for size in dq_copies(c, out)]
+        return [] if integer_unit(node) else [_numel(shapes.get(via))]
+
+    def qdq_runs(node: Any, data_input: str) -> list[int]:
+        """The sizes of the copies of this QuantizeLinear / DequantizeLinear ONNX Runtime runs (none: folded into
+        its neighbours): a Q folds into an integer producer; a DQ is copied per consumer
+        (EnsureUniqueDQForNodeUnit) and folds into each consumer that runs as an integer kernel."""
+        size = _numel(shapes.get(data_input))
+        if node.op_type == "QuantizeLinear":
+            src, views = producer.get(data_input), 0
+            while src is not None and src.op_type in ("Relu", "Clip", *_VIEW_OPS) and consumers[src.output[0]] == 1:
+                views += src.op_type in _VIEW_OPS  # ClipQuantFusion drops a Relu / Clip; a Q moves before views
+                src = producer.get(src.input[0])
+            if src is not None and src.op_type == "DequantizeLinear":  # DQ -> views -> Q: the views run on int8
+                return [] if views or pair_removed(src) else [size]
+            return [] if src is not None and integer_unit(src) else [size]
+        out = node.output[0]
+        return [s for c in consumer_nodes[out] for s in dq_copies(c, out)] + ([size] * (out in graph_outputs))
 
     def const_source(name: str) -> str | None:
         """The initializer/Constant behind ``name`` through pass-through ops, or None for activations."""
@@ -106,9 +163,15 @@ def trace_onnx(path_or_model: Any) -> tuple[list[LayerWork], int, str]:
     works, counted, fused_outputs = [], set(), set()
     for index, node in enumerate(graph.node):
         data_inputs = [n for n in node.input if n and const_source(n) is None]
-        if node.op_type in _FREE_OPS or not data_inputs:
+        if node.op_type == "DequantizeLinear" and not data_inputs:
+            # a quantized constant (a LayerNorm's weight in ORT's static QDQ): ORT does not fold a DQ, and runs it
+            # wherever its consumer runs in float
+            copies = [size for c in consumer_nodes[node.output[0]] for size in dq_copies(c, node.output[0])]
+        elif node.op_type in _FREE_OPS or not data_inputs:
             continue  # views, and nodes the runtime constant-folds at load time
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and qdq_folded(node, data_inputs[0]):
+        else:
+            copies = qdq_runs(node, data_inputs[0]) if node.op_type in ("QuantizeLinear", "DequantizeLinear") else None
+        if copies == []:
             continue
         params = 0
         for slot in _WEIGHT_SLOTS.get(node.op_type, ()):
@@ -120,7 +183,7 @@ def trace_onnx(path_or_model: Any) -> tuple[list[LayerWork], int, str]:
                 params += numel
         macs, channels = _onnx_macs(node, shapes, consts, const_source)
         kernel, groups, in_channels = _conv_geometry(node, shapes, consts, const_source)
-        src = producer.get(data_inputs[0])
+        src = producer.get(data_inputs[0]) if data_inputs else None
         fused = (
             node.op_type in EPILOGUE_OPS
             and src is not None
@@ -137,21 +200,25 @@ def trace_onnx(path_or_model: Any) -> tuple[list[LayerWork], int, str]:
         ))  # fmt: skip
         if fused:
             fused_outputs.update(node.output)
-        works.append(
+        name = node.name or f"{node.op_type}_{index}"
+        act_in = sum(_numel(shapes.get(n)) for n in data_inputs)
+        act_out = sum(_numel(shapes.get(n)) for n in node.output if n)
+        works += [
             LayerWork(
-                name=node.name or f"{node.op_type}_{index}",
+                name=name if copy == 0 else f"{name}#{copy + 1}",  # a DQ's copies, one per consumer
                 op=node.op_type,
                 macs=macs,
                 params=params,
-                act_in=sum(_numel(shapes.get(n)) for n in data_inputs),
-                act_out=sum(_numel(shapes.get(n)) for n in node.output if n),
+                act_in=act_in if size is None else size,
+                act_out=act_out if size is None else size,
                 channels=channels,
                 fused=fused,
                 kernel=kernel,
                 groups=groups,
                 in_channels=in_channels,
             )
-        )
+            for copy, size in enumerate(copies or [None])
+        ]
     total_params = sum(w.params for w in works)
     return works, total_params, _detect_precision(graph, const_types, const_source)
 
