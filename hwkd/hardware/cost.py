@@ -790,8 +790,8 @@ def _functional_product(name: str, op: str, args: tuple, kwargs: dict, data: lis
 def _attention_nodes(name: str, q: Any, k: Any, v: Any, out: Any, int8: bool = False) -> list[LayerWork]:
     """F.scaled_dot_product_attention as torch.onnx writes it: k transposed, q and k^T each scaled by
     sqrt(scale), q @ k^T, Softmax, @ v (no fused attention kernel on ONNX Runtime's CPU provider). At INT8 all of
-    it runs in float: q, k and v are dequantized (k twice at rank 4, once more for its shape) and the context
-    quantized."""
+    it runs in float: q, k and v are dequantized (k a second time at rank 4, for the Shape its reshape reads) and
+    the context is quantized."""
     scores = q.numel() // q.shape[-1] * k.shape[-2]  # (..., L, S)
 
     def node(suffix: str, op: str, act_in: int, act_out: int, macs: int = 0, channels: int = 0) -> LayerWork:

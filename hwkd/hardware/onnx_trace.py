@@ -39,9 +39,9 @@ _FREE_OPS = {
 }  # fmt: skip
 # Views ONNX Runtime's QDQ propagation moves a QuantizeLinear before (and a DequantizeLinear after).
 _VIEW_OPS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice"}
-# Ops ONNX Runtime's QDQ transformer turns into QLinear kernels (or runs on int8 directly): a Q/DQ node
-# between two of them is folded away; one next to anything else (a graph input or output, a ReduceMean)
-# really runs, converting every value.
+# Ops ONNX Runtime's QDQ transformer can turn into QLinear kernels (or run on int8 directly) when they form a
+# QDQ node unit: inputs from DequantizeLinear, output to QuantizeLinear (trace_onnx's integer_unit). A Q/DQ
+# node next to anything else (a graph input or output, a ReduceMean, a float bias Add) really runs.
 _QDQ_FOLDING = {
     "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "MaxPool", "AveragePool", "GlobalAveragePool",
     "Concat", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Resize", "Sigmoid", "LeakyRelu",
@@ -73,7 +73,7 @@ def trace_onnx(path_or_model: Any) -> tuple[list[LayerWork], int, str]:
     shapes = _onnx_shapes(graph)
     consts = {init.name: tuple(init.dims) for init in graph.initializer}
     const_types = {init.name: init.data_type for init in graph.initializer}
-    producer, consumers, consumer_ops, consumer_nodes = {}, defaultdict(int), defaultdict(set), defaultdict(list)
+    producer, consumers, consumer_nodes = {}, defaultdict(int), defaultdict(list)
     for node in graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:
@@ -84,7 +84,6 @@ def trace_onnx(path_or_model: Any) -> tuple[list[LayerWork], int, str]:
             producer[name] = node
         for name in node.input:
             consumers[name] += 1
-            consumer_ops[name].add(node.op_type)
             consumer_nodes[name].append(node)
     graph_outputs = {o.name for o in graph.output}
 
