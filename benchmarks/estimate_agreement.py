@@ -146,15 +146,9 @@ def qdq_count(ops) -> int:
 
 def ort_qdq_count(path) -> int:
     """QuantizeLinear + DequantizeLinear nodes in ONNX Runtime's optimised graph of ``path``: what it runs."""
-    import onnx
-    import onnxruntime as ort
+    from hwkd.onnx.check import ort_executed_ops
 
-    with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.optimized_model_filepath = str(Path(tmp) / "optimised.onnx")
-        options.log_severity_level = 3
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return qdq_count(n.op_type for n in onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node)
+    return qdq_count(ort_executed_ops(path).elements())
 
 
 def render(s: dict) -> str:

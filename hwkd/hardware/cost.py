@@ -532,10 +532,12 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
         calls[name] += 1
         return name if calls[name] == 1 else f"{name}#{calls[name]}"
 
-    def bias_add(name: str, bias: Any, out: Any) -> LayerWork:
-        """The bias of a linear layer on tokens: an Add node of its own (onnx_trace's _batched_matmul)."""
-        return LayerWork(name=label_for(f"{name}#add"), op="Add", macs=0, params=bias.numel(), act_in=out.numel(),
-                         act_out=out.numel())  # fmt: skip
+    def bias_add(name: str, bias: Any, out: Any) -> None:
+        """The bias of a linear layer on tokens: an Add node of its own (onnx_trace's _batched_matmul), whose float
+        output a QuantizeLinear converts at INT8 (ORT runs the linear as MatMulIntegerToFloat)."""
+        works.append(LayerWork(name=label_for(f"{name}#add"), op="Add", macs=0, params=bias.numel(),
+                               act_in=out.numel(), act_out=out.numel()))  # fmt: skip
+        quantized_after.add(works[-1].name)
 
     def enter(module, args):
         depth[0] += 1
@@ -572,8 +574,7 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
             )
         )
         if bias is not None:
-            works.append(bias_add(name, bias, y))
-            quantized_after.add(works[-1].name)  # the Add runs in float after ORT's MatMulIntegerToFloat
+            bias_add(name, bias, y)
         if (kind in ("conv", "linear") and not on_tokens) or fused:
             fusable_out[0] = y
         elif on_tokens:
@@ -632,8 +633,7 @@ def trace_torch(model: Any, example_input: Any, precision: str = "fp32") -> list
                 bias = (args[2] if len(args) > 2 else (kwargs or {}).get("bias")) if op == "Gemm" else None
                 if on_tokens and isinstance(bias, torch.Tensor) and not any(bias is a for a in data):
                     works[-1] = dataclasses.replace(works[-1], params=works[-1].params - bias.numel())
-                    works.append(bias_add(name, bias, out))
-                    quantized_after.add(works[-1].name)
+                    bias_add(name, bias, out)
                 fusable_out[0] = None if on_tokens else out
                 return out
             if op == "Gelu" and (kwargs or {}).get("approximate", args[1] if len(args) > 1 else "none") == "tanh":

@@ -750,7 +750,7 @@ def test_int8_transformer_and_convnext_blocks_are_priced_as_hwkd_exports_them(tm
     vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)
     _, path = calibrated_int8(copy.deepcopy(vit), x.shape[1:], tmp_path=tmp_path, filename="vit_int8.onnx")
-    assert _qdq_counts(w.op for w in trace_onnx(path)[0]) == ort_qdq_counts(path, tmp_path) == (20, 20)
+    assert _qdq_counts(w.op for w in trace_onnx(path)[0]) == ort_qdq_counts(path) == (20, 20)
     ops = [w.op for w in trace_torch_int8(vit, x)]
     assert ops.count("Erf") == 2 and ops.count("LayerNorm") == 5
     # the PyTorch side leaves out one requantizing DQ -> Q pair on the first block's residual (1.7% of the toy)
@@ -802,7 +802,7 @@ def test_qdq_nodes_priced_are_those_onnx_runtime_runs(tmp_path, model, shape, co
 
     fp32 = export_onnx(model().eval(), torch.randn(1, *shape), tmp_path / "m.onnx", {}, name="m")
     int8 = quantize(fp32, tmp_path / "m-int8.onnx", np.random.default_rng(0))
-    priced, runs = _qdq_counts(w.op for w in trace_onnx(int8)[0]), ort_qdq_counts(int8, tmp_path)
+    priced, runs = _qdq_counts(w.op for w in trace_onnx(int8)[0]), ort_qdq_counts(int8)
     assert priced == runs and (counts is None or runs == counts)
 
 
@@ -811,16 +811,11 @@ def _qdq_counts(ops) -> tuple[int, int]:
     return ops.count("QuantizeLinear"), ops.count("DequantizeLinear")
 
 
-def ort_qdq_counts(path, tmp_path) -> tuple[int, int]:
+def ort_qdq_counts(path) -> tuple[int, int]:
     """QuantizeLinear and DequantizeLinear nodes in ONNX Runtime's optimised graph: what it really runs."""
-    import onnx
-    import onnxruntime as ort
+    from hwkd.onnx.check import ort_executed_ops
 
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
-    options.log_severity_level = 3
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return _qdq_counts(n.op_type for n in onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node)
+    return _qdq_counts(ort_executed_ops(path).elements())
 
 
 def trace_torch_int8(model, x):
