@@ -76,7 +76,13 @@ PENALTY_ARMS = (
     # The penalty aimed at the pruner's own plan (issue 14's fallback), held off for the first 30% of distillation.
     ("plan", ["--set", "distill.penalty_target=plan", "--set", "distill.penalty_start=0.3",
               "--set", "prune.penalty_target=plan"]),
+    # The plan's channels held at zero rather than pulled (stop 36): the student trains as the pruned network.
+    ("mask", ["--set", "distill.penalty_target=mask", "--set", "distill.penalty_start=0.3",
+              "--set", "prune.penalty_target=mask"]),
+    ("mask10", ["--set", "distill.penalty_target=mask", "--set", "distill.penalty_start=0.1",
+                "--set", "prune.penalty_target=mask"]),
 )
+DEFAULT_PENALTY_ARMS = ("on", "off", "plan")  # the mask arms run when --penalty-arms names them
 
 # The protocol. Full: hwkd's defaults for the pipeline; the KD table long enough for the student
 # alone to plateau. Quick: the same code on a class-balanced subset, one epoch per stage.
@@ -552,7 +558,8 @@ def step_penalty(args, proto, split_dir, teacher_pt, out: dict) -> None:
     out["penalty"] = {**students, student: pen}  # budgets run earlier are kept, and re-timed with the new ones
     budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else proto["penalty_budgets"]
     seeds = [int(s) for s in args.penalty_seeds.split(",")]
-    arms = [(a, extra) for a, extra in PENALTY_ARMS if not args.penalty_arms or a in args.penalty_arms.split(",")]
+    wanted = args.penalty_arms.split(",") if args.penalty_arms else DEFAULT_PENALTY_ARMS
+    arms = [(a, extra) for a, extra in PENALTY_ARMS if a in wanted]
     runs = [(b, arm, extra, seed) for seed in seeds for b in budgets for arm, extra in arms]
     # the runs of this invocation are redone (or reused); other arms and seeds at these budgets are kept
     earlier = {(b, arm, seed): pen["budgets"].get(str(b), {}).pop(report.penalty_key(arm, seed), None) for b, arm, _, seed in runs}
@@ -694,7 +701,7 @@ def main() -> int:
                     help=f"penalty step: the student that starts over the budget (default {PENALTY_STUDENT}); --budgets applies")
     ap.add_argument("--penalty-seeds", default="0", help="penalty step: hwkd's --seed for each run, e.g. 1 (default 0)")
     ap.add_argument("--penalty-arms", default=None,
-                    help=f"penalty step: a subset of the arms {','.join(a for a, _ in PENALTY_ARMS)} (default all); "
+                    help=f"penalty step: a subset of the arms {','.join(a for a, _ in PENALTY_ARMS)} (default {','.join(DEFAULT_PENALTY_ARMS)}); "
                          "hw step: arms besides on and off (e.g. plan)")
     ap.add_argument("--teacher-tag", default=None,
                     help="the committed teacher_resnet20_TAG.pt instead of teacher_resnet20.pt; results go to cifar10_TAG.*")

@@ -286,6 +286,8 @@ PENALTY_ARM_NOTES = {
     "on": "defaults (penalty target `cost`)",
     "off": "`--set distill.penalty_weight=0 --set prune.penalty_weight=0`",
     "plan": "`--set distill.penalty_target=plan --set distill.penalty_start=0.3 --set prune.penalty_target=plan`",
+    "mask": "`--set distill.penalty_target=mask --set distill.penalty_start=0.3 --set prune.penalty_target=mask`",
+    "mask10": "`--set distill.penalty_target=mask --set distill.penalty_start=0.1 --set prune.penalty_target=mask`",
 }
 
 
@@ -331,8 +333,9 @@ def student_penalty_section(pen: dict) -> list[str]:
         "arms: " + "; ".join(f"{a} = {PENALTY_ARM_NOTES[a]}" for a in arms)
         + ". 1 thread each; p50: the final models re-timed in the same interleaved rounds.",
         "",
-        "| budget | seed | arm | final INT8 acc | params | MACs | est. ms (device) | p50 ms (host) | after distill | after prune | − off |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| budget | seed | arm | final INT8 acc | params | MACs | est. ms (device) | p50 ms (host) | after distill | after prune "
+        "| prune epochs | − off |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     means = []
     for b, runs in by_budget.items():
@@ -344,14 +347,16 @@ def student_penalty_section(pen: dict) -> list[str]:
                     continue
                 budget = (x.get("budget") or {}).get("latency_ms")
                 if x.get("returncode") != 0:
-                    lines.append(f"| {b}% | {seed} | {arm} | failed (exit {x.get('returncode')}) | | | | | | | |")
+                    lines.append(f"| {b}% | {seed} | {arm} | failed (exit {x.get('returncode')}) | | | | | | | | |")
                     continue
                 off = ok.get(("off", seed))
                 diff = f"{100 * (ok[(arm, seed)] - off):+.2f}" if arm != "off" and off is not None else ""
                 f, stage = x["final"], {st["name"]: st.get("accuracy") for st in x["stages"]}
+                epochs = {st["name"]: st.get("epochs") for st in x["stages"]}.get("prune")
                 lines.append(f"| {b}% ({_ms(budget)} ms) | {seed} | {arm} | {_pct(f['accuracy'])} | {_k(f['params'])} | "
                              f"{_m(f['macs'])} | {_ms(f['estimated_latency_ms'])} | {_ms(x.get('paired_p50_ms'))} | "
-                             f"{_pct(stage.get('distill'))} | {_pct(stage.get('prune'))} | {diff} |")  # fmt: skip
+                             f"{_pct(stage.get('distill'))} | {_pct(stage.get('prune'))} | "
+                             f"{'' if epochs is None else epochs} | {diff} |")  # fmt: skip
         for arm in arms:
             diffs = [100 * (ok[(arm, s)] - ok[("off", s)]) for a, s in ok if a == arm != "off" and ("off", s) in ok]
             if len(diffs) > 1:

@@ -71,7 +71,8 @@ class DistillConfig:
     alpha: float = 0.7  # weight of the soft (teacher) term; 1 - alpha goes to the hard labels
     penalty_weight: float = 1.0  # hardware budget penalty in the loss (0 = off); see hwkd.hardware.penalty
     # What the penalty shrinks: "cost" = every channel's BN scale weighted by its device cost (MorphNet);
-    # "plan" = only the channels the pruner would remove now to meet the budget, re-planned as it trains.
+    # "plan" = only the channels the pruner would remove now to meet the budget, re-planned as it trains;
+    # "mask" = those channels held at zero (BN scale and shift), so the student trains as the pruned network.
     penalty_target: str = "cost"
     penalty_start: float = 0.0  # fraction of distillation before the penalty starts (0 = from the first step)
     temperature_schedule: str = "adaptive"  # constant | linear | adaptive | multi (see hwkd.kd.schedules)
@@ -100,7 +101,7 @@ class PruneConfig:
     mode: str = "budget"
     max_layer_ratio: float = 0.75  # mode "budget": at most this share of a layer's channels goes per step
     penalty_weight: float = 1.0  # budget penalty in the recovery loss (0 = off)
-    penalty_target: str = "cost"  # cost | plan, as distill.penalty_target
+    penalty_target: str = "cost"  # cost | plan | mask, as distill.penalty_target
 
 
 @dataclass(frozen=True)
@@ -264,8 +265,9 @@ RANGES: dict[str, Range] = {
 
 
 # "cost": every channel's |gamma| weighted by what it costs (MorphNet); "plan": only the channels the prune
-# stage's planner would remove now to meet the budget, re-planned as training goes (hwkd.hardware.penalty).
-PENALTY_TARGETS = ("cost", "plan")
+# stage's planner would remove now to meet the budget, re-planned as training goes; "mask": those channels
+# held at zero instead of pulled towards it (hwkd.hardware.penalty).
+PENALTY_TARGETS = ("cost", "plan", "mask")
 PRUNE_MODES = ("budget", "ratio")
 # String keys with a fixed set of values, checked with the ranges (before any training, not at the stage).
 CHOICES: dict[str, tuple[str, ...]] = {

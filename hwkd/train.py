@@ -181,6 +181,8 @@ def fit(
                         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                     scaler.step(opt)
                     scaler.update()
+                    if penalty_fn is not None and penalty_weight > 0 and hasattr(penalty_fn, "after_step"):
+                        penalty_fn.after_step(model)  # e.g. the mask target holds its channels at zero
                     step += 1
                     for name, value in terms.items():
                         sums[name] = sums.get(name, 0.0) + float(value.detach()) * len(xb)

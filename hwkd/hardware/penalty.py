@@ -21,6 +21,13 @@ model that already fits. The channels it drives down are the ones BN-scale impor
 With ``target="plan"`` the sums run only over the channels the prune stage's own planner
 (``plan_removal``) would remove now to meet the budget, re-planned every ``replan_every`` calls: the
 pruner's choice is made soft ahead of time, and the channels it keeps train without the penalty's pull.
+
+With ``target="mask"`` the planned channels are not pulled but held at zero: after every optimizer step
+(``after_step``) their BN scale *and shift* are set to 0, so the student trains as the network pruning
+will leave (soft filter pruning, with the pruner's own budget plan choosing the filters). A BN scale
+driven near zero still leaves its shift, a constant the next layer has learned to use and pruning
+drops; a masked channel outputs exactly zero, so pruning it changes nothing. The term it adds to the
+loss is 0; ``penalty_weight > 0`` only switches it on.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ class ChannelGroup:
     memory_mb_per_channel: float
     # (BN weight, its channel idxs, the matching root channel positions)
     bn_scales: list[tuple[torch.Tensor, list[int], list[int]]] = field(default_factory=list)
+    bn_shifts: list[torch.Tensor | None] = field(default_factory=list)  # each BN's bias, parallel to bn_scales
     group: Any = None  # torch-pruning Group, valid until the model is pruned
 
     def scale_magnitude(self) -> torch.Tensor | None:
@@ -101,7 +109,7 @@ def channel_groups(
         root_item = group[0]
         n = len(root_item.idxs)
         ms = mb = 0.0
-        bns, seen = [], set()
+        bns, shifts, seen = [], [], set()
         for item in group:
             module = item.dep.target.module
             if not isinstance(module, nn.Module) or module in seen:
@@ -116,6 +124,7 @@ def channel_groups(
             mb += own * nbytes / _MB / size
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
                 bns.append((module.weight, list(item.idxs), list(item.root_idxs)))
+                shifts.append(module.bias)
         groups.append(
             ChannelGroup(
                 root=root_item.dep.target.module,
@@ -124,6 +133,7 @@ def channel_groups(
                 latency_ms_per_channel=ms,
                 memory_mb_per_channel=mb,
                 bn_scales=bns,
+                bn_shifts=shifts,
                 group=group,
             )
         )
@@ -263,13 +273,13 @@ class BudgetPenalty:
         Rebuilt from a partly trained model these would differ, so a resumed epoch would see another loss.
         """
         state: dict[str, Any] = {"g0": self.g0, "latency_ms": self.latency_ms, "memory_mb": self.memory_mb}
-        if self.target == "plan":
+        if self.target in ("plan", "mask"):
             state.update(calls=self.calls, plan=self.plan)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.g0, self.latency_ms, self.memory_mb = state["g0"], state["latency_ms"], state["memory_mb"]
-        if self.target == "plan" and state.get("plan") is not None:
+        if self.target in ("plan", "mask") and state.get("plan") is not None:
             self.calls = int(state["calls"])
             self._set_plan(state["plan"])
 
@@ -326,13 +336,35 @@ class BudgetPenalty:
     def __call__(self, model: nn.Module | None = None) -> torch.Tensor:
         if not self.enabled:
             return torch.zeros(())
-        if self.target == "plan":
+        if self.target in ("plan", "mask"):
             if self.calls % self.replan_every == 0 or self._masks is None:
                 self.replan()
             self.calls += 1
+        if self.target == "mask":
+            return torch.zeros(())  # the mask acts in after_step, on the parameters
         gate_ms, gate_mb = self.gates()
         lat, mem = self.soft_terms()
         return gate_ms * lat + gate_mb * mem
+
+
+    def after_step(self, model: nn.Module | None = None) -> None:
+        """``mask`` target: hold the planned channels' BN scale and shift at zero (called after each
+        optimizer step, so the next forward and every evaluation see the network pruning will leave)."""
+        if self.target != "mask" or not self.enabled or self.plan is None:
+            return
+        with torch.no_grad():
+            for g, planned in zip(self.groups, self.plan, strict=True):
+                if not planned:
+                    continue
+                wanted = set(planned)
+                for (w, idxs, root_idxs), b in zip(g.bn_scales, g.bn_shifts, strict=True):
+                    pos = [i for i, r in zip(idxs, root_idxs, strict=True) if r in wanted]
+                    if not pos:
+                        continue
+                    at = torch.as_tensor(pos, device=w.device)
+                    w.index_fill_(0, at, 0.0)
+                    if b is not None:
+                        b.index_fill_(0, at, 0.0)
 
 
 def _ramp(over: float, width: float) -> float:

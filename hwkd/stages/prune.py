@@ -30,7 +30,7 @@ from hwkd.models.loaders import find_head
 from hwkd.pipeline import PipelineState, RunContext, StageResult
 from hwkd.registry import Registry
 from hwkd.stages.common import channel_rounding, model_metrics, out_channels
-from hwkd.train import distill_loss_fn, fit
+from hwkd.train import distill_loss_fn, fit, split_accuracy
 
 IMPORTANCE: Registry = Registry("importance criterion")
 IMPORTANCE.register("l2")(lambda: tp.importance.GroupMagnitudeImportance(p=2))
@@ -259,11 +259,19 @@ def _prune_to_budget(model, state, cfg, ctx, loss_fn, round_to) -> tuple[list[di
         if plan["removed"] == 0:
             history.append(row)
             break  # nothing left that saves anything: every group is at its floor
+        row["val_accuracy_pruned"] = _accuracy_untrained(model, state, ctx)
         _finish_step(model, state, cfg, ctx, loss_fn, step, row, history)
     final = estimate(model, example, profile, precision)
     extra.update(end_estimated_latency_ms=final.latency_ms, end_estimated_memory_mb=final.memory_mb,
                  budget_met=fits(final, budget))  # fmt: skip
     return history, extra
+
+
+def _accuracy_untrained(model, state, ctx) -> float:
+    """Validation accuracy right after a pruning step, before recovery: what the cut itself cost. The RNG
+    is forked so this look changes nothing the training after it draws."""
+    with torch.random.fork_rng(devices=[]):
+        return split_accuracy(model, state.dataset, "val", device=ctx.device)
 
 
 def fits(cost, budget) -> bool:

@@ -172,6 +172,7 @@ def test_budget_prune_stage_meets_budget_and_logs_penalty(profile, tiny_dataset,
     rows = result.history
     assert rows and all(r["channels_removed"] > 0 for r in rows)
     assert all("penalty" in e for r in rows for e in r["recovery"])
+    assert all(0.0 <= r["val_accuracy_pruned"] <= 1.0 for r in rows)  # what each cut cost, before recovery
 
 
 def test_ratio_mode_still_prunes_a_fixed_share(profile, tiny_dataset, tmp_path):
@@ -404,3 +405,93 @@ def test_the_distill_plan_penalty_rounds_channels_as_the_prune_stage_will(profil
     distill.run(_prune_state(profile, tiny_dataset, 0.3), cfg, RunContext(run_dir=tmp_path / "b", train=ctx.train))
     assert [k["round_to"] for k in built] == [1, profile.runtime.channel_multiple]
     assert profile.runtime.channel_multiple != 1
+
+
+# --- penalty target "mask": the plan's channels held at zero, so pruning them changes nothing -----------
+
+
+@pytest.mark.parametrize("arch", ["cnn", "mobilenetv2"])
+def test_mask_zeroes_the_planned_channels_and_pruning_them_is_lossless(profile, arch):
+    """after_step zeroes BN scale and shift of exactly the planned channels (through residual adds and
+    depthwise convs); the prune stage's own step then removes those channels and the output does not move."""
+    import copy
+
+    torch.manual_seed(0)
+    if arch == "cnn":
+        model, x = tiny(width=2.0), X
+    else:
+        model, x = ZOO.get(arch)(num_classes=3, in_channels=3, width=1.0), torch.randn(1, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():  # a trained network's BN: scales and shifts far from 1 and 0
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.uniform_(0.2, 1.0)
+                mod.bias.uniform_(-0.5, 0.5)
+    base = estimate(model, x, profile, "fp32").latency_ms
+    budget = Budget(latency_ms=0.8 * base, memory_mb=1e6)
+    from hwkd.models.loaders import find_head
+
+    head = find_head(model)
+    penalty = BudgetPenalty(model, x, profile, budget, precision="fp32", ignored_layers=[head], target="mask",
+                            round_to=8, plan_max_layer_ratio=0.75)  # fmt: skip
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert penalty(model).item() == 0.0  # nothing added to the loss: the mask acts on the parameters
+    penalty.after_step(model)
+    planned = sum(len(p) for p in penalty.plan)
+    assert planned > 0
+    for g, idxs in zip(penalty.groups, penalty.plan, strict=True):
+        for (w, bn_idx, root_idx), b in zip(g.bn_scales, g.bn_shifts, strict=True):
+            hit = [i for i, r in zip(bn_idx, root_idx, strict=True) if r in set(idxs)]
+            assert torch.all(w[hit] == 0) and torch.all(b[hit] == 0)
+    changed = sum(int((p != before[n]).sum()) for n, p in model.named_parameters())
+    assert changed > 0
+    with torch.no_grad():
+        masked_out = model(x)
+    pruned = copy.deepcopy(model)
+    plan = prune_step(pruned, x, profile, "fp32", IMPORTANCE.get("bn_scale")(), need_ms=base - 0.99 * budget.latency_ms,
+                      need_mb=0.0, round_to=8, max_layer_ratio=0.75)  # fmt: skip
+    assert plan["removed"] == planned  # the zeroed channels are what bn_scale importance removes first
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), masked_out, rtol=1e-4, atol=1e-5)
+
+
+def test_mask_holds_through_training_and_resumes(profile, tiny_dataset, tmp_path):
+    """Distillation with the mask target ends with the planned channels still exactly zero; its plan
+    is saved with the checkpoint like the plan target's."""
+    from hwkd.config import DistillConfig, TrainConfig
+    from hwkd.pipeline import RunContext
+    from hwkd.stages import distill
+
+    state = _prune_state(profile, tiny_dataset, budget_fraction=0.5)
+    ctx = RunContext(run_dir=tmp_path, train=TrainConfig(batch_size=8, augment=False))
+    out, result = distill.run(state, DistillConfig(epochs=2, penalty_target="mask", penalty_start=0.5), ctx)
+    assert result.metrics["penalty_target"] == "mask"
+    assert all(row["penalty"] == 0.0 for row in result.history)
+    groups = channel_groups(out.student, tiny_dataset.example_input(), profile, "fp32", ignored_layers=[out.student.head])
+    zero = sum(int((g.scale_magnitude() == 0).sum()) for g in groups if g.bn_scales)
+    assert zero > 0  # trained a whole epoch after the mask started, and the masked channels stayed at zero
+    penalty = BudgetPenalty(out.student, tiny_dataset.example_input(), profile, state.budget, precision="fp32",
+                            ignored_layers=[out.student.head], target="mask")  # fmt: skip
+    penalty(out.student)
+    saved = penalty.state_dict()
+    assert saved["plan"] == penalty.plan
+
+
+def test_after_a_masked_distillation_the_first_prune_step_costs_no_accuracy(profile, tiny_dataset, tmp_path):
+    """The mechanism's claim, through both stages: distillation masks the plan's channels, the prune stage
+    removes them, and validation accuracy right after the cut equals the distilled student's."""
+    from hwkd.config import DistillConfig, PruneConfig, TrainConfig
+    from hwkd.pipeline import RunContext
+    from hwkd.stages import distill, prune
+    from hwkd.train import split_accuracy
+
+    state = _prune_state(profile, tiny_dataset, budget_fraction=0.75)
+    ctx = RunContext(run_dir=tmp_path, train=TrainConfig(batch_size=8, augment=False))
+    state, _ = distill.run(state, DistillConfig(epochs=2, penalty_target="mask", penalty_start=0.5), ctx)
+    distilled = split_accuracy(state.student, tiny_dataset, "val")
+    cfg = PruneConfig(mode="budget", steps=2, recovery_epochs=1, round_to=0, penalty_target="mask")
+    _, result = prune.run(state, cfg, RunContext(run_dir=tmp_path / "prune", train=ctx.train))
+    first = result.history[0]
+    assert first["channels_removed"] > 0
+    assert first["val_accuracy_pruned"] == pytest.approx(distilled)
