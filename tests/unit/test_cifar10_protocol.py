@@ -414,7 +414,7 @@ def test_penalty_step_runs_every_arm_with_the_over_budget_student_and_reports_ea
         acc = {"on": 0.815, "off": 0.80, "plan": 0.8275}[arm] + (0.005 if "--seed" in extra and arm == "off" else 0)
         return {"returncode": 0, "command": f"hwkd compress {' '.join(extra)}", "model": str(tmp_path / "missing.onnx"),
                 "budget": {"latency_ms": 0.809}, "final": {"accuracy": acc, "params": 40_000, "macs": 6e6,
-                "estimated_latency_ms": 0.80}, "stages": [{"name": "distill", "accuracy": 0.83}, {"name": "prune", "accuracy": 0.79}]}  # fmt: skip
+                "estimated_latency_ms": 0.80}, "stages": [{"name": "distill", "accuracy": 0.83}, {"name": "prune", "accuracy": 0.79, "epochs": 9}]}  # fmt: skip
 
     monkeypatch.setattr(cifar10, "hwkd_compress", fake_compress)
     monkeypatch.setattr(cifar10, "save", lambda args, out: None)
@@ -432,11 +432,11 @@ def test_penalty_step_runs_every_arm_with_the_over_budget_student_and_reports_ea
     assert list(out["penalty"]) == ["0.75x"]  # the layout before stop 34 (one student's entry) is read as its student's
     assert list(out["penalty"]["0.75x"]["budgets"]) == ["50", "20", "30"]  # a budget run earlier is kept
     text = "\n".join(report.penalty_section(out))
-    assert "| 20% (0.809 ms) | 0 | on | 81.50% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | +1.50 |" in text
-    assert "| 20% (0.809 ms) | 0 | plan | 82.75% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | +2.75 |" in text
-    assert "| 20% (0.809 ms) | 0 | off | 80.00% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% |  |" in text
+    assert "| 20% (0.809 ms) | 0 | on | 81.50% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | 9 | +1.50 |" in text
+    assert "| 20% (0.809 ms) | 0 | plan | 82.75% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | 9 | +2.75 |" in text
+    assert "| 20% (0.809 ms) | 0 | off | 80.00% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | 9 |  |" in text
     assert "| 30% | 0 | off | failed (exit 1) |" in text and "| 30% (0.809 ms) | 0 | plan | 82.75% |" in text
-    assert "| 30% (0.809 ms) | 0 | plan | 82.75% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% |  |" in text  # no off
+    assert "| 30% (0.809 ms) | 0 | plan | 82.75% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | 9 |  |" in text  # no off
     assert "Paired by seed" not in text  # one seed each
     # a second seed of two arms: `--seed 1` in the command and the run folder; seed 0's runs are kept beside it
     calls.clear()
@@ -446,7 +446,7 @@ def test_penalty_step_runs_every_arm_with_the_over_budget_student_and_reports_ea
                      ("penalty_0.75x_20_plan_seed1", ["--student", "0.75x", "--latency-budget", "20%", *plan, "--seed", "1"])]  # fmt: skip
     assert sorted(out["penalty"]["0.75x"]["budgets"]["20"]) == ["off", "off_seed1", "on", "plan", "plan_seed1"]
     text = "\n".join(report.penalty_section(out))
-    assert "| 20% (0.809 ms) | 1 | plan | 82.75% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | +2.25 |" in text
+    assert "| 20% (0.809 ms) | 1 | plan | 82.75% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | 9 | +2.25 |" in text
     assert "Paired by seed: 20% plan − off: mean +2.50 over 2 seeds (+2.75, +2.25)." in text  # on: one seed, no mean
     other = argparse.Namespace(**{**vars(args), "penalty_student": "0.6x", "budgets": "20"})
     calls.clear()
