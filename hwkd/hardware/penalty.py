@@ -240,7 +240,7 @@ class BudgetPenalty:
         round_to: int = 1,
         plan_max_layer_ratio: float = 0.9375,
         replan_every: int = 50,
-        verify_rounds: int = 6,
+        check_rounds: int = 8,
     ):
         if target not in PENALTY_TARGETS:
             raise ConfigError(f"the penalty target must be one of {', '.join(PENALTY_TARGETS)}, got {target!r}.")
@@ -248,7 +248,7 @@ class BudgetPenalty:
         self.round_to = round_to
         self.plan_max_layer_ratio = plan_max_layer_ratio
         self.replan_every = max(1, replan_every)
-        self.verify_rounds = verify_rounds  # replan(): plans checked against the estimate of a pruned copy
+        self.check_rounds = check_rounds  # replan(): plans checked against the estimate of a pruned copy
         self.calls = 0
         self.enabled = True  # False: the penalty is 0 and plans nothing (distill.penalty_start)
         self.plan: list[list[int]] | None = None  # "plan": per group, the channels pruning would take now
@@ -259,7 +259,6 @@ class BudgetPenalty:
         self.dead_fraction = dead_fraction
         self.ramp = ramp
         self._model, self._example, self._profile = model, example_input, profile
-        self._ignored = list(ignored_layers or [])
         cost = estimate(model, example_input, profile, self.precision)
         self.latency_ms = cost.latency_ms
         self.memory_mb = cost.memory_mb
@@ -296,7 +295,7 @@ class BudgetPenalty:
         predicted), so a plan for the predicted need covers only part of the cut the prune stage then makes,
         step by step against the full estimate. The plan is therefore checked the same way: the planned
         channels are pruned from a copy and the copy estimated; while it misses, the need is scaled by how
-        far the prediction fell short and the plan is made again (at most ``verify_rounds`` times)."""
+        far the prediction fell short and the plan is made again (``check_rounds``)."""
         importance = tp_bn_scale_importance()
         with torch.no_grad():
             scores = [importance(g.group) for g in self.groups]
@@ -307,32 +306,35 @@ class BudgetPenalty:
             return plan_removal(self.groups, scores, round_to=self.round_to, max_layer_ratio=self.plan_max_layer_ratio,
                                 need_ms=scale * want_ms, need_mb=scale * want_mb)  # fmt: skip
 
-        plan = make(1.0)
-        if self.verify_rounds > 1 and plan.channels:
-            # the smallest scale of the need whose plan fits by the full estimate: scale up by how far the
-            # prediction fell short until one fits, then bisect between the last miss and the best fit
-            lo, hi, best = 1.0, None, None
-            scale = 1.0
-            for _ in range(self.verify_rounds - 1):
-                after_ms, after_mb = self._estimate_without(plan.channels)
-                real_ms, real_mb = self.latency_ms - after_ms, self.memory_mb - after_mb
-                if real_ms >= want_ms and real_mb >= want_mb:
-                    hi, best = scale, plan
-                else:
-                    lo = scale
-                shortfall = max(want_ms / max(real_ms, 1e-3 * want_ms) if want_ms else 1.0,
-                                want_mb / max(real_mb, 1e-3 * want_mb) if want_mb else 1.0)  # fmt: skip
-                scale = (lo + hi) / 2 if hi is not None else lo * max(1.05, shortfall)
-                nxt = make(scale)
-                if nxt.channels == plan.channels and hi is None:
-                    break  # a larger need changes nothing: every group is at its floor
-                plan = nxt
-            else:
-                after_ms, after_mb = self._estimate_without(plan.channels)
-                if self.latency_ms - after_ms >= want_ms and self.memory_mb - after_mb >= want_mb:
-                    best = plan if best is None or _size(plan) < _size(best) else best
-            plan = best or plan
+        plan = self._checked_plan(make, want_ms, want_mb)
         self._set_plan([plan.channels.get(i, []) for i in range(len(self.groups))])
+
+    def _checked_plan(self, make, want_ms: float, want_mb: float) -> RemovalPlan:
+        """The plan for the smallest multiple (>= 1) of the need whose pruned copy the cost model prices within
+        the budget: grow the multiple by the shortfall until a plan fits, then bisect between the last miss and
+        the last fit, ``check_rounds`` estimates at most (0: the linearised plan alone)."""
+        scale, plan = 1.0, make(1.0)
+        miss, fit, fitting = 1.0, None, None
+        for _ in range(self.check_rounds):
+            if not plan.channels:
+                break
+            after_ms, after_mb = self._estimate_without(plan.channels)
+            real_ms, real_mb = self.latency_ms - after_ms, self.memory_mb - after_mb
+            if real_ms >= want_ms and real_mb >= want_mb:
+                fit, fitting = scale, plan
+            else:
+                miss = scale
+            if fit is None:
+                short_ms = want_ms / max(real_ms, 1e-3 * want_ms) if want_ms > 0 else 1.0
+                short_mb = want_mb / max(real_mb, 1e-3 * want_mb) if want_mb > 0 else 1.0
+                scale = miss * max(1.05, short_ms, short_mb)
+            else:
+                scale = (miss + fit) / 2
+            following = make(scale)
+            if following.channels == plan.channels:
+                break  # a larger need changes nothing (every group at its floor), or the bisection has closed
+            plan = following
+        return fitting or plan
 
     def _estimate_without(self, channels: dict[int, list[int]]) -> tuple[float, float]:
         """The cost model's (latency ms, memory MB) of a copy of the model with ``channels`` pruned."""
@@ -397,7 +399,6 @@ class BudgetPenalty:
         lat, mem = self.soft_terms()
         return gate_ms * lat + gate_mb * mem
 
-
     def after_step(self, model: nn.Module | None = None) -> None:
         """``mask`` target: hold the planned channels' BN scale and shift at zero (called after each
         optimizer step, so the next forward and every evaluation see the network pruning will leave)."""
@@ -416,10 +417,6 @@ class BudgetPenalty:
                     w.index_fill_(0, at, 0.0)
                     if b is not None:
                         b.index_fill_(0, at, 0.0)
-
-
-def _size(plan: RemovalPlan) -> int:
-    return sum(len(c) for c in plan.channels.values())
 
 
 def _ramp(over: float, width: float) -> float:

@@ -324,7 +324,7 @@ def test_plan_penalty_pushes_exactly_the_channels_the_pruner_would_remove(profil
     base = estimate(model, X, profile, "fp32").latency_ms
     budget = Budget(latency_ms=0.7 * base, memory_mb=1e6)
     penalty = BudgetPenalty(model, X, profile, budget, precision="fp32", ignored_layers=[model.head],
-                            target="plan", round_to=8, plan_max_layer_ratio=0.75, verify_rounds=1)  # fmt: skip
+                            target="plan", round_to=8, plan_max_layer_ratio=0.75, check_rounds=0)  # fmt: skip
     value = penalty(model)
     value.backward()
     assert value.item() > 0
@@ -433,7 +433,7 @@ def test_mask_zeroes_the_planned_channels_and_pruning_them_is_lossless(profile, 
 
     head = find_head(model)
     penalty = BudgetPenalty(model, x, profile, budget, precision="fp32", ignored_layers=[head], target="mask",
-                            round_to=8, plan_max_layer_ratio=0.75, verify_rounds=1)  # fmt: skip
+                            round_to=8, plan_max_layer_ratio=0.75, check_rounds=0)  # fmt: skip
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert penalty(model).item() == 0.0  # nothing added to the loss: the mask acts on the parameters
     penalty.after_step(model)
@@ -511,12 +511,12 @@ def test_the_plan_is_checked_against_the_estimate_of_the_model_it_leaves(profile
     base = estimate(model, x, profile, "int8")
     budget = Budget(latency_ms=0.8 * base.latency_ms, memory_mb=1e6, precision="int8")
 
-    def planned_estimate(verify_rounds: int) -> float:
+    def planned_estimate(check_rounds: int) -> float:
         """The cost model's estimate of the model left when the plan's channels are pruned (torch-pruning directly)."""
         import torch_pruning as tp
 
         penalty = BudgetPenalty(model, x, profile, budget, ignored_layers=[find_head(model)], target="mask",
-                                round_to=8, verify_rounds=verify_rounds)  # fmt: skip
+                                round_to=8, check_rounds=check_rounds)  # fmt: skip
         penalty.replan()
         pruned = copy.deepcopy(model)
         modules = dict(pruned.named_modules())
@@ -526,7 +526,7 @@ def test_the_plan_is_checked_against_the_estimate_of_the_model_it_leaves(profile
                 dg.get_pruning_group(modules[g.root_name], tp.prune_conv_out_channels, idxs).prune()
         return estimate(pruned, x, profile, "int8").latency_ms
 
-    linearised = planned_estimate(verify_rounds=1)
-    checked = planned_estimate(verify_rounds=4)
+    linearised = planned_estimate(check_rounds=0)
+    checked = planned_estimate(check_rounds=5)
     assert linearised > 0.99 * budget.latency_ms  # the linearised plan alone misses (why the check exists)
     assert checked <= 0.99 * budget.latency_ms < linearised
