@@ -24,9 +24,10 @@ pruner's choice is made soft ahead of time, and the channels it keeps train with
 
 With ``target="mask"`` the planned channels are not pulled but held at zero: after every optimizer step
 (``after_step``) their BN scale *and shift* are set to 0, so the student trains as the network pruning
-will leave (soft filter pruning, with the pruner's own budget plan choosing the filters). A BN scale
-driven near zero still leaves its shift, a constant the next layer has learned to use and pruning
-drops; a masked channel outputs exactly zero, so pruning it changes nothing. The term it adds to the
+will leave (soft filter pruning, with the pruner's own budget plan choosing the filters). Both are
+zeroed because a scale alone leaves the shift, a constant pruning would drop; a masked channel outputs
+exactly zero, so pruning it changes nothing. (On the CIFAR-10 student the cost of pruning came from live
+channels the plan missed, not from shifts: docs/decisions-issue14.md, stop 36.) The term it adds to the
 loss is 0; ``penalty_weight > 0`` only switches it on.
 """
 
@@ -253,6 +254,7 @@ class BudgetPenalty:
         self.enabled = True  # False: the penalty is 0 and plans nothing (distill.penalty_start)
         self.plan: list[list[int]] | None = None  # "plan": per group, the channels pruning would take now
         self._masks: list[torch.Tensor] | None = None
+        self._held_at_zero: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []  # mask target
         self.precision = precision or getattr(budget, "precision", "fp32")
         self.budget_ms = float(budget.latency_ms)
         self.budget_mb = float(budget.memory_mb)
@@ -352,11 +354,17 @@ class BudgetPenalty:
     def _set_plan(self, plan: list[list[int]]) -> None:
         self.plan = [list(map(int, p)) for p in plan]
         self._masks = []
+        self._held_at_zero = []  # (BN scale, BN shift, positions in that BN), worked out once per plan
         for g, idxs in zip(self.groups, self.plan, strict=True):
             w = g.bn_scales[0][0]
             mask = torch.zeros(g.channels, dtype=w.dtype, device=w.device)
             mask[idxs] = 1.0
             self._masks.append(mask)
+            wanted = set(idxs)
+            for (scale, bn_idxs, root_idxs), shift in zip(g.bn_scales, g.bn_shifts, strict=True):
+                pos = [i for i, r in zip(bn_idxs, root_idxs, strict=True) if r in wanted]
+                if pos:
+                    self._held_at_zero.append((scale, shift, torch.as_tensor(pos, device=scale.device)))
 
     def gates(self) -> tuple[float, float]:
         """(latency, memory) gates in [0, 1]: 0 once the estimate, with dead channels removed, fits."""
@@ -405,18 +413,10 @@ class BudgetPenalty:
         if self.target != "mask" or not self.enabled or self.plan is None:
             return
         with torch.no_grad():
-            for g, planned in zip(self.groups, self.plan, strict=True):
-                if not planned:
-                    continue
-                wanted = set(planned)
-                for (w, idxs, root_idxs), b in zip(g.bn_scales, g.bn_shifts, strict=True):
-                    pos = [i for i, r in zip(idxs, root_idxs, strict=True) if r in wanted]
-                    if not pos:
-                        continue
-                    at = torch.as_tensor(pos, device=w.device)
-                    w.index_fill_(0, at, 0.0)
-                    if b is not None:
-                        b.index_fill_(0, at, 0.0)
+            for scale, shift, at in self._held_at_zero:
+                scale.index_fill_(0, at, 0.0)
+                if shift is not None:
+                    shift.index_fill_(0, at, 0.0)
 
 
 def _ramp(over: float, width: float) -> float:
