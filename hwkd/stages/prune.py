@@ -14,7 +14,7 @@ import torch
 import torch_pruning as tp
 
 from hwkd.config import PRUNE_MODES, PruneConfig
-from hwkd.distributed import sync_model
+from hwkd.distributed import any_rank, sync_model
 from hwkd.errors import ConfigError
 from hwkd.hardware.cost import estimate
 from hwkd.hardware.penalty import (
@@ -30,7 +30,7 @@ from hwkd.models.loaders import find_head
 from hwkd.pipeline import PipelineState, RunContext, StageResult
 from hwkd.registry import Registry
 from hwkd.stages.common import channel_rounding, model_metrics, out_channels
-from hwkd.train import distill_loss_fn, fit, split_accuracy
+from hwkd.train import distill_loss_fn, fit, predict, split_accuracy
 
 IMPORTANCE: Registry = Registry("importance criterion")
 IMPORTANCE.register("l2")(lambda: tp.importance.GroupMagnitudeImportance(p=2))
@@ -101,13 +101,15 @@ def run(state: PipelineState, cfg: PruneConfig, ctx: RunContext) -> tuple[Pipeli
     return dataclasses.replace(state, student=model, channels=channels, kd=kd), result
 
 
-def _recover(model, state, cfg, ctx, loss_fn, step: int, label: str, stage_state=None) -> list[dict]:
+def _recover(model, state, cfg, ctx, loss_fn, step: int, label: str, stage_state=None, epochs: int | None = None) -> list[dict]:
     """KD recovery after a pruning step, with the budget penalty rebuilt for the new shape.
 
     ``stage_state`` (the step and the rows before it) is saved with each recovery epoch, so a resumed
-    run restores the pruned structure and skips the steps already done.
+    run restores the pruned structure and skips the steps already done. ``epochs`` defaults to
+    ``cfg.recovery_epochs``; budget mode passes more after cuts that needed none (see ``_prune_to_budget``).
     """
-    if cfg.recovery_epochs <= 0:
+    epochs = cfg.recovery_epochs if epochs is None else epochs
+    if epochs <= 0:
         return []
     checkpoint = ctx.checkpoint("prune")
     checkpoint.stage_state = {"mode": cfg.mode, "step": step, **(stage_state or {})}
@@ -121,7 +123,7 @@ def _recover(model, state, cfg, ctx, loss_fn, step: int, label: str, stage_state
     return fit(
         model,
         state.dataset,
-        epochs=cfg.recovery_epochs,
+        epochs=epochs,
         lr=cfg.lr,
         loss_fn=loss_fn,
         train_cfg=ctx.train,
@@ -191,6 +193,11 @@ def _prune_to_budget(model, state, cfg, ctx, loss_fn, round_to) -> tuple[list[di
     Step k aims at ``start - k/steps * (start - budget)``; a step whose linearised saving fell short is
     followed by more (at most ``max(3, steps)`` extra), each re-estimated with the full cost model. From
     the last planned step on, the aim is 1% under budget, since the linearisation tends to fall short.
+
+    A cut that leaves the network's output unchanged (it removed only channels already held at zero, as
+    ``penalty_target = "mask"`` leaves them) gets no recovery of its own: its epochs are added to the next
+    step's, so the student trains one uninterrupted schedule instead of restarting the learning rate on a
+    network that lost nothing (on CIFAR-10 such a restart cost 0.5 points of validation accuracy).
     """
     budget, profile, example = state.budget, state.profile, state.example_input
     precision = budget.precision
@@ -219,6 +226,7 @@ def _prune_to_budget(model, state, cfg, ctx, loss_fn, round_to) -> tuple[list[di
             return history, extra
         extra["budget_reachable"] = True
     total_steps = cfg.steps + max(3, cfg.steps)
+    deferred = 0  # recovery epochs of lossless cuts, added to the next recovery
     resumed = _resume_point(model, ctx, cfg)
     for step in range(1, total_steps + 1):
         if resumed is not None and step < resumed["step"]:
@@ -237,6 +245,7 @@ def _prune_to_budget(model, state, cfg, ctx, loss_fn, round_to) -> tuple[list[di
         target_mb = start.memory_mb - frac * (start.memory_mb - margin * budget.memory_mb)
         if cfg.importance == "taylor":
             _accumulate_gradients(model, loss_fn, state.dataset)
+        probe = _output_probe(model, state, ctx)
         plan = prune_step(
             model, example, profile, precision, IMPORTANCE.get(cfg.importance)(),
             need_ms=max(0.0, cost.latency_ms - min(target_ms, cost.latency_ms)),
@@ -257,9 +266,21 @@ def _prune_to_budget(model, state, cfg, ctx, loss_fn, round_to) -> tuple[list[di
             "layers": plan["layers"],
         }
         if plan["removed"] == 0:
-            history.append(row)
+            if deferred:  # the lossless cuts before this one still get their recovery
+                row["recovery_epochs"] = deferred
+                _finish_step(model, state, cfg, ctx, loss_fn, step, row, history)
+            else:
+                history.append(row)
             break  # nothing left that saves anything: every group is at its floor
         row["val_accuracy_pruned"] = _accuracy_untrained(model, state, ctx)
+        row["lossless"] = _output_unchanged(model, probe, ctx)
+        if row["lossless"] and not fits(after, budget) and step < total_steps:
+            row["recovery_epochs"] = 0
+            deferred += cfg.recovery_epochs
+            history.append(row)
+            continue
+        row["recovery_epochs"] = cfg.recovery_epochs + deferred
+        deferred = 0
         _finish_step(model, state, cfg, ctx, loss_fn, step, row, history)
     final = estimate(model, example, profile, precision)
     extra.update(end_estimated_latency_ms=final.latency_ms, end_estimated_memory_mb=final.memory_mb,
@@ -272,6 +293,32 @@ def _accuracy_untrained(model, state, ctx) -> float:
     is forked so this look changes nothing the training after it draws."""
     with torch.random.fork_rng(devices=[]):
         return split_accuracy(model, state.dataset, "val", device=ctx.device)
+
+
+def _output_probe(model, state, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed batch of validation images and the model's logits on it, to tell afterwards whether a cut
+    changed what the network computes. Train/eval modes and the RNG are left as they were."""
+    x, _ = state.dataset.sample("val" if state.dataset.split_size("val") else "train", 64, seed=0)
+    return x, _logits(model, x, ctx)
+
+
+def _output_unchanged(model, probe, ctx, tol: float = 1e-4) -> bool:
+    """Whether the model's logits on the probe's images are what they were before the cut, to ``tol``
+    of their largest magnitude (a removed channel that was exactly zero changes only the summation order)."""
+    x, before = probe
+    after = _logits(model, x, ctx)
+    same = bool(after.shape == before.shape and (after - before).abs().max() <= tol * before.abs().max().clamp_min(1e-12))
+    return not any_rank(not same, ctx.device)  # torchrun: every rank must take the same schedule
+
+
+def _logits(model, x, ctx) -> torch.Tensor:
+    modes = {m: m.training for m in model.modules()}
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            return predict(model, x, device=ctx.device)
+    finally:
+        for m, training in modes.items():
+            m.train(training)
 
 
 def fits(cost, budget) -> bool:
@@ -333,7 +380,8 @@ def unreachable_message(reach: dict) -> str:
 def _finish_step(model, state, cfg, ctx, loss_fn, step: int, row: dict, history: list[dict]) -> None:
     """Recover after a budget-mode step and append its row (the recovery's last epoch, then every epoch)."""
     before = {"history": history, "row": row}
-    epochs = _recover(model, state, cfg, ctx, loss_fn, step, f"prune step {step} recovery", before)
+    epochs = _recover(model, state, cfg, ctx, loss_fn, step, f"prune step {step} recovery", before,
+                      epochs=row.get("recovery_epochs"))  # fmt: skip
     if epochs:
         row.update({k: v for k, v in epochs[-1].items() if k not in ("epoch",) and k not in row})
         row["recovery"] = epochs

@@ -530,3 +530,60 @@ def test_the_plan_is_checked_against_the_estimate_of_the_model_it_leaves(profile
     checked = planned_estimate(check_rounds=5)
     assert linearised > 0.99 * budget.latency_ms  # the linearised plan alone misses (why the check exists)
     assert checked <= 0.99 * budget.latency_ms < linearised
+
+
+def test_a_cut_of_channels_held_at_zero_leaves_the_output_unchanged_and_a_live_cut_does_not(profile, tiny_dataset):
+    """The prune stage's test for a lossless cut: logits on a fixed validation batch before and after."""
+    import copy
+
+    from hwkd.pipeline import RunContext
+    from hwkd.stages.prune import _output_probe, _output_unchanged
+
+    state = _prune_state(profile, tiny_dataset, budget_fraction=0.8)
+    model, x = state.student.eval(), tiny_dataset.example_input()
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.uniform_(0.2, 1.0)
+                mod.bias.uniform_(-0.5, 0.5)
+    penalty = BudgetPenalty(model, x, profile, state.budget, precision="fp32", ignored_layers=[model.head],
+                            target="mask", round_to=8, plan_max_layer_ratio=0.75, check_rounds=0)  # fmt: skip
+    penalty(model)  # plans
+    penalty.after_step(model)  # holds the plan at zero
+    planned = sum(len(p) for p in penalty.plan)
+    ctx = RunContext(run_dir=None)
+    need = estimate(model, x, profile, "fp32").latency_ms - 0.99 * state.budget.latency_ms  # as the mask test above
+    masked, live = model, copy.deepcopy(model)
+    with torch.no_grad():  # the live copy: the same channels, but carrying signal
+        for mod in live.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight[mod.weight == 0] = 0.5
+    for net, expected in ((masked, True), (live, False)):
+        net.train()
+        probe = _output_probe(net, state, ctx)
+        assert net.training  # the probe looks in eval mode and puts the modes back
+        plan = prune_step(net, x, profile, "fp32", IMPORTANCE.get("bn_scale")(), need_ms=need, need_mb=0.0,
+                          round_to=8, max_layer_ratio=0.75)  # fmt: skip
+        if expected:
+            assert plan["removed"] == planned > 0  # exactly the channels held at zero
+        assert _output_unchanged(net, probe, ctx) is expected
+
+
+def test_lossless_cuts_defer_their_recovery_to_one_schedule(profile, tiny_dataset, tmp_path):
+    """After a masked distillation the prune stage's first cut changes nothing, so it gets no recovery of
+    its own: its epochs join the next step's, and the stage trains steps x recovery_epochs in all."""
+    from hwkd.config import DistillConfig, PruneConfig, TrainConfig
+    from hwkd.pipeline import RunContext
+    from hwkd.stages import distill, prune
+
+    state = _prune_state(profile, tiny_dataset, budget_fraction=0.75)
+    ctx = RunContext(run_dir=tmp_path, train=TrainConfig(batch_size=8, augment=False))
+    state, _ = distill.run(state, DistillConfig(epochs=2, penalty_target="mask", penalty_start=0.5), ctx)
+    cfg = PruneConfig(mode="budget", steps=2, recovery_epochs=1, round_to=0, penalty_target="mask")
+    _, result = prune.run(state, cfg, RunContext(run_dir=tmp_path / "prune", train=ctx.train))
+    rows = result.history
+    assert result.metrics["budget_met"] is True
+    first, last = rows[0], rows[-1]
+    assert first["lossless"] is True and first["recovery_epochs"] == 0 and "recovery" not in first
+    assert last["recovery_epochs"] == len(last["recovery"])
+    assert sum(len(r.get("recovery", [])) for r in rows) == cfg.recovery_epochs * max(cfg.steps, len(rows))
