@@ -79,6 +79,23 @@ class ChannelGroup:
             out = part if out is None else out + part
         return out
 
+    def held_at_zero(self) -> list[int]:
+        """Root channel positions whose BN scale and shift are exactly zero in every BN of the group: channels
+        that put out nothing (what ``penalty_target = "mask"`` holds), so removing them changes nothing. A
+        position no BN covers is not counted (nothing says it is dead)."""
+        if not self.bn_scales:
+            return []
+        covered = torch.zeros(self.channels)
+        live = torch.zeros(self.channels)
+        for (w, idxs, root_idxs), b in zip(self.bn_scales, self.bn_shifts, strict=True):
+            roots = torch.as_tensor(root_idxs, dtype=torch.long)
+            nonzero = w.detach()[idxs].cpu() != 0
+            if b is not None:
+                nonzero |= b.detach()[idxs].cpu() != 0
+            covered.index_add_(0, roots, torch.ones(len(root_idxs)))
+            live.index_add_(0, roots, nonzero.float())
+        return [i for i in range(self.channels) if covered[i] > 0 and live[i] == 0]
+
 
 def dependency_graph(model: nn.Module, example_input: Any):
     """torch-pruning's graph; layers it cannot follow (``dg.hwkd_unprunable``) are left out of the groups."""

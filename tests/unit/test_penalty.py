@@ -569,9 +569,69 @@ def test_a_cut_of_channels_held_at_zero_leaves_the_output_unchanged_and_a_live_c
         assert _output_unchanged(net, probe, ctx) is expected
 
 
-def test_lossless_cuts_defer_their_recovery_to_one_schedule(profile, tiny_dataset, tmp_path):
-    """After a masked distillation the prune stage's first cut changes nothing, so it gets no recovery of
-    its own: its epochs join the next step's, and the stage trains steps x recovery_epochs in all."""
+def _randomised_bn(model):
+    with torch.no_grad():  # a trained network's BN: scales and shifts far from 1 and 0
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.uniform_(0.2, 1.0)
+                mod.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def test_channels_held_at_zero_are_cut_whatever_max_layer_ratio_says(profile):
+    """cut_held_at_zero removes exactly the channels whose BN scale and shift are zero in every BN of their
+    group (through MobileNetV2's residual adds), beyond max_layer_ratio, and the output does not move."""
+    from hwkd.stages.prune import cut_held_at_zero
+
+    torch.manual_seed(0)
+    model = _randomised_bn(ZOO.get("mobilenetv2")(num_classes=3, in_channels=3, width=1.0)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    base = estimate(model, x, profile, "fp32").latency_ms
+    budget = Budget(latency_ms=0.6 * base, memory_mb=1e6)
+    penalty = BudgetPenalty(model, x, profile, budget, precision="fp32", ignored_layers=[model.head], target="mask",
+                            round_to=8, plan_max_layer_ratio=0.95)  # fmt: skip
+    penalty(model)
+    penalty.after_step(model)
+    planned = {g.root_name: len(idxs) for g, idxs in zip(penalty.groups, penalty.plan, strict=True) if idxs}
+    assert max(n / g.channels for g in penalty.groups for name, n in planned.items() if g.root_name == name) > 0.75
+    with torch.no_grad():
+        before = model(x)
+    assert cut_held_at_zero(model, x[:1], profile, "fp32", round_to=8) == {"removed": sum(planned.values()), "layers": planned}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
+    assert cut_held_at_zero(model, x[:1], profile, "fp32", round_to=8)["removed"] == 0  # nothing dead is left
+
+
+def test_a_lossless_step_defers_its_recovery_and_the_stage_trains_steps_x_recovery_epochs(profile, tiny_dataset, tmp_path):
+    """A student with some channels held at zero: step 1 cuts them (free, and enough for its half-way aim),
+    changes nothing and gets no recovery; step 2 cuts live channels and recovers for both steps' epochs."""
+    from hwkd.config import PruneConfig, TrainConfig
+    from hwkd.pipeline import RunContext
+    from hwkd.stages import prune
+    from hwkd.stages.common import channel_rounding
+
+    state = _prune_state(profile, tiny_dataset, budget_fraction=0.75)
+    model, x = _randomised_bn(state.student).eval(), tiny_dataset.example_input()
+    start = estimate(model, x, profile, "fp32").latency_ms
+    half_way = Budget(latency_ms=0.84 * start, memory_mb=1e6, precision="fp32")  # past step 1's aim (0.875)
+    penalty = BudgetPenalty(model, x, profile, half_way, precision="fp32", ignored_layers=[model.head], target="mask",
+                            round_to=channel_rounding(0, profile))  # fmt: skip
+    penalty(model)
+    penalty.after_step(model)
+    ctx = RunContext(run_dir=tmp_path, train=TrainConfig(batch_size=8, augment=False))
+    cfg = PruneConfig(mode="budget", steps=2, recovery_epochs=1, round_to=0, penalty_weight=0.0)
+    _, result = prune.run(state, cfg, ctx)
+    first, second = result.history
+    assert first["held_at_zero_removed"] == first["channels_removed"] > 0
+    assert first["lossless"] is True and first["recovery_epochs"] == 0 and "recovery" not in first
+    assert second["lossless"] is False and second["recovery_epochs"] == len(second["recovery"]) == 2
+    assert result.metrics["budget_met"] is True
+
+
+def test_after_a_masked_distillation_the_free_cut_comes_first_and_recovery_keeps_its_epochs(profile, tiny_dataset, tmp_path):
+    """Through both stages with the mask target: the prune stage first cuts every channel distillation held
+    at zero, which changes nothing; whatever the budget needs beyond them is cut and recovered, and the
+    stage trains steps x recovery_epochs epochs in all."""
     from hwkd.config import DistillConfig, PruneConfig, TrainConfig
     from hwkd.pipeline import RunContext
     from hwkd.stages import distill, prune
@@ -583,7 +643,5 @@ def test_lossless_cuts_defer_their_recovery_to_one_schedule(profile, tiny_datase
     _, result = prune.run(state, cfg, RunContext(run_dir=tmp_path / "prune", train=ctx.train))
     rows = result.history
     assert result.metrics["budget_met"] is True
-    first, last = rows[0], rows[-1]
-    assert first["lossless"] is True and first["recovery_epochs"] == 0 and "recovery" not in first
-    assert last["recovery_epochs"] == len(last["recovery"])
+    assert rows[0]["held_at_zero_removed"] == rows[0]["channels_removed"] > 0 and rows[0]["lossless"] is True
     assert sum(len(r.get("recovery", [])) for r in rows) == cfg.recovery_epochs * max(cfg.steps, len(rows))
