@@ -306,19 +306,41 @@ def _prune_to_budget(model, state, cfg, ctx, loss_fn, round_to) -> tuple[list[di
 def cut_held_at_zero(model, example, profile, precision: str, round_to: int) -> dict:
     """Remove the channels the network already does without (``ChannelGroup.held_at_zero``), keeping every
     layer a multiple of ``round_to`` channels and at least one multiple. Returns what was removed, per layer."""
+    if not any(_zero_scale_and_shift(m) for m in model.modules()):
+        return {"removed": 0, "layers": {}}  # the usual case (no mask target): no graph to build
     chunk = max(1, round_to)
     dg = dependency_graph(model, example)
     groups = channel_groups(model, example, profile, precision, ignored_layers=[find_head(model)], dg=dg)
-    removed, layers = 0, {}
-    for g in groups:
+    channels = {}
+    for gi, g in enumerate(groups):
         dead = g.held_at_zero()
         keep = max(chunk, math.ceil((g.channels - len(dead)) / chunk) * chunk)
         idxs = dead[: max(0, g.channels - keep)]
         if idxs:
-            root = g.group[0]
-            dg.get_pruning_group(root.dep.target.module, root.dep.handler, idxs).prune()
-            removed += len(idxs)
-            layers[g.root_name] = len(idxs)
+            channels[gi] = idxs
+    return _remove(dg, groups, channels)
+
+
+def _zero_scale_and_shift(module) -> bool:
+    """Whether ``module`` is a BatchNorm with some channel whose scale and shift are both exactly zero."""
+    if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm) or module.weight is None:
+        return False
+    zero = module.weight.detach() == 0
+    if module.bias is not None:
+        zero &= module.bias.detach() == 0
+    return bool(zero.any())
+
+
+def _remove(dg, groups, channels: dict[int, list[int]]) -> dict:
+    """Prune ``channels`` (group index -> root channel positions) through torch-pruning's graph ``dg``;
+    returns how many were removed, in all and per group root."""
+    removed, layers = 0, {}
+    for gi, idxs in channels.items():
+        g = groups[gi]
+        root = g.group[0]
+        dg.get_pruning_group(root.dep.target.module, root.dep.handler, idxs).prune()
+        removed += len(idxs)
+        layers[g.root_name] = len(idxs)
     return {"removed": removed, "layers": layers}
 
 
@@ -444,11 +466,4 @@ def prune_step(
         scores.append(tp.importance.GroupMagnitudeImportance(p=2)(g.group) if score is None else score)
     plan = plan_removal(groups, scores, need_ms=need_ms, need_mb=need_mb, round_to=round_to,
                         max_layer_ratio=max_layer_ratio, min_channels=min_channels)  # fmt: skip
-    removed, layers = 0, {}
-    for gi, idxs in plan.channels.items():
-        g = groups[gi]
-        root = g.group[0]
-        dg.get_pruning_group(root.dep.target.module, root.dep.handler, idxs).prune()
-        removed += len(idxs)
-        layers[g.root_name] = len(idxs)
-    return {"removed": removed, "layers": layers, "predicted_saving_ms": plan.saved_ms, "predicted_saving_mb": plan.saved_mb}
+    return {**_remove(dg, groups, plan.channels), "predicted_saving_ms": plan.saved_ms, "predicted_saving_mb": plan.saved_mb}
