@@ -240,33 +240,12 @@ def _prune_to_budget(model, state, cfg, ctx, loss_fn, round_to) -> tuple[list[di
             resumed = None
             _finish_step(model, state, cfg, ctx, loss_fn, step, row, history)
             continue
-        cost = estimate(model, example, profile, precision)
-        if fits(cost, budget):
+        if fits(estimate(model, example, profile, precision), budget):
             break
-        frac = min(1.0, step / cfg.steps)
-        margin = 0.99 if frac >= 1.0 else 1.0
-        target_ms = start.latency_ms - frac * (start.latency_ms - margin * budget.latency_ms)
-        target_mb = start.memory_mb - frac * (start.memory_mb - margin * budget.memory_mb)
+        target_ms, target_mb = _step_target(start, budget, step, cfg.steps)
         probe = _output_probe(model, state, ctx)
-        free = cut_held_at_zero(model, example, profile, precision, round_to)
-        if free["removed"]:
-            cost = estimate(model, example, profile, precision)
-        need_ms = max(0.0, cost.latency_ms - min(target_ms, cost.latency_ms))
-        need_mb = max(0.0, cost.memory_mb - min(target_mb, cost.memory_mb))
-        plan = {"removed": 0, "layers": {}}
-        if not fits(cost, budget) and (need_ms > 0 or need_mb > 0):
-            if cfg.importance == "taylor":
-                _accumulate_gradients(model, loss_fn, state.dataset)
-            plan = prune_step(
-                model, example, profile, precision, IMPORTANCE.get(cfg.importance)(), need_ms=need_ms,
-                need_mb=need_mb, round_to=round_to, max_layer_ratio=cfg.max_layer_ratio,
-            )  # fmt: skip
-        model.zero_grad(set_to_none=True)
-        sync_model(model)  # torchrun: rank 0's pruning decision is every rank's
+        cut = _cut(model, state, cfg, loss_fn, round_to, target_ms, target_mb)
         after = estimate(model, example, profile, precision)
-        layers = dict(free["layers"])
-        for name, n in plan["layers"].items():
-            layers[name] = layers.get(name, 0) + n
         row = {
             "step": step,
             "params": after.params,
@@ -274,9 +253,9 @@ def _prune_to_budget(model, state, cfg, ctx, loss_fn, round_to) -> tuple[list[di
             "estimated_latency_ms": after.latency_ms,
             "estimated_memory_mb": after.memory_mb,
             "target_latency_ms": target_ms,
-            "channels_removed": free["removed"] + plan["removed"],
-            "held_at_zero_removed": free["removed"],
-            "layers": layers,
+            "channels_removed": cut["removed"],
+            "held_at_zero_removed": cut["held_at_zero_removed"],
+            "layers": cut["layers"],
         }
         if row["channels_removed"] == 0:
             if deferred:  # the lossless cuts before this one still get their recovery
@@ -301,6 +280,40 @@ def _prune_to_budget(model, state, cfg, ctx, loss_fn, round_to) -> tuple[list[di
     extra.update(end_estimated_latency_ms=final.latency_ms, end_estimated_memory_mb=final.memory_mb,
                  budget_met=fits(final, budget))  # fmt: skip
     return history, extra
+
+
+def _step_target(start, budget, step: int, steps: int) -> tuple[float, float]:
+    """Step ``step``'s aim (latency ms, memory MB): a share ``step / steps`` of the way from ``start`` to the
+    budget, and 1% under it from the last planned step on, since the linearised saving tends to fall short."""
+    frac = min(1.0, step / steps)
+    margin = 0.99 if frac >= 1.0 else 1.0
+    return (start.latency_ms - frac * (start.latency_ms - margin * budget.latency_ms),
+            start.memory_mb - frac * (start.memory_mb - margin * budget.memory_mb))  # fmt: skip
+
+
+def _cut(model, state, cfg, loss_fn, round_to: int, target_ms: float, target_mb: float) -> dict:
+    """One budget step's cut: the channels held at zero (free, beyond ``max_layer_ratio``), then what the
+    planner must still remove to reach the step's aim. Returns the channels removed, in all, held at zero,
+    and per layer; every torchrun rank ends with rank 0's network."""
+    budget, profile, example, precision = state.budget, state.profile, state.example_input, state.budget.precision
+    free = cut_held_at_zero(model, example, profile, precision, round_to)
+    cost = estimate(model, example, profile, precision)
+    need_ms = max(0.0, cost.latency_ms - min(target_ms, cost.latency_ms))
+    need_mb = max(0.0, cost.memory_mb - min(target_mb, cost.memory_mb))
+    plan = {"removed": 0, "layers": {}}
+    if not fits(cost, budget) and (need_ms > 0 or need_mb > 0):
+        if cfg.importance == "taylor":
+            _accumulate_gradients(model, loss_fn, state.dataset)
+        plan = prune_step(
+            model, example, profile, precision, IMPORTANCE.get(cfg.importance)(), need_ms=need_ms,
+            need_mb=need_mb, round_to=round_to, max_layer_ratio=cfg.max_layer_ratio,
+        )  # fmt: skip
+    model.zero_grad(set_to_none=True)
+    sync_model(model)  # torchrun: rank 0's pruning decision is every rank's
+    layers = dict(free["layers"])
+    for name, n in plan["layers"].items():
+        layers[name] = layers.get(name, 0) + n
+    return {"removed": free["removed"] + plan["removed"], "held_at_zero_removed": free["removed"], "layers": layers}
 
 
 def cut_held_at_zero(model, example, profile, precision: str, round_to: int) -> dict:
