@@ -187,17 +187,21 @@ def hwkd_compress(args, proto: dict, split_dir: Path, teacher_pt: Path, profile:
     shown = " ".join(["hwkd compress", *[str(c) for c in cmd[4:]]])
     if getattr(args, "reuse_runs", False) and reusable(earlier, shown):
         log(f"reused (same command, model on disk): {shown}")
-        return {**earlier, "reused": True}
+        return {**code_states(run_dir.parent / f"{run_dir.name}.code.log"), **earlier, "reused": True}
     finished = finished_run(run_dir, cmd[3:]) if getattr(args, "reuse_runs", False) else None
+    code_log = run_dir.parent / f"{run_dir.name}.code.log"
     if finished:  # run by hand (or by another invocation) with this very command, and complete
         log(f"reused (same command, complete run folder): {shown}")
         manifest, rep = finished
-        return {**run_result(rep, shown, run_dir, manifest.get("wall_seconds")), "reused": True}
+        return {**run_result(rep, shown, run_dir, manifest.get("wall_seconds")), **code_states(code_log), "reused": True}
     resumed = unfinished_run(run_dir, cmd[3:])
     if resumed:  # a run of this very command was killed (e.g. the session ended): continue it, do not restart
         log(f"resume ({resumed}, from its last complete epoch): {shown}")
         cmd = [*cmd[:4], "--resume", str(run_dir), "--json"]
     log(f"run: {shown}")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with code_log.open("a" if resumed else "w", encoding="utf-8") as fh:  # a fresh run (--overwrite) starts a new log
+        fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {'resume' if resumed else 'start'} {source_state()}\n")
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     wall = time.time() - t0
@@ -206,8 +210,32 @@ def hwkd_compress(args, proto: dict, split_dir: Path, teacher_pt: Path, profile:
         log(f"hwkd compress exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
         return {"command": shown, "returncode": proc.returncode, "wall_s": round(wall, 1),
                 "error": proc.stderr.strip()[-2000:]}  # fmt: skip
-    result = run_result(json.loads(proc.stdout), shown, run_dir, wall)
+    result = {**run_result(json.loads(proc.stdout), shown, run_dir, wall), **code_states(code_log)}
     return {**result, "resumed": resumed} if resumed else result  # then wall_s is this invocation's part only
+
+
+def source_state() -> str:
+    """The hwkd code a run starts (or resumes) on: the checkout's commit, ``+dirty`` when ``hwkd/`` has
+    uncommitted changes; ``unknown`` outside a git checkout."""
+    try:
+        git = functools.partial(subprocess.run, cwd=ROOT, capture_output=True, text=True, check=True)
+        head = git(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
+        dirty = git(["git", "status", "--porcelain", "--", "hwkd"]).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def code_states(code_log: Path) -> dict:
+    """``{"code": [...]}``: the code each launch of a run used (start, then every resume), from the log
+    ``hwkd_compress`` keeps beside the run folder (``<time> start|resume <code> [note]`` a line); a run
+    resumed onto changed code shows two states. Empty for runs made before the log existed."""
+    try:
+        lines = code_log.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return {}
+    states = [line.split()[2] for line in lines if len(line.split()) > 2]  # time, start/resume, code[, note]
+    return {"code": list(dict.fromkeys(states))} if states else {}
 
 
 def run_result(rep: dict, shown: str, run_dir: Path, wall: float | None) -> dict:

@@ -331,11 +331,12 @@ def student_penalty_section(pen: dict) -> list[str]:
         "",
         f"Profile {pen['profile']}, `hwkd compress --student {pen['student']} --latency-budget B%` (seed N: `--seed N`); "
         "arms: " + "; ".join(f"{a} = {PENALTY_ARM_NOTES[a]}" for a in arms)
-        + ". 1 thread each; p50: the final models re-timed in the same interleaved rounds.",
+        + ". 1 thread each; p50: the final models re-timed in the same interleaved rounds. Code: the hwkd commit each "
+        "run started on (then each resume's, if the code changed; blank: made before runs recorded it).",
         "",
         "| budget | seed | arm | final INT8 acc | params | MACs | est. ms (device) | p50 ms (host) | after distill | after prune "
-        "| prune epochs | − off |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| prune epochs | − off | code |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     means = []
     for b, runs in by_budget.items():
@@ -347,7 +348,7 @@ def student_penalty_section(pen: dict) -> list[str]:
                     continue
                 budget = (x.get("budget") or {}).get("latency_ms")
                 if x.get("returncode") != 0:
-                    lines.append(f"| {b}% | {seed} | {arm} | failed (exit {x.get('returncode')}) | | | | | | | | |")
+                    lines.append(f"| {b}% | {seed} | {arm} | failed (exit {x.get('returncode')}) | | | | | | | | | |")
                     continue
                 off = ok.get(("off", seed))
                 diff = f"{100 * (ok[(arm, seed)] - off):+.2f}" if arm != "off" and off is not None else ""
@@ -356,7 +357,7 @@ def student_penalty_section(pen: dict) -> list[str]:
                 lines.append(f"| {b}% ({_ms(budget)} ms) | {seed} | {arm} | {_pct(f['accuracy'])} | {_k(f['params'])} | "
                              f"{_m(f['macs'])} | {_ms(f['estimated_latency_ms'])} | {_ms(x.get('paired_p50_ms'))} | "
                              f"{_pct(stage.get('distill'))} | {_pct(stage.get('prune'))} | "
-                             f"{'' if epochs is None else epochs} | {diff} |")  # fmt: skip
+                             f"{'' if epochs is None else epochs} | {diff} | {' → '.join(x.get('code', []))} |")  # fmt: skip
         for arm in arms:
             diffs = [100 * (ok[(arm, s)] - ok[("off", s)]) for a, s in ok if a == arm != "off" and ("off", s) in ok]
             if len(diffs) > 1:

@@ -207,6 +207,36 @@ def test_a_killed_run_of_the_same_command_is_resumed_and_nothing_else_is(tmp_pat
     assert cifar10.unfinished_run(tmp_path / "absent", argv) is None
 
 
+def test_a_run_records_the_code_it_started_on_and_each_resume_onto_other_code(tmp_path, monkeypatch):
+    """A run killed and resumed after the code changed is two code states; the row says so."""
+    import argparse
+    import json
+    import re
+    import types
+
+    import cifar10
+
+    assert re.fullmatch(r"[0-9a-f]{7,}(\+dirty)?|unknown", cifar10.source_state())
+    rep = {"teacher": {"accuracy": 0.866}, "final": {"accuracy": 0.81, "precision": "int8"},
+           "stages": [{"name": "distill", "accuracy": 0.8, "history": [{"epoch": 1}]}]}  # fmt: skip
+    monkeypatch.setattr(cifar10.subprocess, "run", lambda cmd, **k: types.SimpleNamespace(returncode=0, stdout=json.dumps(rep), stderr=""))
+    states = iter(["aaa1111", "bbb2222", "bbb2222", "ccc3333"])
+    monkeypatch.setattr(cifar10, "source_state", lambda: next(states))
+    args, proto = argparse.Namespace(threads=1, reuse_runs=False), cifar10.PROTOCOLS["full"]
+    run = tmp_path / "penalty_0.75x_30_mask"
+
+    def compress():
+        return cifar10.hwkd_compress(args, proto, tmp_path, tmp_path / "t.pt", "rpi4", run, ["--latency-budget", "30%"])
+
+    assert compress()["code"] == ["aaa1111"]
+    monkeypatch.setattr(cifar10, "unfinished_run", lambda run_dir, argv: "interrupted")  # killed, then resumed twice
+    assert compress()["code"] == ["aaa1111", "bbb2222"]
+    got = compress()
+    assert got["code"] == ["aaa1111", "bbb2222"] and got["resumed"] == "interrupted"  # the same code once
+    monkeypatch.setattr(cifar10, "unfinished_run", lambda run_dir, argv: None)
+    assert compress()["code"] == ["ccc3333"]  # started afresh (--overwrite): a new log
+    assert cifar10.code_states(tmp_path / "absent.code.log") == {}
+
 def test_the_default_pipeline_stands_in_only_where_the_budget_cannot_bind(tmp_path):
     import cifar10
 
@@ -412,7 +442,8 @@ def test_penalty_step_runs_every_arm_with_the_over_budget_student_and_reports_ea
         if "30%" in extra and arm == "off":
             return {"returncode": 1, "command": "off 30", "wall_s": 1.0}
         acc = {"on": 0.815, "off": 0.80, "plan": 0.8275}[arm] + (0.005 if "--seed" in extra and arm == "off" else 0)
-        return {"returncode": 0, "command": f"hwkd compress {' '.join(extra)}", "model": str(tmp_path / "missing.onnx"),
+        code = {"code": ["aaa1111", "bbb2222"]} if arm == "plan" else {}  # resumed onto other code
+        return {**code, "returncode": 0, "command": f"hwkd compress {' '.join(extra)}", "model": str(tmp_path / "missing.onnx"),
                 "budget": {"latency_ms": 0.809}, "final": {"accuracy": acc, "params": 40_000, "macs": 6e6,
                 "estimated_latency_ms": 0.80}, "stages": [{"name": "distill", "accuracy": 0.83}, {"name": "prune", "accuracy": 0.79, "epochs": 9}]}  # fmt: skip
 
@@ -432,8 +463,8 @@ def test_penalty_step_runs_every_arm_with_the_over_budget_student_and_reports_ea
     assert list(out["penalty"]) == ["0.75x"]  # the layout before stop 34 (one student's entry) is read as its student's
     assert list(out["penalty"]["0.75x"]["budgets"]) == ["50", "20", "30"]  # a budget run earlier is kept
     text = "\n".join(report.penalty_section(out))
-    assert "| 20% (0.809 ms) | 0 | on | 81.50% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | 9 | +1.50 |" in text
-    assert "| 20% (0.809 ms) | 0 | plan | 82.75% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | 9 | +2.75 |" in text
+    assert "| 20% (0.809 ms) | 0 | on | 81.50% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | 9 | +1.50 |  |" in text
+    assert "| 20% (0.809 ms) | 0 | plan | 82.75% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | 9 | +2.75 | aaa1111 → bbb2222 |" in text
     assert "| 20% (0.809 ms) | 0 | off | 80.00% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | 9 |  |" in text
     assert "| 30% | 0 | off | failed (exit 1) |" in text and "| 30% (0.809 ms) | 0 | plan | 82.75% |" in text
     assert "| 30% (0.809 ms) | 0 | plan | 82.75% | 40.0k | 6.00M | 0.800 | – | 83.00% | 79.00% | 9 |  |" in text  # no off
