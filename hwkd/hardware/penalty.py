@@ -104,6 +104,21 @@ def dependency_graph(model: nn.Module, example_input: Any):
     return tolerant_graph(model, example_input)
 
 
+def remove_channels(dg, groups: list[ChannelGroup], channels: dict[int, list[int]], model: nn.Module | None = None) -> dict:
+    """Prune ``channels`` (group index -> root channel positions) through torch-pruning's graph ``dg``. The
+    groups were found on the model ``dg`` was built from, or on the original of ``model``, a copy (its layers
+    are then found by name). Returns how many channels were removed, in all and per group root."""
+    modules = dict(model.named_modules()) if model is not None else None
+    removed, layers = 0, {}
+    for gi, idxs in channels.items():
+        g = groups[gi]
+        root = g.group[0]
+        layer = root.dep.target.module if modules is None else modules[g.root_name]
+        dg.get_pruning_group(layer, root.dep.handler, list(idxs)).prune()
+        removed += len(idxs)
+        layers[g.root_name] = len(idxs)
+    return {"removed": removed, "layers": layers}
+
 def channel_groups(
     model: nn.Module,
     example_input: Any,
@@ -360,11 +375,7 @@ class BudgetPenalty:
         import copy
 
         model = copy.deepcopy(self._model).eval()
-        modules = dict(model.named_modules())
-        dg = dependency_graph(model, self._example)
-        for gi, idxs in channels.items():
-            root = self.groups[gi].group[0]
-            dg.get_pruning_group(modules[self.groups[gi].root_name], root.dep.handler, list(idxs)).prune()
+        remove_channels(dependency_graph(model, self._example), self.groups, channels, model=model)
         cost = estimate(model, self._example, self._profile, self.precision)
         return cost.latency_ms, cost.memory_mb
 
@@ -443,4 +454,4 @@ def _ramp(over: float, width: float) -> float:
     return min(1.0, over / width)
 
 
-__all__ = ["PENALTY_TARGETS", "BudgetPenalty", "ChannelGroup", "RemovalPlan", "channel_groups", "dependency_graph", "plan_removal"]
+__all__ = ["PENALTY_TARGETS", "BudgetPenalty", "ChannelGroup", "RemovalPlan", "channel_groups", "dependency_graph", "plan_removal", "remove_channels"]

@@ -22,6 +22,7 @@ from hwkd.hardware.penalty import (
     channel_groups,
     dependency_graph,
     plan_removal,
+    remove_channels,
     tp_bn_scale_importance,
 )
 from hwkd.kd.losses import make_kd_loss
@@ -331,7 +332,7 @@ def cut_held_at_zero(model, example, profile, precision: str, round_to: int) -> 
         idxs = dead[: max(0, g.channels - keep)]
         if idxs:
             channels[gi] = idxs
-    return _remove(dg, groups, channels)
+    return remove_channels(dg, groups, channels)
 
 
 def _zero_scale_and_shift(module) -> bool:
@@ -342,19 +343,6 @@ def _zero_scale_and_shift(module) -> bool:
     if module.bias is not None:
         zero &= module.bias.detach() == 0
     return bool(zero.any())
-
-
-def _remove(dg, groups, channels: dict[int, list[int]]) -> dict:
-    """Prune ``channels`` (group index -> root channel positions) through torch-pruning's graph ``dg``;
-    returns how many were removed, in all and per group root."""
-    removed, layers = 0, {}
-    for gi, idxs in channels.items():
-        g = groups[gi]
-        root = g.group[0]
-        dg.get_pruning_group(root.dep.target.module, root.dep.handler, idxs).prune()
-        removed += len(idxs)
-        layers[g.root_name] = len(idxs)
-    return {"removed": removed, "layers": layers}
 
 
 def _accuracy_untrained(model, state, ctx) -> float:
@@ -479,4 +467,4 @@ def prune_step(
         scores.append(tp.importance.GroupMagnitudeImportance(p=2)(g.group) if score is None else score)
     plan = plan_removal(groups, scores, need_ms=need_ms, need_mb=need_mb, round_to=round_to,
                         max_layer_ratio=max_layer_ratio, min_channels=min_channels)  # fmt: skip
-    return {**_remove(dg, groups, plan.channels), "predicted_saving_ms": plan.saved_ms, "predicted_saving_mb": plan.saved_mb}
+    return {**remove_channels(dg, groups, plan.channels), "predicted_saving_ms": plan.saved_ms, "predicted_saving_mb": plan.saved_mb}
