@@ -620,8 +620,9 @@ def time_together(budgets: dict, finals: dict[tuple[str, str], Path], rounds: in
 
     # 1,000 runs a round: the finals are sub-millisecond, and 100 (0.03 s a round) left their order to chance
     stats = bench.measure(list(dict.fromkeys(finals.values())), iterations=1000, warmup=50, rounds=rounds)
+    when = time.strftime("%Y-%m-%dT%H:%M")  # rows timed at another time are not comparable with these
     for (b, key), path in finals.items():
-        budgets[b][key]["paired_p50_ms"] = stats[Path(path)].p50
+        budgets[b][key].update(paired_p50_ms=stats[Path(path)].p50, paired_p50_timed_at=when)
 
 
 _SAVE_LOCK = threading.RLock()  # save() runs from the hw and penalty steps' threads too

@@ -339,6 +339,10 @@ def student_penalty_section(pen: dict) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     means = []
+    # rows timed by different invocations (finals since deleted are not re-timed) get a mark per timing
+    timings = sorted({x.get("paired_p50_timed_at") or "" for runs in by_budget.values() for x in runs.values()
+                      if x.get("paired_p50_ms") is not None})  # fmt: skip
+    mark = {t: f" ({chr(ord('a') + i)})" for i, t in enumerate(timings)} if len(timings) > 1 else {}
     for b, runs in by_budget.items():
         ok = {k: x["final"]["accuracy"] for k, x in runs.items() if x.get("returncode") == 0}
         for seed in sorted({s for _, s in runs}):
@@ -355,7 +359,8 @@ def student_penalty_section(pen: dict) -> list[str]:
                 f, stage = x["final"], {st["name"]: st.get("accuracy") for st in x["stages"]}
                 epochs = {st["name"]: st.get("epochs") for st in x["stages"]}.get("prune")
                 lines.append(f"| {b}% ({_ms(budget)} ms) | {seed} | {arm} | {_pct(f['accuracy'])} | {_k(f['params'])} | "
-                             f"{_m(f['macs'])} | {_ms(f['estimated_latency_ms'])} | {_ms(x.get('paired_p50_ms'))} | "
+                             f"{_m(f['macs'])} | {_ms(f['estimated_latency_ms'])} | {_ms(x.get('paired_p50_ms'))}"
+                             f"{mark.get(x.get('paired_p50_timed_at') or '', '') if x.get('paired_p50_ms') is not None else ''} | "
                              f"{_pct(stage.get('distill'))} | {_pct(stage.get('prune'))} | "
                              f"{'' if epochs is None else epochs} | {diff} | {' → '.join(x.get('code', []))} |")  # fmt: skip
         for arm in arms:
@@ -365,6 +370,11 @@ def student_penalty_section(pen: dict) -> list[str]:
                              f"({', '.join(f'{d:+.2f}' for d in diffs)})")  # fmt: skip
     if means:
         lines += ["", "Paired by seed: " + "; ".join(means) + "."]
+    if mark:
+        lines += ["", "p50 timings: " + "; ".join(f"{m.strip()} {t or 'an earlier invocation (time not recorded)'}"
+                                               for t, m in mark.items())
+                  + ". Only p50s of one timing were measured in the same rounds; this host's speed differs between "
+                  "sessions, so p50s of different timings are not comparable."]  # fmt: skip
     commands = [x["command"] for runs in by_budget.values() for x in runs.values() if x.get("command")]
     return [*lines, "", "Commands:", "", *(f"    {c}" for c in commands), ""]
 

@@ -485,6 +485,13 @@ def test_penalty_step_runs_every_arm_with_the_over_budget_student_and_reports_ea
     assert list(out["penalty"]) == ["0.75x", "0.6x"] and list(out["penalty"]["0.6x"]["budgets"]) == ["20"]  # beside
     assert "## Penalty on vs off where the budget binds: student 0.6x" in "\n".join(report.penalty_section(out))
     assert report.penalty_section({}) == []
+    # p50s from two timings (an earlier invocation's finals are gone, so they were not re-timed with the new ones)
+    row = out["penalty"]["0.6x"]["budgets"]["20"]
+    row["on"].update(paired_p50_ms=0.222)  # timed before the time was recorded
+    row["off"].update(paired_p50_ms=0.235, paired_p50_timed_at="2026-12-06T04:41")
+    text = "\n".join(report.penalty_section(out))
+    assert "| 0.800 | 0.222 (a) |" in text and "| 0.800 | 0.235 (b) |" in text
+    assert "p50 timings: (a) an earlier invocation (time not recorded); (b) 2026-12-06T04:41." in text
 
 
 def test_the_hw_step_runs_on_and_off_and_a_plan_arm_only_when_asked(tmp_path):
