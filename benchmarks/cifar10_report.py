@@ -215,7 +215,7 @@ def hw_section(r: dict, plot: Path) -> list[str]:
     lines = [
         "## Hardware-aware vs the peer pipeline",
         "",
-        f"Profile {hw['profile']}. hwkd: `hwkd compress --latency-budget B%` (penalty on = defaults; off = "
+        f"Profile {hw['profile']}. hwkd: `hwkd compress --latency-budget B%` (penalty on = defaults: the `cost` penalty target in runs before stop 38, the `mask` target since; off = "
         "`--set distill.penalty_weight=0 --set prune.penalty_weight=0`). Peer: the teacher pruned uniformly "
         "by torch-pruning's MagnitudePruner to hwkd's (penalty on) measured latency (the least pruning on the grid "
         "that reaches it; where none does, the fastest grid point), fine-tuned with CE for the "
@@ -283,7 +283,8 @@ def hw_section(r: dict, plot: Path) -> list[str]:
 
 
 PENALTY_ARM_NOTES = {
-    "on": "defaults (penalty target `cost`)",
+    "on": "penalty target `cost` (hwkd's default until stop 38, run as the default then; since then "
+          "`--set distill.penalty_target=cost --set distill.penalty_start=0 --set prune.penalty_target=cost`)",
     "off": "`--set distill.penalty_weight=0 --set prune.penalty_weight=0`",
     "plan": "`--set distill.penalty_target=plan --set distill.penalty_start=0.3 --set prune.penalty_target=plan`",
     "mask": "`--set distill.penalty_target=mask --set distill.penalty_start=0.3 --set prune.penalty_target=mask`",

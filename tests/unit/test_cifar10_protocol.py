@@ -449,15 +449,18 @@ def test_penalty_step_runs_every_arm_with_the_over_budget_student_and_reports_ea
 
     monkeypatch.setattr(cifar10, "hwkd_compress", fake_compress)
     monkeypatch.setattr(cifar10, "save", lambda args, out: None)
-    args = argparse.Namespace(penalty_student=None, budgets=None, runs=tmp_path, jobs=1, penalty_seeds="0", penalty_arms=None)
+    assert cifar10.DEFAULT_PENALTY_ARMS == ("mask", "on", "off")  # hwkd's default target, the former one (cost), off
+    args = argparse.Namespace(penalty_student=None, budgets=None, runs=tmp_path, jobs=1, penalty_seeds="0",
+                              penalty_arms="on,off,plan")  # fmt: skip
     out = {"penalty": {"student": "0.75x", "profile": "rpi4", "budgets": {"50": {"on": {"returncode": 2, "command": "x"}}}}}
     cifar10.step_penalty(args, {**cifar10.PROTOCOLS["full"], "penalty_budgets": [20, 30]}, tmp_path, tmp_path / "t.pt", out)
     off = ["--set", "distill.penalty_weight=0", "--set", "prune.penalty_weight=0"]
     plan = ["--set", "distill.penalty_target=plan", "--set", "distill.penalty_start=0.3", "--set", "prune.penalty_target=plan"]
-    assert calls == [("penalty_0.75x_20_on", ["--student", "0.75x", "--latency-budget", "20%"]),
+    cost = ["--set", "distill.penalty_target=cost", "--set", "distill.penalty_start=0", "--set", "prune.penalty_target=cost"]
+    assert calls == [("penalty_0.75x_20_on", ["--student", "0.75x", "--latency-budget", "20%", *cost]),
                      ("penalty_0.75x_20_off", ["--student", "0.75x", "--latency-budget", "20%", *off]),
                      ("penalty_0.75x_20_plan", ["--student", "0.75x", "--latency-budget", "20%", *plan]),
-                     ("penalty_0.75x_30_on", ["--student", "0.75x", "--latency-budget", "30%"]),
+                     ("penalty_0.75x_30_on", ["--student", "0.75x", "--latency-budget", "30%", *cost]),
                      ("penalty_0.75x_30_off", ["--student", "0.75x", "--latency-budget", "30%", *off]),
                      ("penalty_0.75x_30_plan", ["--student", "0.75x", "--latency-budget", "30%", *plan])]  # fmt: skip
     assert list(out["penalty"]) == ["0.75x"]  # the layout before stop 34 (one student's entry) is read as its student's
@@ -502,7 +505,8 @@ def test_the_hw_step_runs_on_and_off_and_a_plan_arm_only_when_asked(tmp_path):
     import cifar10
     import cifar10_report as report
 
-    assert [a for a, _ in cifar10.hw_arms(argparse.Namespace(penalty_arms=None))] == ["on", "off"]
+    assert cifar10.hw_arms(argparse.Namespace(penalty_arms=None)) == [  # on: hwkd's defaults, as a user runs it
+        ("on", []), ("off", ["--set", "distill.penalty_weight=0", "--set", "prune.penalty_weight=0"])]
     assert [a for a, _ in cifar10.hw_arms(argparse.Namespace(penalty_arms="plan"))] == ["on", "off", "plan"]
 
     def run(acc):
