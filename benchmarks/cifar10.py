@@ -188,11 +188,11 @@ def hwkd_compress(args, proto: dict, split_dir: Path, teacher_pt: Path, profile:
         cmd += ["--set", s]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
     shown = " ".join(["hwkd compress", *[str(c) for c in cmd[4:]]])
+    code_log = run_dir.parent / f"{run_dir.name}.code.log"  # the code each launch ran on (code_states)
     if getattr(args, "reuse_runs", False) and reusable(earlier, shown):
         log(f"reused (same command, model on disk): {shown}")
-        return {**code_states(run_dir.parent / f"{run_dir.name}.code.log"), **earlier, "reused": True}
+        return {**code_states(code_log), **earlier, "reused": True}
     finished = finished_run(run_dir, cmd[3:]) if getattr(args, "reuse_runs", False) else None
-    code_log = run_dir.parent / f"{run_dir.name}.code.log"
     if finished:  # run by hand (or by another invocation) with this very command, and complete
         log(f"reused (same command, complete run folder): {shown}")
         manifest, rep = finished

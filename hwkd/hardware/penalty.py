@@ -121,6 +121,7 @@ def remove_channels(dg, groups: list[ChannelGroup], channels: dict[int, list[int
         layers[g.root_name] = len(idxs)
     return {"removed": removed, "layers": layers}
 
+
 def channel_groups(
     model: nn.Module,
     example_input: Any,
