@@ -241,11 +241,12 @@ def _prune_to_budget(model, state, cfg, ctx, loss_fn, round_to) -> tuple[list[di
             resumed = None
             _finish_step(model, state, cfg, ctx, loss_fn, step, row, history)
             continue
-        if fits(estimate(model, example, profile, precision), budget):
+        cost = estimate(model, example, profile, precision)
+        if fits(cost, budget):
             break
         target_ms, target_mb = _step_target(start, budget, step, cfg.steps)
         probe = _output_probe(model, state, ctx)
-        cut = _cut(model, state, cfg, loss_fn, round_to, target_ms, target_mb)
+        cut = _cut(model, state, cfg, loss_fn, round_to, cost, target_ms, target_mb)
         after = estimate(model, example, profile, precision)
         row = {
             "step": step,
@@ -292,13 +293,14 @@ def _step_target(start, budget, step: int, steps: int) -> tuple[float, float]:
             start.memory_mb - frac * (start.memory_mb - margin * budget.memory_mb))  # fmt: skip
 
 
-def _cut(model, state, cfg, loss_fn, round_to: int, target_ms: float, target_mb: float) -> dict:
-    """One budget step's cut: the channels held at zero (free, beyond ``max_layer_ratio``), then what the
-    planner must still remove to reach the step's aim. Returns the channels removed, in all, held at zero,
-    and per layer; every torchrun rank ends with rank 0's network."""
+def _cut(model, state, cfg, loss_fn, round_to: int, cost, target_ms: float, target_mb: float) -> dict:
+    """One budget step's cut of a model estimated at ``cost``: the channels held at zero (free, beyond
+    ``max_layer_ratio``), then what the planner must still remove to reach the step's aim. Returns the
+    channels removed, in all, held at zero, and per layer; every torchrun rank ends with rank 0's network."""
     budget, profile, example, precision = state.budget, state.profile, state.example_input, state.budget.precision
     free = cut_held_at_zero(model, example, profile, precision, round_to)
-    cost = estimate(model, example, profile, precision)
+    if free["removed"]:
+        cost = estimate(model, example, profile, precision)
     need_ms = max(0.0, cost.latency_ms - min(target_ms, cost.latency_ms))
     need_mb = max(0.0, cost.memory_mb - min(target_mb, cost.memory_mb))
     plan = {"removed": 0, "layers": {}}
