@@ -599,10 +599,13 @@ def step_penalty(args, proto, split_dir, teacher_pt, out: dict) -> None:
         b, arm, extra, seed = run
         key = report.penalty_key(arm, seed)
         seed_args = ["--seed", str(seed)] if seed else []  # seed 0 is hwkd's default: its command stays as before
-        result = hwkd_compress(args, proto, split_dir, teacher_pt, proto["hw_profile"],
-                               args.runs / f"penalty_{student}_{b}_{key}",
-                               ["--student", student, "--latency-budget", f"{b}%", *extra, *seed_args],
-                               earlier[(b, arm, seed)])  # fmt: skip
+        run_dir = args.runs / f"penalty_{student}_{b}_{key}"
+        hwkd_args = ["--student", student, "--latency-budget", f"{b}%", *extra, *seed_args]
+        if getattr(args, "penalty_reprune", False):
+            result = reprune(args, proto, split_dir, teacher_pt, run_dir, hwkd_args, earlier[(b, arm, seed)])
+        else:
+            result = hwkd_compress(args, proto, split_dir, teacher_pt, proto["hw_profile"], run_dir, hwkd_args,
+                                   earlier[(b, arm, seed)])  # fmt: skip
         with _SAVE_LOCK:
             pen["budgets"].setdefault(str(b), {})[key] = {**result, "arm": arm, "seed": seed}
             save(args, out)
@@ -614,6 +617,30 @@ def step_penalty(args, proto, split_dir, teacher_pt, out: dict) -> None:
     if finals:  # the runs' own p50s were taken beside each other (--jobs): time them again, together
         time_together(pen["budgets"], finals, proto["bench_rounds"])
     save(args, out)
+
+
+def reprune(args, proto, split_dir, teacher_pt, run_dir: Path, hwkd_args: list[str], earlier: dict | None) -> dict:
+    """``--penalty-reprune``: the later stages (prune, QAT, export, bench) of an earlier penalty run done again on
+    the current code from the student that run distilled, keeping distillation. For a prune-stage change, it
+    costs a third of a run and gives what a fresh run of the arm gives (epoch e's batches depend only on the
+    seed and e). The row keeps the earlier run's command, distillation and code, and records the re-prune's
+    command and the result it replaces (``reprune``)."""
+    distilled = run_dir / "stages" / "distill" / "model.pt"
+    if not earlier or earlier.get("returncode") != 0 or not distilled.is_file():
+        raise SystemExit(f"--penalty-reprune: no complete earlier run with a distilled student at {distilled}; "
+                         "run the arm first (without --penalty-reprune)")  # fmt: skip
+    result = hwkd_compress(args, proto, split_dir, teacher_pt, proto["hw_profile"], run_dir.with_name(f"{run_dir.name}_reprune"),
+                           [*hwkd_args, "--student-weights", str(distilled), "--stages", "prune,qat,export,bench"])  # fmt: skip
+    if result.get("returncode") != 0:
+        return {**earlier, "reprune": {"command": result["command"], "returncode": result["returncode"]}}
+    distill = [s for s in earlier["stages"] if s["name"] == "distill"]
+    stages = [*distill, *result["stages"]]
+    before = {"accuracy": earlier["final"]["accuracy"], "code": earlier.get("code", []),
+              "prune_epochs": {s["name"]: s.get("epochs") for s in earlier["stages"]}.get("prune")}  # fmt: skip
+    return {**result, "command": earlier["command"], "stages": stages,
+            "train_epochs": sum(s["epochs"] or 0 for s in stages if s["name"] in ("distill", "prune", "qat")),
+            "code": [*earlier.get("code", []), *(f"{c} (prune on)" for c in result.get("code", []))],
+            "reprune": {"command": result["command"], "before": before}}  # fmt: skip
 
 
 def time_together(budgets: dict, finals: dict[tuple[str, str], Path], rounds: int) -> None:
@@ -735,6 +762,9 @@ def main() -> int:
     ap.add_argument("--penalty-arms", default=None,
                     help=f"penalty step: a subset of the arms {','.join(a for a, _ in PENALTY_ARMS)} (default {','.join(DEFAULT_PENALTY_ARMS)}); "
                          "hw step: arms besides on and off (e.g. plan)")
+    ap.add_argument("--penalty-reprune", action="store_true",
+                    help="penalty step: redo the later stages (prune, qat, export, bench) of the chosen arms' earlier runs "
+                         "on the current code from their distilled students, keeping distillation")
     ap.add_argument("--teacher-tag", default=None,
                     help="the committed teacher_resnet20_TAG.pt instead of teacher_resnet20.pt; results go to cifar10_TAG.*")
     args = ap.parse_args()

@@ -339,7 +339,7 @@ def student_penalty_section(pen: dict) -> list[str]:
         "| prune epochs | − off | code |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    means = []
+    means, repruned = [], []
     # rows timed by different invocations (finals since deleted are not re-timed) get a mark per timing
     timings = sorted({x.get("paired_p50_timed_at") or "" for runs in by_budget.values() for x in runs.values()
                       if x.get("paired_p50_ms") is not None})  # fmt: skip
@@ -359,7 +359,11 @@ def student_penalty_section(pen: dict) -> list[str]:
                 diff = f"{100 * (ok[(arm, seed)] - off):+.2f}" if arm != "off" and off is not None else ""
                 f, stage = x["final"], {st["name"]: st.get("accuracy") for st in x["stages"]}
                 epochs = {st["name"]: st.get("epochs") for st in x["stages"]}.get("prune")
-                lines.append(f"| {b}% ({_ms(budget)} ms) | {seed} | {arm} | {_pct(f['accuracy'])} | {_k(f['params'])} | "
+                rep = x.get("reprune") or {}
+                if rep.get("before"):
+                    repruned.append(f"{b}% seed {seed} {arm} was {_pct(rep['before']['accuracy'])} "
+                                    f"({' → '.join(rep['before']['code']) or 'code not recorded'}): `{rep['command']}`")  # fmt: skip
+                lines.append(f"| {b}% ({_ms(budget)} ms) | {seed} | {arm}{' (r)' if rep.get('before') else ''} | {_pct(f['accuracy'])} | {_k(f['params'])} | "
                              f"{_m(f['macs'])} | {_ms(f['estimated_latency_ms'])} | {_ms(x.get('paired_p50_ms'))}"
                              f"{mark.get(x.get('paired_p50_timed_at') or '', '') if x.get('paired_p50_ms') is not None else ''} | "
                              f"{_pct(stage.get('distill'))} | {_pct(stage.get('prune'))} | "
@@ -371,6 +375,10 @@ def student_penalty_section(pen: dict) -> list[str]:
                              f"({', '.join(f'{d:+.2f}' for d in diffs)})")  # fmt: skip
     if means:
         lines += ["", "Paired by seed: " + "; ".join(means) + "."]
+    if repruned:
+        lines += ["", "(r) re-pruned: the run's distilled student taken again through prune, QAT, export and bench on "
+                  "later code (the code after \"prune on\"; `--penalty-reprune`), distillation kept. "
+                  + "; ".join(repruned) + "."]  # fmt: skip
     if mark:
         lines += ["", "p50 timings: " + "; ".join(f"{m.strip()} {t or 'an earlier invocation (time not recorded)'}"
                                                for t, m in mark.items())

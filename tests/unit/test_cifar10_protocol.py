@@ -497,6 +497,55 @@ def test_penalty_step_runs_every_arm_with_the_over_budget_student_and_reports_ea
     assert "p50 timings: (a) an earlier invocation (time not recorded); (b) 2026-12-06T04:41." in text
 
 
+def test_penalty_reprune_redoes_the_later_stages_from_the_distilled_student_and_marks_the_row(tmp_path, monkeypatch):
+    """Stop 39: a prune-stage change left the 15% mask rows of older code in the table, and its paired mean mixed
+    them with new runs; --penalty-reprune redoes prune, QAT, export and bench from each run's distilled student."""
+    import argparse
+
+    import cifar10
+    import cifar10_report as report
+
+    calls = []
+
+    def fake_compress(args, proto, split_dir, teacher_pt, profile, run_dir, extra=(), earlier=None):
+        calls.append((run_dir.name, list(extra)))
+        return {"returncode": 0, "command": f"hwkd compress {' '.join(extra)}", "model": str(tmp_path / "m.onnx"),
+                "code": ["ccc3333"], "budget": {"latency_ms": 0.646}, "final": {"accuracy": 0.7832, "params": 43_346,
+                "macs": 7.8e5, "estimated_latency_ms": 0.640}, "stages": [{"name": "prune", "accuracy": 0.7736, "epochs": 6},
+                {"name": "qat", "accuracy": 0.7828, "epochs": 3}, {"name": "export", "accuracy": 0.7832, "epochs": 0}]}  # fmt: skip
+
+    monkeypatch.setattr(cifar10, "hwkd_compress", fake_compress)
+    monkeypatch.setattr(cifar10, "save", lambda args, out: None)
+    mask = ["--set", "distill.penalty_target=mask", "--set", "distill.penalty_start=0.3", "--set", "prune.penalty_target=mask"]
+    old = {"returncode": 0, "command": "hwkd compress <mask arm> --seed 1", "code": ["aaa1111"], "budget": {"latency_ms": 0.646},
+           "final": {"accuracy": 0.7708, "params": 43_114, "macs": 7.9e5, "estimated_latency_ms": 0.636},
+           "stages": [{"name": "distill", "accuracy": 0.7644, "epochs": 14}, {"name": "prune", "accuracy": 0.7676, "epochs": 9},
+                      {"name": "qat", "accuracy": 0.7708, "epochs": 3}], "arm": "mask", "seed": 1}  # fmt: skip
+    off = {**old, "command": "off", "final": {**old["final"], "accuracy": 0.7672}, "arm": "off"}
+    out = {"penalty": {"mobilenetv2": {"student": "mobilenetv2", "profile": "rpi4",
+                                       "budgets": {"15": {"mask_seed1": old, "off_seed1": off}}}}}  # fmt: skip
+    args = argparse.Namespace(penalty_student="mobilenetv2", budgets="15", runs=tmp_path, jobs=1, penalty_seeds="1",
+                              penalty_arms="mask", penalty_reprune=True)  # fmt: skip
+    with pytest.raises(SystemExit, match="no complete earlier run with a distilled student"):
+        cifar10.step_penalty(args, cifar10.PROTOCOLS["full"], tmp_path, tmp_path / "t.pt", out)  # no model.pt yet
+    assert calls == []
+    out["penalty"]["mobilenetv2"]["budgets"]["15"]["mask_seed1"] = old  # the failed attempt had taken it out
+    distilled = tmp_path / "penalty_mobilenetv2_15_mask_seed1" / "stages" / "distill" / "model.pt"
+    distilled.parent.mkdir(parents=True)
+    distilled.write_bytes(b"")
+    cifar10.step_penalty(args, cifar10.PROTOCOLS["full"], tmp_path, tmp_path / "t.pt", out)
+    assert calls == [("penalty_mobilenetv2_15_mask_seed1_reprune",
+                      ["--student", "mobilenetv2", "--latency-budget", "15%", *mask, "--seed", "1",
+                       "--student-weights", str(distilled), "--stages", "prune,qat,export,bench"])]  # fmt: skip
+    row = out["penalty"]["mobilenetv2"]["budgets"]["15"]["mask_seed1"]
+    assert row["command"] == old["command"] and row["final"]["accuracy"] == 0.7832  # the arm's command, the new result
+    assert [s["name"] for s in row["stages"]] == ["distill", "prune", "qat", "export"] and row["train_epochs"] == 23
+    assert row["code"] == ["aaa1111", "ccc3333 (prune on)"] and row["reprune"]["before"]["accuracy"] == 0.7708
+    text = "\n".join(report.penalty_section(out))
+    assert "| 15% (0.646 ms) | 1 | mask (r) | 78.32% | 43.3k | 0.78M | 0.640 | – | 76.44% | 77.36% | 6 | +1.60 | aaa1111 → ccc3333 (prune on) |" in text
+    assert "15% seed 1 mask was 77.08% (aaa1111): `hwkd compress --student mobilenetv2" in text
+
+
 def test_the_hw_step_runs_on_and_off_and_a_plan_arm_only_when_asked(tmp_path):
     """Stop 34: the hw step took every PENALTY_ARMS entry, so adding the plan arm made each budget one run dearer
     without a place in its table; now on and off, plus what --penalty-arms names, and the table shows plan."""
