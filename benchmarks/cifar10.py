@@ -592,6 +592,7 @@ def step_penalty(args, proto, split_dir, teacher_pt, out: dict) -> None:
     wanted = args.penalty_arms.split(",") if args.penalty_arms else DEFAULT_PENALTY_ARMS
     arms = [(a, extra) for a, extra in PENALTY_ARMS if a in wanted]
     runs = [(b, arm, extra, seed) for seed in seeds for b in budgets for arm, extra in arms]
+    args.penalty_owned = {(student, str(b), report.penalty_key(arm, seed)) for b, arm, _, seed in runs}  # save() keeps these
     # the runs of this invocation are redone (or reused); other arms and seeds at these budgets are kept
     earlier = {(b, arm, seed): pen["budgets"].get(str(b), {}).pop(report.penalty_key(arm, seed), None) for b, arm, _, seed in runs}
 
@@ -635,11 +636,13 @@ def reprune(args, proto, split_dir, teacher_pt, run_dir: Path, hwkd_args: list[s
         return {**earlier, "reprune": {"command": result["command"], "returncode": result["returncode"]}}
     distill = [s for s in earlier["stages"] if s["name"] == "distill"]
     stages = [*distill, *result["stages"]]
-    before = {"accuracy": earlier["final"]["accuracy"], "code": earlier.get("code", []),
-              "prune_epochs": {s["name"]: s.get("epochs") for s in earlier["stages"]}.get("prune")}  # fmt: skip
+    # re-pruned again: what it replaces is still the arm's own run
+    before = (earlier.get("reprune") or {}).get("before") or {
+        "accuracy": earlier["final"]["accuracy"], "code": earlier.get("code", []),
+        "prune_epochs": {s["name"]: s.get("epochs") for s in earlier["stages"]}.get("prune")}  # fmt: skip
     return {**result, "command": earlier["command"], "stages": stages,
             "train_epochs": sum(s["epochs"] or 0 for s in stages if s["name"] in ("distill", "prune", "qat")),
-            "code": [*earlier.get("code", []), *(f"{c} (prune on)" for c in result.get("code", []))],
+            "code": [*before["code"], *(f"{c} (prune on)" for c in result.get("code", []))],
             "reprune": {"command": result["command"], "before": before}}  # fmt: skip
 
 
@@ -658,7 +661,12 @@ def time_together(budgets: dict, finals: dict[tuple[str, str], Path], rounds: in
 _SAVE_LOCK = threading.RLock()  # save() runs from the hw and penalty steps' threads too
 
 
-def merged_with_disk(disk: dict, out: dict, steps: list[str]) -> dict:
+def same_run(mine: dict, theirs: dict | None) -> bool:
+    """Whether two copies of a penalty row are the same run (one may carry a newer re-timing), not a redone one."""
+    return theirs is None or all(mine.get(k) == theirs.get(k) for k in ("final", "code", "reprune", "returncode"))
+
+
+def merged_with_disk(disk: dict, out: dict, steps: list[str], penalty_owned: set | None = None) -> dict:
     """``out`` over what is on disk, keeping the steps another invocation (running at the same time)
     saved: this invocation owns only the steps it runs (and, of the pipeline, only its profiles)."""
     merged = {**out, **{k: v for k, v in disk.items() if k not in steps and k != "meta"}}
@@ -675,12 +683,18 @@ def merged_with_disk(disk: dict, out: dict, steps: list[str]) -> dict:
         wall = max(disk["kd"].get("wall_s", 0.0), out["kd"].get("wall_s", 0.0))
         merged["kd"] = kd.rebuild({**out["kd"], "recipes": recipes, "wall_s": wall}, runs)
     if "penalty" in steps and "penalty" in out:
-        # two penalty invocations (other students, seeds or arms) at once: each adds its runs to the other's
+        # two penalty invocations (other students, seeds or arms) at once: each adds its runs to the other's, and
+        # a run another redid since this one read the file is kept (``penalty_owned``: the rows this one ran)
         students = report.penalty_students(disk.get("penalty"))
+        mine_keys = penalty_owned or set()
         for student, mine in report.penalty_students(out["penalty"]).items():
             theirs = students.get(student) or {}
             same = theirs.get("profile") == mine["profile"]
-            budgets = {b: {**(theirs["budgets"].get(b, {}) if same else {}), **row} for b, row in mine["budgets"].items()}
+            budgets = {}
+            for b, row in mine["budgets"].items():
+                on_disk = theirs["budgets"].get(b, {}) if same else {}
+                budgets[b] = {k: row[k] if k in row and ((student, b, k) in mine_keys or same_run(row[k], on_disk.get(k)))
+                              else on_disk[k] for k in dict.fromkeys([*row, *on_disk])}  # fmt: skip
             students[student] = {**mine, "budgets": {**(theirs.get("budgets", {}) if same else {}), **budgets}}
         merged["penalty"] = students
     if "plateau" in steps and "plateau" in out:
@@ -724,7 +738,7 @@ def save(args, out: dict) -> None:
     with _SAVE_LOCK, _results_lock(RESULTS / f".{stem}.lock"):  # threads of this invocation, and other invocations
         data = out
         if target.exists():
-            data = merged_with_disk(json.loads(target.read_text()), out, args.step_list)
+            data = merged_with_disk(json.loads(target.read_text()), out, args.step_list, getattr(args, "penalty_owned", None))
         atomic_write(target, json.dumps(data, indent=1, default=str) + "\n")
         report.write(data, RESULTS / f"{stem}.md", RESULTS / f"{stem}.png")
 

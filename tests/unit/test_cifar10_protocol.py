@@ -544,6 +544,9 @@ def test_penalty_reprune_redoes_the_later_stages_from_the_distilled_student_and_
     text = "\n".join(report.penalty_section(out))
     assert "| 15% (0.646 ms) | 1 | mask (r) | 78.32% | 43.3k | 0.78M | 0.640 | – | 76.44% | 77.36% | 6 | +1.60 | aaa1111 → ccc3333 (prune on) |" in text
     assert "15% seed 1 mask was 77.08% (aaa1111): `hwkd compress --student mobilenetv2" in text
+    cifar10.step_penalty(args, cifar10.PROTOCOLS["full"], tmp_path, tmp_path / "t.pt", out)  # re-pruned again
+    again = out["penalty"]["mobilenetv2"]["budgets"]["15"]["mask_seed1"]
+    assert again["reprune"]["before"]["accuracy"] == 0.7708 and again["code"] == ["aaa1111", "ccc3333 (prune on)"]
 
 
 def test_the_hw_step_runs_on_and_off_and_a_plan_arm_only_when_asked(tmp_path):
@@ -571,18 +574,29 @@ def test_the_hw_step_runs_on_and_off_and_a_plan_arm_only_when_asked(tmp_path):
 
 
 def test_two_penalty_invocations_at_once_keep_each_others_runs():
-    """Stop 34: a second student (or seed) in another invocation saved over the first's penalty results."""
+    """Stop 34: a second student (or seed) in another invocation saved over the first's penalty results. Stop 39:
+    an invocation also saved its stale copies of rows another one redid meanwhile (a re-prune) over the new ones."""
     import cifar10
 
     def pen(student, budgets):
         return {"student": student, "profile": "rpi4", "budgets": budgets}
 
-    disk = {"penalty": {"0.75x": pen("0.75x", {"30": {"on": 1, "off": 2, "plan_seed1": 3}})}, "meta": {}}
-    mine = {"penalty": {"0.75x": pen("0.75x", {"30": {"off": 20, "off_seed1": 4}}),
-                        "mobilenetv2": pen("mobilenetv2", {"15": {"on": 5}})}, "meta": {}}  # fmt: skip
-    merged = cifar10.merged_with_disk(disk, mine, ["penalty"])["penalty"]
-    assert merged["0.75x"]["budgets"]["30"] == {"on": 1, "off": 20, "plan_seed1": 3, "off_seed1": 4}
-    assert merged["mobilenetv2"]["budgets"] == {"15": {"on": 5}}
-    old_layout = {"penalty": pen("0.75x", {"30": {"on": 1}}), "meta": {}}  # a file written before stop 34
-    merged = cifar10.merged_with_disk(old_layout, mine, ["penalty"])["penalty"]
-    assert merged["0.75x"]["budgets"]["30"] == {"on": 1, "off": 20, "off_seed1": 4}
+    def run(acc, **more):
+        return {"returncode": 0, "final": {"accuracy": acc}, **more}
+
+    disk = {"penalty": {"0.75x": pen("0.75x", {"30": {"on": run(0.1), "off": run(0.2), "plan_seed1": run(0.3)}})}, "meta": {}}
+    mine = {"penalty": {"0.75x": pen("0.75x", {"30": {"off": run(0.25), "off_seed1": run(0.4)}}),
+                        "mobilenetv2": pen("mobilenetv2", {"15": {"on": run(0.5)}})}, "meta": {}}  # fmt: skip
+    owned = {("0.75x", "30", "off"), ("0.75x", "30", "off_seed1"), ("mobilenetv2", "15", "on")}
+    merged = cifar10.merged_with_disk(disk, mine, ["penalty"], owned)["penalty"]
+    assert merged["0.75x"]["budgets"]["30"] == {"off": run(0.25), "off_seed1": run(0.4), "on": run(0.1), "plan_seed1": run(0.3)}
+    assert merged["mobilenetv2"]["budgets"] == {"15": {"on": run(0.5)}}
+    old_layout = {"penalty": pen("0.75x", {"30": {"on": run(0.1)}}), "meta": {}}  # a file written before stop 34
+    merged = cifar10.merged_with_disk(old_layout, mine, ["penalty"], owned)["penalty"]
+    assert merged["0.75x"]["budgets"]["30"] == {"off": run(0.25), "off_seed1": run(0.4), "on": run(0.1)}
+    # this invocation read "on" at 0.1 when it started; another re-pruned it since: the new row stays, while a copy
+    # of the same run that only carries this invocation's newer re-timing replaces the disk's
+    disk["penalty"]["0.75x"]["budgets"]["30"]["on"] = run(0.15, reprune={"command": "x"})
+    mine["penalty"]["0.75x"]["budgets"]["30"].update(on=run(0.1, paired_p50_ms=0.2), plan_seed1=run(0.3, paired_p50_ms=0.3))
+    merged = cifar10.merged_with_disk(disk, mine, ["penalty"], owned)["penalty"]["0.75x"]["budgets"]["30"]
+    assert merged["on"] == run(0.15, reprune={"command": "x"}) and merged["plan_seed1"] == run(0.3, paired_p50_ms=0.3)
