@@ -53,6 +53,7 @@ def build_report(*, run_dir: Path, profile, budget, dataset, teacher_metrics, re
         **{k: teacher_metrics.get(k) for k in MODEL_FIELDS},
         "measured_latency_ms": p50("teacher"),
         "measured_memory_mb": peak_mb("teacher"),
+        "estimated_precision": "fp32",  # a relative budget is a share of this figure
     }
     by_name = {r.name: r for r in results}
     last_fp32 = next(
@@ -62,16 +63,19 @@ def build_report(*, run_dir: Path, profile, budget, dataset, teacher_metrics, re
         final_estimate, final_memory = _estimate_int8(state, profile)
     else:
         final_estimate, final_memory = last_fp32.get("estimated_latency_ms"), last_fp32.get("estimated_memory_mb")
+    final_precision = "int8" if has_int8 else "fp32"  # the precision final_estimate prices
     stages = []
     for r in results:
         label = STAGE_MODEL_LABEL[r.name] if (r.name in ("distill", "prune") or has_int8) else "fp32"
         record = {"name": r.name, "seconds": round(r.seconds, 2)}
         if r.name in ("distill", "prune"):
             record.update({k: r.metrics.get(k) for k in MODEL_FIELDS})
+            record["estimated_precision"] = "fp32"  # the model as it is after the stage, not as it will deploy
         else:  # qat / export / bench describe the final (quantized) model
             record.update({k: last_fp32.get(k) for k in ("params", "macs")})
             record["estimated_latency_ms"] = final_estimate
             record["estimated_memory_mb"] = final_memory
+            record["estimated_precision"] = final_precision
             export = by_name.get("export")
             record["accuracy"] = r.metrics.get("accuracy", export.metrics.get("accuracy") if export else None)
             record["model_size_mb"] = export.metrics.get("model_size_mb") if export else None
@@ -90,6 +94,7 @@ def build_report(*, run_dir: Path, profile, budget, dataset, teacher_metrics, re
         "accuracy": export.metrics.get("accuracy") if export else last_fp32.get("accuracy"),
         "measured_latency_ms": p50(final_label),
         "estimated_latency_ms": final_estimate,
+        "estimated_precision": final_precision,
         "params": last_fp32.get("params"),
         "macs": last_fp32.get("macs"),
         "model_size_mb": export.metrics.get("model_size_mb") if export else None,

@@ -6,7 +6,16 @@ import base64
 import html
 from typing import Any
 
-from hwkd.report.markdown import _mb, _ms, _num, _pct, bench_warnings, model_rows
+from hwkd.report.markdown import (
+    _mb,
+    _ms,
+    _num,
+    _pct,
+    bench_warnings,
+    estimate_cell,
+    estimate_note,
+    model_rows,
+)
 from hwkd.report.plots import PLOTS
 
 CSS = """
@@ -87,11 +96,14 @@ def render_html(report: dict[str, Any]) -> str:
     ) + "</tr>")
     for name, m in model_rows(report):
         cls = ' class="final"' if name.startswith("final") else ""
-        cells = (name, _pct(m.get("accuracy")), _ms(m.get("measured_latency_ms")), _ms(m.get("estimated_latency_ms")),
+        cells = (name, _pct(m.get("accuracy")), _ms(m.get("measured_latency_ms")), estimate_cell(m, budget),
                  _num(m.get("params")), _num(m.get("macs")), _mb(m.get("model_size_mb")),
                  _mb(m.get("estimated_memory_mb")), _mb(m.get("measured_memory_mb")))
         parts.append(f"<tr{cls}>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
     parts.append("</table>")
+    note = estimate_note(report)
+    if note:
+        parts.append(f"<p>{_e(note)}</p>")
 
     parts.append('<h2>Plots</h2><div class="plots">')
     for key, fn, why_missing in PLOTS:

@@ -40,6 +40,26 @@ def model_rows(report: dict) -> list[tuple[str, dict]]:
     return rows
 
 
+def estimate_cell(m: dict, budget: dict) -> str:
+    """A model's estimated ms, with its precision where that is not the budget's: the teacher and the FP32
+    stage models are priced as they are, while the budget is for the deployed (e.g. INT8) model."""
+    prec = m.get("estimated_precision")
+    mark = f" ({prec})" if prec and m.get("estimated_latency_ms") is not None and prec != budget.get("precision", prec) else ""
+    return f"{_ms(m.get('estimated_latency_ms'))}{mark}"
+
+
+def estimate_note(report: dict) -> str | None:
+    """What the precision marks of estimate_cell mean, when a row has one."""
+    budget = report.get("budget") or {}
+    marked = [m for _, m in model_rows(report) if estimate_cell(m, budget) != _ms(m.get("estimated_latency_ms"))]
+    if not marked:
+        return None
+    relative = "of teacher" in str((budget.get("source") or {}).get("latency_ms", ""))
+    return (f"Estimated ms is at the budget's precision ({budget.get('precision')}) except where marked: a model "
+            "marked fp32 is priced as the FP32 model it is at that point" + (
+                "; the relative latency budget is a share of the teacher's fp32 estimate." if relative else "."))
+
+
 def bench_warnings(report: dict) -> list[str]:
     """The bench stage's warnings (a p50 whose timing rounds moved), to print beside the measured latencies."""
     bench = next((s for s in report.get("stages", []) if s.get("name") == "bench"), None)
@@ -75,7 +95,7 @@ def render_markdown(report: dict) -> str:
     def row(name, m):
         return (
             f"| {name} | {_pct(m.get('accuracy'))} | {_ms(m.get('measured_latency_ms'))} | "
-            f"{_ms(m.get('estimated_latency_ms'))} | {_num(m.get('params'))} | {_num(m.get('macs'))} | "
+            f"{estimate_cell(m, budget)} | {_num(m.get('params'))} | {_num(m.get('macs'))} | "
             f"{_mb(m.get('model_size_mb'))} | {_mb(m.get('estimated_memory_mb'))} | "
             f"{_mb(m.get('measured_memory_mb'))} |"
         )
@@ -83,6 +103,9 @@ def render_markdown(report: dict) -> str:
     for name, m in model_rows(report):
         lines.append(row(f"**{name}**" if name.startswith("final") else name, m))
     lines.append("")
+    note = estimate_note(report)
+    if note:
+        lines += [note, ""]
     if f.get("speedup_vs_teacher"):
         lines.append(
             f"Final vs teacher: **{f['speedup_vs_teacher']:.2f}x faster** (measured p50, batch 1), "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 import xml.etree.ElementTree as ET
@@ -111,3 +112,27 @@ def test_report_command_bad_input_is_exit_2(tmp_path):
     (tmp_path / "report.json").write_text('{"format": "hwkd.bench/1"}')
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "not a hwkd run report" in result.stderr
+
+
+def test_estimates_of_fp32_models_are_marked_when_the_budget_is_for_int8():
+    """Stop 39: a jetson report showed "after prune 0.318 ms" beside a 0.2616 ms budget that the run met: the
+    teacher and stage rows were FP32 estimates, the budget and the final row INT8, with nothing saying so."""
+    from hwkd.report.markdown import render_markdown
+
+    rep = json.loads(json.dumps(BASE))
+    rep["budget"].update(precision="int8", source={"latency_ms": "profile: 15% of teacher"})
+    for m in (rep["teacher"], rep["stages"][0], rep["stages"][1]):
+        m["estimated_precision"] = "fp32"
+    for m in (*rep["stages"][2:], rep["final"]):
+        m["estimated_precision"] = "int8"
+    md, page = render_markdown(rep), render_html(rep)
+    assert "| teacher | 99.00% | 1.200 | 1.600 (fp32) |" in md and "| after prune | 98.20% | 0.140 | 0.300 (fp32) |" in md
+    assert "| **final (int8, model.onnx)** | 98.00% | 0.210 | 0.220 |" in md  # at the budget's precision: no mark
+    note = ("Estimated ms is at the budget's precision (int8) except where marked: a model marked fp32 is priced as "
+            "the FP32 model it is at that point; the relative latency budget is a share of the teacher's fp32 estimate.")
+    assert f"\n{note}\n" in md and f"<p>{html.escape(note)}</p>" in page and "<td>0.300 (fp32)</td>" in page
+    # an fp32 deployment, or a report.json written before the field existed: nothing to mark
+    assert "(fp32)" not in render_markdown(BASE) and "except where marked" not in render_html(BASE)
+    rep["budget"]["precision"] = "fp32"
+    rep["final"]["estimated_precision"] = "fp32"
+    assert "except where marked" not in render_markdown({**rep, "stages": rep["stages"][:2]})
