@@ -369,7 +369,8 @@ def student_penalty_section(pen: dict) -> list[str]:
                              f"{_pct(stage.get('distill'))} | {_pct(stage.get('prune'))} | "
                              f"{'' if epochs is None else epochs} | {diff} | {' → '.join(x.get('code', []))} |")  # fmt: skip
         for arm in arms:
-            diffs = [100 * (ok[(arm, s)] - ok[("off", s)]) for a, s in ok if a == arm != "off" and ("off", s) in ok]
+            diffs = [100 * (ok[(arm, s)] - ok[("off", s)]) for a, s in sorted(ok, key=lambda k: k[1])
+                     if a == arm != "off" and ("off", s) in ok]  # by seed
             if len(diffs) > 1:
                 means.append(f"{b}% {arm} − off: mean {sum(diffs) / len(diffs):+.2f} over {len(diffs)} seeds "
                              f"({', '.join(f'{d:+.2f}' for d in diffs)})")  # fmt: skip
