@@ -360,6 +360,9 @@ def student_penalty_section(pen: dict) -> list[str]:
                 f, stage = x["final"], {st["name"]: st.get("accuracy") for st in x["stages"]}
                 epochs = {st["name"]: st.get("epochs") for st in x["stages"]}.get("prune")
                 rep = x.get("reprune") or {}
+                if rep.get("returncode") not in (None, 0):  # the row is still the arm's own run
+                    repruned.append(f"{b}% seed {seed} {arm}: the re-prune failed (exit {rep['returncode']}), the row is "
+                                    f"the arm's own run: `{rep['command']}`")  # fmt: skip
                 if rep.get("before"):
                     repruned.append(f"{b}% seed {seed} {arm} was {_pct(rep['before']['accuracy'])} "
                                     f"({' → '.join(rep['before']['code']) or 'code not recorded'}): `{rep['command']}`")  # fmt: skip

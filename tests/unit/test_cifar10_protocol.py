@@ -544,6 +544,9 @@ def test_penalty_reprune_redoes_the_later_stages_from_the_distilled_student_and_
     text = "\n".join(report.penalty_section(out))
     assert "| 15% (0.646 ms) | 1 | mask (r) | 78.32% | 43.3k | 0.78M | 0.640 | – | 76.44% | 77.36% | 6 | +1.60 | aaa1111 → ccc3333 (prune on) |" in text
     assert "15% seed 1 mask was 77.08% (aaa1111): `hwkd compress --student mobilenetv2" in text
+    failed = {**old, "reprune": {"command": "hwkd compress x", "returncode": 1}}  # what reprune() keeps on a failure
+    text = "\n".join(report.penalty_section({"penalty": {"m": {"student": "m", "profile": "rpi4", "budgets": {"15": {"mask_seed1": failed}}}}}))
+    assert "| 1 | mask | 77.08% |" in text and "15% seed 1 mask: the re-prune failed (exit 1), the row is the arm's own run" in text
     cifar10.step_penalty(args, cifar10.PROTOCOLS["full"], tmp_path, tmp_path / "t.pt", out)  # re-pruned again
     again = out["penalty"]["mobilenetv2"]["budgets"]["15"]["mask_seed1"]
     assert again["reprune"]["before"]["accuracy"] == 0.7708 and again["code"] == ["aaa1111", "ccc3333 (prune on)"]
