@@ -251,9 +251,14 @@ def run_result(rep: dict, shown: str, run_dir: Path, wall: float | None) -> dict
         "teacher": {k: rep["teacher"].get(k) for k in keys},
         "final": {k: rep["final"].get(k) for k in (*keys, "precision")},
         "budget": rep.get("budget"), "stages": stages,
-        "train_epochs": sum(s["epochs"] for s in stages if s["name"] in ("distill", "prune", "qat")),
+        "train_epochs": train_epochs(stages),
         "model": str(run_dir / "model.onnx"),
     }  # fmt: skip
+
+
+def train_epochs(stages: list[dict]) -> int:
+    """Epochs a run trained in all (distillation, prune recovery, QAT), from its stage rows."""
+    return sum(s["epochs"] or 0 for s in stages if s["name"] in ("distill", "prune", "qat"))
 
 
 def _read_json(path: Path) -> dict | None:
@@ -641,7 +646,7 @@ def reprune(args, proto, split_dir, teacher_pt, run_dir: Path, hwkd_args: list[s
         "accuracy": earlier["final"]["accuracy"], "code": earlier.get("code", []),
         "prune_epochs": {s["name"]: s.get("epochs") for s in earlier["stages"]}.get("prune")}  # fmt: skip
     return {**result, "command": earlier["command"], "stages": stages,
-            "train_epochs": sum(s["epochs"] or 0 for s in stages if s["name"] in ("distill", "prune", "qat")),
+            "train_epochs": train_epochs(stages),
             "code": [*before["code"], *(f"{c} (prune on)" for c in result.get("code", []))],
             "reprune": {"command": result["command"], "before": before}}  # fmt: skip
 

@@ -40,19 +40,23 @@ def model_rows(report: dict) -> list[tuple[str, dict]]:
     return rows
 
 
-def estimate_cell(m: dict, budget: dict) -> str:
-    """A model's estimated ms, with its precision where that is not the budget's: the teacher and the FP32
-    stage models are priced as they are, while the budget is for the deployed (e.g. INT8) model."""
+def _estimate_mark(m: dict, budget: dict) -> str:
+    """`` (fp32)`` where a model's estimate is not at the budget's precision: the teacher and the FP32 stage
+    models are priced as they are, while the budget is for the deployed (e.g. INT8) model; else ``""``."""
     prec = m.get("estimated_precision")
-    mark = f" ({prec})" if prec and m.get("estimated_latency_ms") is not None and prec != budget.get("precision", prec) else ""
-    return f"{_ms(m.get('estimated_latency_ms'))}{mark}"
+    differs = prec and m.get("estimated_latency_ms") is not None and prec != budget.get("precision", prec)
+    return f" ({prec})" if differs else ""
+
+
+def estimate_cell(m: dict, budget: dict) -> str:
+    """A model's estimated ms, marked with its precision where that is not the budget's."""
+    return f"{_ms(m.get('estimated_latency_ms'))}{_estimate_mark(m, budget)}"
 
 
 def estimate_note(report: dict) -> str | None:
     """What the precision marks of estimate_cell mean, when a row has one."""
     budget = report.get("budget") or {}
-    marked = [m for _, m in model_rows(report) if estimate_cell(m, budget) != _ms(m.get("estimated_latency_ms"))]
-    if not marked:
+    if not any(_estimate_mark(m, budget) for _, m in model_rows(report)):
         return None
     relative = "of teacher" in str((budget.get("source") or {}).get("latency_ms", ""))
     return (f"Estimated ms is at the budget's precision ({budget.get('precision')}) except where marked: a model "
