@@ -552,6 +552,8 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
             for key in ("peer", "peer_at_budget") if mine else ():
                 r.pop(key, None)  # an earlier peer does not belong to a failed run
             continue
+        if f"{b}_on" not in grid["targets"]:  # an earlier invocation's budget whose hwkd model has left /tmp:
+            continue  # its peers stand as measured, with the latencies of their own timing
         epochs = max(1, on["train_epochs"])
         ratio = peer.match_ratio(grid["grid"], grid["targets"][f"{b}_on"])
         if not peer_kept(r.get("peer"), ratio, epochs, retrain=mine, reuse=args.reuse_runs):
