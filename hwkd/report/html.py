@@ -14,6 +14,7 @@ from hwkd.report.markdown import (
     bench_warnings,
     estimate_cell,
     estimate_note,
+    memory_cell,
     model_rows,
 )
 from hwkd.report.plots import PLOTS
@@ -98,7 +99,7 @@ def render_html(report: dict[str, Any]) -> str:
         cls = ' class="final"' if name.startswith("final") else ""
         cells = (name, _pct(m.get("accuracy")), _ms(m.get("measured_latency_ms")), estimate_cell(m, budget),
                  _num(m.get("params")), _num(m.get("macs")), _mb(m.get("model_size_mb")),
-                 _mb(m.get("estimated_memory_mb")), _mb(m.get("measured_memory_mb")))
+                 memory_cell(m, budget), _mb(m.get("measured_memory_mb")))
         parts.append(f"<tr{cls}>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
     parts.append("</table>")
     note = estimate_note(report)

@@ -40,11 +40,11 @@ def model_rows(report: dict) -> list[tuple[str, dict]]:
     return rows
 
 
-def _estimate_mark(m: dict, budget: dict) -> str:
+def _estimate_mark(m: dict, budget: dict, key: str = "estimated_latency_ms") -> str:
     """`` (fp32)`` where a model's estimate is not at the budget's precision: the teacher and the FP32 stage
     models are priced as they are, while the budget is for the deployed (e.g. INT8) model; else ``""``."""
     prec = m.get("estimated_precision")
-    differs = prec and m.get("estimated_latency_ms") is not None and prec != budget.get("precision", prec)
+    differs = prec and m.get(key) is not None and prec != budget.get("precision", prec)
     return f" ({prec})" if differs else ""
 
 
@@ -53,14 +53,20 @@ def estimate_cell(m: dict, budget: dict) -> str:
     return f"{_ms(m.get('estimated_latency_ms'))}{_estimate_mark(m, budget)}"
 
 
+def memory_cell(m: dict, budget: dict) -> str:
+    """A model's estimated memory MB, marked like estimate_cell: an FP32 model's weights are 4x its INT8 ones."""
+    return f"{_mb(m.get('estimated_memory_mb'))}{_estimate_mark(m, budget, 'estimated_memory_mb')}"
+
+
 def estimate_note(report: dict) -> str | None:
     """What the precision marks of estimate_cell mean, when a row has one."""
     budget = report.get("budget") or {}
-    if not any(_estimate_mark(m, budget) for _, m in model_rows(report)):
+    if not any(_estimate_mark(m, budget, k) for _, m in model_rows(report)
+               for k in ("estimated_latency_ms", "estimated_memory_mb")):
         return None
     relative = "of teacher" in str((budget.get("source") or {}).get("latency_ms", ""))
-    return (f"Estimated ms is at the budget's precision ({budget.get('precision')}) except where marked: a model "
-            "marked fp32 is priced as the FP32 model it is at that point" + (
+    return (f"Estimated ms and memory are at the budget's precision ({budget.get('precision')}) except where "
+            "marked: a model marked fp32 is priced as the FP32 model it is at that point" + (
                 "; the relative latency budget is a share of the teacher's fp32 estimate." if relative else "."))
 
 
@@ -100,7 +106,7 @@ def render_markdown(report: dict) -> str:
         return (
             f"| {name} | {_pct(m.get('accuracy'))} | {_ms(m.get('measured_latency_ms'))} | "
             f"{estimate_cell(m, budget)} | {_num(m.get('params'))} | {_num(m.get('macs'))} | "
-            f"{_mb(m.get('model_size_mb'))} | {_mb(m.get('estimated_memory_mb'))} | "
+            f"{_mb(m.get('model_size_mb'))} | {memory_cell(m, budget)} | "
             f"{_mb(m.get('measured_memory_mb'))} |"
         )
 

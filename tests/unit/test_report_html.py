@@ -128,9 +128,15 @@ def test_estimates_of_fp32_models_are_marked_when_the_budget_is_for_int8():
     md, page = render_markdown(rep), render_html(rep)
     assert "| teacher | 99.00% | 1.200 | 1.600 (fp32) |" in md and "| after prune | 98.20% | 0.140 | 0.300 (fp32) |" in md
     assert "| **final (int8, model.onnx)** | 98.00% | 0.210 | 0.220 |" in md  # at the budget's precision: no mark
-    note = ("Estimated ms is at the budget's precision (int8) except where marked: a model marked fp32 is priced as "
-            "the FP32 model it is at that point; the relative latency budget is a share of the teacher's fp32 estimate.")
+    note = ("Estimated ms and memory are at the budget's precision (int8) except where marked: a model marked fp32 is "
+            "priced as the FP32 model it is at that point; the relative latency budget is a share of the teacher's "
+            "fp32 estimate.")
     assert f"\n{note}\n" in md and f"<p>{html.escape(note)}</p>" in page and "<td>0.300 (fp32)</td>" in page
+    # stop 40: the est. memory column had the same mix (an FP32 model's weights are 4x its INT8 ones)
+    rep["teacher"]["estimated_memory_mb"], rep["final"]["estimated_memory_mb"] = 1.5, 0.4
+    md, page = render_markdown(rep), render_html(rep)
+    assert "| 1.180 | 1.500 (fp32) | 9.500 |" in md and "<td>1.500 (fp32)</td>" in page
+    assert "| 0.044 | 0.400 | 2.900 |" in md  # the final, at the budget's precision
     # an fp32 deployment, or a report.json written before the field existed: nothing to mark
     assert "(fp32)" not in render_markdown(BASE) and "except where marked" not in render_html(BASE)
     rep["budget"]["precision"] = "fp32"
