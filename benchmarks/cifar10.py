@@ -529,21 +529,32 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
     grid = peer.latency_grid(teacher, example, calibration, args.runs / "peer_grid", targets, proto["bench_rounds"],
                              ratios)  # fmt: skip
     hw["peer_grid_ms"] = {f"{r:.2f}": ms for r, ms in grid["grid"].items()}
+    log("peer grid, INT8 p50 ms by ratio: " + ", ".join(f"{r:.2f} {ms:.3f}" for r, ms in grid["grid"].items()))
     finals = {}
     for key, path in targets.items():
         b, arm = key.split("_")
         finals[(b, f"hwkd_penalty_{arm}")] = path
     teacher_ms = grid["grid"][0.0]  # the unpruned teacher, INT8 the peer's way: what a peer's budget is of
 
+    trained: dict[tuple[float, int], dict] = {}  # (ratio, epochs) -> the peer this invocation trained
+
     def train_peer(ratio: float, epochs: int, name: str) -> dict:
+        """The teacher pruned to ``ratio``, fine-tuned, quantised and scored; a second budget that matches the
+        same ratio and epochs takes the first's peer (one seed, one recipe: it would train to the same weights)."""
+        if (ratio, epochs) in trained:
+            log(f"peer {name}: ratio {ratio:.2f}, {epochs} epochs: the same peer as {trained[ratio, epochs]['name']}")
+            return {**trained[ratio, epochs], "same_as": trained[ratio, epochs]["name"]}
+        log(f"peer {name}: pruning the teacher uniformly to ratio {ratio:.2f}, fine-tuning {epochs} epochs")
         model = peer.prune_uniform(teacher, ratio, example)
         t1 = time.time()
         hist = peer.fine_tune(model, sets["train"], epochs=epochs)
         path = peer.export_int8(model, example, calibration, args.runs / f"{name}.onnx")
         params, macs = peer.params_and_macs(model, example)
-        return {"ratio": ratio, "epochs": epochs, "params": params, "macs": macs,
-                "accuracy": peer.onnx_accuracy(path, sets["test"]), "fine_tune": hist,
-                "wall_s": round(time.time() - t1, 1), "model": str(path)}  # fmt: skip
+        trained[ratio, epochs] = {"ratio": ratio, "epochs": epochs, "params": params, "macs": macs, "name": name,
+                                  "accuracy": peer.onnx_accuracy(path, sets["test"]), "fine_tune": hist,
+                                  "wall_s": round(time.time() - t1, 1), "model": str(path)}  # fmt: skip
+        log(f"peer {name}: {trained[ratio, epochs]['accuracy']:.2%} test")
+        return trained[ratio, epochs]
 
     for b, r in hw["budgets"].items():
         on = r["hwkd_penalty_on"]
