@@ -570,6 +570,8 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
         if not peer_kept(r.get("peer"), ratio, epochs, retrain=mine, reuse=args.reuse_runs):
             r["peer"] = train_peer(ratio, epochs, f"peer_{b}")
             save(args, out)
+        elif mine:  # kept by --reuse-runs: another budget of this invocation matching its ratio takes it too
+            trained.setdefault((ratio, epochs), {**without_timing(r["peer"]), "name": Path(r["peer"]["model"]).stem})
         finals[(b, "peer")] = Path(r["peer"]["model"])
         # --peer-at-budget: the peer as its user would prune it without hwkd, to the budget itself
         # (b% of the teacher's measured INT8 latency), not to hwkd's latency; skipped where both are one ratio
@@ -587,6 +589,11 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
     time_together(hw["budgets"], finals, proto["bench_rounds"])
     hw["wall_s"] = round(time.time() - t0, 1)
     save(args, out)
+
+
+def without_timing(peer_row: dict) -> dict:
+    """A peer's record without what belongs to its budget's row (re-timing, budget, sharing), to share it."""
+    return {k: v for k, v in peer_row.items() if k not in ("paired_p50_ms", "paired_p50_timed_at", "budget_ms", "same_as")}
 
 
 def hw_arms(args) -> list[tuple[str, list[str]]]:

@@ -603,3 +603,51 @@ def test_two_penalty_invocations_at_once_keep_each_others_runs():
     mine["penalty"]["0.75x"]["budgets"]["30"].update(on=run(0.1, paired_p50_ms=0.2), plan_seed1=run(0.3, paired_p50_ms=0.3))
     merged = cifar10.merged_with_disk(disk, mine, ["penalty"], owned)["penalty"]["0.75x"]["budgets"]["30"]
     assert merged["on"] == run(0.15, reprune={"command": "x"}) and merged["plan_seed1"] == run(0.3, paired_p50_ms=0.3)
+
+
+def test_the_hw_step_shares_one_peer_between_budgets_of_one_ratio_and_skips_budgets_whose_models_are_gone(
+    tmp_path, monkeypatch
+):
+    """Stop 40: 20/30/50% against one stand-in model matched the peer to one ratio three times and trained it three
+    times; and an earlier invocation's 10% budget, whose hwkd model had left /tmp, stopped the step (KeyError)."""
+    import argparse
+
+    import cifar10
+
+    model = tmp_path / "hwkd.onnx"
+    model.write_bytes(b"x")
+    trained = []
+    monkeypatch.setattr(cifar10, "save", lambda args, out: None)
+    monkeypatch.setattr(cifar10, "load_sets", lambda split_dir: {"train": [], "test": []})
+    monkeypatch.setattr(cifar10, "load_teacher", lambda pt: torch.nn.Identity())
+    monkeypatch.setattr(cifar10.teacher_mod, "DecodedFolder", lambda *a, **k: [])
+    monkeypatch.setattr(cifar10.peer, "calibration_images", lambda data: [])
+    monkeypatch.setattr(cifar10.peer, "latency_grid", lambda teacher, ex, cal, work, targets, rounds, ratios: {
+        "grid": {0.0: 1.0, 0.5: 0.5, 0.9: 0.2}, "targets": {k: 0.05 for k in targets}})  # fmt: skip
+    monkeypatch.setattr(cifar10.peer, "prune_uniform", lambda teacher, ratio, ex: ratio)
+    monkeypatch.setattr(cifar10.peer, "fine_tune", lambda m, data, epochs: trained.append(m) or [])
+    monkeypatch.setattr(cifar10.peer, "export_int8", lambda m, ex, cal, path: (path.write_bytes(b"p"), path)[1])
+    monkeypatch.setattr(cifar10.peer, "params_and_macs", lambda m, ex: (100, 1000))
+    monkeypatch.setattr(cifar10.peer, "onnx_accuracy", lambda path, data: 0.5)
+    monkeypatch.setattr(cifar10, "time_together", lambda budgets, finals, rounds: None)
+    run = {"returncode": 0, "model": str(model), "train_epochs": 17, "final": {"accuracy": 0.8}}
+    monkeypatch.setattr(cifar10, "hwkd_compress", lambda *a, **k: dict(run))
+    gone = {"returncode": 0, "model": str(tmp_path / "gone.onnx"), "train_epochs": 29}
+    earlier_peer = {"ratio": 0.9, "epochs": 29, "accuracy": 0.55, "model": str(tmp_path / "gone_peer.onnx")}
+    out = {"hw": {"profile": "rpi4", "budgets": {"10": {"hwkd_penalty_on": gone, "hwkd_penalty_off": gone,
+                                                        "peer": earlier_peer}}}}  # fmt: skip
+    args = argparse.Namespace(runs=tmp_path, jobs=1, stand_in_pipeline=False, peer_at_budget=True, reuse_runs=False,
+                              penalty_arms=None)  # fmt: skip
+    cifar10.step_hw(args, {**cifar10.PROTOCOLS["full"], "budgets": [20, 30, 50]}, tmp_path, tmp_path / "t.pt", out)
+    budgets = out["hw"]["budgets"]
+    assert budgets["10"]["peer"] == earlier_peer  # stands as measured
+    assert trained == [0.9, 0.5]  # the matched peer once, the 50% budget's own peer once (30% and 20% match 0.9)
+    assert budgets["20"]["peer"]["model"] == budgets["30"]["peer"]["model"] == budgets["50"]["peer"]["model"]
+    assert "same_as" not in budgets["20"]["peer"] and budgets["30"]["peer"]["same_as"] == "peer_20"
+    assert budgets["50"]["peer_at_budget"]["ratio"] == 0.5 and "peer_at_budget" not in budgets["30"]
+    # --reuse-runs keeps 20%'s peer, and the budgets after it share the kept one instead of training it again
+    trained.clear()
+    del budgets["30"]["peer"]  # e.g. a budget run for the first time beside one run before
+    cifar10.step_hw(argparse.Namespace(**{**vars(args), "reuse_runs": True, "peer_at_budget": False}),
+                    {**cifar10.PROTOCOLS["full"], "budgets": [20, 30]}, tmp_path, tmp_path / "t.pt", out)  # fmt: skip
+    assert trained == [] and budgets["30"]["peer"]["model"] == budgets["20"]["peer"]["model"]
