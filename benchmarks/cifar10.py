@@ -502,14 +502,21 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
         return (estimate_onnx(model, prof, "int8").latency_ms,
                 estimate(load_teacher(teacher_pt), example, prof, "fp32").latency_ms)  # fmt: skip
 
+    student = getattr(args, "hw_student", None)  # None: the default student (the protocol's)
+
     def one(run) -> None:
         b, arm, extra = run
-        stand_in = pipeline_stand_in(out, proto, b, estimate_now) if args.stand_in_pipeline else None
+        # the pipeline run is the default student's: it stands in for no other
+        stand_in = pipeline_stand_in(out, proto, b, estimate_now) if args.stand_in_pipeline and not student else None
         if stand_in is not None:
             log(f"{b}% {arm}: {stand_in['stand_in']}")
-        result = stand_in or hwkd_compress(args, proto, split_dir, teacher_pt, proto["hw_profile"], args.runs / f"hw_{b}_{arm}",
-                               ["--latency-budget", f"{b}%", *extra],
+        chosen = ["--student", student] if student else []
+        result = stand_in or hwkd_compress(args, proto, split_dir, teacher_pt, proto["hw_profile"],
+                               args.runs / f"hw_{b}_{arm}{f'_{student}' if student else ''}",
+                               ["--latency-budget", f"{b}%", *extra, *chosen],
                                earlier[str(b)].get(f"hwkd_penalty_{arm}"))  # fmt: skip
+        if student:
+            result["student"] = student
         with _SAVE_LOCK:
             hw["budgets"][str(b)][f"hwkd_penalty_{arm}"] = result
             save(args, out)
@@ -781,6 +788,9 @@ def main() -> int:
                          "peer of the same ratio and epochs")
     ap.add_argument("--stand-in-pipeline", action="store_true",
                     help="hw step: a budget the pipeline step's default run already meets (nothing pruned) takes that run")
+    ap.add_argument("--hw-student", default=None,
+                    help="hw step: hwkd's --student (e.g. cnn, where the default student's pruning floor is over the "
+                         "budget, as hwkd's message advises); run folders hw_B_ARM_STUDENT, the table names it")
     ap.add_argument("--peer-at-budget", action="store_true",
                     help="hw step: also the peer pruned to the budget itself (b%% of the teacher's measured latency)")
     ap.add_argument("--budgets", default=None, help="override the protocol's latency budgets, e.g. 10,50 (%% of teacher)")

@@ -215,7 +215,7 @@ def hw_section(r: dict, plot: Path) -> list[str]:
     lines = [
         "## Hardware-aware vs the peer pipeline",
         "",
-        f"Profile {hw['profile']}. hwkd: `hwkd compress --latency-budget B%` (penalty on = defaults: the `cost` penalty target in runs before stop 38, the `mask` target since; off = "
+        f"Profile {hw['profile']}. hwkd: `hwkd compress --latency-budget B%`, with `--student S` where the budget names one (penalty on = defaults: the `cost` penalty target in runs before stop 38, the `mask` target since; off = "
         "`--set distill.penalty_weight=0 --set prune.penalty_weight=0`). Peer: the teacher pruned uniformly "
         "by torch-pruning's MagnitudePruner to hwkd's (penalty on) measured latency (the least pruning on the grid "
         "that reaches it; where none does, the fastest grid point), fine-tuned with CE for the "
@@ -253,7 +253,8 @@ def hw_section(r: dict, plot: Path) -> list[str]:
             acc_plan = pl.get("final", {}).get("accuracy")
             d_plan = f"{100 * (acc_plan - acc_off):+.2f}" if acc_plan is not None and acc_off is not None else "–"
             extra = f" {cell(pl)} | {d_plan} |"
-        lines.append(f"| {b}% | {cell(on)} | {cell(off)} | {peer_cell} | {d_peer} | {d_off} |{extra}")
+        student = f" (`--student {on['student']}`)" if on.get("student") else ""
+        lines.append(f"| {b}%{student} | {cell(on)} | {cell(off)} | {peer_cell} | {d_peer} | {d_off} |{extra}")
     at_budget = [(b, row["peer_at_budget"], row.get("hwkd_penalty_on", {})) for b, row in hw["budgets"].items()
                  if row.get("peer_at_budget")]  # fmt: skip
     if at_budget:

@@ -613,6 +613,7 @@ def test_the_hw_step_shares_one_peer_between_budgets_of_one_ratio_and_skips_budg
     import argparse
 
     import cifar10
+    import cifar10_report as report
 
     model = tmp_path / "hwkd.onnx"
     model.write_bytes(b"x")
@@ -651,3 +652,15 @@ def test_the_hw_step_shares_one_peer_between_budgets_of_one_ratio_and_skips_budg
     cifar10.step_hw(argparse.Namespace(**{**vars(args), "reuse_runs": True, "peer_at_budget": False}),
                     {**cifar10.PROTOCOLS["full"], "budgets": [20, 30]}, tmp_path, tmp_path / "t.pt", out)  # fmt: skip
     assert trained == [] and budgets["30"]["peer"]["model"] == budgets["20"]["peer"]["model"]
+    # --hw-student: the student hwkd's out-of-reach message advises; its own run folders, named in the table
+    calls = []
+    monkeypatch.setattr(cifar10, "hwkd_compress", lambda *a, **k: calls.append((a[5].name, a[6])) or dict(run))
+    cifar10.step_hw(argparse.Namespace(**{**vars(args), "hw_student": "cnn", "stand_in_pipeline": True}),
+                    {**cifar10.PROTOCOLS["full"], "budgets": [10]}, tmp_path, tmp_path / "t.pt", out)  # fmt: skip
+    off = ["--set", "distill.penalty_weight=0", "--set", "prune.penalty_weight=0"]
+    assert calls == [("hw_10_on_cnn", ["--latency-budget", "10%", "--student", "cnn"]),
+                     ("hw_10_off_cnn", ["--latency-budget", "10%", *off, "--student", "cnn"])]  # fmt: skip
+    assert budgets["10"]["hwkd_penalty_on"]["student"] == "cnn"
+    text = "\n".join(report.hw_section(out, tmp_path / "p.png"))
+    assert "| 10% (`--student cnn`) | 80.00% / – | 80.00% / – | 0.90 / 50.00% / – | +30.00 | +0.00 |" in text
+    assert "| 20% | 80.00% / – |" in text  # the default student's budgets name none
