@@ -208,6 +208,11 @@ def paired_difference(seeds: dict[str, dict], a: str, b: str) -> tuple[float, li
     return (sum(diffs) / len(diffs), diffs) if diffs else None
 
 
+def budgets_in_order(budgets: dict) -> list[tuple[str, dict]]:
+    """``budgets.items()`` from the smallest budget up (the dict keeps the order invocations added them in)."""
+    return sorted(budgets.items(), key=lambda kv: int(kv[0]))
+
+
 def hw_section(r: dict, plot: Path) -> list[str]:
     hw = r.get("hw")
     if not hw or not hw.get("budgets"):
@@ -231,7 +236,7 @@ def hw_section(r: dict, plot: Path) -> list[str]:
         + (" hwkd plan: acc / p50 ms | plan − off |" if plan else ""),
         "|---|---|---|---|---|---|" + ("---|---|" if plan else ""),
     ]
-    for b, row in hw["budgets"].items():
+    for b, row in budgets_in_order(hw["budgets"]):
         on, off, pe = row.get("hwkd_penalty_on", {}), row.get("hwkd_penalty_off", {}), row.get("peer")
 
         def cell(x):
@@ -255,7 +260,7 @@ def hw_section(r: dict, plot: Path) -> list[str]:
             extra = f" {cell(pl)} | {d_plan} |"
         student = f" (`--student {on['student']}`)" if on.get("student") else ""
         lines.append(f"| {b}%{student} | {cell(on)} | {cell(off)} | {peer_cell} | {d_peer} | {d_off} |{extra}")
-    at_budget = [(b, row["peer_at_budget"], row.get("hwkd_penalty_on", {})) for b, row in hw["budgets"].items()
+    at_budget = [(b, row["peer_at_budget"], row.get("hwkd_penalty_on", {})) for b, row in budgets_in_order(hw["budgets"])
                  if row.get("peer_at_budget")]  # fmt: skip
     if at_budget:
         lines += ["", "The peer pruned to the budget itself (`--peer-at-budget`: the least pruning whose INT8 p50 is within "

@@ -664,3 +664,6 @@ def test_the_hw_step_shares_one_peer_between_budgets_of_one_ratio_and_skips_budg
     text = "\n".join(report.hw_section(out, tmp_path / "p.png"))
     assert "| 10% (`--student cnn`) | 80.00% / – | 80.00% / – | 0.90 / 50.00% / – | +30.00 | +0.00 |" in text
     assert "| 20% | 80.00% / – |" in text  # the default student's budgets name none
+    out["hw"]["budgets"] = dict(reversed(budgets.items()))  # as invocations added them: 50, 30, 20, 10
+    text = "\n".join(report.hw_section(out, tmp_path / "p.png"))
+    assert text.index("| 10% (") < text.index("| 20% |") < text.index("| 50% |")  # by budget, not by when run
