@@ -534,7 +534,7 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
     log(f"peer: timing the uniform-pruning grid (step {proto['grid_step']}) with {len(targets)} hwkd models")
     ratios = tuple(round(proto["grid_step"] * i, 2) for i in range(round(0.95 / proto["grid_step"]) + 1))
     grid = peer.latency_grid(teacher, example, calibration, args.runs / "peer_grid", targets, proto["bench_rounds"],
-                             ratios)  # fmt: skip
+                             ratios, runs_per_round=TIMING_RUNS_PER_ROUND // 4)  # fmt: skip
     hw["peer_grid_ms"] = {f"{r:.2f}": ms for r, ms in grid["grid"].items()}
     log("peer grid, INT8 p50 ms by ratio: " + ", ".join(f"{r:.2f} {ms:.3f}" for r, ms in grid["grid"].items()))
     finals = {}
@@ -683,12 +683,17 @@ def time_together(budgets: dict, finals: dict[tuple[str, str], Path], rounds: in
     as ``budgets[b][key]["paired_p50_ms"]`` for each ``(b, key)`` of ``finals``."""
     from hwkd.onnx import bench
 
-    # 1,000 runs a round: the finals are sub-millisecond, and 100 (0.03 s a round) left their order to chance
-    stats = bench.measure(list(dict.fromkeys(finals.values())), iterations=1000, warmup=50, rounds=rounds)
+    # 2,000 runs a round at 1 thread (measure splits `iterations` over the rounds). Until stop 40 this was 1,000 runs
+    # in all (200 a round, 10 ms for a 0.05 ms final) at every core: two byte-identical finals timed 0.042 and 0.051
+    # ms in the same rounds, where 1 thread and 0.5 s a round put them 0.6% apart (docs/cifar10-results.md, stop 40)
+    stats = bench.measure(list(dict.fromkeys(finals.values())), iterations=TIMING_RUNS_PER_ROUND * rounds, warmup=50,
+                          rounds=rounds, threads=1)  # fmt: skip
     when = time.strftime("%Y-%m-%dT%H:%M")  # rows timed at another time are not comparable with these
     for (b, key), path in finals.items():
         budgets[b][key].update(paired_p50_ms=stats[Path(path)].p50, paired_p50_timed_at=when)
 
+
+TIMING_RUNS_PER_ROUND = 2000  # the paired timings of final models and of the peer grid, each at 1 thread
 
 _SAVE_LOCK = threading.RLock()  # save() runs from the hw and penalty steps' threads too
 

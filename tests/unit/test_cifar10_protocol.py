@@ -623,7 +623,7 @@ def test_the_hw_step_shares_one_peer_between_budgets_of_one_ratio_and_skips_budg
     monkeypatch.setattr(cifar10, "load_teacher", lambda pt: torch.nn.Identity())
     monkeypatch.setattr(cifar10.teacher_mod, "DecodedFolder", lambda *a, **k: [])
     monkeypatch.setattr(cifar10.peer, "calibration_images", lambda data: [])
-    monkeypatch.setattr(cifar10.peer, "latency_grid", lambda teacher, ex, cal, work, targets, rounds, ratios: {
+    monkeypatch.setattr(cifar10.peer, "latency_grid", lambda teacher, ex, cal, work, targets, rounds, ratios, runs_per_round: {
         "grid": {0.0: 1.0, 0.5: 0.5, 0.9: 0.2}, "targets": {k: 0.05 for k in targets}})  # fmt: skip
     monkeypatch.setattr(cifar10.peer, "prune_uniform", lambda teacher, ratio, ex: ratio)
     monkeypatch.setattr(cifar10.peer, "fine_tune", lambda m, data, epochs: trained.append(m) or [])
@@ -667,3 +667,24 @@ def test_the_hw_step_shares_one_peer_between_budgets_of_one_ratio_and_skips_budg
     out["hw"]["budgets"] = dict(reversed(budgets.items()))  # as invocations added them: 50, 30, 20, 10
     text = "\n".join(report.hw_section(out, tmp_path / "p.png"))
     assert text.index("| 10% (") < text.index("| 20% |") < text.index("| 50% |")  # by budget, not by when run
+
+
+def test_final_models_are_timed_together_at_one_thread_with_thousands_of_runs_a_round(tmp_path, monkeypatch):
+    """Stop 40: 1,000 runs in all (200 a round) at every core timed two byte-identical finals 0.042 and 0.051 ms."""
+    import cifar10
+
+    from hwkd.onnx import bench
+
+    seen = {}
+
+    def fake_measure(paths, **kw):
+        seen.update(kw, paths=list(paths))
+        return {Path(p): type("S", (), {"p50": 0.05})() for p in paths}
+
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    budgets = {"10": {"on": {}, "off": {}, "peer": {}}}
+    cifar10.time_together(budgets, {("10", "on"): a, ("10", "off"): b, ("10", "peer"): a}, rounds=5)
+    assert seen["paths"] == [a, b] and seen["threads"] == 1 and seen["rounds"] == 5
+    assert seen["iterations"] / seen["rounds"] >= 2000  # runs a round, after measure splits them
+    assert budgets["10"]["peer"]["paired_p50_ms"] == 0.05
