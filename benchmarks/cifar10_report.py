@@ -437,12 +437,12 @@ def plot_pareto(r: dict, path: Path) -> None:
 
 
 def point_labels(pts: list[tuple[float, float, str]]) -> dict[tuple[float, float], str]:
-    """One label per plotted point: budgets at the same point (one stand-in model) as "20/30/50%", not
-    three labels drawn over each other."""
-    out: dict[tuple[float, float], list[str]] = {}
+    """One label per plotted point: budgets at the same point (one stand-in model, or one peer recipe timed as two
+    files 0.001 ms apart) as "20/30/50%", not labels drawn over each other; placed at the first such point."""
+    out: dict[tuple[float, float], tuple[tuple[float, float], list[str]]] = {}
     for x, y, t in pts:
-        out.setdefault((x, y), []).append(t.removesuffix("%"))
-    return {xy: "/".join(sorted(names, key=float)) + "%" for xy, names in out.items()}
+        out.setdefault((round(x, 2), round(y, 1)), ((x, y), []))[1].append(t.removesuffix("%"))
+    return {xy: "/".join(sorted(names, key=float)) + "%" for xy, names in out.values()}
 
 
 def write(r: dict, md: Path, png: Path) -> None:

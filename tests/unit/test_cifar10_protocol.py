@@ -667,8 +667,8 @@ def test_the_hw_step_shares_one_peer_between_budgets_of_one_ratio_and_skips_budg
     out["hw"]["budgets"] = dict(reversed(budgets.items()))  # as invocations added them: 50, 30, 20, 10
     text = "\n".join(report.hw_section(out, tmp_path / "p.png"))
     assert text.index("| 10% (") < text.index("| 20% |") < text.index("| 50% |")  # by budget, not by when run
-    pts = [(0.061, 81.6, "50%"), (0.061, 81.6, "20%"), (0.049, 68.9, "10%"), (0.061, 81.6, "30%")]
-    assert report.point_labels(pts) == {(0.061, 81.6): "20/30/50%", (0.049, 68.9): "10%"}  # one label a point
+    pts = [(0.061, 81.6, "50%"), (0.061, 81.6, "20%"), (0.049, 68.9, "10%"), (0.0612, 81.6, "30%"), (0.2, 60.0, "5%")]
+    assert report.point_labels(pts) == {(0.061, 81.6): "20/30/50%", (0.049, 68.9): "10%", (0.2, 60.0): "5%"}
 
 
 def test_final_models_are_timed_together_at_one_thread_with_thousands_of_runs_a_round(tmp_path, monkeypatch):
