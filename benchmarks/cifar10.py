@@ -471,6 +471,27 @@ def pipeline_stand_in(out: dict, proto: dict, budget_pct: int, estimate_now=None
             f"estimate {est:.3f} ms <= {budget_ms:.3f} ms, nothing pruned{copy})"}  # fmt: skip
 
 
+def penalty_stand_in(out: dict, proto: dict, budget_pct: int, arm: str) -> dict | None:
+    """The penalty step's run that is the hw step's ``arm`` at ``budget_pct``%, where one exists (``--stand-in-penalty``).
+
+    The penalty step runs the protocol's default student by name (``--student mobilenetv2``) with each arm's
+    ``--set``s; while those restate hwkd's defaults (the ``mask`` target from 30% of distillation), its ``mask`` run
+    of seed 0 is the hw step's penalty-on run (hwkd's defaults) and its ``off`` run the penalty-off one: the same
+    computation under a longer command. None where the defaults have moved, the run failed or its model is gone."""
+    from hwkd.config import DistillConfig, PruneConfig
+
+    name, width = proto["student"]
+    key = {"on": "mask", "off": "off"}.get(arm)
+    defaults = (DistillConfig().penalty_target, DistillConfig().penalty_start, PruneConfig().penalty_target)
+    if key is None or width != 1.0 or defaults != ("mask", 0.3, "mask"):
+        return None
+    run = (report.penalty_students(out.get("penalty")).get(name) or {}).get("budgets", {}).get(str(budget_pct), {}).get(key)
+    if not run or run.get("returncode") != 0 or not Path(run.get("model", "")).is_file() or run.get("reprune"):
+        return None
+    return {**run, "stand_in": f"the penalty step's `{key}` run of `--student {name}` (its --sets restate hwkd's "
+            f"defaults{'' if key == 'mask' else ', penalty off'}: the same computation)"}  # fmt: skip
+
+
 def peer_kept(earlier: dict | None, ratio: float, epochs: int, *, retrain: bool, reuse: bool) -> bool:
     """Whether an earlier peer (matched or at the budget) stands: its model is on disk, and this invocation
     does not train it again, or does but ``--reuse-runs`` keeps one of the same ratio and epochs."""
@@ -506,8 +527,10 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
 
     def one(run) -> None:
         b, arm, extra = run
-        # the pipeline run is the default student's: it stands in for no other
+        # the pipeline and penalty runs are the default student's: they stand in for no other
         stand_in = pipeline_stand_in(out, proto, b, estimate_now) if args.stand_in_pipeline and not student else None
+        if stand_in is None and getattr(args, "stand_in_penalty", False) and not student:
+            stand_in = penalty_stand_in(out, proto, b, arm)
         if stand_in is not None:
             log(f"{b}% {arm}: {stand_in['stand_in']}")
         chosen = ["--student", student] if student else []
@@ -793,6 +816,9 @@ def main() -> int:
                          "peer of the same ratio and epochs")
     ap.add_argument("--stand-in-pipeline", action="store_true",
                     help="hw step: a budget the pipeline step's default run already meets (nothing pruned) takes that run")
+    ap.add_argument("--stand-in-penalty", action="store_true",
+                    help="hw step: where the penalty step ran the default student at the budget with the --sets of "
+                         "hwkd's defaults (mask) and with the penalty off, those runs are the hw arms")
     ap.add_argument("--hw-student", default=None,
                     help="hw step: hwkd's --student (e.g. cnn, where the default student's pruning floor is over the "
                          "budget, as hwkd's message advises); run folders hw_B_ARM_STUDENT, the table names it")

@@ -243,7 +243,7 @@ def hw_section(r: dict, plot: Path) -> list[str]:
             if not x or x.get("returncode", 0) != 0:
                 return "failed" if x else "–"
             acc = x["final"]["accuracy"] if "final" in x else x["accuracy"]
-            return f"{_pct(acc)} / {_ms(x.get('paired_p50_ms'))}" + (" (pipeline run †)" if x.get("stand_in") else "")
+            return f"{_pct(acc)} / {_ms(x.get('paired_p50_ms'))}" + (" (stand-in †)" if x.get("stand_in") else "")
 
         acc_on = on.get("final", {}).get("accuracy")
         acc_off = off.get("final", {}).get("accuracy")
@@ -277,9 +277,11 @@ def hw_section(r: dict, plot: Path) -> list[str]:
     stand_ins = sorted({f"{b}%: {x['stand_in']}" for b, row in hw["budgets"].items() for x in row.values()
                         if isinstance(x, dict) and x.get("stand_in")})  # fmt: skip
     if stand_ins:
-        lines += ["", "† Not trained again: the pipeline step's default run stands in (`--stand-in-pipeline`), because "
-                  "under a budget the default student meets, the penalty's gate stays 0 and nothing is pruned, so "
-                  "penalty on and off are that run. " + "; ".join(stand_ins) + "."]  # fmt: skip
+        lines += ["", "† Not trained again: another step's run of the same computation stands in. Under a budget the "
+                  "default student meets, the penalty's gate stays 0 and nothing is pruned, so penalty on and off are "
+                  "the pipeline step's default run (`--stand-in-pipeline`); where the penalty step ran the default "
+                  "student at the budget, its mask and off runs are the two arms (`--stand-in-penalty`). "
+                  + "; ".join(stand_ins) + "."]  # fmt: skip
     if hw.get("peer_grid_ms"):
         grid = ", ".join(f"{k} {v:.3f}" for k, v in hw["peer_grid_ms"].items())
         lines += ["", f"Peer grid, INT8 p50 ms at batch 1 by pruning ratio (timed with hwkd's models): {grid}."]

@@ -667,6 +667,21 @@ def test_the_hw_step_shares_one_peer_between_budgets_of_one_ratio_and_skips_budg
     out["hw"]["budgets"] = dict(reversed(budgets.items()))  # as invocations added them: 50, 30, 20, 10
     text = "\n".join(report.hw_section(out, tmp_path / "p.png"))
     assert text.index("| 10% (") < text.index("| 20% |") < text.index("| 50% |")  # by budget, not by when run
+    # --stand-in-penalty: the penalty step's default-student runs at 15% are the two arms (mask = hwkd's defaults)
+    calls.clear()
+    pen_run = {**run, "command": "hwkd compress --student mobilenetv2 --latency-budget 15% ..."}
+    out["penalty"] = {"mobilenetv2": {"student": "mobilenetv2", "profile": "rpi4", "budgets": {"15": {
+        "mask": pen_run, "off": {**pen_run, "final": {"accuracy": 0.77}}, "mask_seed1": pen_run}}}}  # fmt: skip
+    stand = argparse.Namespace(**{**vars(args), "stand_in_penalty": True, "hw_student": None})
+    cifar10.step_hw(stand, {**cifar10.PROTOCOLS["full"], "budgets": [15]}, tmp_path, tmp_path / "t.pt", out)
+    assert calls == []  # nothing trained
+    on15, off15 = out["hw"]["budgets"]["15"]["hwkd_penalty_on"], out["hw"]["budgets"]["15"]["hwkd_penalty_off"]
+    assert "`mask` run of `--student mobilenetv2`" in on15["stand_in"] and off15["final"]["accuracy"] == 0.77
+    assert "| 15% | 80.00% / – (stand-in †) | 77.00% / – (stand-in †) |" in "\n".join(report.hw_section(out, tmp_path / "p.png"))
+    # a re-pruned row is not the same computation, and another student's step is not the default student's
+    out["penalty"]["mobilenetv2"]["budgets"]["15"]["mask"] = {**pen_run, "reprune": {"before": {}}}
+    cifar10.step_hw(stand, {**cifar10.PROTOCOLS["full"], "budgets": [15]}, tmp_path, tmp_path / "t.pt", out)
+    assert [c[0] for c in calls] == ["hw_15_on"]
     pts = [(0.061, 81.6, "50%"), (0.061, 81.6, "20%"), (0.049, 68.9, "10%"), (0.0612, 81.6, "30%"), (0.2, 60.0, "5%")]
     assert report.point_labels(pts) == {(0.061, 81.6): "20/30/50%", (0.049, 68.9): "10%", (0.2, 60.0): "5%"}
 
