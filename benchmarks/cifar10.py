@@ -478,18 +478,24 @@ def penalty_stand_in(out: dict, proto: dict, budget_pct: int, arm: str) -> dict 
     ``--set``s; while those restate hwkd's defaults (the ``mask`` target from 30% of distillation), its ``mask`` run
     of seed 0 is the hw step's penalty-on run (hwkd's defaults) and its ``off`` run the penalty-off one: the same
     computation under a longer command. None where the defaults have moved, the run failed or its model is gone."""
-    from hwkd.config import DistillConfig, PruneConfig
-
     name, width = proto["student"]
-    key = {"on": "mask", "off": "off"}.get(arm)
-    defaults = (DistillConfig().penalty_target, DistillConfig().penalty_start, PruneConfig().penalty_target)
-    if key is None or width != 1.0 or defaults != ("mask", 0.3, "mask"):
+    key = {"on": "mask", "off": "off"}.get(arm)  # the off arms run the very same --sets
+    if key is None or width != 1.0 or not restates_defaults(dict(PENALTY_ARMS)["mask"]):
         return None
     run = (report.penalty_students(out.get("penalty")).get(name) or {}).get("budgets", {}).get(str(budget_pct), {}).get(key)
     if not run or run.get("returncode") != 0 or not Path(run.get("model", "")).is_file() or run.get("reprune"):
         return None
     return {**run, "stand_in": f"the penalty step's `{key}` run of `--student {name}` (its --sets restate hwkd's "
             f"defaults{'' if key == 'mask' else ', penalty off'}: the same computation)"}  # fmt: skip
+
+
+def restates_defaults(extra: list[str]) -> bool:
+    """Whether ``--set`` arguments make hwkd's default recipe (each sets a key to its default value)."""
+    from hwkd.cli import parse_sets
+    from hwkd.config import PipelineConfig
+
+    sets = [a for a in extra if a != "--set"]
+    return PipelineConfig.from_dict(parse_sets(sets)) == PipelineConfig()
 
 
 def peer_kept(earlier: dict | None, ratio: float, epochs: int, *, retrain: bool, reuse: bool) -> bool:

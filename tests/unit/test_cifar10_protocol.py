@@ -678,6 +678,8 @@ def test_the_hw_step_shares_one_peer_between_budgets_of_one_ratio_and_skips_budg
     on15, off15 = out["hw"]["budgets"]["15"]["hwkd_penalty_on"], out["hw"]["budgets"]["15"]["hwkd_penalty_off"]
     assert "`mask` run of `--student mobilenetv2`" in on15["stand_in"] and off15["final"]["accuracy"] == 0.77
     assert "| 15% | 80.00% / – (stand-in †) | 77.00% / – (stand-in †) |" in "\n".join(report.hw_section(out, tmp_path / "p.png"))
+    assert cifar10.restates_defaults(dict(cifar10.PENALTY_ARMS)["mask"])  # what lets the mask run stand in
+    assert not cifar10.restates_defaults(cifar10.COST_TARGET) and not cifar10.restates_defaults(["--set", "distill.epochs=3"])
     # a re-pruned row is not the same computation, and another student's step is not the default student's
     out["penalty"]["mobilenetv2"]["budgets"]["15"]["mask"] = {**pen_run, "reprune": {"before": {}}}
     cifar10.step_hw(stand, {**cifar10.PROTOCOLS["full"], "budgets": [15]}, tmp_path, tmp_path / "t.pt", out)
