@@ -386,12 +386,14 @@ def step_kd(args, proto, split_dir, teacher_pt, out: dict) -> None:
         if not todo:
             log(f"kd seed {seed}: every method already in the results")
             continue
+        ckpt = kd_checkpoint(args, "kd", seed, proto["kd_epochs"], todo)
         new = kd.run_seed(sets["train"], sets["val"], sets["test"], teacher, student_fn, seed=seed,
-                          epochs=proto["kd_epochs"], lr=proto["kd_lr"], methods=todo, log=log)  # fmt: skip
+                          epochs=proto["kd_epochs"], lr=proto["kd_lr"], methods=todo, log=log, checkpoint=ckpt)  # fmt: skip
         done[seed] = {**done.get(seed, {}), **new}
         recipes = {**(out.get("kd") or {}).get("recipes", {}), **methods}
         out["kd"] = kd.rebuild({**fixed, "recipes": recipes, "wall_s": round(wall + time.time() - t0, 1)}, done)
         save(args, out)  # merges the runs another kd invocation saved meanwhile (merged_with_disk)
+        ckpt.unlink(missing_ok=True)  # its results are saved
 
 
 def step_plateau(args, proto, split_dir, teacher_pt, out: dict) -> None:
@@ -410,17 +412,23 @@ def step_plateau(args, proto, split_dir, teacher_pt, out: dict) -> None:
         if not todo:
             log(f"plateau seed {seed}: every method already in the results")
             continue
-        t0 = time.time()
+        ckpt = kd_checkpoint(args, "plateau", seed, epochs, todo)
         res = kd.run_seed(sets["train"], sets["val"], sets["test"], load_teacher(teacher_pt),
                           kd.student_factory(*proto["student"]), seed=seed, epochs=epochs, lr=proto["kd_lr"],
-                          methods=todo, log=log)  # fmt: skip
-        wall = round(time.time() - t0, 1)
+                          methods=todo, log=log, checkpoint=ckpt)  # fmt: skip
         for name, r in res.items():
             earlier[name] = {"test_accuracy": r["test_accuracy"], "recipe": todo[name],
                              "val_curve": [round(h["val_accuracy"], 4) for h in r["history"]],
-                             "plateau_epoch": kd.plateau_epoch(r["history"]), "wall_s": wall,
+                             "plateau_epoch": kd.plateau_epoch(r["history"]), "wall_s": r["wall_s"],
                              "augmentation_rng": r["augmentation_rng"]}  # fmt: skip
         save(args, out)  # merges the seeds another plateau invocation saved meanwhile (merged_with_disk)
+        ckpt.unlink(missing_ok=True)  # its results are saved
+
+
+def kd_checkpoint(args, step: str, seed: int, epochs: int, methods: dict[str, dict]) -> Path:
+    """Where the kd / plateau step keeps a seed's training between epochs (beside the runs, so it
+    outlives a session's processes as the run folders do)."""
+    return kd.checkpoint_path(args.runs, f"{step}_quick" if args.quick else step, seed, epochs, methods)
 
 
 def plateau_seed_runs(entry: dict | None, epochs: int) -> dict[str, dict]:

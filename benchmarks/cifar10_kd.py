@@ -12,14 +12,18 @@ with the teacher's CIFAR augmentation (random crop 32 pad 4 + flip).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from hwkd.artifacts import atomic_path
 from hwkd.config import DistillConfig, TrainConfig
 from hwkd.kd.losses import make_kd_loss
 from hwkd.kd.schedules import KDSchedule
@@ -107,8 +111,15 @@ def evaluate(model, data, batch_size: int = 500) -> tuple[float, float]:
 
 
 def run_seed(train_set, val_set, test_set, teacher, student_fn: Callable, *, seed: int, epochs: int, lr: float,
-             methods: dict[str, dict], batch_size: int = 128, log: Callable[[str], None] = print) -> dict:  # fmt: skip
-    """Train every method of ``methods`` for one seed in lockstep; return {name: results}."""
+             methods: dict[str, dict], batch_size: int = 128, log: Callable[[str], None] = print,
+             checkpoint: Path | None = None) -> dict:  # fmt: skip
+    """Train every method of ``methods`` for one seed in lockstep; return {name: results}.
+
+    With ``checkpoint``, the state after each epoch (students, adapters, optimizers, histories, the
+    shuffle, augmentation and global generators) is written there atomically, and a run whose checkpoint
+    matches (same seed, epochs, lr, batch, methods, data size) goes on from its last epoch: a 40-epoch
+    table is longer than a session, and a resumed run trains exactly as an uninterrupted one.
+    """
     train_cfg = TrainConfig(batch_size=batch_size)
     example = torch.stack([val_set[i][0] for i in range(2)])
     runs = [Run(n, o, student_fn, teacher, example, epochs, lr, seed, train_cfg) for n, o in methods.items()]
@@ -116,10 +127,13 @@ def run_seed(train_set, val_set, test_set, teacher, student_fn: Callable, *, see
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True, generator=gen)
     augmentation = AugmentationStream(seed)  # the same batches whatever methods run beside each other
     n_batches = len(loader)
-    total, step = epochs * n_batches, 0
+    key = checkpoint_key(seed, epochs, lr, batch_size, methods, len(train_set))
+    start, wall_before = resume(checkpoint, key, runs, gen, augmentation, log) if checkpoint else (0, 0.0)
+    started = time.time()
+    total, step = epochs * n_batches, start * n_batches
     needs_teacher_pass = any(r.cfg.kd != "none" for r in runs)  # also fills the feature taps; CE alone skips it
     teacher.eval()
-    for epoch in range(epochs):
+    for epoch in range(start, epochs):
         t0 = time.time()
         logged = {r.name: r.on_start(epoch) for r in runs}
         sums: dict[str, dict[str, float]] = {r.name: {} for r in runs}
@@ -152,13 +166,64 @@ def run_seed(train_set, val_set, test_set, teacher, student_fn: Callable, *, see
             r.history.append(row)
         accs = " ".join(f"{r.name}={100 * r.history[-1]['val_accuracy']:.1f}" for r in runs)
         log(f"kd seed {seed} epoch {epoch + 1}/{epochs} ({dt:.0f}s, {seen * len(runs) / dt:.0f} student img/s): {accs}")
+        if checkpoint:
+            save_checkpoint(checkpoint, key, epoch + 1, wall_before + time.time() - started, runs, gen, augmentation)
     out = {}
     for r in runs:
         r.kd.detach()
         test_acc, _ = evaluate(r.student, test_set)
         out[r.name] = {"test_accuracy": test_acc, "val_accuracy": r.history[-1]["val_accuracy"], "history": r.history,
-                       "augmentation_rng": "own"}  # runs without it drew from the global stream (before stop 24)
+                       "augmentation_rng": "own",  # runs without it drew from the global stream (before stop 24)
+                       "wall_s": round(wall_before + time.time() - started, 1)}  # every invocation's, if resumed
     return out
+
+
+def checkpoint_key(seed: int, epochs: int, lr: float, batch_size: int, methods: dict[str, dict], n_train: int) -> str:
+    """What a checkpoint must match to be resumed: everything that decides the training."""
+    return json.dumps({"seed": seed, "epochs": epochs, "lr": lr, "batch_size": batch_size, "n_train": n_train,
+                       "methods": methods}, sort_keys=True, default=list)  # fmt: skip
+
+
+def checkpoint_path(folder: Path, step: str, seed: int, epochs: int, methods: dict[str, dict]) -> Path:
+    """One file per (step, seed, epochs, method set), so invocations training other methods keep theirs."""
+    digest = hashlib.sha256(json.dumps(methods, sort_keys=True, default=list).encode()).hexdigest()[:10]
+    return Path(folder) / f"{step}_e{epochs}_seed{seed}_{digest}.ckpt.pt"
+
+
+def save_checkpoint(path: Path, key: str, epochs_done: int, wall_s: float, runs: list[Run], gen: torch.Generator,
+                    augmentation: AugmentationStream) -> None:  # fmt: skip
+    state = {"key": key, "epochs_done": epochs_done, "wall_s": wall_s, "shuffle": gen.get_state(), "augmentation": augmentation.state,
+             "global": torch.get_rng_state(),  # a student with dropout would draw from it (the zoo's have none)
+             "runs": {r.name: {"student": r.student.state_dict(), "optimizer": r.opt.state_dict(), "history": r.history,
+                               "adapters": r.kd.adapters.state_dict() if r.kd.adapters is not None else None}
+                      for r in runs}}  # fmt: skip
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def resume(path: Path, key: str, runs: list[Run], gen: torch.Generator, augmentation: AugmentationStream,
+           log) -> tuple[int, float]:  # fmt: skip
+    """Load ``path`` into the freshly built runs and generators: (epochs it had done, seconds they took); (0, 0) if none."""
+    if not Path(path).is_file():
+        return 0, 0.0
+    state = torch.load(path, weights_only=True)
+    if state["key"] != key:
+        log(f"kd checkpoint {path} is of another run (seed, epochs, lr, batch, methods or data differ): starting afresh")
+        return 0, 0.0
+    for r in runs:
+        saved = state["runs"][r.name]
+        r.student.load_state_dict(saved["student"])
+        if saved["adapters"] is not None:
+            r.kd.adapters.load_state_dict(saved["adapters"])
+        r.opt.load_state_dict(saved["optimizer"])
+        r.history = list(saved["history"])
+        for row in r.history:  # the schedule's hooks keep the validation losses they have seen
+            r.on_end(row)
+    gen.set_state(state["shuffle"])
+    augmentation.state = state["augmentation"]
+    torch.set_rng_state(state["global"])
+    log(f"kd: resumed from {path} after epoch {state['epochs_done']}")
+    return state["epochs_done"], state["wall_s"]
 
 
 def summarise(per_seed: list[dict]) -> dict:

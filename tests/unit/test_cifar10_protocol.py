@@ -353,6 +353,63 @@ def test_a_methods_run_does_not_depend_on_which_methods_ran_beside_it():
     assert alone(["student_alone"]) == alone(["student_alone", "fitnet"])
 
 
+def test_a_kd_run_stopped_between_epochs_goes_on_from_its_checkpoint_as_if_never_stopped(tmp_path):
+    """A 40-epoch KD table takes longer than a session's processes live: the run keeps a checkpoint after
+    each epoch, and the resumed run must train exactly as the uninterrupted one (the adaptive schedule's
+    validation losses, FitNets' adapters, the shuffle and augmentation streams all carried over)."""
+    import cifar10_kd as kd
+
+    class Jittered(torch.utils.data.Dataset):  # augments from torch's global generator, as transforms.v2 does
+        def __init__(self, n):
+            g = torch.Generator().manual_seed(1)
+            self.items = [(torch.randn(3, 32, 32, generator=g), i % 10) for i in range(n)]
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, i):
+            x, y = self.items[i]
+            return x + 0.5 * torch.randn_like(x), y
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_epoch_3(message):
+        if "epoch 3/4" in message:
+            raise Stop
+
+    data, teacher = Jittered(16), ZOO.get("resnet20")(10, 3).eval()
+    val = [(x, (y + 3) % 10) for x, y in data.items[:8]]  # its loss rises as the students fit: adaptive T reacts
+    methods = {n: kd.METHODS[n] for n in ("student_alone", "hinton_T_adaptive", "fitnet")}
+    ckpt = kd.checkpoint_path(tmp_path, "plateau", 0, 4, methods)
+
+    def train(log, checkpoint=None):
+        return kd.run_seed(data, val, val, teacher, kd.student_factory("mobilenetv2", 0.25), seed=0, epochs=4,
+                           lr=0.05, methods=methods, batch_size=8, log=log, checkpoint=checkpoint)  # fmt: skip
+
+    whole = train(lambda m: None)
+    with pytest.raises(Stop):
+        train(stop_at_epoch_3, ckpt)  # killed in epoch 3: the checkpoint holds epoch 2
+    assert ckpt.is_file()
+    logs = []
+    resumed = train(logs.append, ckpt)
+    assert any("resumed from" in m and "after epoch 2" in m for m in logs)
+    assert sum("epoch" in m and "/4" in m for m in logs) == 2  # epochs 3 and 4 only
+    temperatures = [r["temperature"] for r in whole["hinton_T_adaptive"]["history"]]
+    assert temperatures[2] > 4.0 + (1.0 - 4.0) * (2 / 4 - 0.3) / 0.7  # pulled back by a rise the resumed run must see
+    for name in methods:
+        assert [r["epoch"] for r in resumed[name]["history"]] == [1, 2, 3, 4]
+        assert resumed[name]["history"] == whole[name]["history"], name
+        assert resumed[name]["test_accuracy"] == whole[name]["test_accuracy"]
+    # another method set has a checkpoint of its own; a checkpoint of another run is not resumed
+    assert kd.checkpoint_path(tmp_path, "plateau", 0, 4, {"rkd": kd.METHODS["rkd"]}) != ckpt
+    logs.clear()
+    other = kd.run_seed(data, val, val, teacher, kd.student_factory("mobilenetv2", 0.25), seed=0, epochs=4, lr=0.1,
+                        methods=methods, batch_size=8, log=logs.append, checkpoint=ckpt)  # fmt: skip
+    assert any("another run" in m for m in logs) and sum("/4" in m for m in logs) == 4  # every epoch, afresh
+    assert [r["epoch"] for r in other["fitnet"]["history"]] == [1, 2, 3, 4]
+
+
 def test_two_kd_invocations_at_once_add_their_seeds_to_each_other():
     import cifar10
     import cifar10_kd as kd
