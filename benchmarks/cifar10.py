@@ -637,7 +637,8 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
 
 def without_timing(peer_row: dict) -> dict:
     """A peer's record without what belongs to its budget's row (re-timing, budget, sharing), to share it."""
-    return {k: v for k, v in peer_row.items() if k not in ("paired_p50_ms", "paired_p50_timed_at", "budget_ms", "same_as")}
+    return {k: v for k, v in peer_row.items()
+            if k not in ("paired_p50_ms", "paired_p50_timed_at", "paired_threads", "budget_ms", "same_as")}  # fmt: skip
 
 
 def hw_arms(args) -> list[tuple[str, list[str]]]:
@@ -724,13 +725,15 @@ def time_together(budgets: dict, finals: dict[tuple[str, str], Path], rounds: in
     # in all (200 a round, 10 ms for a 0.05 ms final) at every core: two byte-identical finals timed 0.042 and 0.051
     # ms in the same rounds, where 1 thread and 0.5 s a round put them 0.6% apart (docs/cifar10-results.md, stop 40)
     stats = bench.measure(list(dict.fromkeys(finals.values())), iterations=TIMING_RUNS_PER_ROUND * rounds, warmup=50,
-                          rounds=rounds, threads=1)  # fmt: skip
+                          rounds=rounds, threads=TIMING_THREADS)  # fmt: skip
     when = time.strftime("%Y-%m-%dT%H:%M")  # rows timed at another time are not comparable with these
     for (b, key), path in finals.items():
-        budgets[b][key].update(paired_p50_ms=stats[Path(path)].p50, paired_p50_timed_at=when)
+        budgets[b][key].update(paired_p50_ms=stats[Path(path)].p50, paired_p50_timed_at=when,
+                               paired_threads=TIMING_THREADS)  # fmt: skip
 
 
 TIMING_RUNS_PER_ROUND = 2000  # the paired timings of final models and of the peer grid, each at 1 thread
+TIMING_THREADS = 1  # recorded with each paired p50 (rows timed before stop 40 ran at every core and carry none)
 
 _SAVE_LOCK = threading.RLock()  # save() runs from the hw and penalty steps' threads too
 

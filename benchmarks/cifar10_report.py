@@ -400,6 +400,15 @@ def student_penalty_section(pen: dict) -> list[str]:
     return [*lines, "", "Commands:", "", *(f"    {c}" for c in commands), ""]
 
 
+def timing_threads(threads: set) -> str:
+    """How the plotted p50s were timed: rows timed before stop 40 ran at every core and record no thread count."""
+    if threads == {1}:
+        return "1 thread"
+    if len(threads) == 1 and None not in threads:
+        return f"{threads.pop()} threads"
+    return "thread counts differ or not recorded"
+
+
 def plot_pareto(r: dict, path: Path) -> None:
     hw = r.get("hw")
     if not hw or not hw.get("budgets"):
@@ -409,6 +418,7 @@ def plot_pareto(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    threads: set = set()  # of the timings plotted
     series: dict[str, list[tuple[float, float, str]]] = {"hwkd (penalty on)": [], "hwkd (penalty off)": [],
                                                          "peer (to hwkd's latency)": [], "peer (to the budget)": []}
     keys = (("hwkd (penalty on)", "hwkd_penalty_on"), ("hwkd (penalty off)", "hwkd_penalty_off"),
@@ -419,6 +429,7 @@ def plot_pareto(r: dict, path: Path) -> None:
             if x and x.get("paired_p50_ms") is not None:
                 acc = x["final"]["accuracy"] if "final" in x else x["accuracy"]
                 series[label].append((x["paired_p50_ms"], 100 * acc, f"{b}%"))
+                threads.add(x.get("paired_threads"))
     if not any(series.values()):
         return
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -428,7 +439,7 @@ def plot_pareto(r: dict, path: Path) -> None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
             for (x, y), names in point_labels(pts).items():
                 ax.annotate(names, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("measured p50 latency, ms (onnxruntime, batch 1, this host)")
+    ax.set_xlabel(f"measured p50 latency, ms (onnxruntime, batch 1, {timing_threads(threads)}, this host)")
     ax.set_ylabel("test accuracy, %")
     ax.set_title(f"CIFAR-10, {r['meta']['protocol']} protocol: accuracy vs latency")
     ax.grid(alpha=0.3)

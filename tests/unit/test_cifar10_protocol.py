@@ -748,6 +748,7 @@ def test_the_hw_step_shares_one_peer_between_budgets_of_one_ratio_and_skips_budg
 def test_final_models_are_timed_together_at_one_thread_with_thousands_of_runs_a_round(tmp_path, monkeypatch):
     """Stop 40: 1,000 runs in all (200 a round) at every core timed two byte-identical finals 0.042 and 0.051 ms."""
     import cifar10
+    import cifar10_report as report
 
     from hwkd.onnx import bench
 
@@ -763,4 +764,6 @@ def test_final_models_are_timed_together_at_one_thread_with_thousands_of_runs_a_
     cifar10.time_together(budgets, {("10", "on"): a, ("10", "off"): b, ("10", "peer"): a}, rounds=5)
     assert seen["paths"] == [a, b] and seen["threads"] == 1 and seen["rounds"] == 5
     assert seen["iterations"] / seen["rounds"] >= 2000  # runs a round, after measure splits them
-    assert budgets["10"]["peer"]["paired_p50_ms"] == 0.05
+    assert budgets["10"]["peer"]["paired_p50_ms"] == 0.05 and budgets["10"]["peer"]["paired_threads"] == 1
+    assert report.timing_threads({1}) == "1 thread" and report.timing_threads({2}) == "2 threads"  # the plot's x-label
+    assert report.timing_threads({1, None}) == "thread counts differ or not recorded"  # a pre-stop-40 row beside
