@@ -387,8 +387,10 @@ def step_kd(args, proto, split_dir, teacher_pt, out: dict) -> None:
             log(f"kd seed {seed}: every method already in the results")
             continue
         ckpt = kd_checkpoint(args, "kd", seed, proto["kd_epochs"], todo)
+        seed_t0 = time.time()
         new = kd.run_seed(sets["train"], sets["val"], sets["test"], teacher, student_fn, seed=seed,
                           epochs=proto["kd_epochs"], lr=proto["kd_lr"], methods=todo, log=log, checkpoint=ckpt)  # fmt: skip
+        wall += max(0.0, max(r["wall_s"] for r in new.values()) - (time.time() - seed_t0))  # a resumed run's earlier part
         done[seed] = {**done.get(seed, {}), **new}
         recipes = {**(out.get("kd") or {}).get("recipes", {}), **methods}
         out["kd"] = kd.rebuild({**fixed, "recipes": recipes, "wall_s": round(wall + time.time() - t0, 1)}, done)

@@ -410,6 +410,38 @@ def test_a_kd_run_stopped_between_epochs_goes_on_from_its_checkpoint_as_if_never
     assert [r["epoch"] for r in other["fitnet"]["history"]] == [1, 2, 3, 4]
 
 
+def test_the_plateau_step_trains_with_a_checkpoint_beside_the_runs_and_drops_it_once_saved(tmp_path, monkeypatch):
+    """The step's side of resuming: one checkpoint per seed and method set under the runs folder, handed to
+    run_seed, removed only after the results are saved; a resumed run's wall time counts every invocation."""
+    import argparse
+
+    import cifar10
+    import cifar10_kd as kd
+
+    monkeypatch.setattr(cifar10, "load_sets", lambda split: {"train": [], "val": [], "test": []})
+    monkeypatch.setattr(cifar10, "load_teacher", lambda pt: None)
+    seen, saved = [], []
+
+    def fake_run_seed(*a, methods, checkpoint, seed, **k):
+        seen.append((seed, sorted(methods), checkpoint))
+        checkpoint.write_bytes(b"epochs so far")
+        hist = [{"val_accuracy": 0.5}]
+        return {n: {"test_accuracy": 0.8, "history": hist, "augmentation_rng": "own", "wall_s": 5000.0} for n in methods}
+
+    monkeypatch.setattr(kd, "run_seed", fake_run_seed)
+    monkeypatch.setattr(cifar10, "save", lambda args, out: saved.append([c.is_file() for _, _, c in seen]))
+    args = argparse.Namespace(plateau_epochs=None, plateau_methods="dkd,rkd", runs=tmp_path, quick=False)
+    earlier = {"epochs": 40, "student": ["mobilenetv2", 1.0], "seeds": {"0": {"student_alone": {"test_accuracy": 0.7}}}}
+    out = {"plateau": earlier}
+    cifar10.step_plateau(args, {**cifar10.PROTOCOLS["full"], "plateau_seeds": [0]}, tmp_path, tmp_path / "t.pt", out)
+    (seed, methods, ckpt), = seen
+    assert seed == 0 and methods == ["dkd", "rkd"]  # the student alone of seed 0 is kept, not trained again
+    assert ckpt == kd.checkpoint_path(tmp_path, "plateau", 0, 40, {m: kd.METHODS[m] for m in methods})
+    assert saved == [[True]] and not ckpt.exists()  # still there while saving, gone after
+    assert out["plateau"]["seeds"]["0"]["dkd"]["wall_s"] == 5000.0  # the run's own, resumed parts included
+    assert out["plateau"]["seeds"]["0"]["student_alone"] == {"test_accuracy": 0.7}
+
+
 def test_two_kd_invocations_at_once_add_their_seeds_to_each_other():
     import cifar10
     import cifar10_kd as kd
