@@ -73,10 +73,10 @@ class DistillConfig:
     # What the penalty shrinks: "cost" = every channel's BN scale weighted by its device cost (MorphNet);
     # "plan" = only the channels the pruner would remove now to meet the budget, re-planned as it trains;
     # "mask" = those channels held at zero (BN scale and shift), so the student trains as the pruned network.
-    # Default "mask" from 30% of distillation on: on CIFAR-10 it beat penalty-off at both binding budgets (+1.17 at
-    # 15%, 3 seeds; +1.74 at 30%, 2 seeds; every seed by >= +0.88) and "cost" at 30% (+0.90) and in the jetson
-    # pipeline (+0.84), level with it at 15% (+0.08), with fewer epochs; the "cost" arm was measured with
-    # penalty_start 0 (docs/decisions-issue14.md, stops 38-40).
+    # Default "mask" from 30% of distillation on: on CIFAR-10 it beat penalty-off at both binding budgets (+0.97 at
+    # 15%, 4 seeds; +1.74 at 30%, 2 seeds; every seed ahead, five of six by >= +0.88, one by +0.36) and "cost" at
+    # 30% (+0.90) and in the jetson pipeline (+0.84), level with it at 15% (+0.08), with fewer epochs; the "cost"
+    # arm was measured with penalty_start 0 (docs/decisions-issue14.md, stops 38-41).
     penalty_target: str = "mask"
     penalty_start: float = 0.3  # fraction of distillation before the penalty starts (0 = from the first step)
     temperature_schedule: str = "adaptive"  # constant | linear | adaptive | multi (see hwkd.kd.schedules)

@@ -29,9 +29,10 @@ zeroed because a scale alone leaves the shift, a constant pruning would drop; a 
 exactly zero, so pruning it changes nothing. (On the CIFAR-10 student the cost of pruning came from live
 channels the plan missed, not from shifts: docs/decisions-issue14.md, stop 36.) The term it adds to the
 loss is 0; ``penalty_weight > 0`` only switches it on. It is hwkd's default target (from 30% of
-distillation): on CIFAR-10 it was above penalty-off + 0.5 points on every seed at both binding budgets (so was
-``cost`` on the mean, with more epochs), ahead of ``cost`` at 30% and in the jetson pipeline and level with it at
-15%, and it trains the fewest epochs (docs/decisions-issue14.md, stops 38-40).
+distillation): on CIFAR-10 it was above penalty-off + 0.5 points on the mean at both binding budgets and ahead of
+it on every seed (on one of six by less than 0.5; so was ``cost`` on the mean, with more epochs), ahead of ``cost``
+at 30% and in the jetson pipeline and level with it at 15%, and it trains the fewest epochs
+(docs/decisions-issue14.md, stops 38-41).
 """
 
 from __future__ import annotations
