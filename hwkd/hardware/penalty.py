@@ -30,8 +30,8 @@ exactly zero, so pruning it changes nothing. (On the CIFAR-10 student the cost o
 channels the plan missed, not from shifts: docs/decisions-issue14.md, stop 36.) The term it adds to the
 loss is 0; ``penalty_weight > 0`` only switches it on. It is hwkd's default target (from 30% of
 distillation): on CIFAR-10 it was above penalty-off + 0.5 points on the mean at both binding budgets and ahead of
-it on every seed (on one of six by less than 0.5; so was ``cost`` on the mean, with more epochs), ahead of ``cost``
-at 30% and in the jetson pipeline and level with it at 15%, and it trains the fewest epochs
+it on every seed (by less than 0.5 on one of six); ``cost`` was above off + 0.5 on the mean too, with more epochs.
+Mask is ahead of ``cost`` at 30% and in the jetson pipeline, level with it at 15%, and trains the fewest epochs
 (docs/decisions-issue14.md, stops 38-41).
 """
 
