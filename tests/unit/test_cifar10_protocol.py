@@ -324,23 +324,26 @@ def test_the_student_alone_trains_without_a_teacher_pass_and_its_plateau_is_repo
     assert report.plateau_section({}) == []
 
 
+class Jittered(torch.utils.data.Dataset):
+    """n fixed random images that augment from torch's global generator, as transforms.v2 does."""
+
+    def __init__(self, n):
+        g = torch.Generator().manual_seed(1)
+        self.items = [(torch.randn(3, 32, 32, generator=g), i % 10) for i in range(n)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        x, y = self.items[i]
+        return x + 0.5 * torch.randn_like(x), y
+
+
 def test_a_methods_run_does_not_depend_on_which_methods_ran_beside_it():
     """Stop 23: the student alone scored 2.5 points apart at the same seed in two invocations, because the
     augmentation drew from the global generator after every method's student (and FitNets' adapters) was
     built. The augmentation now has a stream of its own."""
     import cifar10_kd as kd
-
-    class Jittered(torch.utils.data.Dataset):  # augments from torch's global generator, as transforms.v2 does
-        def __init__(self, n):
-            g = torch.Generator().manual_seed(1)
-            self.items = [(torch.randn(3, 32, 32, generator=g), i % 10) for i in range(n)]
-
-        def __len__(self):
-            return len(self.items)
-
-        def __getitem__(self, i):
-            x, y = self.items[i]
-            return x + 0.5 * torch.randn_like(x), y
 
     data, teacher = Jittered(16), ZOO.get("resnet20")(10, 3).eval()
 
@@ -358,18 +361,6 @@ def test_a_kd_run_stopped_between_epochs_goes_on_from_its_checkpoint_as_if_never
     each epoch, and the resumed run must train exactly as the uninterrupted one (the adaptive schedule's
     validation losses, FitNets' adapters, the shuffle and augmentation streams all carried over)."""
     import cifar10_kd as kd
-
-    class Jittered(torch.utils.data.Dataset):  # augments from torch's global generator, as transforms.v2 does
-        def __init__(self, n):
-            g = torch.Generator().manual_seed(1)
-            self.items = [(torch.randn(3, 32, 32, generator=g), i % 10) for i in range(n)]
-
-        def __len__(self):
-            return len(self.items)
-
-        def __getitem__(self, i):
-            x, y = self.items[i]
-            return x + 0.5 * torch.randn_like(x), y
 
     class Stop(Exception):
         pass
