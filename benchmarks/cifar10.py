@@ -573,7 +573,7 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
     log(f"peer: timing the uniform-pruning grid (step {proto['grid_step']}) with {len(targets)} hwkd models")
     ratios = tuple(round(proto["grid_step"] * i, 2) for i in range(round(0.95 / proto["grid_step"]) + 1))
     grid = peer.latency_grid(teacher, example, calibration, args.runs / "peer_grid", targets, proto["bench_rounds"],
-                             ratios, runs_per_round=TIMING_RUNS_PER_ROUND // 4)  # fmt: skip
+                             ratios, runs_per_round=TIMING_RUNS_PER_ROUND // 4, threads=TIMING_THREADS)  # fmt: skip
     hw["peer_grid_ms"] = {f"{r:.2f}": ms for r, ms in grid["grid"].items()}
     log("peer grid, INT8 p50 ms by ratio: " + ", ".join(f"{r:.2f} {ms:.3f}" for r, ms in grid["grid"].items()))
     finals = {}

@@ -703,7 +703,7 @@ def test_the_hw_step_shares_one_peer_between_budgets_of_one_ratio_and_skips_budg
     monkeypatch.setattr(cifar10, "load_teacher", lambda pt: torch.nn.Identity())
     monkeypatch.setattr(cifar10.teacher_mod, "DecodedFolder", lambda *a, **k: [])
     monkeypatch.setattr(cifar10.peer, "calibration_images", lambda data: [])
-    monkeypatch.setattr(cifar10.peer, "latency_grid", lambda teacher, ex, cal, work, targets, rounds, ratios, runs_per_round: {
+    monkeypatch.setattr(cifar10.peer, "latency_grid", lambda teacher, ex, cal, work, targets, rounds, ratios, runs_per_round, threads: {
         "grid": {0.0: 1.0, 0.5: 0.5, 0.9: 0.2}, "targets": {k: 0.05 for k in targets}})  # fmt: skip
     monkeypatch.setattr(cifar10.peer, "prune_uniform", lambda teacher, ratio, ex: ratio)
     monkeypatch.setattr(cifar10.peer, "fine_tune", lambda m, data, epochs: trained.append(m) or [])
