@@ -457,7 +457,7 @@ def plot_pareto(r: dict, path: Path) -> None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
             for (x, y), names in point_labels(pts).items():
                 ax.annotate(names, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel(f"measured p50 latency, ms (onnxruntime, batch 1, {timing_threads(threads)}, this host)")
+    ax.set_xlabel(f"measured p50 latency, ms\n(onnxruntime, batch 1, {timing_threads(threads)}, this host)")
     ax.set_ylabel("test accuracy, %")
     ax.set_title(f"CIFAR-10, {r['meta']['protocol']} protocol: accuracy vs latency")
     ax.grid(alpha=0.3)
