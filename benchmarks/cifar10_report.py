@@ -181,8 +181,8 @@ def plateau_section(r: dict) -> list[str]:
         images = r.get("split", {}).get("counts", {}).get("test")
         image = f"; one test image is {100 / images:.2f}" if images else ""
         lines += [f"Adaptive T minus fixed T=4, paired by seed: **{paired[0]:+.2f} points** (per seed "
-                  f"{', '.join(f'{d:+.2f}' for d in paired[1])}{image}); on val after the last epoch "
-                  f"{paired_val[0]:+.2f} (per seed {', '.join(f'{d:+.2f}' for d in paired_val[1])}).", ""]  # fmt: skip
+                  f"{_signed(paired[1])}{image}); on val after the last epoch "
+                  f"{paired_val[0]:+.2f} (per seed {_signed(paired_val[1])}).", ""]  # fmt: skip
     lines += [f"Val accuracy per epoch, {name}, seed {seed}: {run['val_curve']}."
               for seed, runs in seeds.items() for name, run in runs.items()]  # fmt: skip
     return [*lines, ""]
@@ -223,7 +223,12 @@ def paired_difference(seeds: dict[str, dict], a: str, b: str, split: str = "test
 
 def _gain(gains: list[float]) -> str:
     """A mean gain in points with its per-seed values, or a dash where no seed has both runs."""
-    return f"{sum(gains) / len(gains):+.2f} (per seed {', '.join(f'{g:+.2f}' for g in gains)})" if gains else "–"
+    return f"{sum(gains) / len(gains):+.2f} (per seed {_signed(gains)})" if gains else "–"
+
+
+def _signed(points: list[float]) -> str:
+    """Per-seed differences in points, signed, comma-separated: "+1.44, -0.12"."""
+    return ", ".join(f"{d:+.2f}" for d in points)
 
 
 def budgets_in_order(budgets: dict) -> list[tuple[str, dict]]:
@@ -402,7 +407,7 @@ def student_penalty_section(pen: dict) -> list[str]:
                      if a == arm != "off" and ("off", s) in ok]  # by seed
             if len(diffs) > 1:
                 means.append(f"{b}% {arm} − off: mean {sum(diffs) / len(diffs):+.2f} over {len(diffs)} seeds "
-                             f"({', '.join(f'{d:+.2f}' for d in diffs)})")  # fmt: skip
+                             f"({_signed(diffs)})")  # fmt: skip
     if means:
         lines += ["", "Paired by seed: " + "; ".join(means) + "."]
     if repruned:
