@@ -303,9 +303,9 @@ def test_the_student_alone_trains_without_a_teacher_pass_and_its_plateau_is_repo
     one_seed = {"epochs": 40, "seed": 0, "student": first["student"], "runs": seeds["0"]}  # stops 24-29's layout
     assert cifar10.plateau_seed_runs(one_seed, 40) == seeds
     text = "\n".join(report.plateau_section({"plateau": one_seed}))
-    assert "| student_alone | 0 | 80.00% | – | 80.00% | – | 3 | 60 s |" in text
-    assert "| hinton_T_adaptive | 0 | 83.00% | +3.00 | 80.00% | +0.00 | not within 40 | 60 s |" in text
-    assert "mean" not in text  # one seed has no mean row
+    assert "| student_alone | 0 | 80.00% | – | 80.00% | – | – | 3 | 60 s |" in text
+    assert "| hinton_T_adaptive | 0 | 83.00% | +3.00 | 80.00% | +0.00 | +1.50 | not within 40 | 60 s |" in text
+    assert ", mean**" not in text  # one seed has no mean row
     # a second seed, saved by another invocation at the same time, is merged, not overwritten
     alone1 = {**seeds["0"]["student_alone"], "test_accuracy": 0.81}
     mine = {"epochs": 40, "student": first["student"], "seeds": {"1": {"student_alone": alone1,
@@ -314,14 +314,15 @@ def test_the_student_alone_trains_without_a_teacher_pass_and_its_plateau_is_repo
     merged = cifar10.merged_with_disk({"plateau": one_seed, "meta": meta}, {"plateau": mine, "meta": meta}, ["plateau"])
     assert sorted(merged["plateau"]["seeds"]) == ["0", "1"]
     text = "\n".join(report.plateau_section(merged))
-    assert "| **hinton_T_adaptive, mean** | 2 seeds | 82.50% | +2.00 (per seed +3.00, +1.00) | 80.50% | +0.50 (per seed +0.00, +1.00) | | |" in text
-    assert "| **student_alone, mean** | 2 seeds | 80.50% | – | 80.00% | – | | |" in text
-    assert "minus fixed T=4" not in text  # no seed ran both
+    assert ("| **hinton_T_adaptive, mean** | 2 seeds | 82.50% | +2.00 (per seed +3.00, +1.00) | 80.50% | "
+            "+0.50 (per seed +0.00, +1.00) | +1.25 (per seed +1.50, +1.00) | | |") in text
+    assert "| **student_alone, mean** | 2 seeds | 80.50% | – | 80.00% | – | – | | |" in text
+    assert "adaptive T minus" not in text  # no other KD method ran
     merged["plateau"]["seeds"]["1"]["hinton_T4"] = {**alone1, "test_accuracy": 0.8250}
     merged["split"] = {"counts": {"test": 2500}}
     text = "\n".join(report.plateau_section(merged))
-    assert ("Adaptive T minus fixed T=4, paired by seed: **-0.50 points** (per seed -0.50; one test image is 0.04); "
-            "on val after the last epoch +1.00 (per seed +1.00).") in text
+    assert "paired by seed (points; positive: the default ahead). One test image is 0.04 point." in text
+    assert "| hinton_T4 | -0.50 (per seed -0.50) | +1.00 (per seed +1.00) | +0.25 (per seed +0.25) |" in text
     assert report.plateau_section({}) == []
 
 
