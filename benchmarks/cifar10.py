@@ -184,6 +184,8 @@ def hwkd_compress(args, proto: dict, split_dir: Path, teacher_pt: Path, profile:
     cmd = [sys.executable, "-m", "hwkd", "compress", "--profile", profile, "--data", str(split_dir),
            "--teacher", str(teacher_pt), "--teacher-arch", teacher_mod.ARCH, *MEAN_STD,
            "--out", str(run_dir), "--overwrite", "--json", *extra]  # fmt: skip
+    if getattr(args, "device", None):  # only when asked: earlier runs' commands (reuse, resume) stay as they were
+        cmd += ["--device", args.device]
     for s in proto["hwkd_sets"]:
         cmd += ["--set", s]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
@@ -389,7 +391,8 @@ def step_kd(args, proto, split_dir, teacher_pt, out: dict) -> None:
         ckpt = kd_checkpoint(args, "kd", seed, proto["kd_epochs"], todo)
         seed_t0 = time.time()
         new = kd.run_seed(sets["train"], sets["val"], sets["test"], teacher, student_fn, seed=seed,
-                          epochs=proto["kd_epochs"], lr=proto["kd_lr"], methods=todo, log=log, checkpoint=ckpt)  # fmt: skip
+                          epochs=proto["kd_epochs"], lr=proto["kd_lr"], methods=todo, log=log, checkpoint=ckpt,
+                          device=training_device(args))  # fmt: skip
         wall += max(0.0, max(r["wall_s"] for r in new.values()) - (time.time() - seed_t0))  # a resumed run's earlier part
         done[seed] = {**done.get(seed, {}), **new}
         recipes = {**(out.get("kd") or {}).get("recipes", {}), **methods}
@@ -417,7 +420,7 @@ def step_plateau(args, proto, split_dir, teacher_pt, out: dict) -> None:
         ckpt = kd_checkpoint(args, "plateau", seed, epochs, todo)
         res = kd.run_seed(sets["train"], sets["val"], sets["test"], load_teacher(teacher_pt),
                           kd.student_factory(*proto["student"]), seed=seed, epochs=epochs, lr=proto["kd_lr"],
-                          methods=todo, log=log, checkpoint=ckpt)  # fmt: skip
+                          methods=todo, log=log, checkpoint=ckpt, device=training_device(args))  # fmt: skip
         for name, r in res.items():
             earlier[name] = {"test_accuracy": r["test_accuracy"], "recipe": todo[name],
                              "val_curve": [round(h["val_accuracy"], 4) for h in r["history"]],
@@ -425,6 +428,16 @@ def step_plateau(args, proto, split_dir, teacher_pt, out: dict) -> None:
                              "augmentation_rng": r["augmentation_rng"]}  # fmt: skip
         save(args, out)  # merges the seeds another plateau invocation saved meanwhile (merged_with_disk)
         ckpt.unlink(missing_ok=True)  # its results are saved
+
+
+def device_name(device: torch.device) -> str:
+    """``cpu``, or the GPU's name beside its index, for the results' host line."""
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+
+
+def training_device(args) -> torch.device:
+    """Where the kd and plateau steps train: ``--device`` (checked in ``main``), else CUDA when available."""
+    return getattr(args, "train_device", None) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def kd_checkpoint(args, step: str, seed: int, epochs: int, methods: dict[str, dict]) -> Path:
@@ -866,8 +879,18 @@ def main() -> int:
                          "on the current code from their distilled students, keeping distillation")
     ap.add_argument("--teacher-tag", default=None,
                     help="the committed teacher_resnet20_TAG.pt instead of teacher_resnet20.pt; results go to cifar10_TAG.*")
+    ap.add_argument("--device", default=None,
+                    help="auto|cpu|cuda|cuda:N: where the kd and plateau steps train (default auto: CUDA when "
+                         "available), and, when given, every hwkd compress run's --device (otherwise hwkd's own auto)")
     args = ap.parse_args()
     args.started = time.time()
+    from hwkd.accel import resolve_device
+    from hwkd.errors import ConfigError
+
+    try:
+        args.train_device = resolve_device(args.device)
+    except ConfigError as e:
+        ap.error(str(e))
     args.runs = args.work / f"teacher_{args.teacher_tag}" if args.teacher_tag else args.work  # run dirs, per teacher
     args.runs.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -910,8 +933,8 @@ def main() -> int:
     earlier = out.get("meta", {}).get("invocations", [])
     out["meta"] = {"protocol": proto_name, "settings": proto, "steps_run": steps, "host": host.host_info(),
                    "command": command, "invocations": [*earlier, {"command": command, "steps": steps,
-                   "started_utc": time.strftime("%H:%M:%S", time.gmtime())}],
-                   "torch": torch.__version__, "threads": args.threads,
+                   "started_utc": time.strftime("%H:%M:%S", time.gmtime()), "device": device_name(args.train_device)}],
+                   "torch": torch.__version__, "threads": args.threads, "device": device_name(args.train_device),
                    "step_wall_s": out.get("meta", {}).get("step_wall_s", {})}  # fmt: skip
     split_dir = step_split(args, proto, out)
     teacher_pt = step_teacher(args, proto, split_dir, out)

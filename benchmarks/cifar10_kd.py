@@ -99,10 +99,12 @@ class AugmentationStream:
 
 @torch.no_grad()
 def evaluate(model, data, batch_size: int = 500) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of ``model`` on a dataset of (x, y)."""
+    """(accuracy, mean cross-entropy) of ``model`` on a dataset of (x, y), on the device the model is on."""
     model.eval()
+    device = next(model.parameters()).device
     correct, loss, n = 0, 0.0, 0
     for x, y in DataLoader(data, batch_size=batch_size):
+        x, y = x.to(device), y.to(device)
         logits = model(x)
         correct += (logits.argmax(1) == y).sum().item()
         loss += F.cross_entropy(logits, y, reduction="sum").item()
@@ -112,17 +114,27 @@ def evaluate(model, data, batch_size: int = 500) -> tuple[float, float]:
 
 def run_seed(train_set, val_set, test_set, teacher, student_fn: Callable, *, seed: int, epochs: int, lr: float,
              methods: dict[str, dict], batch_size: int = 128, log: Callable[[str], None] = print,
-             checkpoint: Path | None = None) -> dict:  # fmt: skip
-    """Train every method of ``methods`` for one seed in lockstep; return {name: results}.
+             checkpoint: Path | None = None, device: torch.device | str = "cpu") -> dict:  # fmt: skip
+    """Train every method of ``methods`` for one seed in lockstep, on ``device``; return {name: results}.
 
     With ``checkpoint``, the state after each epoch (students, adapters, optimizers, histories, the
     shuffle, augmentation and global generators) is written there atomically, and a run whose checkpoint
     matches (same seed, epochs, lr, batch, methods, data size) goes on from its last epoch: a 40-epoch
-    table is longer than a session, and a resumed run trains exactly as an uninterrupted one.
+    table is longer than a session, and a resumed run trains exactly as an uninterrupted one (on the same
+    kind of device: a checkpoint loads on any, but CUDA and CPU kernels do not round alike).
+
+    Students, KD adapters and the teacher are built (and seeded) on the CPU, as on every device, then moved
+    to ``device``; the data are augmented on the CPU and each batch moved.
     """
+    device = torch.device(device)
     train_cfg = TrainConfig(batch_size=batch_size)
     example = torch.stack([val_set[i][0] for i in range(2)])
     runs = [Run(n, o, student_fn, teacher, example, epochs, lr, seed, train_cfg) for n, o in methods.items()]
+    teacher.to(device)
+    for r in runs:  # in place: the optimizers hold these very parameters
+        r.student.to(device)
+        if r.kd.adapters is not None:
+            r.kd.adapters.to(device)
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True, generator=gen)
     augmentation = AugmentationStream(seed)  # the same batches whatever methods run beside each other
@@ -141,6 +153,7 @@ def run_seed(train_set, val_set, test_set, teacher, student_fn: Callable, *, see
         for r in runs:
             r.student.train()
         for xb, yb in augmentation.batches(loader):
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             lr_now = lr_at(step, total, lr, n_batches)  # one warm-up epoch, as the distill stage
             with torch.no_grad():
                 t_logits = teacher(xb) if needs_teacher_pass else None
@@ -206,7 +219,7 @@ def resume(path: Path, key: str, runs: list[Run], gen: torch.Generator, augmenta
     """Load ``path`` into the freshly built runs and generators: (epochs it had done, seconds they took); (0, 0) if none."""
     if not Path(path).is_file():
         return 0, 0.0
-    state = torch.load(path, weights_only=True)
+    state = torch.load(path, weights_only=True, map_location="cpu")  # load_state_dict copies to each run's device
     if state["key"] != key:
         log(f"kd checkpoint {path} is of another run (seed, epochs, lr, batch, methods or data differ): starting afresh")
         return 0, 0.0

@@ -35,7 +35,8 @@ def header(r: dict) -> list[str]:
           or [f"    {meta['command']}"]),
         "",
         f"Host: {h.get('cpu')}, {h.get('usable_cores', '?')} cores (load average "
-        f"{h.get('load_average_1min')} at the start of the newest invocation), torch {meta['torch']}, {meta['threads']} torch thread(s). "
+        f"{h.get('load_average_1min')} at the start of the newest invocation), torch {meta['torch']}, {meta['threads']} torch thread(s)"
+        f"{', training on ' + meta['device'] if 'device' in meta else ''}. "
         "Latencies are onnxruntime p50 at batch 1 on this host, interleaved rounds; treat them as ratios.",
         "",
         "**Protocol.** Data: the 50,000 CIFAR-10 training JPEGs, split once (seed 14, stratified) into train "

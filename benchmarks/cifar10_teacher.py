@@ -62,15 +62,18 @@ def transforms(train: bool) -> v2.Transform:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset, batch: int = 500) -> float:
+    """Accuracy on ``data``, on the device the model is on."""
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
     for x, y in DataLoader(data, batch_size=batch):
-        correct += (model(x).argmax(1) == y).sum().item()
+        correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
     return correct / len(data)
 
 
 def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
+    device = args.train_device
     torch.manual_seed(args.seed)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -79,7 +82,7 @@ def train(args: argparse.Namespace) -> None:
     train_set = DecodedFolder(args.split / "train", transforms(True))
     val_set = DecodedFolder(args.split / "val", transforms(False))
     print(f"decoded {len(train_set)}+{len(val_set)} images in {time.time() - t0:.1f}s", flush=True)
-    model = ZOO.get(ARCH)(num_classes=len(train_set.classes), in_channels=3)
+    model = ZOO.get(ARCH)(num_classes=len(train_set.classes), in_channels=3).to(device)  # built on the CPU, as anywhere
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     gen = torch.Generator().manual_seed(args.seed)
     loader = DataLoader(train_set, batch_size=128, shuffle=True, drop_last=True, generator=gen)
@@ -88,7 +91,7 @@ def train(args: argparse.Namespace) -> None:
     sched = one_cycle(opt, args.lr, plan, steps, 0)
     ckpt = out / "last.pt"
     if args.resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
+        state = torch.load(ckpt, weights_only=True, map_location="cpu")  # load_state_dict copies to the device
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
@@ -107,6 +110,7 @@ def train(args: argparse.Namespace) -> None:
         model.train()
         t_ep, c_ep, seen, loss_sum = time.time(), time.process_time(), 0, 0.0
         for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -121,7 +125,8 @@ def train(args: argparse.Namespace) -> None:
         epoch += 1
         row = {"epoch": epoch, "train_loss": loss_sum / seen, "val_acc": val_acc,
                "epoch_s": round(dt, 1), "cpu_s": round(dc, 1), "images_per_s": round(seen / dt, 1),
-               "lr_end": sched.get_last_lr()[0], "plan": plan, "utc": time.strftime("%H:%M:%S", time.gmtime())}
+               "lr_end": sched.get_last_lr()[0], "plan": plan, "utc": time.strftime("%H:%M:%S", time.gmtime()),
+               "device": str(device)}
         history.append(row)
         if args.deadline and epoch < plan:  # shrink the plan to what fits before the deadline
             left = args.deadline - time.time() - 120
@@ -155,7 +160,7 @@ def one_cycle(opt, lr: float, epochs: int, steps: int, done: int):
 def finalise(args: argparse.Namespace) -> None:
     """Score the last checkpoint on val + test and write the committed teacher files."""
     torch.set_num_threads(args.threads)
-    state = torch.load(args.out / "last.pt", weights_only=True)
+    state = torch.load(args.out / "last.pt", weights_only=True, map_location="cpu")  # scored on the CPU
     val_set = DecodedFolder(args.split / "val", transforms(False))
     test_set = DecodedFolder(args.split / "test", transforms(False))
     model = ZOO.get(ARCH)(num_classes=len(val_set.classes), in_channels=3)
@@ -172,7 +177,9 @@ def finalise(args: argparse.Namespace) -> None:
                    "schedule": f"OneCycleLR max_lr {state['args']['lr']} pct_start 0.25 over planned epochs",
                    "augmentation": "RandomCrop(32, padding=4) + RandomHorizontalFlip (transforms.v2)",
                    "mean": MEAN, "std": STD, "seed": int(state["args"]["seed"]),
-                   "threads": int(state["args"]["threads"])},
+                   "threads": int(state["args"]["threads"]),
+                   # per epoch, since a run can resume elsewhere; epochs before --device trained on the CPU
+                   "device": ", ".join(sorted({row.get("device", "cpu") for row in state["history"]}))},
         "split": split["sha256_16"], "history": state["history"],
         "host": args.host or f"{os.cpu_count()} CPU cores, {state['args']['threads']} torch thread(s)",
     }
@@ -201,7 +208,16 @@ def main() -> None:
     ap.add_argument("--finalise", action="store_true")
     ap.add_argument("--tag", default=None, help="--finalise: write teacher_resnet20_TAG.* (the untagged files are kept)")
     ap.add_argument("--host", default=None, help="--finalise: how the host was shared, for the metadata")
+    ap.add_argument("--device", default=None, help="auto|cpu|cuda|cuda:N: where to train (default auto: CUDA when available)")
     args = ap.parse_args()
+    from hwkd.accel import resolve_device
+    from hwkd.errors import ConfigError
+
+    try:
+        args.train_device = resolve_device(args.device)
+    except ConfigError as e:
+        ap.error(str(e))
+    args.device = str(args.train_device)  # the checkpoint's args record where it trained
     if args.deadline:
         hh, mm = map(int, args.deadline.split(":"))
         now = time.gmtime()
