@@ -89,7 +89,7 @@ def test_the_teacher_script_trains_resumes_and_records_where_each_epoch_ran(tmp_
     base = ["cifar10_teacher.py", "--split", str(tmp_path / "split"), "--out", str(tmp_path / "t"), "--device", "cpu"]
     monkeypatch.setattr(sys, "argv", [*base, "--epochs", "1"])
     cifar10_teacher.main()
-    monkeypatch.setattr(sys, "argv", [*base, "--epochs", "2", "--resume"])
+    monkeypatch.setattr(sys, "argv", [*base, "--epochs", "2", "--resume", "--workers", "1"])  # a GPU's loader
     cifar10_teacher.main()
     state = torch.load(tmp_path / "t" / "last.pt", weights_only=True)
     assert [row["epoch"] for row in state["history"]] == [1, 2]
