@@ -52,6 +52,7 @@ import cifar10_report as report  # noqa: E402
 import cifar10_split as split  # noqa: E402
 import cifar10_teacher as teacher_mod  # noqa: E402
 
+from hwkd.accel import resolve_device  # noqa: E402
 from hwkd.artifacts import atomic_write  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -437,7 +438,7 @@ def device_name(device: torch.device) -> str:
 
 def training_device(args) -> torch.device:
     """Where the kd and plateau steps train: ``--device`` (checked in ``main``), else CUDA when available."""
-    return getattr(args, "train_device", None) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return getattr(args, "train_device", None) or resolve_device("auto")
 
 
 def kd_checkpoint(args, step: str, seed: int, epochs: int, methods: dict[str, dict]) -> Path:
@@ -884,7 +885,6 @@ def main() -> int:
                          "available), and, when given, every hwkd compress run's --device (otherwise hwkd's own auto)")
     args = ap.parse_args()
     args.started = time.time()
-    from hwkd.accel import resolve_device
     from hwkd.errors import ConfigError
 
     try:
