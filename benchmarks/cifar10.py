@@ -885,12 +885,7 @@ def main() -> int:
                          "available), and, when given, every hwkd compress run's --device (otherwise hwkd's own auto)")
     args = ap.parse_args()
     args.started = time.time()
-    from hwkd.errors import ConfigError
-
-    try:
-        args.train_device = resolve_device(args.device)
-    except ConfigError as e:
-        ap.error(str(e))
+    args.train_device = teacher_mod.device_or_exit(ap, args.device)
     args.runs = args.work / f"teacher_{args.teacher_tag}" if args.teacher_tag else args.work  # run dirs, per teacher
     args.runs.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)

@@ -191,6 +191,17 @@ def finalise(args: argparse.Namespace) -> None:
     print({k: meta[k] for k in ("val_acc", "test_acc", "epochs", "train_s")})
 
 
+def device_or_exit(ap: argparse.ArgumentParser, spec: str | None) -> torch.device:
+    """hwkd's ``--device`` check as the parser's error: one paragraph, exit 2, before anything is made."""
+    from hwkd.accel import resolve_device
+    from hwkd.errors import ConfigError
+
+    try:
+        return resolve_device(spec)
+    except ConfigError as e:
+        ap.error(str(e))
+
+
 def teacher_stem(tag: str | None) -> str:
     """``teacher_resnet20`` (the first committed teacher) or ``teacher_resnet20_<tag>``."""
     return f"teacher_{ARCH}" + (f"_{tag}" if tag else "")
@@ -214,13 +225,7 @@ def main() -> None:
                     help="augmentation processes (default 0: in the main process, a few thousand images/s on one "
                          "core; a GPU trains ResNet-20 faster than that, so give it a few)")
     args = ap.parse_args()
-    from hwkd.accel import resolve_device
-    from hwkd.errors import ConfigError
-
-    try:
-        args.train_device = resolve_device(args.device)
-    except ConfigError as e:
-        ap.error(str(e))
+    args.train_device = device_or_exit(ap, args.device)
     args.device = str(args.train_device)  # the checkpoint's args record where it trained
     if args.deadline:
         hh, mm = map(int, args.deadline.split(":"))
