@@ -4,7 +4,10 @@ Standard CIFAR recipe: random crop 32 (pad 4) + horizontal flip (torchvision tra
 mean/std normalisation, SGD (momentum 0.9, nesterov, weight decay 5e-4), one-cycle LR, batch 128.
 The images are decoded once into a uint8 tensor (torchvision.io) and augmented per sample in a torch
 DataLoader; a checkpoint is written atomically after every epoch, so the run can stop (or be killed) at
-any time and resume with ``--resume``. ``--finalise`` scores the last checkpoint on val and test and
+any time and resume with ``--resume``; the checkpoint keeps the shuffle and augmentation streams, so on the
+CPU a run resumed at an epoch's end is bit-identical to one trained in one go. A run longer than a session
+(160 epochs is ~4.5 h on 2 cores) ends itself cleanly with ``--stop-by HH:MM`` and keeps ``--out`` in the
+repository between sessions. ``--finalise`` scores the last checkpoint on val and test and
 writes the committed state dict + its metadata (``benchmarks/results/cifar10/teacher_resnet20[_TAG].*``;
 ``--tag`` keeps a second teacher beside the first, e.g. a longer-trained one).
 
@@ -96,6 +99,8 @@ def train(args: argparse.Namespace) -> None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
+        if "rng" in state:  # the augmentation stream (workers=0 draws crops and flips from the global generator)
+            torch.set_rng_state(state["rng"])
         start, history, train_s = state["epoch"], state["history"], state["train_s"]
         cpu_s, replans = state.get("cpu_s", 0.0), state.get("replans", [])
         plan = state["planned_epochs"] if args.epochs is None else args.epochs
@@ -141,9 +146,13 @@ def train(args: argparse.Namespace) -> None:
         log.flush()
         print(row, flush=True)
         torch_save(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                          "gen": gen.get_state(), "epoch": epoch, "history": history, "train_s": train_s,
+                          "gen": gen.get_state(), "rng": torch.get_rng_state(), "epoch": epoch,
+                          "history": history, "train_s": train_s,
                           "cpu_s": cpu_s, "planned_epochs": plan, "replans": replans,
                           "args": {k: str(v) for k, v in vars(args).items()}})
+        if epoch == args.stop_after or (args.stop_by and time.time() + dt > args.stop_by):
+            print(f"stopped after epoch {epoch} of {plan}; --resume goes on from here", flush=True)
+            break
 
 
 def one_cycle(opt, lr: float, epochs: int, steps: int, done: int):
@@ -202,6 +211,16 @@ def device_or_exit(ap: argparse.ArgumentParser, spec: str | None) -> torch.devic
         ap.error(str(e))
 
 
+def next_utc(hhmm: str | None) -> float | None:
+    """``HH:MM`` (UTC) as a ``time.time()`` value: the next such time, so 00:15 at 21:40 is after midnight."""
+    if not hhmm:
+        return None
+    hh, mm = map(int, hhmm.split(":"))
+    now = time.gmtime()
+    minutes = ((hh * 60 + mm) - (now.tm_hour * 60 + now.tm_min)) % (24 * 60)
+    return time.time() + minutes * 60 - now.tm_sec
+
+
 def teacher_stem(tag: str | None) -> str:
     """``teacher_resnet20`` (the first committed teacher) or ``teacher_resnet20_<tag>``."""
     return f"teacher_{ARCH}" + (f"_{tag}" if tag else "")
@@ -217,6 +236,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="end this invocation after this epoch, the plan unchanged (a run that spans sessions)")
+    ap.add_argument("--stop-by", default=None,
+                    help="UTC HH:MM: end after the last epoch that should finish before it, the plan unchanged")
     ap.add_argument("--finalise", action="store_true")
     ap.add_argument("--tag", default=None, help="--finalise: write teacher_resnet20_TAG.* (the untagged files are kept)")
     ap.add_argument("--host", default=None, help="--finalise: how the host was shared, for the metadata")
@@ -227,10 +250,7 @@ def main() -> None:
     args = ap.parse_args()
     args.train_device = device_or_exit(ap, args.device)
     args.device = str(args.train_device)  # the checkpoint's args record where it trained
-    if args.deadline:
-        hh, mm = map(int, args.deadline.split(":"))
-        now = time.gmtime()
-        args.deadline = time.time() + ((hh * 60 + mm) - (now.tm_hour * 60 + now.tm_min)) * 60 - now.tm_sec
+    args.deadline, args.stop_by = next_utc(args.deadline), next_utc(args.stop_by)
     if args.epochs is None and not args.resume:
         args.epochs = 15
     finalise(args) if args.finalise else train(args)

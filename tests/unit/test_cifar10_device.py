@@ -1,5 +1,6 @@
 """The CIFAR-10 benchmark's ``--device``: where its own training loops run (the teacher script, the kd and
-plateau steps) and what it hands to ``hwkd compress``. The CUDA test runs only where torch sees a GPU."""
+plateau steps) and what it hands to ``hwkd compress``; and the teacher script's resumption across sessions.
+The CUDA test runs only where torch sees a GPU."""
 
 from __future__ import annotations
 
@@ -97,6 +98,37 @@ def test_the_teacher_script_trains_resumes_and_records_where_each_epoch_ran(tmp_
     assert state["replans"] == [{"at_epoch": 1, "from": 1, "to": 2, "why": "resume"}]
     rows = [json.loads(line) for line in (tmp_path / "t" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
+
+
+def test_a_teacher_trained_in_two_invocations_is_bit_identical_to_one_trained_in_one(tmp_path, monkeypatch):
+    """The converged teacher spans sessions: stopping after an epoch and resuming must not change the model."""
+    _images(tmp_path / "split" / "train", 64)
+    _images(tmp_path / "split" / "val", 2)
+    base = ["cifar10_teacher.py", "--split", str(tmp_path / "split"), "--device", "cpu", "--epochs", "2"]
+    monkeypatch.setattr(sys, "argv", [*base, "--out", str(tmp_path / "whole")])
+    cifar10_teacher.main()
+    monkeypatch.setattr(sys, "argv", [*base, "--out", str(tmp_path / "parts"), "--stop-after", "1"])
+    cifar10_teacher.main()
+    assert torch.load(tmp_path / "parts" / "last.pt", weights_only=True)["epoch"] == 1
+    torch.manual_seed(123)  # whatever ran between the sessions, the augmentation stream goes on as saved
+    monkeypatch.setattr(sys, "argv", [*base, "--out", str(tmp_path / "parts"), "--resume"])
+    cifar10_teacher.main()
+    whole, parts = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("whole", "parts"))
+    assert parts["epoch"] == 2 and parts["replans"] == []
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, parts["model"][name]), name
+
+
+def test_a_stop_time_earlier_in_the_day_than_now_is_tomorrow():
+    """--stop-by 00:14 given at 21:40 means after midnight, not a time already gone."""
+    import time
+
+    now = time.time()
+    a_minute_ago = time.strftime("%H:%M", time.gmtime(now - 60))
+    in_two_minutes = time.strftime("%H:%M", time.gmtime(now + 120))
+    assert 23 * 3600 < cifar10_teacher.next_utc(a_minute_ago) - now <= 24 * 3600
+    assert 0 < cifar10_teacher.next_utc(in_two_minutes) - now <= 120
+    assert cifar10_teacher.next_utc(None) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
