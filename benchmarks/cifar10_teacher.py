@@ -32,6 +32,8 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cifar10_kd import evaluate as kd_evaluate  # noqa: E402
+
 from hwkd.artifacts import torch_save, write_json  # noqa: E402
 from hwkd.models.zoo import ZOO  # noqa: E402
 
@@ -63,15 +65,9 @@ def transforms(train: bool) -> v2.Transform:
     return v2.Compose([*aug, v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, batch: int = 500) -> float:
-    """Accuracy on ``data``, on the device the model is on."""
-    model.eval()
-    device = next(model.parameters()).device
-    correct = 0
-    for x, y in DataLoader(data, batch_size=batch):
-        correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
-    return correct / len(data)
+def evaluate(model: nn.Module, data: Dataset) -> float:
+    """Accuracy on ``data``, on the device the model is on (the KD loop's scorer, its loss left out)."""
+    return kd_evaluate(model, data)[0]
 
 
 def train(args: argparse.Namespace) -> None:
