@@ -138,14 +138,14 @@ def train(args: argparse.Namespace) -> None:
                 plan = fits
                 sched = one_cycle(opt, args.lr, plan, steps, epoch * steps)
                 row["replanned_to"] = plan
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-        print(row, flush=True)
         torch_save(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                           "gen": gen.get_state(), "rng": torch.get_rng_state(), "epoch": epoch,
                           "history": history, "train_s": train_s,
                           "cpu_s": cpu_s, "planned_epochs": plan, "replans": replans,
                           "args": {k: str(v) for k, v in vars(args).items()}})
+        log.write(json.dumps(row) + "\n")  # after the checkpoint: a resumed run never logs an epoch twice
+        log.flush()
+        print(row, flush=True)
         if epoch == args.stop_after or (args.stop_by and time.time() + dt > args.stop_by):
             print(f"stopped after epoch {epoch} of {plan}; --resume goes on from here", flush=True)
             break
