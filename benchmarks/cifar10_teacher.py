@@ -212,6 +212,8 @@ def next_utc(hhmm: str | None) -> float | None:
     if not hhmm:
         return None
     hh, mm = map(int, hhmm.split(":"))
+    if not (0 <= hh < 24 and 0 <= mm < 60):
+        raise ValueError(hhmm)
     now = time.gmtime()
     minutes = ((hh * 60 + mm) - (now.tm_hour * 60 + now.tm_min)) % (24 * 60)
     return time.time() + minutes * 60 - now.tm_sec
@@ -246,7 +248,11 @@ def main() -> None:
     args = ap.parse_args()
     args.train_device = device_or_exit(ap, args.device)
     args.device = str(args.train_device)  # the checkpoint's args record where it trained
-    args.deadline, args.stop_by = next_utc(args.deadline), next_utc(args.stop_by)
+    for flag in ("deadline", "stop_by"):
+        try:
+            setattr(args, flag, next_utc(getattr(args, flag)))
+        except ValueError:
+            ap.error(f"--{flag.replace('_', '-')} takes a UTC time as HH:MM (00:00-23:59), not {getattr(args, flag)!r}")
     if args.epochs is None and not args.resume:
         args.epochs = 15
     finalise(args) if args.finalise else train(args)

@@ -129,6 +129,9 @@ def test_a_stop_time_earlier_in_the_day_than_now_is_tomorrow():
     assert 23 * 3600 < cifar10_teacher.next_utc(a_minute_ago) - now <= 24 * 3600
     assert 0 < cifar10_teacher.next_utc(in_two_minutes) - now <= 120
     assert cifar10_teacher.next_utc(None) is None
+    for bad in ("25:00", "7:61", "noon"):
+        with pytest.raises(ValueError):
+            cifar10_teacher.next_utc(bad)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
