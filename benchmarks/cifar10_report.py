@@ -108,7 +108,7 @@ def pipeline_section(r: dict, key: str = "pipeline") -> list[str]:
             name = label if label == "teacher" else f"final ({m.get('precision')})"
             lines.append(f"| {prof} | {name} | {_pct(m['accuracy'])} | {_k(m['params'])} | {_m(m['macs'])} | "
                          f"{_ms(m['measured_latency_ms'])} | {_ms(m['estimated_latency_ms'])} | "
-                         f"{res['wall_s']:.0f} s |")  # fmt: skip
+                         f"{_run_wall(res)} |")  # fmt: skip
         t, f = res["teacher"], res["final"]
         if t["params"] and f["params"] and t["accuracy"] and f["accuracy"] is not None:
             red, keep = 1 - f["params"] / t["params"], f["accuracy"] / t["accuracy"]
@@ -116,6 +116,15 @@ def pipeline_section(r: dict, key: str = "pipeline") -> list[str]:
                          f"{100 * keep:.1f}% of the teacher's accuracy (goal >= 95%: {'met' if keep >= 0.95 else 'NOT met'}).")  # fmt: skip
     lines += ["", *goals, "", "Commands:", ""] + [f"    {res['command']}" for res in p.values()] + [""]
     return lines
+
+
+def _run_wall(res: dict) -> str:
+    """A run's wall; a resumed run's is its last launch only, so its stages' seconds are shown beside it
+    (hwkd counts a resumed stage's earlier launches since stop 46; earlier runs' stages did not)."""
+    if not res.get("resumed"):
+        return f"{res['wall_s']:.0f} s"
+    stages = sum(s.get("seconds") or 0.0 for s in res.get("stages", []))
+    return f"{res['wall_s']:.0f} s (resumed: this launch; stages {stages:.0f} s)"
 
 
 def kd_section(r: dict) -> list[str]:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ class StageCheckpoint:
         self.path = Path(path)
         self.saved = saved
         self.stage_state: dict[str, Any] = {}  # set by the stage; saved with every epoch
+        self._opened = time.perf_counter()  # the stage's clock in this launch (opened as the stage starts)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> StageCheckpoint:
@@ -53,6 +55,12 @@ class StageCheckpoint:
     def saved_stage_state(self) -> dict[str, Any]:
         return dict(self.saved.get("stage_state") or {}) if self.saved else {}
 
+    @property
+    def earlier_seconds(self) -> float:
+        """The stage's time in the launches before this one (0 on a fresh run), saved with every epoch so
+        that a resumed stage reports what it really took, not only its last launch's part."""
+        return float(self.saved.get("stage_seconds", 0.0)) if self.saved else 0.0
+
     def resume_point(self, tag: str) -> dict[str, Any] | None:
         """The saved fit state for ``tag``, or None (fresh run, or the checkpoint is from another fit)."""
         if self.saved is not None and self.saved.get("tag") == tag:
@@ -65,7 +73,8 @@ class StageCheckpoint:
 
         if not is_main():  # under torchrun only rank 0 writes; every rank holds the same state
             return self.path
-        payload = {"format": FORMAT, "tag": tag, **state, "stage_state": self.stage_state}
+        seconds = self.earlier_seconds + time.perf_counter() - self._opened
+        payload = {"format": FORMAT, "tag": tag, **state, "stage_state": self.stage_state, "stage_seconds": seconds}
         return torch_save(self.path, payload)
 
 

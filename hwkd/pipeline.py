@@ -96,6 +96,11 @@ class RunContext:
             self._checkpoints[stage] = StageCheckpoint.load(path) if self.resume else StageCheckpoint(path)
         return self._checkpoints[stage]
 
+    def earlier_seconds(self, stage: str) -> float:
+        """Seconds ``stage`` ran in the launches before a resume (0 when it did not use a checkpoint)."""
+        ckpt = self._checkpoints.get(stage)
+        return ckpt.earlier_seconds if ckpt is not None else 0.0
+
     def stage_dir(self, stage: str) -> Path:
         path = self.run_dir / "stages" / stage
         path.mkdir(parents=True, exist_ok=True)
@@ -121,8 +126,12 @@ def run_stages(
         ctx.stage = name
         t0 = time.perf_counter()
         state, result = fn(state, cfg, ctx)
-        result.seconds = time.perf_counter() - t0
-        ctx.log.info("stage %s: done in %.1fs", name, result.seconds)
+        earlier = ctx.earlier_seconds(name)  # a resumed stage: its time before the run was killed counts too
+        result.seconds = time.perf_counter() - t0 + earlier
+        if earlier:
+            ctx.log.info("stage %s: done in %.1fs (%.1fs of it before the resume)", name, result.seconds, earlier)
+        else:
+            ctx.log.info("stage %s: done in %.1fs", name, result.seconds)
         results.append(result)
         if on_stage_done is not None:
             on_stage_done(result, state)

@@ -237,6 +237,21 @@ def test_a_run_records_the_code_it_started_on_and_each_resume_onto_other_code(tm
     assert compress()["code"] == ["ccc3333"]  # started afresh (--overwrite): a new log
     assert cifar10.code_states(tmp_path / "absent.code.log") == {}
 
+
+def test_a_resumed_runs_wall_says_it_is_the_last_launch_and_shows_its_stages_seconds():
+    """A resumed run's subprocess wall is its last launch only: the pipeline table must not pass it off as the run's."""
+    import cifar10_report as report
+
+    m = {"accuracy": 0.8, "params": 1000, "macs": 2e6, "measured_latency_ms": 0.1, "estimated_latency_ms": 0.2,
+         "precision": "int8"}  # fmt: skip
+    run = {"command": "hwkd compress --profile jetson", "returncode": 0, "wall_s": 374.6, "teacher": m, "final": m,
+           "stages": [{"name": "distill", "seconds": 1403.5}, {"name": "prune", "seconds": 90.2}, {"name": "export", "seconds": None}]}  # fmt: skip
+    text = "\n".join(report.pipeline_section({"pipeline": {"jetson": run}}))
+    assert "| 375 s |" in text
+    text = "\n".join(report.pipeline_section({"pipeline": {"jetson": {**run, "resumed": "running"}}}))
+    assert "| 375 s (resumed: this launch; stages 1494 s) |" in text and "| 375 s |" not in text
+
+
 def test_the_default_pipeline_stands_in_only_where_the_budget_cannot_bind(tmp_path):
     import cifar10
 

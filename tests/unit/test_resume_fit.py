@@ -142,3 +142,27 @@ def test_qat_fake_quant_state_resumes_into_a_freshly_prepared_graph(tiny_dataset
     x = tiny_dataset.sample("val", 8)[0]
     with torch.no_grad():
         assert torch.equal(qat.convert(prepared)(x), qat.convert(again)(x))
+
+
+def test_a_resumed_stage_reports_its_time_across_launches(tmp_path):
+    """A stage killed after 40 s and resumed reports 40 s plus the resumed part, not only the last launch."""
+    from hwkd.pipeline import RunContext, StageResult, run_stages
+
+    first = RunContext(run_dir=tmp_path)
+    first.checkpoint("distill").save("t", epoch=1)
+    saved = StageCheckpoint.load(tmp_path / "stages" / "distill" / "last.pt")
+    assert 0 < saved.earlier_seconds < 5  # the first launch's time so far
+    saved.saved["stage_seconds"] = 40.0  # as if the first launch had trained 40 s before it was killed
+    torch.save(saved.saved, saved.path)
+
+    def stage(state, cfg, ctx):
+        ctx.checkpoint("distill").save("t", epoch=2)
+        return state, StageResult(name="distill")
+
+    resumed = RunContext(run_dir=tmp_path, resume=True)
+    _, (result,) = run_stages(None, [("distill", stage, None)], resumed)
+    assert 40.0 <= result.seconds < 45.0
+    assert 40.0 <= StageCheckpoint.load(saved.path).saved["stage_seconds"] < 45.0  # and a third launch counts both
+
+    _, (fresh,) = run_stages(None, [("distill", stage, None)], RunContext(run_dir=tmp_path))  # not resuming
+    assert fresh.seconds < 5.0
