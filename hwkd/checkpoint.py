@@ -2,8 +2,9 @@
 
 Every training loop (distill, prune recovery, qat) saves ``stages/<stage>/last.pt`` atomically at the
 end of each epoch: model weights, optimizer, step, RNG states, the epoch history (schedule state such as
-the adaptive temperature is a function of it), the budget penalty's state and whatever the stage adds
-(``stage_state``: e.g. the prune step and the rows before it). A killed run loses at most one epoch.
+the adaptive temperature is a function of it), the budget penalty's state, the stage's seconds so far and
+whatever the stage adds (``stage_state``: e.g. the prune step and the rows before it). A killed run loses at
+most one epoch.
 
 Example::
 
