@@ -807,3 +807,25 @@ def test_final_models_are_timed_together_at_one_thread_with_thousands_of_runs_a_
     assert budgets["10"]["peer"]["paired_p50_ms"] == 0.05 and budgets["10"]["peer"]["paired_threads"] == 1
     assert report.timing_threads({1}) == "1 thread" and report.timing_threads({2}) == "2 threads"  # the plot's x-label
     assert report.timing_threads({1, None}) == "thread counts differ or not recorded"  # a pre-stop-40 row beside
+
+
+def test_teacher_softness_reads_a_uniform_and_a_certain_teacher_right():
+    """The softness figures at their two ends: equal logits are uniform (entropy ln 10, 0.9 off the true class)
+    and a one-hot-confident teacher has no mass off it."""
+    import math
+
+    import teacher_softness
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.scale = scale
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x[:, 0, 0, 0].long(), 10).float() * self.scale
+
+    data = [(torch.full((3, 2, 2), float(i % 10)), torch.tensor(i % 10)) for i in range(20)]
+    flat = teacher_softness.softness(Fixed(0.0), data)
+    assert math.isclose(flat["entropy_T1"], math.log(10), rel_tol=1e-5) and math.isclose(flat["off_target_mass_T4"], 0.9, rel_tol=1e-5)
+    sure = teacher_softness.softness(Fixed(1000.0), data)
+    assert sure["accuracy"] == 1.0 and sure["entropy_T4"] < 1e-6 and sure["off_target_mass_T4"] < 1e-6
