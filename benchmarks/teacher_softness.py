@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cifar10_teacher as teacher_mod  # noqa: E402
+from cifar10 import load_teacher  # noqa: E402
 
 from hwkd.artifacts import atomic_write  # noqa: E402
 
@@ -76,9 +77,8 @@ def main() -> int:
         path = teacher_mod.RESULTS / name
         if not path.exists():
             continue
-        model = teacher_mod.ZOO.get(teacher_mod.ARCH)(10, 3)
-        model.load_state_dict(torch.load(path, weights_only=True))
-        res["teachers"][tag] = {split: softness(model.eval(), data) for split, data in sets.items()}
+        model = load_teacher(path)
+        res["teachers"][tag] = {split: softness(model, data) for split, data in sets.items()}
     res["wall_s"] = round(time.time() - t0, 1)
     atomic_write(RESULTS / "teacher_softness.json", json.dumps(res, indent=1) + "\n")
     atomic_write(RESULTS / "teacher_softness.md", markdown(res))
