@@ -52,7 +52,8 @@ def header(r: dict) -> list[str]:
         + f". Hardware-aware vs peer: profile {s['hw_profile']}, budgets "
         f"{[int(b) for b in (r.get('hw') or {}).get('budgets', {})] or s['budgets']}% of the teacher.",
         "",
-        "**Measured cost** (wall seconds per step, this host): "
+        "**Measured cost** (wall seconds per step, this host, of the newest invocation that ran it; a step that "
+        "several invocations ran (other seeds or profiles) cost about as much again for each of them): "
         + (", ".join(f"{k} {v:.0f} s" for k, v in meta.get("step_wall_s", {}).items()) or "–")
         + f"; this invocation {meta.get('wall_s_so_far', 0):.0f} s.",
         "",
