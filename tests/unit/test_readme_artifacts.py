@@ -19,9 +19,13 @@ def test_every_results_file_the_readme_cites_exists():
 def test_no_cited_results_file_is_git_ignored():
     cited = sorted(set(CITED.findall((ROOT / "README.md").read_text())))
     try:
-        res = subprocess.run(["git", "check-ignore", "--no-index", *cited], cwd=ROOT, capture_output=True, text=True)
+        res = subprocess.run(
+            ["git", "check-ignore", "--no-index", *cited], cwd=ROOT, capture_output=True, text=True
+        )
     except FileNotFoundError:  # no git on this machine: the existence test above still runs
         return
     if res.returncode == 128:  # not a git checkout (an sdist)
         return
-    assert res.stdout.strip() == "", f"git ignores cited results files, so a plain `git add` skips them: {res.stdout}"
+    assert res.stdout.strip() == "", (
+        f"git ignores cited results files, so a plain `git add` skips them: {res.stdout}"
+    )
