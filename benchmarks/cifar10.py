@@ -427,6 +427,9 @@ def step_plateau(args, proto, split_dir, teacher_pt, out: dict) -> None:
                              "val_curve": [round(h["val_accuracy"], 4) for h in r["history"]],
                              "plateau_epoch": kd.plateau_epoch(r["history"]), "wall_s": r["wall_s"],
                              "augmentation_rng": r["augmentation_rng"]}  # fmt: skip
+            temps = [round(h["temperature"], 3) for h in r["history"] if "temperature" in h]
+            if len(set(temps)) > 1:  # a schedule that moves (adaptive, linear): the temperature it really trained at
+                earlier[name]["temperature_curve"] = temps
         save(args, out)  # merges the seeds another plateau invocation saved meanwhile (merged_with_disk)
         ckpt.unlink(missing_ok=True)  # its results are saved
 

@@ -190,6 +190,8 @@ def plateau_section(r: dict) -> list[str]:
     lines += ["", *default_against_the_others(seeds, r.get("split", {}).get("counts", {}).get("test"))]
     lines += [f"Val accuracy per epoch, {name}, seed {seed}: {run['val_curve']}."
               for seed, runs in seeds.items() for name, run in runs.items()]  # fmt: skip
+    lines += [f"Temperature per epoch, {name}, seed {seed}: {run['temperature_curve']}."
+              for seed, runs in seeds.items() for name, run in runs.items() if run.get("temperature_curve")]  # fmt: skip
     return [*lines, ""]
 
 

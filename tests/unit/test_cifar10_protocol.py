@@ -450,6 +450,36 @@ def test_the_plateau_step_trains_with_a_checkpoint_beside_the_runs_and_drops_it_
     assert out["plateau"]["seeds"]["0"]["student_alone"] == {"test_accuracy": 0.7}
 
 
+def test_the_plateau_step_keeps_the_temperature_a_moving_schedule_trained_at(tmp_path, monkeypatch):
+    """Against a near-one-hot teacher the adaptive schedule's cooling is the suspect (stop 47): the results
+    keep the temperature each epoch really used where the schedule moves, and the report prints it."""
+    import argparse
+
+    import cifar10
+    import cifar10_kd as kd
+    import cifar10_report as report
+
+    monkeypatch.setattr(cifar10, "load_sets", lambda split: {"train": [], "val": [], "test": []})
+    monkeypatch.setattr(cifar10, "load_teacher", lambda pt: None)
+    temps = {"hinton_T_adaptive": [4.0, 4.0, 2.5], "hinton_T4": [4.0, 4.0, 4.0], "student_alone": []}
+
+    def fake_run_seed(*a, methods, checkpoint, **k):
+        hist = {n: [{"val_accuracy": 0.5, **({"temperature": t} if t else {})} for t in temps[n] or [0, 0, 0]]
+                for n in methods}  # fmt: skip
+        return {n: {"test_accuracy": 0.8, "history": hist[n], "augmentation_rng": "own", "wall_s": 1.0} for n in methods}
+
+    monkeypatch.setattr(kd, "run_seed", fake_run_seed)
+    monkeypatch.setattr(cifar10, "save", lambda args, out: None)
+    args = argparse.Namespace(plateau_epochs=3, plateau_methods="hinton_T_adaptive,hinton_T4", runs=tmp_path, quick=False)
+    out = {}
+    cifar10.step_plateau(args, {**cifar10.PROTOCOLS["full"], "plateau_seeds": [0]}, tmp_path, tmp_path / "t.pt", out)
+    runs = out["plateau"]["seeds"]["0"]
+    assert runs["hinton_T_adaptive"]["temperature_curve"] == [4.0, 4.0, 2.5]
+    assert "temperature_curve" not in runs["hinton_T4"] and "temperature_curve" not in runs["student_alone"]
+    lines = report.plateau_section({"plateau": out["plateau"]})
+    assert "Temperature per epoch, hinton_T_adaptive, seed 0: [4.0, 4.0, 2.5]." in lines
+
+
 def test_two_kd_invocations_at_once_add_their_seeds_to_each_other():
     import cifar10
     import cifar10_kd as kd
