@@ -9,15 +9,19 @@ ROOT = Path(__file__).resolve().parents[2]
 CITED = re.compile(r"benchmarks/results/[A-Za-z0-9_./-]+\.(?:onnx|json|md|pt|png|gz|txt|jsonl)")
 
 
+def cited_results_files() -> list[str]:
+    return sorted(set(CITED.findall((ROOT / "README.md").read_text())))
+
+
 def test_every_results_file_the_readme_cites_exists():
-    cited = sorted(set(CITED.findall((ROOT / "README.md").read_text())))
+    cited = cited_results_files()
     assert cited, "the README cites no results file: the pattern is out of date"
     missing = [p for p in cited if not (ROOT / p).is_file()]
     assert not missing, f"the README cites files that are not there: {missing}"
 
 
 def test_no_cited_results_file_is_git_ignored():
-    cited = sorted(set(CITED.findall((ROOT / "README.md").read_text())))
+    cited = cited_results_files()
     try:
         res = subprocess.run(
             ["git", "check-ignore", "--no-index", *cited], cwd=ROOT, capture_output=True, text=True
