@@ -312,12 +312,24 @@ def stage_epochs(stage: dict) -> int:
     return len(rows) if stage["name"] in ("distill", "qat") else 0
 
 
+def recipe_sets(text: str | None) -> list[str]:
+    """``--small-sets`` / ``--pipeline-sets``: comma-separated recipe overrides, e.g. ``distill.epochs=70``."""
+    return [s.strip() for s in (text or "").split(",") if s.strip()]
+
+
 def step_pipeline(args, proto, split_dir, teacher_pt, out: dict) -> None:
+    """hwkd's defaults per profile. ``--pipeline-sets`` runs the same pipeline with recipe overrides (a
+    candidate default, e.g. ``distill.temperature_schedule=constant``), kept under its own key (``rpi4
+    distill.temperature_schedule=constant``) and run folder beside the default run, which it never replaces."""
     out.setdefault("pipeline", {})  # profiles run earlier (another invocation) are kept
+    sets = recipe_sets(getattr(args, "pipeline_sets", None))
     for profile in proto["profiles"]:
-        res = hwkd_compress(args, proto, split_dir, teacher_pt, profile, args.runs / f"pipeline_{profile}")
-        out["pipeline"][profile] = res
-        commit_model(args, res, f"{profile}_int8.onnx")
+        key = " ".join([profile, *sets])
+        run_dir = args.runs / "_".join(["pipeline", profile, *(s.replace("=", "") for s in sets)])
+        res = hwkd_compress(args, proto, split_dir, teacher_pt, profile, run_dir,
+                            extra=[x for s in sets for x in ("--set", s)])  # fmt: skip
+        out["pipeline"][key] = res
+        commit_model(args, res, f"{key.replace(' ', '_').replace('=', '')}_int8.onnx")
         save(args, out)
 
 
@@ -339,7 +351,7 @@ def step_small(args, proto, split_dir, teacher_pt, out: dict) -> None:
     (``rpi4 distill.lr=0.02``, ``rpi4 0.32x distill.epochs=70``)."""
     out.setdefault("small", {})
     student = proto["small_student"]
-    sets = [s.strip() for s in (args.small_sets or "").split(",") if s.strip()]
+    sets = recipe_sets(args.small_sets)
     if args.small_width is not None and args.small_width != SMALL_WIDTH:
         student = ["--student", f"{args.small_width}x", *student[2:]]
         sets = [f"{args.small_width}x", *sets]  # names the run; not passed as --set
@@ -862,6 +874,9 @@ def main() -> int:
                     help="hw step: also the peer pruned to the budget itself (b%% of the teacher's measured latency)")
     ap.add_argument("--budgets", default=None, help="override the protocol's latency budgets, e.g. 10,50 (%% of teacher)")
     ap.add_argument("--profiles", default=None, help="override the pipeline step's profiles, e.g. rpi4")
+    ap.add_argument("--pipeline-sets", default=None,
+                    help="pipeline step: recipe overrides (comma-separated), e.g. distill.temperature_schedule=constant; "
+                         "such a run is kept under its own key beside the default run")
     ap.add_argument("--kd-methods", default=None, help="override the KD table's methods (student_alone is always in)")
     ap.add_argument("--kd-epochs", type=int, default=None, help="override the KD table's epochs")
     ap.add_argument("--plateau-epochs", type=int, default=None, help="override the plateau step's epochs")

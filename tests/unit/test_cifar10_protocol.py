@@ -556,6 +556,36 @@ def test_small_width_names_its_run_and_passes_the_width_as_the_student_not_as_a_
     assert calls == [("rpi4", "small_rpi4", ["--student", "0.3x", "--set", "prune.round_to=1"])]  # the default keeps its key
 
 
+def test_pipeline_sets_run_a_candidate_default_beside_the_default_run_never_over_it(tmp_path, monkeypatch):
+    """A candidate default (stop 48: fixed T=4) is measured through the pipeline step as a user would type it,
+    with ``--set``; its run has its own key, folder and model, so the cited default run stays as it was."""
+    import argparse
+
+    import cifar10
+
+    calls = []
+
+    def fake_compress(args, proto, split_dir, teacher_pt, profile, run_dir, extra=(), earlier=None):
+        calls.append((profile, run_dir.name, list(extra)))
+        return {"returncode": 1, "run": run_dir.name}  # not committed
+
+    monkeypatch.setattr(cifar10, "hwkd_compress", fake_compress)
+    monkeypatch.setattr(cifar10, "save", lambda args, out: None)
+    proto = {**cifar10.PROTOCOLS["full"], "profiles": ["rpi4"]}
+    out = {"pipeline": {"rpi4": {"returncode": 0, "run": "the default run"}}}
+    args = argparse.Namespace(pipeline_sets="distill.temperature_schedule=constant", runs=tmp_path, quick=False,
+                              teacher_tag=None)  # fmt: skip
+    cifar10.step_pipeline(args, proto, tmp_path, tmp_path / "t.pt", out)
+    assert calls == [("rpi4", "pipeline_rpi4_distill.temperature_scheduleconstant",
+                      ["--set", "distill.temperature_schedule=constant"])]  # fmt: skip
+    assert out["pipeline"]["rpi4"] == {"returncode": 0, "run": "the default run"}
+    assert out["pipeline"]["rpi4 distill.temperature_schedule=constant"]["run"] == calls[0][1]
+    calls.clear()
+    cifar10.step_pipeline(argparse.Namespace(**{**vars(args), "pipeline_sets": None}), proto, tmp_path,
+                          tmp_path / "t.pt", out)  # fmt: skip
+    assert calls == [("rpi4", "pipeline_rpi4", [])]  # the default keeps its key and folder
+
+
 def test_penalty_step_runs_every_arm_with_the_over_budget_student_and_reports_each_minus_off(tmp_path, monkeypatch):
     import argparse
 
