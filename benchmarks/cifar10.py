@@ -196,6 +196,9 @@ def hwkd_compress(args, proto: dict, split_dir: Path, teacher_pt: Path, profile:
         log(f"reused (same command, model on disk): {shown}")
         return {**code_states(code_log), **earlier, "reused": True}
     finished = finished_run(run_dir, cmd[3:]) if getattr(args, "reuse_runs", False) else None
+    if finished and not defaults_unchanged(code_states(code_log).get("code")):
+        log(f"not reused (run before a change to hwkd's defaults, or its code unknown): {run_dir}")
+        finished = None
     if finished:  # run by hand (or by another invocation) with this very command, and complete
         log(f"reused (same command, complete run folder): {shown}")
         manifest, rep = finished
@@ -297,11 +300,31 @@ def finished_run(run_dir: Path, argv: list[str]) -> tuple[dict, dict] | None:
     return (manifest, rep) if rep is not None else None
 
 
+DEFAULTS_FILES = ("hwkd/config.py", "profiles")  # where hwkd's defaults live: the recipe and the built-in profiles
+
+
+def defaults_unchanged(code: list[str] | None) -> bool:
+    """Whether every launch of a run (``code``: its commits, from ``code_states``) ran on today's defaults. The
+    same command means another recipe once a default changes (the KD schedule at stop 48, the penalty target at
+    stop 38), so a run from before such a change must not stand in for the command now; a run whose code is not
+    known, or was uncommitted, cannot show it ran on them."""
+    if not code:
+        return False
+    for state in code:
+        if state == "unknown" or state.endswith("+dirty"):
+            return False
+        diff = subprocess.run(["git", "diff", "--quiet", state, "--", *DEFAULTS_FILES], cwd=ROOT,
+                              capture_output=True)  # fmt: skip  (against the working tree: uncommitted edits count)
+        if diff.returncode != 0:  # 1: the defaults differ; 128: the commit is not in this checkout
+            return False
+    return True
+
+
 def reusable(earlier: dict | None, command: str) -> bool:
-    """An earlier run can stand in for ``command`` only if it is that command, it succeeded, and its
-    model is still on disk."""
+    """An earlier run can stand in for ``command`` only if it is that command, it succeeded, its model is
+    still on disk, and it ran on today's defaults."""
     return bool(earlier) and earlier.get("command") == command and earlier.get("returncode") == 0 \
-        and Path(earlier.get("model", "")).is_file()
+        and Path(earlier.get("model", "")).is_file() and defaults_unchanged(earlier.get("code"))
 
 
 def stage_epochs(stage: dict) -> int:

@@ -145,17 +145,43 @@ def test_peer_takes_the_least_pruning_that_reaches_the_target_else_the_fastest_g
     assert peer.match_ratio(grid, 0.06) == 0.9  # unreachable: the fastest, not the most pruned
 
 
+def head_commit() -> str:
+    import subprocess
+
+    got = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH.parent, capture_output=True, text=True)
+    if got.returncode != 0:
+        pytest.skip("not a git checkout: a run's code cannot be compared with today's")
+    return got.stdout.strip()
+
+
 def test_an_earlier_hw_run_is_reused_only_for_the_same_command_with_its_model_on_disk(tmp_path):
     import cifar10
 
     model = tmp_path / "model.onnx"
-    earlier = {"command": "hwkd compress --latency-budget 10%", "returncode": 0, "model": str(model)}
+    earlier = {"command": "hwkd compress --latency-budget 10%", "returncode": 0, "model": str(model),
+               "code": [head_commit()]}  # fmt: skip
     assert not cifar10.reusable(earlier, earlier["command"])  # model gone
     model.write_bytes(b"onnx")
     assert cifar10.reusable(earlier, earlier["command"])
     assert not cifar10.reusable(earlier, "hwkd compress --latency-budget 20%")
     assert not cifar10.reusable({**earlier, "returncode": 1}, earlier["command"])
     assert not cifar10.reusable(None, earlier["command"])
+
+
+def test_a_run_from_before_a_change_to_hwkds_defaults_is_not_reused(tmp_path):
+    """The same command is another recipe once a default changes (stop 48: the KD schedule, adaptive -> T=4),
+    so a run made before the change, or on unknown or uncommitted code, never stands in for it."""
+    import cifar10
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"onnx")
+    earlier = {"command": "hwkd compress --profile rpi4", "returncode": 0, "model": str(model)}
+    assert cifar10.reusable({**earlier, "code": [head_commit()]}, earlier["command"])
+    assert not cifar10.reusable({**earlier, "code": ["3453b88"]}, earlier["command"])  # adaptive T was the default
+    assert not cifar10.reusable({**earlier, "code": [head_commit(), "3453b88"]}, earlier["command"])  # resumed across
+    assert not cifar10.reusable({**earlier, "code": [f"{head_commit()}+dirty"]}, earlier["command"])
+    assert not cifar10.reusable({**earlier, "code": ["unknown"]}, earlier["command"])
+    assert not cifar10.reusable(earlier, earlier["command"])  # made before runs recorded their code
 
 
 def test_reuse_runs_takes_a_complete_run_folder_of_the_same_command(tmp_path, monkeypatch):
@@ -165,9 +191,12 @@ def test_reuse_runs_takes_a_complete_run_folder_of_the_same_command(tmp_path, mo
 
     import cifar10
 
-    monkeypatch.setattr(cifar10.subprocess, "run", lambda *a, **k: pytest.fail("trained again"))
+    git = cifar10.subprocess.run
+    monkeypatch.setattr(cifar10.subprocess, "run",
+                        lambda cmd, *a, **k: git(cmd, *a, **k) if cmd[0] == "git" else pytest.fail("trained again"))
     run = tmp_path / "penalty_0.75x_30_plan"
     run.mkdir()
+    (tmp_path / f"{run.name}.code.log").write_text(f"2026-12-07T12:00:00 start {head_commit()}\n")
     args = argparse.Namespace(threads=1, reuse_runs=True)
     proto = cifar10.PROTOCOLS["full"]
     argv = ["compress", "--profile", "rpi4", "--data", str(tmp_path), "--teacher", str(tmp_path / "t.pt"),
@@ -183,6 +212,11 @@ def test_reuse_runs_takes_a_complete_run_folder_of_the_same_command(tmp_path, mo
     assert got["reused"] and got["final"]["accuracy"] == 0.81 and got["wall_s"] == 4321.0 and got["train_epochs"] == 2
     assert got["command"].startswith("hwkd compress --profile rpi4") and got["model"] == str(run / "model.onnx")
     assert cifar10.finished_run(run, [*argv[:-1], "20%"]) is None  # another command
+    (tmp_path / f"{run.name}.code.log").write_text("2026-12-05T12:00:00 start 3453b88\n")  # before the T=4 default
+    monkeypatch.setattr(cifar10.subprocess, "run",
+                        lambda cmd, *a, **k: git(cmd, *a, **k) if cmd[0] == "git" else pytest.fail("trained again, rightly"))
+    with pytest.raises(pytest.fail.Exception, match="rightly"):
+        cifar10.hwkd_compress(args, proto, tmp_path, tmp_path / "t.pt", "rpi4", run, ["--latency-budget", "30%"])
     (run / "manifest.json").write_text(json.dumps({"command": ["/x", *argv], "status": "running"}))
     assert cifar10.finished_run(run, argv) is None  # not complete
 
