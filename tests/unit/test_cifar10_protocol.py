@@ -370,7 +370,8 @@ def test_the_student_alone_trains_without_a_teacher_pass_and_its_plateau_is_repo
     merged["plateau"]["seeds"]["1"]["hinton_T4"] = {**alone1, "test_accuracy": 0.8250}
     merged["split"] = {"counts": {"test": 2500}}
     text = "\n".join(report.plateau_section(merged))
-    assert "paired by seed (points; positive: the default ahead). One test image is 0.04 point." in text
+    assert ("paired by seed (points; positive: adaptive T ahead; hinton_T4 is hwkd's default recipe since stop 48). One test "
+            "image is 0.04 point.") in text
     assert "| hinton_T4 | -0.50 (per seed -0.50) | +1.00 (per seed +1.00) | +0.25 (per seed +0.25) |" in text
     assert report.plateau_section({}) == []
 
