@@ -66,8 +66,9 @@ class DistillConfig:
     # Default recipe: Hinton KD, alpha 0.7, fixed T=4 (since stop 48; adaptive T before). On CIFAR-10 against the
     # converged (160-epoch) teacher, 40 epochs, 3 seeds, the adaptive schedule cooled toward T=1 and trailed T=4 on
     # validation on every seed (+0.77 over the student alone against +1.55; level on test); against the 30-epoch
-    # teacher and at 10 epochs the two were level, and the 14-epoch pipeline check was level (80.44% against
-    # 80.68%). benchmarks/cifar10.py; docs/decisions-issue14.md (stops 17, 43, 48).
+    # teacher adaptive led on test (+0.36) and at 10 epochs they were level. T=4 is the one recipe whose gain
+    # clears +0.5 on every reading; the 14-epoch pipelines end lower with it on one seed (-0.24 rpi4, -1.44
+    # jetson), so it is level, not better. benchmarks/cifar10.py; docs/decisions-issue14.md (stops 17, 43, 48).
     kd: str = "hinton"  # KD loss spec: hinton | dkd | fitnet | at | rkd | sp | none, combined as "hinton+at:500"
     temperature: float = 4.0
     alpha: float = 0.7  # weight of the soft (teacher) term; 1 - alpha goes to the hard labels
