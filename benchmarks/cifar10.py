@@ -340,6 +340,12 @@ def recipe_sets(text: str | None) -> list[str]:
     return [s.strip() for s in (text or "").split(",") if s.strip()]
 
 
+def variant_names(step: str, profile: str, sets: list[str]) -> tuple[str, str]:
+    """A run's results key (``rpi4 distill.epochs=70``) and its run-folder / model stem
+    (``STEP_rpi4_distill.epochs70``), so a variant never lands on the default run's key, folder or model."""
+    return " ".join([profile, *sets]), "_".join([step, profile, *(s.replace("=", "") for s in sets)])
+
+
 def step_pipeline(args, proto, split_dir, teacher_pt, out: dict) -> None:
     """hwkd's defaults per profile. ``--pipeline-sets`` runs the same pipeline with recipe overrides (a
     candidate default, e.g. ``distill.temperature_schedule=constant``), kept under its own key (``rpi4
@@ -347,12 +353,11 @@ def step_pipeline(args, proto, split_dir, teacher_pt, out: dict) -> None:
     out.setdefault("pipeline", {})  # profiles run earlier (another invocation) are kept
     sets = recipe_sets(getattr(args, "pipeline_sets", None))
     for profile in proto["profiles"]:
-        key = " ".join([profile, *sets])
-        run_dir = args.runs / "_".join(["pipeline", profile, *(s.replace("=", "") for s in sets)])
-        res = hwkd_compress(args, proto, split_dir, teacher_pt, profile, run_dir,
+        key, stem = variant_names("pipeline", profile, sets)
+        res = hwkd_compress(args, proto, split_dir, teacher_pt, profile, args.runs / stem,
                             extra=[x for s in sets for x in ("--set", s)])  # fmt: skip
         out["pipeline"][key] = res
-        commit_model(args, res, f"{key.replace(' ', '_').replace('=', '')}_int8.onnx")
+        commit_model(args, res, f"{stem.removeprefix('pipeline_')}_int8.onnx")
         save(args, out)
 
 
@@ -379,16 +384,15 @@ def step_small(args, proto, split_dir, teacher_pt, out: dict) -> None:
         student = ["--student", f"{args.small_width}x", *student[2:]]
         sets = [f"{args.small_width}x", *sets]  # names the run; not passed as --set
     extra = [*student, *(x for s in sets if "=" in s for x in ("--set", s))]
-    def key(profile: str) -> str:
-        return " ".join([profile, *sets])
     def one(profile: str) -> tuple[str, dict]:
-        run_dir = args.runs / "_".join(["small", profile, *(s.replace("=", "") for s in sets)])
-        return profile, hwkd_compress(args, proto, split_dir, teacher_pt, profile, run_dir,
-                                      extra=extra, earlier=out["small"].get(key(profile)))  # fmt: skip
+        key, stem = variant_names("small", profile, sets)
+        return profile, hwkd_compress(args, proto, split_dir, teacher_pt, profile, args.runs / stem,
+                                      extra=extra, earlier=out["small"].get(key))  # fmt: skip
     with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
         for profile, res in pool.map(one, proto["profiles"]):
-            out["small"][key(profile)] = res
-            commit_model(args, res, f"small_{key(profile).replace(' ', '_').replace('=', '')}_int8.onnx")
+            key, stem = variant_names("small", profile, sets)
+            out["small"][key] = res
+            commit_model(args, res, f"{stem}_int8.onnx")
             save(args, out)
 
 
