@@ -259,7 +259,35 @@ def run_result(rep: dict, shown: str, run_dir: Path, wall: float | None) -> dict
         "budget": rep.get("budget"), "stages": stages,
         "train_epochs": train_epochs(stages),
         "model": str(run_dir / "model.onnx"),
+        "kd": distill_recipe(rep),
     }  # fmt: skip
+
+
+def distill_recipe(rep: dict) -> str | None:
+    """The KD recipe a run distilled with, as its report states it (``hinton, T=4`` or ``hinton, adaptive T
+    from 4``): the same command is another recipe once hwkd's default changes, so each row names its own."""
+    d = next((s.get("details") or {} for s in rep["stages"] if s["name"] == "distill"), {})
+    if "kd" not in d:
+        return None
+    schedule = d.get("temperature_schedule", "constant")
+    if schedule == "constant":
+        return f"{d['kd']}, T={d['temperature']:g}"
+    if schedule == "multi":
+        return f"{d['kd']}, multi-T"
+    return f"{d['kd']}, {schedule} T from {d['temperature']:g}"
+
+
+def score_on_val(res: dict, split_dir: Path) -> None:
+    """Top-1 of a run's teacher and final ONNX models on the validation split, beside the test split hwkd
+    scores, so that a recipe is read on both splits from the results alone; a failed run or a missing file
+    is left without it."""
+    if res["returncode"] != 0:
+        return
+    val = None
+    for label, path in (("teacher", Path(res["run_dir"]) / "teacher.onnx"), ("final", Path(res["model"]))):
+        if path.exists():
+            val = val or teacher_mod.DecodedFolder(split_dir / "val", teacher_mod.transforms(False))
+            res[label]["val_accuracy"] = round(peer.onnx_accuracy(path, val), 4)
 
 
 def train_epochs(stages: list[dict]) -> int:
@@ -356,6 +384,7 @@ def step_pipeline(args, proto, split_dir, teacher_pt, out: dict) -> None:
         key, stem = variant_names("pipeline", profile, sets)
         res = hwkd_compress(args, proto, split_dir, teacher_pt, profile, args.runs / stem,
                             extra=[x for s in sets for x in ("--set", s)])  # fmt: skip
+        score_on_val(res, split_dir)
         out["pipeline"][key] = res
         commit_model(args, res, f"{stem.removeprefix('pipeline_')}_int8.onnx")
         save(args, out)
@@ -391,6 +420,7 @@ def step_small(args, proto, split_dir, teacher_pt, out: dict) -> None:
     with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
         for profile, res in pool.map(one, proto["profiles"]):
             key, stem = variant_names("small", profile, sets)
+            score_on_val(res, split_dir)
             out["small"][key] = res
             commit_model(args, res, f"{stem}_int8.onnx")
             save(args, out)

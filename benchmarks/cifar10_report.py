@@ -96,18 +96,20 @@ def pipeline_section(r: dict, key: str = "pipeline") -> list[str]:
                   "rounded to the profile's 8), so that the student starts under 10% of the teacher's parameters. "
                   "Runs made with `--jobs 2` shared the two cores, so their host p50s are not comparable with the other tables'.",
                   ""]  # fmt: skip
-    lines += ["| profile | model | accuracy | params | MACs | p50 ms (host) | est. ms (device) | wall |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["| profile | KD recipe | model | accuracy (test) | val | params | MACs | p50 ms (host) | est. ms (device) | wall |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     goals = []
     for prof, res in p.items():
         if res["returncode"] != 0:
             why = "stopped (interrupted, exit 130)" if res["returncode"] == 130 else f"failed (exit {res['returncode']})"
-            lines.append(f"| {prof} | {why} | | | | | | {res['wall_s']:.0f} s |")
+            lines.append(f"| {prof} | | {why} | | | | | | | {res['wall_s']:.0f} s |")
             continue
         for label in ("teacher", "final"):
             m = res[label]
             name = label if label == "teacher" else f"final ({m.get('precision')})"
-            lines.append(f"| {prof} | {name} | {_pct(m['accuracy'])} | {_k(m['params'])} | {_m(m['macs'])} | "
+            kd = (res.get("kd") or "–") if label == "final" else ""  # the teacher is not distilled
+            lines.append(f"| {prof} | {kd} | {name} | {_pct(m['accuracy'])} | {_pct(m.get('val_accuracy'))} | "
+                         f"{_k(m['params'])} | {_m(m['macs'])} | "
                          f"{_ms(m['measured_latency_ms'])} | {_ms(m['estimated_latency_ms'])} | "
                          f"{_run_wall(res)} |")  # fmt: skip
         t, f = res["teacher"], res["final"]

@@ -925,3 +925,53 @@ def test_teacher_softness_reads_a_uniform_and_a_certain_teacher_right():
     assert math.isclose(flat["entropy_T1"], math.log(10), rel_tol=1e-5) and math.isclose(flat["off_target_mass_T4"], 0.9, rel_tol=1e-5)
     sure = teacher_softness.softness(Fixed(1000.0), data)
     assert sure["accuracy"] == 1.0 and sure["entropy_T4"] < 1e-6 and sure["off_target_mass_T4"] < 1e-6
+
+
+def test_each_pipeline_run_names_the_kd_recipe_its_report_states():
+    """The same command is another recipe once hwkd's default changes, so a row names the one it ran."""
+    import cifar10
+
+    def rep(**details):
+        return {"stages": [{"name": "distill", "details": {"kd": "hinton", "temperature": 4.0, **details}}, {"name": "qat"}]}
+
+    assert cifar10.distill_recipe(rep(temperature_schedule="constant")) == "hinton, T=4"
+    assert cifar10.distill_recipe(rep(temperature_schedule="adaptive")) == "hinton, adaptive T from 4"
+    assert cifar10.distill_recipe(rep(temperature_schedule="multi")) == "hinton, multi-T"
+    assert cifar10.distill_recipe({"stages": [{"name": "qat", "details": {}}]}) is None  # --skip distill
+
+
+def test_a_runs_teacher_and_final_model_are_scored_on_the_validation_split(tmp_path, monkeypatch):
+    import cifar10
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "model.onnx").write_bytes(b"final")
+    scored, loaded = [], []
+    monkeypatch.setattr(cifar10.teacher_mod, "DecodedFolder", lambda root, tf: loaded.append(root) or "val-set")
+    monkeypatch.setattr(cifar10.peer, "onnx_accuracy", lambda path, data: scored.append((path.name, data)) or 0.81234)
+    res = {"returncode": 0, "run_dir": str(run_dir), "model": str(run_dir / "model.onnx"), "teacher": {}, "final": {}}
+    cifar10.score_on_val(res, tmp_path / "split")
+    assert res["final"] == {"val_accuracy": 0.8123} and res["teacher"] == {}  # no teacher.onnx: left without
+    assert scored == [("model.onnx", "val-set")] and loaded == [tmp_path / "split" / "val"]
+    (run_dir / "teacher.onnx").write_bytes(b"teacher")
+    cifar10.score_on_val(res, tmp_path / "split")
+    assert res["teacher"] == {"val_accuracy": 0.8123} and len(loaded) == 2  # the split decoded once per run
+    failed = {"returncode": 1, "run_dir": str(run_dir), "model": str(run_dir / "model.onnx"), "teacher": {}, "final": {}}
+    cifar10.score_on_val(failed, tmp_path / "split")
+    assert failed["final"] == {} and len(scored) == 3
+
+
+def test_the_pipeline_table_shows_the_kd_recipe_and_the_validation_split():
+    import cifar10_report as report
+
+    m = {"accuracy": 0.8, "params": 1000, "macs": 2e6, "measured_latency_ms": 0.1, "estimated_latency_ms": 0.2,
+         "precision": "int8"}  # fmt: skip
+    run = {"command": "hwkd compress --profile rpi4", "returncode": 0, "wall_s": 10.0, "kd": "hinton, T=4",
+           "teacher": {**m, "val_accuracy": 0.9}, "final": {**m, "val_accuracy": 0.7936}}  # fmt: skip
+    rows = [line for line in report.pipeline_section({"pipeline": {"rpi4": run}}) if line.startswith("| rpi4 |")]
+    assert rows[0].startswith("| rpi4 |  | teacher | 80.00% | 90.00% |")  # the teacher is not distilled
+    assert rows[1].startswith("| rpi4 | hinton, T=4 | final (int8) | 80.00% | 79.36% |")
+    old = {**run, "teacher": m, "final": m}
+    del old["kd"]  # a run recorded before either field existed
+    rows = [line for line in report.pipeline_section({"pipeline": {"rpi4": old}}) if line.startswith("| rpi4 |")]
+    assert rows[1].startswith("| rpi4 | – | final (int8) | 80.00% | – |")
