@@ -280,12 +280,16 @@ def distill_recipe(rep: dict) -> str | None:
 def score_on_val(res: dict, split_dir: Path) -> None:
     """Top-1 of a run's teacher and final ONNX models on the validation split, beside the test split hwkd
     scores, so that a recipe is read on both splits from the results alone; a failed run or a missing file
-    is left without it."""
+    is left without it. Where the run folder is gone (another session's /tmp) the committed copy of the final
+    model is scored: the same bytes."""
     if res["returncode"] != 0:
         return
+    final = Path(res.get("model", ""))
+    if not final.is_file() and res.get("committed_model"):
+        final = ROOT / res["committed_model"]
     val = None
-    for label, path in (("teacher", Path(res["run_dir"]) / "teacher.onnx"), ("final", Path(res["model"]))):
-        if path.exists():
+    for label, path in (("teacher", Path(res.get("run_dir", "")) / "teacher.onnx"), ("final", final)):
+        if path.is_file():
             val = val or teacher_mod.DecodedFolder(split_dir / "val", teacher_mod.transforms(False))
             res[label]["val_accuracy"] = round(peer.onnx_accuracy(path, val), 4)
 

@@ -959,6 +959,13 @@ def test_a_runs_teacher_and_final_model_are_scored_on_the_validation_split(tmp_p
     failed = {"returncode": 1, "run_dir": str(run_dir), "model": str(run_dir / "model.onnx"), "teacher": {}, "final": {}}
     cifar10.score_on_val(failed, tmp_path / "split")
     assert failed["final"] == {} and len(scored) == 3
+    committed = tmp_path / "committed.onnx"
+    committed.write_bytes(b"final")
+    monkeypatch.setattr(cifar10, "ROOT", tmp_path)
+    gone = {"returncode": 0, "run_dir": str(tmp_path / "gone"), "model": str(tmp_path / "gone" / "model.onnx"),
+            "committed_model": "committed.onnx", "teacher": {}, "final": {}}  # fmt: skip
+    cifar10.score_on_val(gone, tmp_path / "split")  # the run folder is gone: its committed copy is the same bytes
+    assert gone["final"] == {"val_accuracy": 0.8123} and scored[-1][0] == "committed.onnx" and gone["teacher"] == {}
 
 
 def test_the_pipeline_table_shows_the_kd_recipe_and_the_validation_split():
