@@ -290,7 +290,8 @@ def score_on_val(res: dict, split_dir: Path) -> None:
     val = None
     for label, path in (("teacher", Path(res.get("run_dir", "")) / "teacher.onnx"), ("final", final)):
         if path.is_file():
-            val = val or teacher_mod.DecodedFolder(split_dir / "val", teacher_mod.transforms(False))
+            if val is None:  # decoded once, for both models
+                val = teacher_mod.DecodedFolder(split_dir / "val", teacher_mod.transforms(False))
             res[label]["val_accuracy"] = round(peer.onnx_accuracy(path, val), 4)
 
 
