@@ -115,8 +115,15 @@ def pipeline_section(r: dict, key: str = "pipeline") -> list[str]:
         t, f = res["teacher"], res["final"]
         if t["params"] and f["params"] and t["accuracy"] and f["accuracy"] is not None:
             red, keep = 1 - f["params"] / t["params"], f["accuracy"] / t["accuracy"]
+            # the teacher's validation score: the run's own, else the cached teacher's (the same file)
+            t_val = t.get("val_accuracy") or (r.get("teacher") or {}).get("val_acc")
+            on_val = ""
+            if t_val and f.get("val_accuracy") is not None:
+                keep_val = f["val_accuracy"] / t_val
+                on_val = f", {100 * keep_val:.1f}% on validation ({'met' if keep_val >= 0.95 else 'NOT met'})"
             goals.append(f"- {prof}: {100 * red:.1f}% fewer parameters (goal >= 90%: {'met' if red >= 0.9 else 'NOT met'}), "
-                         f"{100 * keep:.1f}% of the teacher's accuracy (goal >= 95%: {'met' if keep >= 0.95 else 'NOT met'}).")  # fmt: skip
+                         f"{100 * keep:.1f}% of the teacher's accuracy on test (goal >= 95%: {'met' if keep >= 0.95 else 'NOT met'})"
+                         f"{on_val}.")  # fmt: skip
     lines += ["", *goals, "", "Commands:", ""] + [f"    {res['command']}" for res in p.values()] + [""]
     return lines
 

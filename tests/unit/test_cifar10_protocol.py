@@ -978,6 +978,11 @@ def test_the_pipeline_table_shows_the_kd_recipe_and_the_validation_split():
     rows = [line for line in report.pipeline_section({"pipeline": {"rpi4": run}}) if line.startswith("| rpi4 |")]
     assert rows[0].startswith("| rpi4 |  | teacher | 80.00% | 90.00% |")  # the teacher is not distilled
     assert rows[1].startswith("| rpi4 | hinton, T=4 | final (int8) | 80.00% | 79.36% |")
+    goal = [line for line in report.pipeline_section({"pipeline": {"rpi4": run}}) if line.startswith("- rpi4:")][0]
+    assert "100.0% of the teacher's accuracy on test (goal >= 95%: met), 88.2% on validation (NOT met)." in goal
+    without_teacher_val = {**run, "teacher": m}  # the run folder was gone: the cached teacher's score stands in
+    lines = report.pipeline_section({"pipeline": {"rpi4": without_teacher_val}, "teacher": {"val_acc": 0.8}})
+    assert "99.2% on validation (met)." in [line for line in lines if line.startswith("- rpi4:")][0]
     old = {**run, "teacher": m, "final": m}
     del old["kd"]  # a run recorded before either field existed
     rows = [line for line in report.pipeline_section({"pipeline": {"rpi4": old}}) if line.startswith("| rpi4 |")]
