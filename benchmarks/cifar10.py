@@ -287,9 +287,10 @@ def score_on_val(res: dict, split_dir: Path) -> None:
     final = Path(res.get("model", ""))
     if not final.is_file() and res.get("committed_model"):
         final = ROOT / res["committed_model"]
+    teacher = Path(res["run_dir"]) / "teacher.onnx" if res.get("run_dir") else None
     val = None
-    for label, path in (("teacher", Path(res.get("run_dir", "")) / "teacher.onnx"), ("final", final)):
-        if path.is_file():
+    for label, path in (("teacher", teacher), ("final", final)):
+        if path is not None and path.is_file():
             if val is None:  # decoded once, for both models
                 val = teacher_mod.DecodedFolder(split_dir / "val", teacher_mod.transforms(False))
             res[label]["val_accuracy"] = round(peer.onnx_accuracy(path, val), 4)
@@ -645,6 +646,8 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
                                args.runs / f"hw_{b}_{arm}{f'_{student}' if student else ''}",
                                ["--latency-budget", f"{b}%", *extra, *chosen],
                                earlier[str(b)].get(f"hwkd_penalty_{arm}"))  # fmt: skip
+        if stand_in is None:
+            score_on_val(result, split_dir)
         if student:
             result["student"] = student
         with _SAVE_LOCK:
@@ -688,7 +691,8 @@ def step_hw(args, proto, split_dir, teacher_pt, out: dict) -> None:
         path = peer.export_int8(model, example, calibration, args.runs / f"{name}.onnx")
         params, macs = peer.params_and_macs(model, example)
         trained[ratio, epochs] = {"ratio": ratio, "epochs": epochs, "params": params, "macs": macs, "name": name,
-                                  "accuracy": peer.onnx_accuracy(path, sets["test"]), "fine_tune": hist,
+                                  "accuracy": peer.onnx_accuracy(path, sets["test"]),
+                                  "val_accuracy": round(peer.onnx_accuracy(path, sets["val"]), 4), "fine_tune": hist,
                                   "wall_s": round(time.time() - t1, 1), "model": str(path)}  # fmt: skip
         log(f"peer {name}: {trained[ratio, epochs]['accuracy']:.2%} test")
         return trained[ratio, epochs]
@@ -770,6 +774,7 @@ def step_penalty(args, proto, split_dir, teacher_pt, out: dict) -> None:
         else:
             result = hwkd_compress(args, proto, split_dir, teacher_pt, proto["hw_profile"], run_dir, hwkd_args,
                                    earlier[(b, arm, seed)])  # fmt: skip
+        score_on_val(result, split_dir)
         with _SAVE_LOCK:
             pen["budgets"].setdefault(str(b), {})[key] = {**result, "arm": arm, "seed": seed}
             save(args, out)

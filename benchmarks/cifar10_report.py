@@ -277,6 +277,24 @@ def budgets_in_order(budgets: dict) -> list[tuple[str, dict]]:
     return sorted(budgets.items(), key=lambda kv: int(kv[0]))
 
 
+def _scores(x: dict) -> tuple[float | None, float | None]:
+    """A run's final (or a peer's) accuracy on the test split and, where it was read, on the validation split."""
+    m = x.get("final", x) if x and x.get("returncode", 0) == 0 else {}
+    return m.get("accuracy"), m.get("val_accuracy")
+
+
+def _with_val(test: float | None, val: float | None) -> str:
+    return _pct(test) + (f" (val {_pct(val)})" if val is not None else "")
+
+
+def _difference(a: dict, b: dict) -> str:
+    """a − b in points on test and, where both were read on it, on validation: a margin one split shows alone."""
+    (ta, va), (tb, vb) = _scores(a), _scores(b)
+    if ta is None or tb is None:
+        return "–"
+    return f"{100 * (ta - tb):+.2f}" + (f" (val {100 * (va - vb):+.2f})" if va is not None and vb is not None else "")
+
+
 def hw_section(r: dict, plot: Path) -> list[str]:
     hw = r.get("hw")
     if not hw or not hw.get("budgets"):
@@ -306,22 +324,18 @@ def hw_section(r: dict, plot: Path) -> list[str]:
         def cell(x):
             if not x or x.get("returncode", 0) != 0:
                 return "failed" if x else "–"
-            acc = x["final"]["accuracy"] if "final" in x else x["accuracy"]
-            return f"{_pct(acc)} / {_ms(x.get('paired_p50_ms'))}" + (" (stand-in †)" if x.get("stand_in") else "")
+            return (f"{_with_val(*_scores(x))} / {_ms(x.get('paired_p50_ms'))}"
+                    + (" (stand-in †)" if x.get("stand_in") else ""))  # fmt: skip
 
-        acc_on = on.get("final", {}).get("accuracy")
-        acc_off = off.get("final", {}).get("accuracy")
-        d_peer = f"{100 * (acc_on - pe['accuracy']):+.2f}" if pe and acc_on is not None else "–"
-        d_off = f"{100 * (acc_on - acc_off):+.2f}" if acc_on is not None and acc_off is not None else "–"
+        d_peer = _difference(on, pe) if pe else "–"
+        d_off = _difference(on, off)
         peer_cell = f"{pe['ratio']:.2f} / {cell(pe)}" if pe else "–"
         if pe and on.get("paired_p50_ms") and pe.get("paired_p50_ms") and pe["paired_p50_ms"] > on["paired_p50_ms"]:
             peer_cell += " (slower: no grid ratio reached hwkd's latency; the fastest grid point)"
         extra = ""
         if plan:
             pl = row.get("hwkd_penalty_plan", {})
-            acc_plan = pl.get("final", {}).get("accuracy")
-            d_plan = f"{100 * (acc_plan - acc_off):+.2f}" if acc_plan is not None and acc_off is not None else "–"
-            extra = f" {cell(pl)} | {d_plan} |"
+            extra = f" {cell(pl)} | {_difference(pl, off)} |"
         student = f" (`--student {on['student']}`)" if on.get("student") else ""
         lines.append(f"| {b}%{student} | {cell(on)} | {cell(off)} | {peer_cell} | {d_peer} | {d_off} |{extra}")
     at_budget = [(b, row["peer_at_budget"], row.get("hwkd_penalty_on", {})) for b, row in budgets_in_order(hw["budgets"])
@@ -332,12 +346,11 @@ def hw_section(r: dict, plot: Path) -> list[str]:
                   "| budget | peer's budget ms | ratio | params | MACs | acc | p50 ms | hwkd on − this peer | latency, peer / hwkd |",
                   "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for b, pb, on in at_budget:
-            acc_on = on.get("final", {}).get("accuracy")
-            diff = f"{100 * (acc_on - pb['accuracy']):+.2f}" if acc_on is not None else "–"
+            diff = _difference(on, pb)
             speed = (f"{pb['paired_p50_ms'] / on['paired_p50_ms']:.1f}x" if pb.get("paired_p50_ms") and on.get("paired_p50_ms")
                      else "–")  # fmt: skip
             lines.append(f"| {b}% | {_ms(pb['budget_ms'])} | {pb['ratio']:.2f} | {_k(pb['params'])} | {_m(pb['macs'])} | "
-                         f"{_pct(pb['accuracy'])} | {_ms(pb.get('paired_p50_ms'))} | {diff} | {speed} |")  # fmt: skip
+                         f"{_with_val(*_scores(pb))} | {_ms(pb.get('paired_p50_ms'))} | {diff} | {speed} |")  # fmt: skip
     stand_ins = sorted({f"{b}%: {x['stand_in']}" for b, row in hw["budgets"].items() for x in row.values()
                         if isinstance(x, dict) and x.get("stand_in")})  # fmt: skip
     if stand_ins:
@@ -394,6 +407,16 @@ def penalty_section(r: dict) -> list[str]:
     return [line for pen in penalty_students(r.get("penalty")).values() for line in student_penalty_section(pen)]
 
 
+def _val_mean(runs: dict[tuple[str, int], dict], arm: str) -> str:
+    """The paired arm − off mean on the validation split, where every seed of both arms was read on it."""
+    pairs = [(_scores(x)[1], _scores(runs.get(("off", s), {}))[1]) for (a, s), x in sorted(runs.items(), key=lambda k: k[0][1])
+             if a == arm and x.get("returncode") == 0 and runs.get(("off", s), {}).get("returncode") == 0]  # fmt: skip
+    if len(pairs) < 2 or any(v is None for pair in pairs for v in pair):
+        return ""
+    diffs = [100 * (a - o) for a, o in pairs]
+    return f", on validation {sum(diffs) / len(diffs):+.2f} ({_signed(diffs)})"
+
+
 def student_penalty_section(pen: dict) -> list[str]:
     if not pen.get("budgets"):
         return []
@@ -427,8 +450,8 @@ def student_penalty_section(pen: dict) -> list[str]:
                 if x.get("returncode") != 0:
                     lines.append(f"| {b}% | {seed} | {arm} | failed (exit {x.get('returncode')}) | | | | | | | | | |")
                     continue
-                off = ok.get(("off", seed))
-                diff = f"{100 * (ok[(arm, seed)] - off):+.2f}" if arm != "off" and off is not None else ""
+                off = runs.get(("off", seed)) if ("off", seed) in ok else None
+                diff = _difference(x, off) if arm != "off" and off is not None else ""
                 f, stage = x["final"], {st["name"]: st.get("accuracy") for st in x["stages"]}
                 epochs = {st["name"]: st.get("epochs") for st in x["stages"]}.get("prune")
                 rep = x.get("reprune") or {}
@@ -438,7 +461,7 @@ def student_penalty_section(pen: dict) -> list[str]:
                 if rep.get("before"):
                     repruned.append(f"{b}% seed {seed} {arm} was {_pct(rep['before']['accuracy'])} "
                                     f"({' → '.join(rep['before']['code']) or 'code not recorded'}): `{rep['command']}`")  # fmt: skip
-                lines.append(f"| {b}% ({_ms(budget)} ms) | {seed} | {arm}{' (r)' if rep.get('before') else ''} | {_pct(f['accuracy'])} | {_k(f['params'])} | "
+                lines.append(f"| {b}% ({_ms(budget)} ms) | {seed} | {arm}{' (r)' if rep.get('before') else ''} | {_with_val(*_scores(x))} | {_k(f['params'])} | "
                              f"{_m(f['macs'])} | {_ms(f['estimated_latency_ms'])} | {_ms(x.get('paired_p50_ms'))}"
                              f"{mark.get(x.get('paired_p50_timed_at') or '', '') if x.get('paired_p50_ms') is not None else ''} | "
                              f"{_pct(stage.get('distill'))} | {_pct(stage.get('prune'))} | "
@@ -448,7 +471,7 @@ def student_penalty_section(pen: dict) -> list[str]:
                      if a == arm != "off" and ("off", s) in ok]  # by seed
             if len(diffs) > 1:
                 means.append(f"{b}% {arm} − off: mean {sum(diffs) / len(diffs):+.2f} over {len(diffs)} seeds "
-                             f"({_signed(diffs)})")  # fmt: skip
+                             f"({_signed(diffs)})" + _val_mean(runs, arm))  # fmt: skip
     if means:
         lines += ["", "Paired by seed: " + "; ".join(means) + "."]
     if repruned:

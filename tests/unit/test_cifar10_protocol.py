@@ -812,9 +812,9 @@ def test_the_hw_step_shares_one_peer_between_budgets_of_one_ratio_and_skips_budg
     model.write_bytes(b"x")
     trained = []
     monkeypatch.setattr(cifar10, "save", lambda args, out: None)
-    monkeypatch.setattr(cifar10, "load_sets", lambda split_dir: {"train": [], "test": []})
+    monkeypatch.setattr(cifar10, "load_sets", lambda split_dir: {"train": [], "val": "val", "test": "test"})
     monkeypatch.setattr(cifar10, "load_teacher", lambda pt: torch.nn.Identity())
-    monkeypatch.setattr(cifar10.teacher_mod, "DecodedFolder", lambda *a, **k: [])
+    monkeypatch.setattr(cifar10.teacher_mod, "DecodedFolder", lambda root, tf: "val" if root.name == "val" else [])
     monkeypatch.setattr(cifar10.peer, "calibration_images", lambda data: [])
     monkeypatch.setattr(cifar10.peer, "latency_grid", lambda teacher, ex, cal, work, targets, rounds, ratios, runs_per_round, threads: {
         "grid": {0.0: 1.0, 0.5: 0.5, 0.9: 0.2}, "targets": {k: 0.05 for k in targets}})  # fmt: skip
@@ -822,10 +822,10 @@ def test_the_hw_step_shares_one_peer_between_budgets_of_one_ratio_and_skips_budg
     monkeypatch.setattr(cifar10.peer, "fine_tune", lambda m, data, epochs: trained.append(m) or [])
     monkeypatch.setattr(cifar10.peer, "export_int8", lambda m, ex, cal, path: (path.write_bytes(b"p"), path)[1])
     monkeypatch.setattr(cifar10.peer, "params_and_macs", lambda m, ex: (100, 1000))
-    monkeypatch.setattr(cifar10.peer, "onnx_accuracy", lambda path, data: 0.5)
+    monkeypatch.setattr(cifar10.peer, "onnx_accuracy", lambda path, data: {"test": 0.5, "val": 0.45}[data])
     monkeypatch.setattr(cifar10, "time_together", lambda budgets, finals, rounds: None)
     run = {"returncode": 0, "model": str(model), "train_epochs": 17, "final": {"accuracy": 0.8}}
-    monkeypatch.setattr(cifar10, "hwkd_compress", lambda *a, **k: dict(run))
+    monkeypatch.setattr(cifar10, "hwkd_compress", lambda *a, **k: {**run, "final": dict(run["final"])})
     gone = {"returncode": 0, "model": str(tmp_path / "gone.onnx"), "train_epochs": 29}
     earlier_peer = {"ratio": 0.9, "epochs": 29, "accuracy": 0.55, "model": str(tmp_path / "gone_peer.onnx")}
     out = {"hw": {"profile": "rpi4", "budgets": {"10": {"hwkd_penalty_on": gone, "hwkd_penalty_off": gone,
@@ -847,7 +847,7 @@ def test_the_hw_step_shares_one_peer_between_budgets_of_one_ratio_and_skips_budg
     assert trained == [] and budgets["30"]["peer"]["model"] == budgets["20"]["peer"]["model"]
     # --hw-student: the student hwkd's out-of-reach message advises; its own run folders, named in the table
     calls = []
-    monkeypatch.setattr(cifar10, "hwkd_compress", lambda *a, **k: calls.append((a[5].name, a[6])) or dict(run))
+    monkeypatch.setattr(cifar10, "hwkd_compress", lambda *a, **k: calls.append((a[5].name, a[6])) or {**run, "final": dict(run["final"])})
     cifar10.step_hw(argparse.Namespace(**{**vars(args), "hw_student": "cnn", "stand_in_pipeline": True}),
                     {**cifar10.PROTOCOLS["full"], "budgets": [10]}, tmp_path, tmp_path / "t.pt", out)  # fmt: skip
     off = ["--set", "distill.penalty_weight=0", "--set", "prune.penalty_weight=0"]
@@ -855,8 +855,10 @@ def test_the_hw_step_shares_one_peer_between_budgets_of_one_ratio_and_skips_budg
                      ("hw_10_off_cnn", ["--latency-budget", "10%", *off, "--student", "cnn"])]  # fmt: skip
     assert budgets["10"]["hwkd_penalty_on"]["student"] == "cnn"
     text = "\n".join(report.hw_section(out, tmp_path / "p.png"))
-    assert "| 10% (`--student cnn`) | 80.00% / – | 80.00% / – | 0.90 / 50.00% / – | +30.00 | +0.00 |" in text
-    assert "| 20% | 80.00% / – |" in text  # the default student's budgets name none
+    # every hwkd run and trained peer read on the validation split too (stop 50), the margins on both splits
+    assert ("| 10% (`--student cnn`) | 80.00% (val 45.00%) / – | 80.00% (val 45.00%) / – | 0.90 / 50.00% (val 45.00%) / – "
+            "| +30.00 (val +0.00) | +0.00 (val +0.00) |") in text  # fmt: skip
+    assert "| 20% | 80.00% (val 45.00%) / – |" in text  # the default student's budgets name none
     out["hw"]["budgets"] = dict(reversed(budgets.items()))  # as invocations added them: 50, 30, 20, 10
     text = "\n".join(report.hw_section(out, tmp_path / "p.png"))
     assert text.index("| 10% (") < text.index("| 20% |") < text.index("| 50% |")  # by budget, not by when run
@@ -987,3 +989,45 @@ def test_the_pipeline_table_shows_the_kd_recipe_and_the_validation_split():
     del old["kd"]  # a run recorded before either field existed
     rows = [line for line in report.pipeline_section({"pipeline": {"rpi4": old}}) if line.startswith("| rpi4 |")]
     assert rows[1].startswith("| rpi4 | – | final (int8) | 80.00% | – |")
+
+
+def test_penalty_runs_are_read_on_the_validation_split_and_their_margins_on_both(tmp_path, monkeypatch):
+    """Stop 50: the penalty and hw rows had test scores only, so a margin of a point could not be checked against
+    the validation split as the pipeline rows are; each run is now scored there and each − off shown on both."""
+    import argparse
+
+    import cifar10
+    import cifar10_report as report
+
+    scored = []
+    acc = {("mask", 0): (0.815, 0.80), ("off", 0): (0.80, 0.805), ("mask", 1): (0.82, 0.81), ("off", 1): (0.80, 0.80)}
+
+    def fake_compress(args, proto, split_dir, teacher_pt, profile, run_dir, extra=(), earlier=None):
+        arm, seed = run_dir.name.split("_")[3], int(run_dir.name.partition("_seed")[2] or 0)
+        return {"returncode": 0, "command": run_dir.name, "run_dir": str(run_dir), "model": str(run_dir / "model.onnx"),
+                "final": {"accuracy": acc[arm, seed][0], "params": 1000, "macs": 1e6, "estimated_latency_ms": 0.5},
+                "stages": [], "budget": {"latency_ms": 0.6}}  # fmt: skip
+
+    def fake_val(res, split_dir):
+        scored.append(Path(res["run_dir"]).name)
+        arm, seed = Path(res["run_dir"]).name.split("_")[3], int(res["run_dir"].partition("_seed")[2] or 0)
+        res["final"]["val_accuracy"] = acc[arm, seed][1]
+
+    monkeypatch.setattr(cifar10, "hwkd_compress", fake_compress)
+    monkeypatch.setattr(cifar10, "score_on_val", fake_val)
+    monkeypatch.setattr(cifar10, "save", lambda args, out: None)
+    args = argparse.Namespace(penalty_student="0.75x", budgets="20", runs=tmp_path, jobs=1, penalty_seeds="0,1",
+                              penalty_arms="mask,off")  # fmt: skip
+    out: dict = {}
+    cifar10.step_penalty(args, cifar10.PROTOCOLS["full"], tmp_path, tmp_path / "t.pt", out)
+    assert sorted(scored) == ["penalty_0.75x_20_mask", "penalty_0.75x_20_mask_seed1", "penalty_0.75x_20_off",
+                              "penalty_0.75x_20_off_seed1"]  # fmt: skip
+    text = "\n".join(report.penalty_section(out))
+    assert "| 20% (0.600 ms) | 0 | mask | 81.50% (val 80.00%) |" in text and "| +1.50 (val -0.50) |" in text
+    assert "| 20% (0.600 ms) | 1 | mask | 82.00% (val 81.00%) |" in text and "| +2.00 (val +1.00) |" in text
+    assert "20% mask − off: mean +1.75 over 2 seeds (+1.50, +2.00), on validation +0.25 (-0.50, +1.00)." in text
+    # a row read on test only (before stop 50) keeps its cell and takes the paired mean on test alone
+    del out["penalty"]["0.75x"]["budgets"]["20"]["off_seed1"]["final"]["val_accuracy"]
+    text = "\n".join(report.penalty_section(out))
+    assert "| 20% (0.600 ms) | 1 | off | 80.00% |" in text and "| +2.00 |" in text
+    assert "mean +1.75 over 2 seeds (+1.50, +2.00)." in text
