@@ -202,7 +202,8 @@ def hwkd_compress(args, proto: dict, split_dir: Path, teacher_pt: Path, profile:
     if finished:  # run by hand (or by another invocation) with this very command, and complete
         log(f"reused (same command, complete run folder): {shown}")
         manifest, rep = finished
-        return {**run_result(rep, shown, run_dir, manifest.get("wall_seconds")), **code_states(code_log), "reused": True}
+        return {**run_result(rep, shown, run_dir, manifest.get("wall_seconds")), **code_states(code_log),
+                "config": manifest.get("config"), "reused": True}  # fmt: skip
     resumed = unfinished_run(run_dir, cmd[3:])
     if resumed:  # a run of this very command was killed (e.g. the session ended): continue it, do not restart
         log(f"resume ({resumed}, from its last complete epoch): {shown}")
@@ -219,7 +220,8 @@ def hwkd_compress(args, proto: dict, split_dir: Path, teacher_pt: Path, profile:
         log(f"hwkd compress exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
         return {"command": shown, "returncode": proc.returncode, "wall_s": round(wall, 1),
                 "error": proc.stderr.strip()[-2000:]}  # fmt: skip
-    result = {**run_result(json.loads(proc.stdout), shown, run_dir, wall), **code_states(code_log)}
+    result = {**run_result(json.loads(proc.stdout), shown, run_dir, wall), **code_states(code_log),
+              "config": (_read_json(run_dir / "manifest.json") or {}).get("config")}  # fmt: skip
     return {**result, "resumed": resumed} if resumed else result  # then wall_s is this invocation's part only
 
 
@@ -543,7 +545,8 @@ def plateau_methods(args) -> list[str]:
 
 
 def pipeline_stand_in(out: dict, proto: dict, budget_pct: int, estimate_now=None) -> dict | None:
-    """The pipeline step's run of the hw profile, where a ``budget_pct``% budget cannot change it.
+    """The pipeline step's run of the hw profile on today's recipe (``runs_todays_recipe``: the plain default
+    row, or one whose --sets restate today's defaults), where a ``budget_pct``% budget cannot change it.
 
     Under a budget the default student already meets on the cost model, hwkd's run is the budget-free
     default pipeline: the penalty's gate is 0 from the first step (the estimate only falls as channels
@@ -553,8 +556,10 @@ def pipeline_stand_in(out: dict, proto: dict, budget_pct: int, estimate_now=None
     ``estimate_now(model_path) -> (model_ms, teacher_ms)`` re-prices both on today's cost model, so a run
     recorded by an older one is judged by the estimate a new run would budget by (stop 32 changed it).
     """
-    run = (out.get("pipeline") or {}).get(proto["hw_profile"])
-    if not run or run.get("returncode") != 0:
+    run = next((r for key, r in (out.get("pipeline") or {}).items()
+                if key.split()[0] == proto["hw_profile"] and r.get("returncode") == 0 and runs_todays_recipe(r, proto)),
+               None)  # fmt: skip
+    if run is None:
         return None
     # the run folder may be gone (another session's /tmp); the committed copy is the same bytes
     model = next((m for m in (Path(run.get("model", "")), ROOT / run.get("committed_model", "")) if m.is_file()), None)
@@ -569,8 +574,36 @@ def pipeline_stand_in(out: dict, proto: dict, budget_pct: int, estimate_now=None
     if run["final"].get("precision") != "int8" or est > budget_ms:
         return None
     copy = "" if model == Path(run["model"]) else f"; its committed copy {run['committed_model']}"
-    return {**run, "model": str(model), "stand_in": f"pipeline {proto['hw_profile']} run: budget not binding (INT8 "
-            f"estimate {est:.3f} ms <= {budget_ms:.3f} ms, nothing pruned{copy})"}  # fmt: skip
+    return {**run, "model": str(model), "stand_in": f"pipeline run `{run['command'].split(' --overwrite --json')[-1].strip() or 'defaults'}`"
+            f" ({proto['hw_profile']}, today's recipe): budget not binding (INT8 estimate {est:.3f} ms <= "
+            f"{budget_ms:.3f} ms, nothing pruned{copy})"}  # fmt: skip
+
+
+def run_config(run: dict) -> dict | None:
+    """The resolved recipe a run trained with: recorded in its row since stop 50, else its run folder's manifest."""
+    if run.get("config"):
+        return run["config"]
+    manifest = _read_json(Path(run["run_dir"]) / "manifest.json") if run.get("run_dir") else None
+    return (manifest or {}).get("config")
+
+
+def runs_todays_recipe(run: dict, proto: dict) -> bool:
+    """Whether a run's resolved recipe is the one a budget-free default run of this protocol resolves today
+    (hwkd's defaults, the protocol's --sets, the benchmark's --mean/--std). A pipeline row made under an older
+    default (adaptive T before stop 48) is another computation under the same command, and a row whose --sets
+    restate today's defaults (``rpi4 distill.temperature_schedule=constant``) is the same one under a longer
+    command; the recipe, not the command, decides. A row whose recipe is not known (no record, folder gone)
+    is not today's."""
+    from hwkd.api import resolve_config
+    from hwkd.cli import parse_sets
+    from hwkd.config import merge
+
+    recorded = run_config(run)
+    if not recorded:
+        return False
+    data = {"data": {"mean": list(teacher_mod.MEAN), "std": list(teacher_mod.STD)}}
+    today = resolve_config(None, merge(parse_sets(list(proto["hwkd_sets"])), data)).to_dict()
+    return json.loads(json.dumps(recorded)) == json.loads(json.dumps(today))
 
 
 def penalty_stand_in(out: dict, proto: dict, budget_pct: int, arm: str) -> dict | None:

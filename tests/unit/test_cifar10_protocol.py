@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -286,16 +287,29 @@ def test_a_resumed_runs_wall_says_it_is_the_last_launch_and_shows_its_stages_sec
     assert "| 375 s (resumed: this launch; stages 1494 s) |" in text and "| 375 s |" not in text
 
 
+def todays_recipe(**changes) -> dict:
+    """The resolved recipe (manifest ``config``) of a default run of the full protocol today, with ``changes``."""
+    import cifar10
+
+    from hwkd.api import resolve_config
+    from hwkd.config import merge
+
+    data = {"data": {"mean": list(cifar10.teacher_mod.MEAN), "std": list(cifar10.teacher_mod.STD)}}
+    return resolve_config(None, merge(data, changes)).to_dict()
+
+
 def test_the_default_pipeline_stands_in_only_where_the_budget_cannot_bind(tmp_path):
     import cifar10
 
     model = tmp_path / "model.onnx"
     model.write_bytes(b"onnx")
-    run = {"command": "hwkd compress --profile rpi4", "returncode": 0, "model": str(model),
+    run = {"command": "hwkd compress --profile rpi4 --out x --overwrite --json", "returncode": 0, "model": str(model),
            "teacher": {"estimated_latency_ms": 4.0}, "final": {"estimated_latency_ms": 0.78, "precision": "int8"},
-           "stages": [{"name": "distill", "epochs": 14}, {"name": "prune", "epochs": 0}, {"name": "qat", "epochs": 3}]}
-    out, proto = {"pipeline": {"rpi4": run}}, {"hw_profile": "rpi4"}
-    assert cifar10.pipeline_stand_in(out, proto, 20)["stand_in"].startswith("pipeline rpi4 run: budget not binding")
+           "stages": [{"name": "distill", "epochs": 14}, {"name": "prune", "epochs": 0}, {"name": "qat", "epochs": 3}],
+           "config": todays_recipe()}  # fmt: skip
+    out, proto = {"pipeline": {"rpi4": run}}, {"hw_profile": "rpi4", "hwkd_sets": []}
+    assert cifar10.pipeline_stand_in(out, proto, 20)["stand_in"].startswith(
+        "pipeline run `defaults` (rpi4, today's recipe): budget not binding")
     assert cifar10.pipeline_stand_in(out, proto, 20)["command"] == run["command"]  # says what really ran
     assert cifar10.pipeline_stand_in(out, proto, 19) is None  # 0.76 ms: the student is over it
     # judged on today's cost model when given: a student re-priced at 0.86 of a teacher at 4.3 ms is within 20%...
@@ -311,6 +325,21 @@ def test_the_default_pipeline_stands_in_only_where_the_budget_cannot_bind(tmp_pa
     assert cifar10.pipeline_stand_in(kept, proto, 50)["model"] == str(copy)
     assert "committed copy" in cifar10.pipeline_stand_in(kept, proto, 50)["stand_in"]
     assert cifar10.pipeline_stand_in(out, proto, 50) is None  # neither on disk
+    # stop 50: the row must have run today's recipe, not merely today's command (the KD schedule changed at stop 48)
+    model.write_bytes(b"onnx")
+    older = {**run, "config": todays_recipe(distill={"temperature_schedule": "adaptive"})}
+    assert cifar10.pipeline_stand_in({"pipeline": {"rpi4": older}}, proto, 50) is None
+    restating = {**run, "command": f"{run['command']} --set distill.temperature_schedule=constant"}
+    both = {"pipeline": {"rpi4": older, "rpi4 distill.temperature_schedule=constant": restating,
+                         "rpi4 seed=1": {**run, "config": todays_recipe(seed=1)}}}  # fmt: skip
+    stand = cifar10.pipeline_stand_in(both, proto, 50)
+    assert stand["command"] == restating["command"] and "`--set distill.temperature_schedule=constant`" in stand["stand_in"]
+    assert cifar10.pipeline_stand_in({"pipeline": {"rpi4 seed=1": both["pipeline"]["rpi4 seed=1"]}}, proto, 50) is None
+    unknown = {k: v for k, v in run.items() if k != "config"}  # recipe not recorded and no run folder to read it from
+    assert cifar10.pipeline_stand_in({"pipeline": {"rpi4": unknown}}, proto, 50) is None
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps({"config": todays_recipe()}))
+    assert cifar10.pipeline_stand_in({"pipeline": {"rpi4": {**unknown, "run_dir": str(tmp_path / "run")}}}, proto, 50)
 
 
 def test_an_earlier_peer_stands_unless_retrained_and_reuse_keeps_only_the_same_ratio_and_epochs(tmp_path):
