@@ -587,13 +587,13 @@ def run_config(run: dict) -> dict | None:
     return (manifest or {}).get("config")
 
 
-def runs_todays_recipe(run: dict, proto: dict) -> bool:
+def runs_todays_recipe(run: dict, proto: dict, extra: list[str] = ()) -> bool:
     """Whether a run's resolved recipe is the one a budget-free default run of this protocol resolves today
     (hwkd's defaults, the protocol's --sets, the benchmark's --mean/--std). A pipeline row made under an older
     default (adaptive T before stop 48) is another computation under the same command, and a row whose --sets
     restate today's defaults (``rpi4 distill.temperature_schedule=constant``) is the same one under a longer
-    command; the recipe, not the command, decides. A row whose recipe is not known (no record, folder gone)
-    is not today's."""
+    command; the recipe, not the command, decides. ``extra``: an arm's --sets over today's defaults (the penalty
+    step's ``off``). A row whose recipe is not known (no record, folder gone) is not today's."""
     from hwkd.api import resolve_config
     from hwkd.cli import parse_sets
     from hwkd.config import merge
@@ -602,7 +602,8 @@ def runs_todays_recipe(run: dict, proto: dict) -> bool:
     if not recorded:
         return False
     data = {"data": {"mean": list(teacher_mod.MEAN), "std": list(teacher_mod.STD)}}
-    today = resolve_config(None, merge(parse_sets(list(proto["hwkd_sets"])), data)).to_dict()
+    sets = [*proto["hwkd_sets"], *(a for a in extra if a != "--set")]  # ``extra``: an arm's --sets (penalty off)
+    today = resolve_config(None, merge(parse_sets(sets), data)).to_dict()
     return json.loads(json.dumps(recorded)) == json.loads(json.dumps(today))
 
 
@@ -619,6 +620,8 @@ def penalty_stand_in(out: dict, proto: dict, budget_pct: int, arm: str) -> dict 
         return None
     run = (report.penalty_students(out.get("penalty")).get(name) or {}).get("budgets", {}).get(str(budget_pct), {}).get(key)
     if not run or run.get("returncode") != 0 or not Path(run.get("model", "")).is_file() or run.get("reprune"):
+        return None
+    if not runs_todays_recipe(run, proto, dict(PENALTY_ARMS)[key]):  # ran under defaults since changed
         return None
     return {**run, "stand_in": f"the penalty step's `{key}` run of `--student {name}` (its --sets restate hwkd's "
             f"defaults{'' if key == 'mask' else ', penalty off'}: the same computation)"}  # fmt: skip

@@ -893,9 +893,10 @@ def test_the_hw_step_shares_one_peer_between_budgets_of_one_ratio_and_skips_budg
     assert text.index("| 10% (") < text.index("| 20% |") < text.index("| 50% |")  # by budget, not by when run
     # --stand-in-penalty: the penalty step's default-student runs at 15% are the two arms (mask = hwkd's defaults)
     calls.clear()
-    pen_run = {**run, "command": "hwkd compress --student mobilenetv2 --latency-budget 15% ..."}
+    pen_run = {**run, "command": "hwkd compress --student mobilenetv2 --latency-budget 15% ...", "config": todays_recipe()}
+    off_run = {**pen_run, "final": {"accuracy": 0.77}, "config": todays_recipe(distill={"penalty_weight": 0}, prune={"penalty_weight": 0})}
     out["penalty"] = {"mobilenetv2": {"student": "mobilenetv2", "profile": "rpi4", "budgets": {"15": {
-        "mask": pen_run, "off": {**pen_run, "final": {"accuracy": 0.77}}, "mask_seed1": pen_run}}}}  # fmt: skip
+        "mask": pen_run, "off": off_run, "mask_seed1": pen_run}}}}  # fmt: skip
     stand = argparse.Namespace(**{**vars(args), "stand_in_penalty": True, "hw_student": None})
     cifar10.step_hw(stand, {**cifar10.PROTOCOLS["full"], "budgets": [15]}, tmp_path, tmp_path / "t.pt", out)
     assert calls == []  # nothing trained
@@ -906,6 +907,10 @@ def test_the_hw_step_shares_one_peer_between_budgets_of_one_ratio_and_skips_budg
     assert not cifar10.restates_defaults(cifar10.COST_TARGET) and not cifar10.restates_defaults(["--set", "distill.epochs=3"])
     # a re-pruned row is not the same computation, and another student's step is not the default student's
     out["penalty"]["mobilenetv2"]["budgets"]["15"]["mask"] = {**pen_run, "reprune": {"before": {}}}
+    cifar10.step_hw(stand, {**cifar10.PROTOCOLS["full"], "budgets": [15]}, tmp_path, tmp_path / "t.pt", out)
+    assert [c[0] for c in calls] == ["hw_15_on"]
+    calls.clear()  # stop 50: a mask run on the defaults before stop 48 (adaptive T) is another computation
+    out["penalty"]["mobilenetv2"]["budgets"]["15"]["mask"] = {**pen_run, "config": todays_recipe(distill={"temperature_schedule": "adaptive"})}
     cifar10.step_hw(stand, {**cifar10.PROTOCOLS["full"], "budgets": [15]}, tmp_path, tmp_path / "t.pt", out)
     assert [c[0] for c in calls] == ["hw_15_on"]
     pts = [(0.061, 81.6, "50%"), (0.061, 81.6, "20%"), (0.049, 68.9, "10%"), (0.0612, 81.6, "30%"), (0.2, 60.0, "5%")]
