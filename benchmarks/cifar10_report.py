@@ -523,7 +523,9 @@ def plot_pareto(r: dict, path: Path) -> None:
     for (label, pts), marker in zip(series.items(), ("o", "s", "^", "v"), strict=True):
         pts.sort()
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
+            # off hollow and larger: where one run stands in for both arms, the on point shows inside it
+            hollow = {"fillstyle": "none", "markersize": 11} if label == "hwkd (penalty off)" else {}
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label, **hollow)
             for (x, y), names in point_labels(pts).items():
                 ax.annotate(names, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel(f"measured p50 latency, ms\n(onnxruntime, batch 1, {timing_threads(threads)}, this host)")
