@@ -407,14 +407,16 @@ def penalty_section(r: dict) -> list[str]:
     return [line for pen in penalty_students(r.get("penalty")).values() for line in student_penalty_section(pen)]
 
 
-def _val_mean(runs: dict[tuple[str, int], dict], arm: str) -> str:
-    """The paired arm − off mean on the validation split, where every seed of both arms was read on it."""
-    pairs = [(_scores(x)[1], _scores(runs.get(("off", s), {}))[1]) for (a, s), x in sorted(runs.items(), key=lambda k: k[0][1])
-             if a == arm and x.get("returncode") == 0 and runs.get(("off", s), {}).get("returncode") == 0]  # fmt: skip
-    if len(pairs) < 2 or any(v is None for pair in pairs for v in pair):
-        return ""
-    diffs = [100 * (a - o) for a, o in pairs]
-    return f", on validation {sum(diffs) / len(diffs):+.2f} ({_signed(diffs)})"
+def _paired_mean(pairs: list[tuple[dict, dict]]) -> str:
+    """The arm − off mean over (arm, off) runs of the same seeds on test and, where every run of both was read on
+    it, on the validation split."""
+    scores = [(_scores(arm), _scores(off)) for arm, off in pairs]  # ((test, val), (test, val)) per seed
+    test = [100 * (a[0] - o[0]) for a, o in scores]
+    text = f"mean {sum(test) / len(test):+.2f} over {len(test)} seeds ({_signed(test)})"
+    if any(a[1] is None or o[1] is None for a, o in scores):
+        return text
+    val = [100 * (a[1] - o[1]) for a, o in scores]
+    return f"{text}, on validation {sum(val) / len(val):+.2f} ({_signed(val)})"
 
 
 def student_penalty_section(pen: dict) -> list[str]:
@@ -440,7 +442,7 @@ def student_penalty_section(pen: dict) -> list[str]:
                       if x.get("paired_p50_ms") is not None})  # fmt: skip
     mark = {t: f" ({chr(ord('a') + i)})" for i, t in enumerate(timings)} if len(timings) > 1 else {}
     for b, runs in by_budget.items():
-        ok = {k: x["final"]["accuracy"] for k, x in runs.items() if x.get("returncode") == 0}
+        ok = {k for k, x in runs.items() if x.get("returncode") == 0}
         for seed in sorted({s for _, s in runs}):
             for arm in arms:
                 x = runs.get((arm, seed))
@@ -467,11 +469,10 @@ def student_penalty_section(pen: dict) -> list[str]:
                              f"{_pct(stage.get('distill'))} | {_pct(stage.get('prune'))} | "
                              f"{'' if epochs is None else epochs} | {diff} | {' → '.join(x.get('code', []))} |")  # fmt: skip
         for arm in arms:
-            diffs = [100 * (ok[(arm, s)] - ok[("off", s)]) for a, s in sorted(ok, key=lambda k: k[1])
+            pairs = [(runs[(a, s)], runs[("off", s)]) for a, s in sorted(ok, key=lambda k: k[1])
                      if a == arm != "off" and ("off", s) in ok]  # by seed
-            if len(diffs) > 1:
-                means.append(f"{b}% {arm} − off: mean {sum(diffs) / len(diffs):+.2f} over {len(diffs)} seeds "
-                             f"({_signed(diffs)})" + _val_mean(runs, arm))  # fmt: skip
+            if len(pairs) > 1:
+                means.append(f"{b}% {arm} − off: {_paired_mean(pairs)}")
     if means:
         lines += ["", "Paired by seed: " + "; ".join(means) + "."]
     if repruned:
