@@ -52,13 +52,85 @@ def header(r: dict) -> list[str]:
         + f". Hardware-aware vs peer: profile {s['hw_profile']}, budgets "
         f"{[int(b) for b in (r.get('hw') or {}).get('budgets', {})] or s['budgets']}% of the teacher.",
         "",
-        "**Measured cost** (wall seconds per step, this host, of the newest invocation that ran it; a step that "
-        "several invocations ran (other seeds or profiles) cost about as much again for each of them): "
-        + (", ".join(f"{k} {v:.0f} s" for k, v in meta.get("step_wall_s", {}).items()) or "–")
-        + f"; this invocation {meta.get('wall_s_so_far', 0):.0f} s.",
+        *cost_lines(r),
         "",
     ]
     return lines
+
+
+def cost_lines(r: dict) -> list[str]:
+    """The protocol's cost as run: every run the results hold, summed per step (``run_costs``), and the newest
+    invocation's own walls, which alone would say nothing of the sessions before it."""
+    meta = r["meta"]
+    costs = run_costs(r)
+    total = sum(seconds for _, seconds in costs.values())
+    ledger = ", ".join(f"{step} {seconds / 3600:.2f} h ({n} run{'s' if n != 1 else ''})"
+                       for step, (n, seconds) in costs.items())  # fmt: skip
+    return [
+        "**Measured cost** (this host; summed over the runs these results hold: each `hwkd compress` run by its "
+        "stages' seconds, over every launch of a resumed run since stop 46, the last launch's before; the KD and "
+        "plateau tables by their training loops' walls; each peer by its pruning and fine-tuning; runs that shared "
+        "the host at once each count whole, at their own thread count; not counted: the hw step's latency grid and "
+        f"re-timing, minutes per invocation): {ledger or '–'}; **{total / 3600:.2f} h in all**. The newest invocation of "
+        "each step took: " + (", ".join(f"{k} {v:.0f} s" for k, v in meta.get("step_wall_s", {}).items()) or "–")
+        + f"; this invocation {meta.get('wall_s_so_far', 0):.0f} s.",
+    ]
+
+
+def _stage_seconds(run: dict) -> float:
+    """A ``hwkd compress`` run's time: its stages' seconds (every launch of a resumed stage since stop 46), or its
+    wall where it recorded no stages (a failed run)."""
+    stages = [s.get("seconds") or 0.0 for s in run.get("stages") or []]
+    return sum(stages) if stages else float(run.get("wall_s") or 0.0)
+
+
+def _group_walls(walls: list[float], gap_s: float = 120.0) -> float:
+    """The time of one seed's plateau runs. Methods trained together in one loop each record that loop's wall
+    at their end (within seconds of each other); methods trained in another invocation record another loop's.
+    Walls within ``gap_s`` of the previous are taken as one loop, counted once, at its longest."""
+    total, last = 0.0, None
+    for wall in sorted(walls):
+        if last is not None and wall - last <= gap_s:
+            total += wall - last
+        else:
+            total += wall
+        last = wall
+    return total
+
+
+def run_costs(r: dict) -> dict[str, tuple[int, float]]:
+    """Per step: how many runs the results hold and their summed seconds. A run standing in for another step's
+    (``stand_in``) is that step's, and a peer shared by budgets (one model file) is counted once."""
+    costs: dict[str, tuple[int, float]] = {}
+
+    def add(step: str, seconds: float, n: int = 1) -> None:
+        runs, total = costs.get(step, (0, 0.0))
+        costs[step] = (runs + n, total + seconds)
+
+    teacher = r.get("teacher") or {}
+    if teacher.get("train_s"):
+        add("teacher", teacher["train_s"])
+    for step in ("pipeline", "small"):
+        for run in (r.get(step) or {}).values():
+            add(step, _stage_seconds(run))
+    kd = r.get("kd") or {}
+    if kd.get("wall_s"):
+        add("kd", kd["wall_s"], n=sum(len(m) for m in (kd.get("runs") or {}).values()) or 1)
+    for runs in plateau_seeds(r["plateau"]).values() if r.get("plateau") else ():
+        add("plateau", _group_walls([x["wall_s"] for x in runs.values() if x.get("wall_s")]), n=len(runs))
+    seen: set[str] = set()
+    for row in ((r.get("hw") or {}).get("budgets") or {}).values():
+        for key, run in row.items():
+            ident = run.get("run_dir") or run.get("model") or ""
+            if run.get("stand_in") or ident in seen:
+                continue
+            seen.add(ident)
+            add("hw", _stage_seconds(run) if key.startswith("hwkd_") else float(run.get("wall_s") or 0.0))
+    for pen in penalty_students(r.get("penalty")).values():
+        for row in pen.get("budgets", {}).values():
+            for run in row.values():
+                add("penalty", _stage_seconds(run))
+    return costs
 
 
 def teacher_section(r: dict) -> list[str]:

@@ -1065,3 +1065,40 @@ def test_penalty_runs_are_read_on_the_validation_split_and_their_margins_on_both
     text = "\n".join(report.penalty_section(out))
     assert "| 20% (0.600 ms) | 1 | off | 80.00% |" in text and "| +2.00 |" in text
     assert "mean +1.75 over 2 seeds (+1.50, +2.00)." in text
+
+
+def test_the_cost_line_sums_every_run_the_results_hold():
+    """The protocol's cost as run: hwkd runs by their stages (a resumed one's every launch, not its last wall),
+    one plateau loop counted once per seed whatever number of methods it trained, stand-ins and a peer shared by
+    budgets not counted twice; the newest invocation's walls beside it."""
+    import cifar10_report as report
+
+    def run(stages, wall=1.0, **extra):
+        return {"stages": [{"name": n, "seconds": s} for n, s in stages], "wall_s": wall, **extra}
+
+    resumed = run([("distill", 3000.0), ("prune", 600.0)], wall=100.0, resumed=True, run_dir="/r/pen_mask")
+    peer = {"model": "/r/peer_20.onnx", "wall_s": 360.0}
+    r = {
+        "meta": {"step_wall_s": {"penalty": 100.0}, "wall_s_so_far": 101.0},
+        "teacher": {"train_s": 7200.0},
+        "pipeline": {"rpi4": run([("distill", 1000.0), ("qat", 200.0)], run_dir="/r/p")},
+        "plateau": {"epochs": 40, "seeds": {  # seed 0: two loops (two invocations); seed 1: one loop of two methods
+            "0": {"student_alone": {"wall_s": 3600.0}, "hinton_T4": {"wall_s": 3600.5}, "dkd": {"wall_s": 1800.0}},
+            "1": {"student_alone": {"wall_s": 3000.0}, "hinton_T4": {"wall_s": 3001.0}}}},
+        "hw": {"budgets": {
+            "15": {"hwkd_penalty_on": {**resumed, "stand_in": "the penalty step's"}, "peer": {**peer, "model": "/r/peer_15.onnx"}},
+            "20": {"hwkd_penalty_on": run([("distill", 50.0)], run_dir="/r/hw20"), "peer": peer},
+            "30": {"hwkd_penalty_on": run([("distill", 50.0)], run_dir="/r/hw20"), "peer": peer,
+                   "peer_at_budget": {"model": "/r/peer_30_budget.onnx", "wall_s": 240.0}}}},
+        "penalty": {"mobilenetv2": {"profile": "rpi4", "budgets": {"15": {
+            "mask": resumed, "off": {"returncode": 1, "wall_s": 30.0}}}}},
+    }
+    costs = report.run_costs(r)
+    assert costs == {"teacher": (1, 7200.0), "pipeline": (1, 1200.0), "plateau": (5, 3600.5 + 1800.0 + 3001.0),
+                     "hw": (4, 50.0 + 360.0 + 360.0 + 240.0), "penalty": (2, 3600.0 + 30.0)}  # fmt: skip
+    total = sum(s for _, s in costs.values())
+    line = report.cost_lines(r)[0]
+    assert f"**{total / 3600:.2f} h in all**" in line
+    assert "teacher 2.00 h (1 run), pipeline 0.33 h (1 run)" in line and "penalty 1.01 h (2 runs)" in line
+    assert line.endswith("The newest invocation of each step took: penalty 100 s; this invocation 101 s.")
+    assert report.run_costs({"meta": {}}) == {}
