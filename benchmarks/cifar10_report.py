@@ -121,8 +121,8 @@ def run_costs(r: dict) -> dict[str, tuple[int, float]]:
     seen: set[str] = set()
     for row in ((r.get("hw") or {}).get("budgets") or {}).values():
         for key, run in row.items():
-            ident = run.get("run_dir") or run.get("model") or ""
-            if run.get("stand_in") or ident in seen:
+            ident = run.get("run_dir") or run.get("model")  # a row with neither is a run of its own
+            if run.get("stand_in") or (ident and ident in seen):
                 continue
             seen.add(ident)
             add("hw", _stage_seconds(run) if key.startswith("hwkd_") else float(run.get("wall_s") or 0.0))
