@@ -77,11 +77,14 @@ def cost_lines(r: dict) -> list[str]:
     ]
 
 
+def _stages_total(run: dict) -> float:
+    """A ``hwkd compress`` run's stages' seconds (every launch of a resumed stage since stop 46)."""
+    return sum(s.get("seconds") or 0.0 for s in run.get("stages") or [])
+
+
 def _stage_seconds(run: dict) -> float:
-    """A ``hwkd compress`` run's time: its stages' seconds (every launch of a resumed stage since stop 46), or its
-    wall where it recorded no stages (a failed run)."""
-    stages = [s.get("seconds") or 0.0 for s in run.get("stages") or []]
-    return sum(stages) if stages else float(run.get("wall_s") or 0.0)
+    """A ``hwkd compress`` run's time: its stages' seconds, or its wall where it recorded no stages (a failed run)."""
+    return _stages_total(run) if run.get("stages") else float(run.get("wall_s") or 0.0)
 
 
 def _group_walls(walls: list[float], gap_s: float = 120.0) -> float:
@@ -205,8 +208,7 @@ def _run_wall(res: dict) -> str:
     (hwkd counts a resumed stage's earlier launches since stop 46; earlier runs' stages did not)."""
     if not res.get("resumed"):
         return f"{res['wall_s']:.0f} s"
-    stages = sum(s.get("seconds") or 0.0 for s in res.get("stages", []))
-    return f"{res['wall_s']:.0f} s (resumed: this launch; stages {stages:.0f} s)"
+    return f"{res['wall_s']:.0f} s (resumed: this launch; stages {_stages_total(res):.0f} s)"
 
 
 def kd_section(r: dict) -> list[str]:
